@@ -1,0 +1,281 @@
+"""How a peer combines its work with the swarm's: the averaging strategy.
+
+The trainer only calls :class:`AveragingStrategy`: ``step`` after each local backward,
+``load_state_from_peers`` before training. Stages never see it, so another strategy (DiLoCo-style
+local steps, say) can replace :class:`GradientAveraging` without touching them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import (
+    CompressionBase,
+    Float16Compression,
+    NoCompression,
+    Quantile8BitQuantization,
+    ScaledFloat16Compression,
+    Uniform8BitQuantization,
+)
+from hivemind.dht import DHT
+from hivemind.optim import Optimizer
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from potluck.protocols.runspec import RunSpec
+
+logger = logging.getLogger(__name__)
+
+COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
+    "none": NoCompression,
+    "fp16": Float16Compression,
+    "scaled_fp16": ScaledFloat16Compression,
+    "uint8": Uniform8BitQuantization,
+    "quantile_8bit": Quantile8BitQuantization,
+}
+# Bytes per element on the wire for each codec (8-bit codecs add a small lookup table per tensor).
+WIRE_BYTES_PER_ELEMENT = {"none": 4, "fp16": 2, "scaled_fp16": 2, "uint8": 1, "quantile_8bit": 1}
+
+
+class AveragingListener(Protocol):
+    """Receives what the strategy observes; the metrics module implements it."""
+
+    def averaging_round(
+        self, succeeded: bool, group_size: int, bytes_sent: int, bytes_received: int
+    ) -> None: ...
+
+    def state_download(self, succeeded: bool, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class SwarmProgress:
+    global_step: int
+    peers: int
+    """Peers that reported progress for this run recently (including this one)."""
+    samples_accumulated: int
+    """Samples the swarm has accumulated toward the next global step."""
+    target_batch_size: int
+    eta_next_step: float
+    """Estimated seconds until the next global step."""
+
+
+class AveragingStrategy(ABC):
+    @property
+    @abstractmethod
+    def global_step(self) -> int: ...
+
+    @abstractmethod
+    def load_state_from_peers(self) -> bool:
+        """Download the swarm's current state if anybody has it; False if nobody answered in time."""
+
+    @abstractmethod
+    def step(self, batch_size: int) -> bool:
+        """Account for a local batch whose gradients are in ``.grad``; True if a global step was taken."""
+
+    @abstractmethod
+    def zero_grad(self) -> None: ...
+
+    @abstractmethod
+    def progress(self) -> SwarmProgress: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+
+class _DownloadRecorder(DecentralizedAverager):
+    """Remembers whether the last state download got anything (hivemind's optimizer does not say)."""
+
+    last_download_ok = False
+
+    def load_state_from_peers(self, *args, **kwargs):
+        loaded = super().load_state_from_peers(*args, **kwargs)
+        self.last_download_ok = loaded is not None
+        return loaded
+
+
+class _ObservedStateAverager(TrainingStateAverager, _DownloadRecorder):
+    """MRO: TrainingStateAverager's ``super().load_state_from_peers`` lands in the recorder."""
+
+
+class _BoundedOptimizer(Optimizer):
+    """hivemind's Optimizer with the two things Potluck needs changed.
+
+    - ``load_state_from_peers`` gives up after ``load_state_attempts`` (hivemind retries forever, so a
+      swarm whose only donor died would hang a newcomer).
+    - every gradient-averaging round is reported to a listener, so its outcome reaches the metrics.
+    """
+
+    def __init__(self, *, listener: AveragingListener, load_state_attempts: int, wire_bytes: int, **kwargs):
+        self._listener = listener
+        self._load_state_attempts = load_state_attempts
+        self._wire_bytes = wire_bytes
+        self.last_state_download_ok = False
+        super().__init__(**kwargs)
+        # NOTE: hivemind builds its state averager inside __init__; swapping in a subclass that only
+        # adds bookkeeping to the parent-process side is the least invasive way to observe downloads.
+        self.state_averager.__class__ = _ObservedStateAverager
+
+    def load_state_from_peers(self, **kwargs):
+        if self.scheduled_grads is not None and not self.scheduled_grads.done():
+            self._tag_along_with_zero_weight(self.scheduled_grads)
+            self.scheduled_grads = None
+        self.state_averager.step(wait_for_delayed_updates=True)
+        started = time.perf_counter()
+        self.state_averager.last_download_ok = False
+        with self.tracker.pause_updates():
+            for attempt in range(1, self._load_state_attempts + 1):
+                try:
+                    self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+                    if self.grad_averager is not None:
+                        self.grad_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+                    break
+                except (
+                    Exception
+                ) as e:  # a donor that died or timed out: try another, a bounded number of times
+                    logger.warning(
+                        f"state download attempt {attempt}/{self._load_state_attempts} failed: {e!r}"
+                    )
+            if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
+                self.state_averager.local_epoch = self.tracker.global_epoch
+            self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+            if not self.client_mode:
+                self.state_averager.state_sharing_priority = self.local_epoch
+            if self.use_gradient_averaging:
+                self.grad_averager.reset_accumulated_grads_()
+                if not self.client_mode:
+                    self.grad_averager.state_sharing_priority = self.local_epoch
+        self.last_state_download_ok = self.state_averager.last_download_ok
+        self._listener.state_download(self.last_state_download_ok, time.perf_counter() - started)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        averaged = False
+        group_size = 1
+        try:
+            if maybe_step_control is not None:
+                group_info = maybe_step_control.result(self.averaging_timeout)
+                group_size = len(group_info)
+                self._load_averaged_gradients_into_optimizer_()
+                averaged = True
+        except BaseException as e:
+            logger.info(f"gradient averaging failed, stepping with local gradients: {e!r}")
+        if not averaged:
+            self._load_local_gradients_into_optimizer()
+        if maybe_step_control is not None:
+            # Butterfly all-reduce: each peer sends (g-1)/g of its tensors to reduce and as much back.
+            share = 2 * self._wire_bytes * (group_size - 1) // max(group_size, 1) if averaged else 0
+            self._listener.averaging_round(averaged, group_size, share, share)
+
+
+def lr_lambda(warmup_steps: int, schedule: str, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+class GradientAveraging(AveragingStrategy):
+    """Per-step gradient averaging with ``hivemind.Optimizer``.
+
+    Peers accumulate gradients until the swarm together holds ``target_batch_size`` samples, average
+    them in one all-reduce and apply the same optimizer step, so peers that started equal stay equal.
+    Parameters and optimizer statistics are also averaged every ``average_state_every`` steps to undo
+    drift from rounds that a peer missed.
+    """
+
+    def __init__(
+        self, spec: RunSpec, dht: DHT, params: list[torch.nn.Parameter], listener: AveragingListener
+    ):
+        opt = spec.optimizer
+        averaging = spec.averaging
+        compression = COMPRESSIONS[averaging.compression]()
+        numel = sum(p.numel() for p in params)
+        self._optimizer = _BoundedOptimizer(
+            listener=listener,
+            load_state_attempts=averaging.load_state_attempts,
+            wire_bytes=numel * WIRE_BYTES_PER_ELEMENT[averaging.compression],
+            dht=dht,
+            run_id=spec.run_id,
+            target_batch_size=spec.batch.target_batch_size,
+            batch_size_per_step=spec.batch.per_peer_batch_size,
+            params=params,
+            optimizer=lambda p: torch.optim.AdamW(
+                p, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay
+            ),
+            scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(
+                o, lr_lambda(opt.warmup_steps, opt.schedule, spec.max_global_steps)
+            ),
+            matchmaking_time=averaging.matchmaking_time,
+            averaging_timeout=averaging.averaging_timeout,
+            load_state_timeout=averaging.load_state_timeout,
+            average_state_every=averaging.average_state_every,
+            grad_compression=compression,
+            state_averaging_compression=compression,
+            # NOTE: chosen by bench/overhead.py: offloading costs one extra copy of the trainable
+            # tensors but keeps the optimizer's update off the model's own storage.
+            offload_optimizer=True,
+            reuse_grad_buffers=False,
+            delay_state_averaging=True,
+            # hivemind warns (matchmaking can deadlock) unless requests time out before matchmaking ends
+            averager_opts={"request_timeout": min(3.0, averaging.matchmaking_time / 2)},
+            verbose=False,
+        )
+
+    @property
+    def global_step(self) -> int:
+        return self._optimizer.local_epoch
+
+    def load_state_from_peers(self) -> bool:
+        self._optimizer.load_state_from_peers()
+        return self._optimizer.last_state_download_ok
+
+    def step(self, batch_size: int) -> bool:
+        before = self._optimizer.local_epoch
+        self._optimizer.step(batch_size=batch_size)
+        return self._optimizer.local_epoch != before
+
+    def zero_grad(self) -> None:
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def progress(self) -> SwarmProgress:
+        tracker = self._optimizer.tracker
+        glob = tracker.global_progress
+        return SwarmProgress(
+            global_step=self.global_step,
+            peers=max(glob.num_peers, 1),
+            samples_accumulated=glob.samples_accumulated,
+            target_batch_size=glob.target_batch_size,
+            eta_next_step=max(0.0, glob.eta_next_epoch - time.time())
+            if glob.eta_next_epoch
+            else float("nan"),
+        )
+
+    def state_dict(self) -> dict:
+        return self._optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._optimizer.load_state_dict(state)
+        # the optimizer works on offloaded copies: push the restored epoch to the tracker as well
+        self._optimizer.tracker.report_local_progress(self._optimizer.local_epoch, 0)
+
+    def shutdown(self) -> None:
+        self._optimizer.shutdown()

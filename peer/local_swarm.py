@@ -1,0 +1,117 @@
+"""Start ``run-peer`` processes on this machine (loopback) and stop them: for the demo, tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+JOIN_ADDRESS = re.compile(r"--initial-peers (\S+)")
+
+
+@dataclass
+class PeerProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def join_address(self) -> str | None:
+        match = JOIN_ADDRESS.search(self.log())
+        return match.group(1) if match else None
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+
+@dataclass
+class LocalSwarm:
+    """A set of peer processes sharing one run spec; use as a context manager so all are stopped."""
+
+    spec_path: Path
+    workdir: Path
+    extra_args: list[str] = field(default_factory=list)
+    threads_per_peer: int = 1
+    peers: list[PeerProcess] = field(default_factory=list)
+
+    def start_peer(
+        self, name: str, args: list[str] = (), initial_peers: list[str] | None = None
+    ) -> PeerProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if initial_peers is None:
+            initial_peers = [a for a in (p.join_address() for p in self.peers if p.running) if a][:1]
+        command = [
+            sys.executable, "-m", "potluck.peer.cli",
+            "--run-spec", str(self.spec_path),
+            "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+            "--progress-interval", "5",
+            *(["--initial-peers", *initial_peers] if initial_peers else []),
+            *self.extra_args, *args,
+        ]  # fmt: skip
+        log_path = self.workdir / f"{name}.log"
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads_per_peer), PYTHONUNBUFFERED="1")
+        with log_path.open("w") as log:
+            # own session: a signal to the demo's terminal does not hit peers twice, and stop() can
+            # reach the peer's children (DHT, averagers, p2pd) through the process group
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        peer = PeerProcess(name, process, log_path)
+        self.peers.append(peer)
+        return peer
+
+    def wait_for_address(self, peer: PeerProcess, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            address = peer.join_address()
+            if address:
+                return address
+            if not peer.running:
+                raise RuntimeError(
+                    f"peer {peer.name} exited with {peer.process.returncode}:\n{peer.log()[-3000:]}"
+                )
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"peer {peer.name} printed no join address within {timeout}s:\n{peer.log()[-3000:]}"
+        )
+
+    def wait_all(self, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        codes = []
+        for peer in self.peers:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                codes.append(peer.process.wait(timeout=remaining))
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(
+                    f"peer {peer.name} still running after {timeout}s:\n{peer.log()[-3000:]}"
+                ) from None
+        return codes
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM every peer (a clean leave), then SIGKILL whatever is left of its process group."""
+        for peer in self.peers:
+            if peer.running:
+                peer.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for peer in self.peers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                peer.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(peer.process.pid, signal.SIGKILL)  # children of a dead peer, if any survived
+            peer.process.wait()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

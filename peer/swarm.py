@@ -1,0 +1,57 @@
+"""Joining the swarm: the hivemind DHT node of this peer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from hivemind.dht import DHT
+from hivemind.utils.timed_storage import get_dht_time
+
+from potluck.protocols.dht_keys import presence_key
+
+logger = logging.getLogger(__name__)
+
+
+def start_dht(
+    initial_peers: Sequence[str],
+    host_maddrs: Sequence[str],
+    announce_maddrs: Sequence[str],
+    identity_path: Path | None,
+    client_mode: bool = False,
+) -> DHT:
+    """Start this peer's DHT node (a child process running hivemind's libp2p daemon).
+
+    With no ``initial_peers`` the node starts a new swarm; others join it with the addresses that
+    :func:`visible_addresses` returns. ``identity_path`` keeps the peer id stable across restarts
+    (the file is created on first use).
+    """
+    if identity_path is not None:
+        identity_path.parent.mkdir(parents=True, exist_ok=True)
+    return DHT(
+        start=True,
+        initial_peers=list(initial_peers),
+        host_maddrs=list(host_maddrs),
+        announce_maddrs=list(announce_maddrs) or None,
+        identity_path=str(identity_path) if identity_path else None,
+        client_mode=client_mode,
+        await_ready=True,
+    )
+
+
+def visible_addresses(dht: DHT) -> list[str]:
+    return [str(addr) for addr in dht.get_visible_maddrs()]
+
+
+def announce_presence(dht: DHT, run_id: str, ttl: float = 30.0) -> None:
+    """Say "I am in this run" for ``ttl`` seconds (hivemind's own progress records only appear once a
+    peer has trained on a sample, too late for peers that wait for each other)."""
+    now = get_dht_time()
+    dht.store(presence_key(run_id), subkey=str(dht.peer_id), value=now, expiration_time=now + ttl)
+
+
+def peers_online(dht: DHT, run_id: str) -> int:
+    """Peers whose presence announcement for ``run_id`` has not expired (this one included)."""
+    found = dht.get(presence_key(run_id), latest=True)
+    return len(found.value) if found is not None and isinstance(found.value, dict) else 0

@@ -1,0 +1,75 @@
+"""``potluck``: helper commands around a run (building the bundled assets, evaluating, the demo)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from potluck.peer.evaluate import EvalResult, evaluate
+from potluck.peer.tiny.model import TinyModelConfig, build_tiny_model
+from potluck.peer.tiny.task import ALPHABET, ArithmeticTask
+from potluck.protocols.runspec import RunSpec, RunSpecError, load_run_spec
+
+
+def build_assets(out: Path, task: ArithmeticTask | None = None) -> tuple[Path, Path, Path]:
+    """Build the tiny model (``out/tiny-model``) and the task data (``out/data``)."""
+    task = task or ArithmeticTask()
+    model_dir = build_tiny_model(out / "tiny-model", task.corpus(), ALPHABET, TinyModelConfig())
+    train, held_out = task.write(out / "data")
+    return model_dir, train, held_out
+
+
+def evaluate_spec(spec: RunSpec, checkpoint: Path | None) -> EvalResult:
+    import torch
+
+    from potluck.peer.model import build_model, load_tokenizer
+
+    if spec.data.eval_path is None:
+        raise RunSpecError("<spec>", ["data.eval_path: required to evaluate"])
+    torch.manual_seed(spec.seed)
+    tokenizer = load_tokenizer(spec.model)
+    model = build_model(spec, torch.device("cpu"), weights_from=str(checkpoint) if checkpoint else None)
+    return evaluate(model, tokenizer, spec.data.eval_path, max_length=spec.data.max_length)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="potluck", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    tiny = commands.add_parser(
+        "make-tiny-model", help="build the bundled tiny model, tokenizer and task data"
+    )
+    tiny.add_argument("--out", type=Path, required=True)
+    ev = commands.add_parser("evaluate", help="held-out loss and exact-match accuracy of a run's model")
+    ev.add_argument("--run-spec", type=Path, required=True)
+    ev.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder from --save-dir")
+    demo = commands.add_parser("demo", help="a local 2-peer swarm trains the tiny model; before/after table")
+    demo.add_argument("--workdir", type=Path, default=Path(".demo"))
+    demo.add_argument("--peers", type=int, default=2)
+    demo.add_argument("--max-steps", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        if args.command == "make-tiny-model":
+            model_dir, train, held_out = build_assets(args.out)
+            print(f"model: {model_dir}\ntrain data: {train}\nheld-out data: {held_out}")
+        elif args.command == "evaluate":
+            result = evaluate_spec(load_run_spec(args.run_spec), args.checkpoint)
+            print(
+                f"held-out loss {result.loss:.4f}  accuracy {result.accuracy:.1%}  ({result.examples} examples)"
+            )
+        elif args.command == "demo":
+            from potluck.peer.demo import main as demo_main
+
+            return demo_main(args.workdir, args.peers, args.max_steps)
+    except RunSpecError as e:
+        print(f"potluck: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
