@@ -28,6 +28,7 @@ from hivemind.compression import (
 from hivemind.dht import DHT
 from hivemind.optim import Optimizer
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils.timed_storage import get_dht_time
 
 from potluck.protocols.runspec import RunSpec
 
@@ -72,8 +73,15 @@ class AveragingStrategy(ABC):
     def global_step(self) -> int: ...
 
     @abstractmethod
-    def load_state_from_peers(self) -> bool:
-        """Download the swarm's current state if anybody has it; False if nobody answered in time."""
+    def load_state_from_peers(self) -> int | None:
+        """Download the swarm's current state if anybody has it.
+
+        Returns the global step of the downloaded state (the strategy may then count itself one step
+        further, if the swarm moved on during the download), or None if nobody answered in time."""
+
+    @abstractmethod
+    def peers_in_run(self) -> int:
+        """Announce this peer in the run and return how many peers (this one included) are announced."""
 
     @abstractmethod
     def step(self, batch_size: int) -> bool:
@@ -99,10 +107,12 @@ class _DownloadRecorder(DecentralizedAverager):
     """Remembers whether the last state download got anything (hivemind's optimizer does not say)."""
 
     last_download_ok = False
+    last_download_epoch: int | None = None
 
     def load_state_from_peers(self, *args, **kwargs):
         loaded = super().load_state_from_peers(*args, **kwargs)
         self.last_download_ok = loaded is not None
+        self.last_download_epoch = loaded[0].get("epoch") if loaded is not None else None
         return loaded
 
 
@@ -123,6 +133,7 @@ class _BoundedOptimizer(Optimizer):
         self._load_state_attempts = load_state_attempts
         self._wire_bytes = wire_bytes
         self.last_state_download_ok = False
+        self.last_state_download_epoch: int | None = None
         super().__init__(**kwargs)
         # NOTE: hivemind builds its state averager inside __init__; swapping in a subclass that only
         # adds bookkeeping to the parent-process side is the least invasive way to observe downloads.
@@ -158,6 +169,7 @@ class _BoundedOptimizer(Optimizer):
                 if not self.client_mode:
                     self.grad_averager.state_sharing_priority = self.local_epoch
         self.last_state_download_ok = self.state_averager.last_download_ok
+        self.last_state_download_epoch = self.state_averager.last_download_epoch
         self._listener.state_download(self.last_state_download_ok, time.perf_counter() - started)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
@@ -244,9 +256,28 @@ class GradientAveraging(AveragingStrategy):
     def global_step(self) -> int:
         return self._optimizer.local_epoch
 
-    def load_state_from_peers(self) -> bool:
+    def load_state_from_peers(self) -> int | None:
         self._optimizer.load_state_from_peers()
-        return self._optimizer.last_state_download_ok
+        return self._optimizer.last_state_download_epoch if self._optimizer.last_state_download_ok else None
+
+    def peers_in_run(self) -> int:
+        # hivemind's tracker publishes a peer's progress record only after its first local batch, too
+        # late for peers that wait for each other: publish the same signed record ourselves.
+        tracker = self._optimizer.tracker
+        now = get_dht_time()
+        self._optimizer.dht.store(
+            tracker.training_progress_key,
+            subkey=tracker._local_public_key,
+            value=tracker.local_progress.dict(),
+            expiration_time=now + tracker.metadata_expiration,
+        )
+        found = self._optimizer.dht.get(tracker.training_progress_key, latest=True)
+        count = len(found.value) if found is not None and isinstance(found.value, dict) else 0
+        if count > tracker.global_progress.num_peers:
+            # make the tracker fetch now rather than after its refresh period (up to 10 s)
+            tracker.global_progress.next_fetch_time = 0.0
+            tracker.global_state_updated.set()
+        return max(count, 1)
 
     def step(self, batch_size: int) -> bool:
         before = self._optimizer.local_epoch
@@ -274,8 +305,12 @@ class GradientAveraging(AveragingStrategy):
 
     def load_state_dict(self, state: dict) -> None:
         self._optimizer.load_state_dict(state)
-        # the optimizer works on offloaded copies: push the restored epoch to the tracker as well
-        self._optimizer.tracker.report_local_progress(self._optimizer.local_epoch, 0)
+        averager, tracker = self._optimizer.state_averager, self._optimizer.tracker
+        averager._update_scheduler()  # the learning rate of the restored global step
+        # Tell the tracker too: until it would next fetch from the DHT (up to 10 s) it counts samples
+        # only toward the epoch it believes in, and would keep accumulating far past the target batch.
+        with tracker.pause_updates():
+            tracker.update_epoch(new_epoch=self._optimizer.local_epoch)
 
     def shutdown(self) -> None:
         self._optimizer.shutdown()

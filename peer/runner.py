@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from potluck.peer.averaging import GradientAveraging
+from potluck.peer.averaging import AveragingStrategy, GradientAveraging
 from potluck.peer.checkpoint import latest_checkpoint, save_checkpoint
 from potluck.peer.data import PeerDataStream, peer_seed
 from potluck.peer.metrics import PeerMetrics
 from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
 from potluck.peer.progress import ProgressDisplay
 from potluck.peer.stages import make_stage
-from potluck.peer.swarm import announce_presence, peers_online, start_dht, visible_addresses
+from potluck.peer.swarm import start_dht, visible_addresses
 from potluck.peer.trainer import Trainer, TrainResult
 from potluck.protocols.runspec import RunSpec
 
@@ -64,24 +64,23 @@ def install_stop_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGTERM, handle)
 
 
-def wait_for_peers(dht, run_id: str, count: int, timeout: float, stop: threading.Event) -> None:
+def wait_for_peers(strategy: AveragingStrategy, count: int, timeout: float, stop: threading.Event) -> None:
     """Hold the first step until ``count`` peers are online, so a small swarm starts together
     instead of the first peer racing ahead alone (then the others only download its state)."""
     if count <= 1:
         return
     deadline = time.monotonic() + timeout
-    announce_presence(dht, run_id)
-    online = peers_online(dht, run_id)
-    while online < count and not stop.is_set():
+    # wait until the peers are announced *and* hivemind's tracker, which decides global steps, sees them
+    while (online := strategy.peers_in_run()) < count or strategy.progress().peers < count:
+        if stop.is_set():
+            return
         if time.monotonic() > deadline:
             print(
                 f"run-peer: only {online}/{count} peers after {timeout:.0f}s; starting anyway",
                 file=sys.stderr,
             )
             return
-        stop.wait(0.5)
-        announce_presence(dht, run_id)
-        online = peers_online(dht, run_id)
+        stop.wait(0.3)
     print(f"run-peer: {online} peer(s) online", file=sys.stderr)
 
 
@@ -118,10 +117,12 @@ def run_peer(spec: RunSpec, options: PeerOptions, device: torch.device, stop: th
             install_stop_handlers(stop)
             if resume:
                 strategy.load_state_dict(torch.load(resume.strategy_state_path, weights_only=False))
-            wait_for_peers(dht, spec.run_id, options.min_peers, options.min_peers_timeout, stop)
-            if strategy.load_state_from_peers():
+            wait_for_peers(strategy, options.min_peers, options.min_peers_timeout, stop)
+            downloaded = strategy.load_state_from_peers()
+            if downloaded is not None:
                 print(
-                    f"run-peer: loaded the swarm's state at global step {strategy.global_step}",
+                    f"run-peer: loaded the swarm's state of global step {downloaded} "
+                    f"(continuing at global step {strategy.global_step})",
                     file=sys.stderr,
                 )
 

@@ -7,9 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hivemind.dht import DHT
-from hivemind.utils.timed_storage import get_dht_time
-
-from potluck.protocols.dht_keys import presence_key
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +39,3 @@ def start_dht(
 
 def visible_addresses(dht: DHT) -> list[str]:
     return [str(addr) for addr in dht.get_visible_maddrs()]
-
-
-def announce_presence(dht: DHT, run_id: str, ttl: float = 30.0) -> None:
-    """Say "I am in this run" for ``ttl`` seconds (hivemind's own progress records only appear once a
-    peer has trained on a sample, too late for peers that wait for each other)."""
-    now = get_dht_time()
-    dht.store(presence_key(run_id), subkey=str(dht.peer_id), value=now, expiration_time=now + ttl)
-
-
-def peers_online(dht: DHT, run_id: str) -> int:
-    """Peers whose presence announcement for ``run_id`` has not expired (this one included)."""
-    found = dht.get(presence_key(run_id), latest=True)
-    return len(found.value) if found is not None and isinstance(found.value, dict) else 0

@@ -187,8 +187,16 @@ class RunSpecError(ValueError):
         super().__init__(f"invalid run spec {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+def _field_path(loc: tuple) -> str:
+    parts = [str(p) for p in loc if not re.fullmatch(r"function-after\[.*\]", str(p))]
+    # pydantic puts the discriminated union's tag in the path (adapter.lora.r); users wrote adapter.r
+    return ".".join(
+        p for i, p in enumerate(parts) if not (i > 0 and parts[i - 1] == "adapter" and p in ADAPTER_KINDS)
+    )
+
+
 def _describe(error: dict[str, Any]) -> str:
-    loc = ".".join(str(part) for part in error["loc"] if not re.fullmatch(r"function-after\[.*\]", str(part)))
+    loc = _field_path(error["loc"])
     kind = error["type"]
     if kind == "missing":
         return f"{loc}: required field is missing"

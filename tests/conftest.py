@@ -1,0 +1,95 @@
+"""Shared fixtures: the bundled tiny model and task, run specs, and local swarms that are always stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from potluck.peer.local_swarm import LocalSwarm
+from potluck.peer.tools_cli import build_assets
+
+_STARTED_GROUPS: set[int] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kill_leftover_processes() -> Iterator[None]:
+    """Whatever a test started (peers and their DHT/averager/p2pd children) dies at the end of the session."""
+    yield
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) in _STARTED_GROUPS and proc.pid != os.getpid():
+                proc.kill()
+        except (ProcessLookupError, psutil.Error):
+            pass
+    for group in _STARTED_GROUPS:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, Path]:
+    """The bundled tiny model and arithmetic task, built once per session (no downloads)."""
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir, train, held_out = build_assets(root)
+    return {"model": model_dir, "train": train, "eval": held_out}
+
+
+@pytest.fixture
+def make_spec(tiny_assets, tmp_path) -> Callable[..., Path]:
+    """Write a run spec for the tiny task with overrides; return its path."""
+
+    def write(**overrides) -> Path:
+        spec = {
+            "run_id": "test-run",
+            "model": {"name_or_path": str(tiny_assets["model"])},
+            "data": {
+                "path": str(tiny_assets["train"]),
+                "eval_path": str(tiny_assets["eval"]),
+                "max_length": 16,
+            },
+            "optimizer": {"lr": 0.003},
+            "batch": {"target_batch_size": 128, "per_peer_batch_size": 64},
+            "max_global_steps": 6,
+            "averaging": {"matchmaking_time": 0.5, "averaging_timeout": 15},
+            "checkpoint": {"save_every": 1000, "keep": 0},
+            "seed": 0,
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(spec.get(key), dict):
+                spec[key] = {**spec[key], **value}
+            else:
+                spec[key] = value
+        path = tmp_path / f"spec-{len(list(tmp_path.glob('spec-*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def local_swarm(tmp_path) -> Iterator[Callable[[Path], LocalSwarm]]:
+    """Create local swarms for a spec; every peer process (and its children) is stopped after the test."""
+    swarms: list[LocalSwarm] = []
+
+    def create(spec_path: Path) -> LocalSwarm:
+        swarm = _TrackedSwarm(spec_path, tmp_path / f"swarm{len(swarms)}")
+        swarms.append(swarm)
+        return swarm
+
+    yield create
+    for swarm in swarms:
+        swarm.stop(grace=10)
+
+
+class _TrackedSwarm(LocalSwarm):
+    def start_peer(self, *args, **kwargs):
+        peer = super().start_peer(*args, **kwargs)
+        _STARTED_GROUPS.add(peer.process.pid)  # each peer leads its own process group
+        return peer

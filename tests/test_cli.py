@@ -1,0 +1,52 @@
+"""``run-peer`` fails fast and readably on bad input, before it joins any swarm."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def run_peer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "potluck.peer.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_without_cuda_is_a_one_line_error(make_spec):
+    result = run_peer("--run-spec", str(make_spec()), "--gpu", "0")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--gpu 0" in lines[0] and "CUDA is not available" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_spec_exits_with_the_field_named(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "run_id: x\nmodel: {name_or_path: m}\ndata: {path: d}\nbatch: {target_batch_size: 1, per_peer_batch_size: 4}\n"
+    )
+    result = run_peer("--run-spec", str(spec))
+    assert result.returncode == 2
+    assert "batch.target_batch_size" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_file_is_a_clear_error(make_spec, tmp_path):
+    spec = make_spec(data={"path": str(tmp_path / "nowhere.jsonl")})
+    result = run_peer("--run-spec", str(spec), "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
+    assert result.returncode == 2
+    assert "nowhere.jsonl" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_documented_flags():
+    result = run_peer("--help")
+    assert result.returncode == 0
+    for flag in ("--run-spec", "--initial-peers", "--gpu", "--host-maddrs", "--announce-maddrs", "--identity-path",
+                 "--metrics-port", "--save-dir", "--max-steps"):  # fmt: skip
+        assert flag in result.stdout

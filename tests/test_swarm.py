@@ -1,0 +1,128 @@
+"""Real peers in separate processes on 127.0.0.1 train one model together."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from potluck.peer.checkpoint import list_checkpoints
+from potluck.peer.demo import free_port
+from potluck.peer.tools_cli import evaluate_spec
+from potluck.protocols.runspec import load_run_spec
+
+pytestmark = pytest.mark.slow
+
+
+def weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint_dir / "model.safetensors")
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def checkpoint_at(save_dir: Path, step: int) -> Path:
+    found = {c.global_step: c.path for c in list_checkpoints(save_dir)}
+    assert step in found, f"no checkpoint of step {step} in {save_dir}: {sorted(found)}"
+    return found[step]
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def metric(text: str, name: str) -> float | None:
+    match = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+@pytest.mark.timeout(400)
+def test_two_peers_end_equal_and_loss_falls(make_spec, local_swarm, tmp_path):
+    steps = 12
+    spec_path = make_spec(max_global_steps=steps)
+    swarm = local_swarm(spec_path)
+    port = free_port()
+    first = swarm.start_peer(
+        "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2", "--metrics-port", str(port)]
+    )
+    swarm.wait_for_address(first)
+    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"])
+
+    # while training: the peer's Prometheus endpoint reports the swarm
+    text = wait_until(
+        lambda: (t := scrape(port)) and metric(t, "potluck_peers") == 2 and t,
+        timeout=240,
+        what="both peers in peer a's metrics",
+    )
+    assert metric(text, "potluck_samples_total") > 0
+    assert metric(text, "potluck_averaging_rounds_total") is not None
+
+    assert swarm.wait_all(timeout=300) == [0, 0], first.log()[-3000:]
+    a, b = weights(checkpoint_at(tmp_path / "a", steps)), weights(checkpoint_at(tmp_path / "b", steps))
+    assert max_difference(a, b) <= 1e-5
+
+    spec = load_run_spec(spec_path)
+    before = evaluate_spec(spec, checkpoint=None)
+    after = evaluate_spec(spec, checkpoint=checkpoint_at(tmp_path / "a", steps))
+    assert after.loss < before.loss * 0.8, (before, after)
+
+
+@pytest.mark.timeout(400)
+def test_late_joiner_loads_the_swarms_state_before_its_first_step(make_spec, local_swarm, tmp_path):
+    # a slower global step (4 local batches per peer) keeps the swarm mid-epoch most of the time
+    spec_path = make_spec(max_global_steps=200, batch={"target_batch_size": 512, "per_peer_batch_size": 64},
+                          checkpoint={"save_every": 1, "keep": 0})  # fmt: skip
+    swarm = local_swarm(spec_path)
+    first = swarm.start_peer("a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"])
+    swarm.wait_for_address(first)
+    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"])
+    wait_until(
+        lambda: any(c.global_step >= 3 for c in list_checkpoints(tmp_path / "a")), 240, "global step 3"
+    )
+
+    # --max-steps 1 is already reached: the newcomer downloads the state, saves it and leaves
+    late = swarm.start_peer("late", ["--save-dir", str(tmp_path / "late"), "--max-steps", "1"])
+    assert late.process.wait(timeout=180) == 0, late.log()[-3000:]
+    match = re.search(r"loaded the swarm's state of global step (\d+)", late.log())
+    assert match, late.log()[-3000:]
+    downloaded = int(match.group(1))
+    assert downloaded >= 3
+    (saved,) = list_checkpoints(tmp_path / "late")
+    assert max_difference(weights(saved.path), weights(checkpoint_at(tmp_path / "a", downloaded))) <= 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_restart_resumes_from_its_checkpoint(make_spec, local_swarm, tmp_path):
+    spec_path = make_spec(
+        batch={"target_batch_size": 64, "per_peer_batch_size": 64}, checkpoint={"save_every": 2, "keep": 2}
+    )
+    save_dir = tmp_path / "solo"
+    swarm = local_swarm(spec_path)
+    first = swarm.start_peer("first", ["--save-dir", str(save_dir), "--max-steps", "4"])
+    assert first.process.wait(timeout=180) == 0, first.log()[-3000:]
+    assert [c.global_step for c in list_checkpoints(save_dir)] == [2, 4]
+
+    second = swarm.start_peer("second", ["--save-dir", str(save_dir), "--max-steps", "6"], initial_peers=[])
+    assert second.process.wait(timeout=180) == 0, second.log()[-3000:]
+    assert "resuming from" in second.log() and "(global step 4)" in second.log()
+    # one peer alone: each local step is a global step, so only the two missing steps were trained
+    assert re.search(r"global step 6, 2 local steps", second.log()), second.log()[-2000:]
+    assert [c.global_step for c in list_checkpoints(save_dir)] == [4, 6]
