@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -126,3 +127,15 @@ def test_restart_resumes_from_its_checkpoint(make_spec, local_swarm, tmp_path):
     # one peer alone: each local step is a global step, so only the two missing steps were trained
     assert re.search(r"global step 6, 2 local steps", second.log()), second.log()[-2000:]
     assert [c.global_step for c in list_checkpoints(save_dir)] == [4, 6]
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_leaves_cleanly_and_saves(make_spec, local_swarm, tmp_path):
+    spec_path = make_spec(max_global_steps=100000, batch={"target_batch_size": 64, "per_peer_batch_size": 64})
+    swarm = local_swarm(spec_path)
+    peer = swarm.start_peer("solo", ["--save-dir", str(tmp_path / "solo"), "--progress-interval", "0.5"])
+    wait_until(lambda: re.search(r"^step [1-9]", peer.log(), re.MULTILINE), 180, "a few global steps")
+    peer.process.send_signal(signal.SIGTERM)
+    assert peer.process.wait(timeout=60) == 0, peer.log()[-3000:]
+    assert "stopped by signal" in peer.log()
+    assert list_checkpoints(tmp_path / "solo"), "the final checkpoint was not written"

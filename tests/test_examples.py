@@ -1,0 +1,27 @@
+"""The example specs shipped in the repository stay valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from potluck.protocols.runspec import load_run_spec
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_spec_loads(path):
+    spec = load_run_spec(path)
+    assert spec.run_id
+
+
+def test_demo_spec_is_valid():
+    from potluck.peer.demo import DEMO_SPEC
+    from potluck.protocols.runspec import parse_run_spec
+
+    assert (
+        parse_run_spec(DEMO_SPEC).batch.target_batch_size
+        >= parse_run_spec(DEMO_SPEC).batch.per_peer_batch_size
+    )
