@@ -1,5 +1,2 @@
-"""The coordinator (run registry, bootstrap node, metrics collection, dashboard).
-
-TODO: not built yet — see the "Coordinator and protocols" issue. Peers work without it
-(`run-peer --initial-peers ...`), which is the design: the coordinator is never on the data path.
-"""
+"""The coordinator: run registry (SQLite), DHT bootstrap node, signed run announcements, metric
+collection from the DHT, Prometheus ``/metrics`` and the web dashboard. Never on the data path."""

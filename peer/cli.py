@@ -10,7 +10,8 @@ from pathlib import Path
 
 from potluck.peer.data import DatasetFormatError
 from potluck.peer.device import DeviceError, resolve_device
-from potluck.peer.runner import PeerOptions, run_peer
+from potluck.peer.discovery import DiscoveryError, find_run_in_dht, join_via_coordinator, read_trusted_key
+from potluck.peer.runner import PeerOptions, run_peer, start_peer_dht
 from potluck.protocols.runspec import RunSpecError, load_run_spec
 
 
@@ -18,7 +19,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run-peer", description="Join a Potluck swarm and train the run together."
     )
-    p.add_argument("--run-spec", type=Path, required=True, help="YAML run spec (see docs/architecture.md)")
+    source = p.add_argument_group("which run (one of)")
+    source.add_argument("--run-spec", type=Path, help="a YAML run spec file (see protocols/runspec.py)")
+    source.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="ask this coordinator for the run spec and bootstrap peers (gRPC)",
+    )
+    source.add_argument(
+        "--run",
+        metavar="RUN_ID",
+        help="which run: with --coordinator (default: its newest active run), or with "
+        "--initial-peers and --coordinator-key (read from the DHT)",
+    )
+    source.add_argument(
+        "--coordinator-key",
+        metavar="KEY_OR_FILE",
+        help="the coordinator's '[owner:...]' public key (or a file with it): only runs "
+        "announced under it are accepted",
+    )
     p.add_argument(
         "--initial-peers",
         nargs="*",
@@ -85,15 +104,31 @@ def configure_logging(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not (args.run_spec or args.coordinator or (args.run and args.coordinator_key and args.initial_peers)):
+        print("run-peer: say which run: --run-spec FILE, --coordinator HOST:PORT, or --initial-peers "
+              "with --run and --coordinator-key", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         device = resolve_device(args.gpu)
-        spec = load_run_spec(args.run_spec)
+        spec = load_run_spec(args.run_spec) if args.run_spec else None
     except (DeviceError, RunSpecError) as e:
         print(f"run-peer: {e}", file=sys.stderr)
         return 2
     configure_logging(args.verbose)
+    initial_peers = list(args.initial_peers)
+    if spec is None and args.coordinator:
+        try:
+            joined = join_via_coordinator(args.coordinator, args.run)
+        except (DiscoveryError, RunSpecError) as e:
+            print(f"run-peer: {e}", file=sys.stderr)
+            return 2
+        spec, initial_peers = joined.spec, initial_peers + joined.initial_peers
+        print(
+            f"run-peer: joined run {spec.run_id!r} through the coordinator at {args.coordinator}",
+            file=sys.stderr,
+        )
     options = PeerOptions(
-        initial_peers=args.initial_peers,
+        initial_peers=initial_peers,
         host_maddrs=args.host_maddrs,
         announce_maddrs=args.announce_maddrs,
         identity_path=args.identity_path,
@@ -107,8 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         progress_interval=args.progress_interval,
     )
     try:
-        result = run_peer(spec, options, device, stop=threading.Event())
-    except (DatasetFormatError, FileNotFoundError, OSError) as e:
+        if spec is None:  # read the run from its signed announcement in the DHT
+            dht = start_peer_dht(options, (args.run,))
+            try:
+                spec = find_run_in_dht(dht, args.run, read_trusted_key(args.coordinator_key))
+            except BaseException:
+                dht.shutdown()
+                raise
+            result = run_peer(spec, options, device, stop=threading.Event(), dht=dht)
+        else:
+            result = run_peer(spec, options, device, stop=threading.Event())
+    except (DatasetFormatError, DiscoveryError, RunSpecError, FileNotFoundError, OSError) as e:
         print(f"run-peer: {e}", file=sys.stderr)
         return 2
     why = "stopped by signal" if result.stopped_by_signal else "reached the last global step"

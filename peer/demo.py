@@ -1,23 +1,25 @@
 """``potluck demo``: a local swarm of two peers fine-tunes the bundled tiny model on the bundled task.
 
-It builds the model and data (nothing is downloaded), evaluates the model, starts two ``run-peer``
-processes on loopback, relays their progress, and ends with a before/after table.
+It builds the model and data (nothing is downloaded), evaluates the model, starts a coordinator,
+publishes the run through it, starts two ``run-peer`` processes that know only the coordinator's
+address, relays their progress, and ends with a before/after table and the dashboard's address.
 """
 
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from potluck.coordinator.local_process import LocalCoordinator, free_port
 from potluck.peer.checkpoint import latest_checkpoint
 from potluck.peer.evaluate import EvalResult
 from potluck.peer.local_swarm import LocalSwarm
 from potluck.peer.tools_cli import build_assets, evaluate_spec
+from potluck.protocols.coordinator_client import CoordinatorClient
 from potluck.protocols.runspec import load_run_spec
 
 DEMO_SPEC = {
@@ -31,12 +33,6 @@ DEMO_SPEC = {
     "checkpoint": {"save_every": 100, "keep": 1},
     "seed": 0,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def relay(swarm: LocalSwarm, offsets: dict[str, int]) -> None:
@@ -69,37 +65,49 @@ def main(workdir: Path = Path(".demo"), peers: int = 2, max_steps: int | None = 
     before = evaluate_spec(spec, checkpoint=None)
     print(f"== before training: held-out loss {before.loss:.3f}, accuracy {before.accuracy:.1%}", flush=True)
 
+    coordinator = LocalCoordinator(workdir / "coordinator", collect_interval=2.0).start()
     swarm = LocalSwarm(spec_path, workdir / "logs")
-    offsets: dict[str, int] = {}
-    with swarm:
-        for i in range(1, peers + 1):
-            port = free_port()
-            args = [
-                "--save-dir",
-                str(workdir / f"peer{i}"),
-                "--metrics-port",
-                str(port),
-                "--min-peers",
-                str(peers),
-            ]
-            peer = swarm.start_peer(f"peer{i}", args)
-            swarm.wait_for_address(peer)
-            print(f"== {peer.name} is up; its metrics: http://127.0.0.1:{port}/metrics", flush=True)
-        while any(p.running for p in swarm.peers):
-            relay(swarm, offsets)
-            time.sleep(1.0)
-        relay(swarm, offsets)
-        failed = [p for p in swarm.peers if p.process.returncode != 0]
-        if failed:
-            for p in failed:
-                print(
-                    f"== {p.name} failed (exit {p.process.returncode}); last lines:\n{p.log()[-2000:]}",
-                    file=sys.stderr,
-                )
-            return 1
+    try:
+        with CoordinatorClient(coordinator.address) as client:
+            client.publish(spec.model_dump_json())  # paths in it are already absolute
+        print(
+            f"== coordinator up, run {spec.run_id!r} published; dashboard: {coordinator.dashboard}",
+            flush=True,
+        )
+        train(swarm, coordinator, workdir, peers)
+    finally:
+        swarm.stop()
+        coordinator.stop()
+    failed = [p for p in swarm.peers if p.process.returncode != 0]
+    for p in failed:
+        print(
+            f"== {p.name} failed (exit {p.process.returncode}); last lines:\n{p.log()[-2000:]}",
+            file=sys.stderr,
+        )
+    if failed:
+        return 1
 
     checkpoint = latest_checkpoint(workdir / "peer1", spec.run_id)
     after = evaluate_spec(spec, checkpoint=checkpoint.path)
     print_table(before, after)
     print(f"\n== done in {time.monotonic() - started:.0f}s; trained weights: {checkpoint.path}")
+    print(f"== the dashboard was at {coordinator.dashboard}; its history stays in {coordinator.db}")
+    print(f"   (see it again: run-coordinator --db {coordinator.db} --http-port 8080)")
     return 0 if after.accuracy > before.accuracy else 1
+
+
+def train(swarm: LocalSwarm, coordinator: LocalCoordinator, workdir: Path, peers: int) -> None:
+    """Start the peers with only ``--coordinator`` (it hands out the spec and bootstrap addresses)
+    and relay their progress until they finish."""
+    for i in range(1, peers + 1):
+        port = free_port()
+        args = ["--coordinator", coordinator.address, "--min-peers", str(peers),
+                "--save-dir", str(workdir / f"peer{i}"), "--metrics-port", str(port)]  # fmt: skip
+        peer = swarm.start_peer(f"peer{i}", args, initial_peers=[], use_spec=False)
+        swarm.wait_for_address(peer)
+        print(f"== {peer.name} is up; its metrics: http://127.0.0.1:{port}/metrics", flush=True)
+    offsets: dict[str, int] = {}
+    while any(p.running for p in swarm.peers):
+        relay(swarm, offsets)
+        time.sleep(1.0)
+    relay(swarm, offsets)

@@ -44,14 +44,16 @@ class LocalSwarm:
     peers: list[PeerProcess] = field(default_factory=list)
 
     def start_peer(
-        self, name: str, args: list[str] = (), initial_peers: list[str] | None = None
+        self, name: str, args: list[str] = (), initial_peers: list[str] | None = None, use_spec: bool = True
     ) -> PeerProcess:
+        """Start ``run-peer``; ``initial_peers`` defaults to the first running peer's address.
+        ``use_spec=False`` leaves out ``--run-spec`` (the peer finds its run through ``args``)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if initial_peers is None:
             initial_peers = [a for a in (p.join_address() for p in self.peers if p.running) if a][:1]
         command = [
             sys.executable, "-m", "potluck.peer.cli",
-            "--run-spec", str(self.spec_path),
+            *(["--run-spec", str(self.spec_path)] if use_spec else []),
             "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
             "--progress-interval", "5",
             *(["--initial-peers", *initial_peers] if initial_peers else []),

@@ -73,6 +73,9 @@ class PeerMetrics:
             "potluck_state_download_seconds", "Time spent downloading the swarm's state", labels, registry=reg
         )
         self.run_id = run_id
+        # plain copies of what the signed DHT report carries (prometheus objects are write-mostly)
+        self.latest = {"global_step": 0, "loss": None, "samples_per_second": 0.0, "samples_total": 0,
+                       "averaging_succeeded": 0, "averaging_failed": 0}  # fmt: skip
         for outcome in ("succeeded", "failed"):
             self._rounds.labels(run_id, outcome)
             self._state_downloads.labels(run_id, outcome)
@@ -86,15 +89,19 @@ class PeerMetrics:
         self._samples.labels(self.run_id).inc(samples)
         self._step_seconds.labels(self.run_id).observe(seconds)
         self._samples_per_second.labels(self.run_id).set(samples_per_second)
+        self.latest.update(loss=loss, samples_per_second=samples_per_second)
+        self.latest["samples_total"] += samples
 
     def swarm(self, global_step: int, peers: int, swarm_samples_per_second: float) -> None:
         self._global_step.labels(self.run_id).set(global_step)
         self._peers.labels(self.run_id).set(peers)
         self._swarm_samples_per_second.labels(self.run_id).set(swarm_samples_per_second)
+        self.latest["global_step"] = global_step
 
     # -- AveragingListener ------------------------------------------------------------------------
     def averaging_round(self, succeeded: bool, group_size: int, bytes_sent: int, bytes_received: int) -> None:
         self._rounds.labels(self.run_id, "succeeded" if succeeded else "failed").inc()
+        self.latest["averaging_succeeded" if succeeded else "averaging_failed"] += 1
         self._sent.labels(self.run_id).inc(bytes_sent)
         self._received.labels(self.run_id).inc(bytes_received)
 

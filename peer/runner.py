@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hivemind.dht import DHT
+from hivemind.utils.crypto import RSAPrivateKey
 
 from potluck.peer.averaging import AveragingStrategy, GradientAveraging
 from potluck.peer.checkpoint import latest_checkpoint, save_checkpoint
@@ -18,9 +20,11 @@ from potluck.peer.data import PeerDataStream, peer_seed
 from potluck.peer.metrics import PeerMetrics
 from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
 from potluck.peer.progress import ProgressDisplay
+from potluck.peer.reporter import ReportPublisher
 from potluck.peer.stages import make_stage
 from potluck.peer.swarm import start_dht, visible_addresses
 from potluck.peer.trainer import Trainer, TrainResult
+from potluck.protocols.records import public_key_tag, record_validators, run_schema_validator
 from potluck.protocols.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -84,7 +88,24 @@ def wait_for_peers(strategy: AveragingStrategy, count: int, timeout: float, stop
     print(f"run-peer: {online} peer(s) online", file=sys.stderr)
 
 
-def run_peer(spec: RunSpec, options: PeerOptions, device: torch.device, stop: threading.Event) -> TrainResult:
+def start_peer_dht(options: PeerOptions, run_ids: tuple[str, ...] = ()) -> DHT:
+    """This peer's DHT node, with Potluck's record validators (signatures, schemas, sizes) first."""
+    return start_dht(
+        options.initial_peers,
+        options.host_maddrs,
+        options.announce_maddrs,
+        options.identity_path,
+        options.client_mode,
+        # None: sign with the process-wide key, the one hivemind's progress tracker uses too
+        record_validators=record_validators(None, run_ids),
+    )
+
+
+def run_peer(
+    spec: RunSpec, options: PeerOptions, device: torch.device, stop: threading.Event, dht: DHT | None = None
+) -> TrainResult:
+    """Train with the swarm until the last global step or ``stop``. ``dht``: an already started node
+    (the peer found the run spec through it); it is shut down here either way."""
     max_steps = options.max_steps if options.max_steps is not None else spec.max_global_steps
     tokenizer = load_tokenizer(spec.model)
     data = PeerDataStream(spec.data, tokenizer, spec.batch.per_peer_batch_size)  # fails fast on bad data
@@ -97,13 +118,10 @@ def run_peer(spec: RunSpec, options: PeerOptions, device: torch.device, stop: th
     if options.metrics_port is not None:
         metrics.serve(options.metrics_port, options.metrics_host)
 
-    dht = start_dht(
-        options.initial_peers,
-        options.host_maddrs,
-        options.announce_maddrs,
-        options.identity_path,
-        options.client_mode,
-    )
+    if dht is None:
+        dht = start_peer_dht(options, (spec.run_id,))
+    else:
+        dht.add_validators([run_schema_validator(spec.run_id)])
     try:
         peer_id = str(dht.peer_id)
         addresses = visible_addresses(dht)
@@ -113,6 +131,7 @@ def run_peer(spec: RunSpec, options: PeerOptions, device: torch.device, stop: th
                 f"run-peer: others can join with --initial-peers {addresses[0]}", file=sys.stderr, flush=True
             )
         strategy = GradientAveraging(spec, dht, trainable_parameters(model), listener=metrics)
+        reporter = ReportPublisher(dht, public_key_tag(RSAPrivateKey.process_wide()), spec.run_id, metrics)
         try:
             install_stop_handlers(stop)
             if resume:
@@ -125,6 +144,7 @@ def run_peer(spec: RunSpec, options: PeerOptions, device: torch.device, stop: th
                     f"(continuing at global step {strategy.global_step})",
                     file=sys.stderr,
                 )
+            reporter.start()
 
             def save(step: int) -> None:
                 if options.save_dir is not None:
@@ -160,6 +180,7 @@ def run_peer(spec: RunSpec, options: PeerOptions, device: torch.device, stop: th
             save(result.global_step)
             return result
         finally:
+            reporter.stop()
             strategy.shutdown()
     finally:
         dht.shutdown()

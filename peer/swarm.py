@@ -17,6 +17,8 @@ def start_dht(
     announce_maddrs: Sequence[str],
     identity_path: Path | None,
     client_mode: bool = False,
+    record_validators: Sequence = (),
+    ensure_bootstrap_success: bool = True,
 ) -> DHT:
     """Start this peer's DHT node (a child process running hivemind's libp2p daemon).
 
@@ -33,6 +35,8 @@ def start_dht(
         announce_maddrs=list(announce_maddrs) or None,
         identity_path=str(identity_path) if identity_path else None,
         client_mode=client_mode,
+        record_validators=list(record_validators),
+        ensure_bootstrap_success=ensure_bootstrap_success,
         await_ready=True,
     )
 

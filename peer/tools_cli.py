@@ -47,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workdir", type=Path, default=Path(".demo"))
     demo.add_argument("--peers", type=int, default=2)
     demo.add_argument("--max-steps", type=int, default=None)
+    commands.add_parser(
+        "run", help="publish, list and show runs at a coordinator (potluck run --help)", add_help=False
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        from potluck.coordinator.run_cli import main as run_main
+
+        return run_main(argv[1:])
     args = parser.parse_args(argv)
 
     from transformers.utils import logging as transformers_logging

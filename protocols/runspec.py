@@ -18,7 +18,7 @@ _RUN_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from potluck.coordinator.local_process import free_port
 from potluck.peer.checkpoint import list_checkpoints
-from potluck.peer.demo import free_port
 from potluck.peer.tools_cli import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
 

@@ -1,0 +1,199 @@
+"""The coordinator's DHT side: announce runs (signed) and collect peers' signed reports.
+
+Every ``interval`` seconds it re-announces active runs, reads each run's peer reports, stores them
+and one history point per run in SQLite, and updates the Prometheus gauges. It is never on the
+training data path: if it stops, peers keep training and only the history pauses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter as Tally
+
+from hivemind.dht import DHT
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from potluck.coordinator.store import HistoryPoint, PeerReportRow, RunRecord, RunStore
+from potluck.protocols.records import (
+    RunAnnouncement,
+    announce_run,
+    read_announcements,
+    read_reports,
+    rejection_counts,
+    run_schema_validator,
+)
+
+logger = logging.getLogger(__name__)
+MAX_PEER_SERIES = 32
+"""Per-peer series per run are capped (Prometheus label cardinality); the rest show up only in totals."""
+FRESH_SECONDS = 30.0
+"""A peer whose newest report is older than this is not counted as online."""
+
+
+class SwarmMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        run, peer = ["run_id"], ["run_id", "peer"]
+        self.runs = Gauge(
+            "potluck_runs", "Runs registered at the coordinator, by status", ["status"], registry=registry
+        )
+        self.global_step = Gauge(
+            "potluck_run_global_step", "Highest global step reported in the run", run, registry=registry
+        )
+        self.peers = Gauge(
+            "potluck_run_peers", "Peers with a fresh report in the run", run, registry=registry
+        )
+        self.loss = Gauge(
+            "potluck_run_loss", "Mean of the peers' latest training loss", run, registry=registry
+        )
+        self.throughput = Gauge(
+            "potluck_run_samples_per_second", "Sum of the peers' training throughput", run, registry=registry
+        )
+        self.rounds = Gauge(
+            "potluck_run_averaging_rounds",
+            "Averaging rounds reported by the online peers",
+            run + ["outcome"],
+            registry=registry,
+        )
+        self.peer_step = Gauge(
+            "potluck_peer_global_step", "A peer's global step (first peers only)", peer, registry=registry
+        )
+        self.peer_loss = Gauge(
+            "potluck_peer_loss", "A peer's latest loss (first peers only)", peer, registry=registry
+        )
+        self.peer_throughput = Gauge(
+            "potluck_peer_samples_per_second",
+            "A peer's throughput (first peers only)",
+            peer,
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "potluck_dht_records_rejected",
+            "DHT records refused or skipped, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.collections = Counter(
+            "potluck_collections", "Collection rounds run by the coordinator", registry=registry
+        )
+        self.last_collection = Gauge(
+            "potluck_last_collection_timestamp_seconds",
+            "When the coordinator last read the DHT",
+            registry=registry,
+        )
+        for reason in ("signature", "schema", "oversized", "untrusted_announcement", "malformed", "unsigned"):
+            self.rejected.labels(reason)
+
+
+class Collector:
+    def __init__(
+        self, dht: DHT, store: RunStore, key_tag: bytes, metrics: SwarmMetrics, interval: float = 5.0
+    ):
+        self.dht = dht
+        self.store = store
+        self.key_tag = key_tag
+        self.metrics = metrics
+        self.interval = interval
+        self._known_runs: set[str] = set()
+        self._rejections_seen: Tally = Tally()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="potluck-collector", daemon=True)
+
+    def start(self) -> Collector:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 10)
+
+    def announce(self, run: RunRecord) -> None:
+        """Publish (or refresh) the signed announcement of a run; called on publish and every round."""
+        if run.run_id not in self._known_runs:
+            self.dht.add_validators([run_schema_validator(run.run_id)])
+            self._known_runs.add(run.run_id)
+        announcement = RunAnnouncement(
+            run_id=run.run_id, spec_json=json.dumps(run.spec), status=run.status, announced_at=time.time()
+        )
+        announce_run(self.dht, self.key_tag, announcement, ttl=max(60.0, 6 * self.interval))
+
+    def collect_once(self) -> None:
+        runs = self.store.list_runs()
+        for status in ("active", "paused", "finished"):
+            self.metrics.runs.labels(status).set(sum(r.status == status for r in runs))
+        for run in runs:
+            if run.status == "finished":
+                continue
+            self.announce(run)
+            self._collect_run(run.run_id)
+        skipped = read_announcements(self.dht, self.key_tag).skipped
+        self._count_rejections(Tally(rejection_counts(self.dht)) + skipped)
+        self.metrics.collections.inc()
+        self.metrics.last_collection.set(time.time())
+
+    def _collect_run(self, run_id: str) -> None:
+        found = read_reports(self.dht, run_id)
+        self._count_rejections(Tally({f"{run_id}:{k}": v for k, v in found.skipped.items()}), per_run=True)
+        now = time.time()
+        reports = [r for r in found.records.values() if now - r.reported_at <= FRESH_SECONDS]
+        self.store.remember_peer_addresses({r.peer_id: r.addresses for r in reports}, now)
+        self.store.add_peer_reports(
+            [
+                PeerReportRow(
+                    run_id,
+                    r.peer_id,
+                    r.reported_at,
+                    r.global_step,
+                    r.loss,
+                    r.samples_per_second,
+                    r.samples_total,
+                )
+                for r in found.records.values()
+            ]
+        )
+        for gauge in (self.metrics.peer_step, self.metrics.peer_loss, self.metrics.peer_throughput):
+            for labels in list(gauge._metrics):  # drop series of peers that left
+                if labels[0] == run_id:
+                    gauge.remove(*labels)
+        self.metrics.peers.labels(run_id).set(len(reports))
+        if not reports:
+            return
+        losses = [r.loss for r in reports if r.loss is not None]
+        point = HistoryPoint(
+            collected_at=now,
+            global_step=max(r.global_step for r in reports),
+            loss=sum(losses) / len(losses) if losses else None,
+            samples_per_second=sum(r.samples_per_second for r in reports),
+            peers=len(reports),
+        )
+        self.store.add_history_point(run_id, point)
+        self.metrics.global_step.labels(run_id).set(point.global_step)
+        self.metrics.throughput.labels(run_id).set(point.samples_per_second)
+        if point.loss is not None:
+            self.metrics.loss.labels(run_id).set(point.loss)
+        self.metrics.rounds.labels(run_id, "succeeded").set(sum(r.averaging_succeeded for r in reports))
+        self.metrics.rounds.labels(run_id, "failed").set(sum(r.averaging_failed for r in reports))
+        for r in sorted(reports, key=lambda r: r.peer_id)[:MAX_PEER_SERIES]:
+            short = r.peer_id[-12:]
+            self.metrics.peer_step.labels(run_id, short).set(r.global_step)
+            self.metrics.peer_throughput.labels(run_id, short).set(r.samples_per_second)
+            if r.loss is not None:
+                self.metrics.peer_loss.labels(run_id, short).set(r.loss)
+
+    def _count_rejections(self, totals: Tally, per_run: bool = False) -> None:
+        """DHT nodes and readers keep cumulative counts; turn them into counter increments."""
+        for name, total in totals.items():
+            new = total - self._rejections_seen[name] if not per_run else total
+            self._rejections_seen[name] = max(self._rejections_seen[name], total)
+            if new > 0:
+                self.metrics.rejected.labels(name.split(":")[-1]).inc(new)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.collect_once()
+            except Exception as e:  # the next round may succeed (DHT hiccup, locked database)
+                logger.warning(f"collection round failed: {e!r}")
+            self._stop.wait(self.interval)

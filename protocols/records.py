@@ -1,0 +1,247 @@
+"""Schemas, keys and trust rules for every DHT record Potluck writes.
+
+Key scheme (every key that belongs to a run starts with its run id):
+
+| key | subkey | value | signed by |
+| --- | --- | --- | --- |
+| ``potluck_runs`` | ``<run_id>`` + the coordinator's ``[owner:<public key>]`` | :class:`RunAnnouncement` | the coordinator |
+| ``<run_id>_reports`` | the peer's ``[owner:<public key>]`` | :class:`PeerReport` | that peer |
+
+hivemind's own keys (``<run_id>_progress``, ``<run_id>_grad_averager…``, ``<run_id>_state_averager…``)
+are listed in docs/architecture.md.
+
+Trust model: hivemind's ``RSASignatureValidator`` makes every DHT node refuse a record whose key or
+subkey names an owner key unless the record is signed by that key, so no peer can write another's
+report, and nobody can overwrite the coordinator's announcement. Anyone *can* announce a run under
+their own key: readers accept announcements only from the coordinator key they trust. Records that
+fail a schema, exceed :data:`MAX_RECORD_BYTES` or carry a bad signature are rejected by every node
+and counted (:func:`rejection_counts`); readers re-validate what they read and count what they skip.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict  # noqa: UP035 (pydantic v1 schemas for hivemind want typing.Dict)
+
+from cryptography.hazmat.primitives import serialization
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.crypto import RSAPrivateKey
+from pydantic.v1 import BaseModel, StrictFloat, ValidationError, conint, conlist, constr, validator
+
+RUNS_KEY = "potluck_runs"
+MAX_RECORD_BYTES = 64 * 1024
+"""Larger values are refused by every node: a run spec or a report is a few KiB at most."""
+_OWNER = re.compile(rb"\[owner:(.+?)\]")
+
+
+def reports_key(run_id: str) -> str:
+    return f"{run_id}_reports"
+
+
+class RunAnnouncement(BaseModel):
+    run_id: constr(regex=r"^[a-z0-9][a-z0-9_-]{0,62}$", strict=True)
+    spec_json: constr(max_length=MAX_RECORD_BYTES // 2, strict=True)
+    status: constr(regex=r"^(active|paused|finished)$", strict=True)
+    announced_at: StrictFloat
+
+    class Config:
+        extra = "forbid"
+
+
+class PeerReport(BaseModel):
+    """What a peer tells the swarm (and the coordinator) about itself, every few seconds."""
+
+    peer_id: constr(max_length=128, strict=True)
+    global_step: conint(ge=0, strict=True)
+    loss: StrictFloat | None
+    samples_per_second: StrictFloat
+    samples_total: conint(ge=0, strict=True)
+    averaging_succeeded: conint(ge=0, strict=True)
+    averaging_failed: conint(ge=0, strict=True)
+    reported_at: StrictFloat
+    addresses: conlist(constr(max_length=256, strict=True), max_items=8) = []
+    """The peer's DHT multiaddrs (empty in client mode): a restarted coordinator rejoins through them."""
+
+    class Config:
+        extra = "forbid"
+
+    @validator("loss", "samples_per_second")
+    def _finite(cls, value):
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+
+class _RunsSchema(BaseModel):
+    potluck_runs: Dict[BytesWithPublicKey, RunAnnouncement]  # noqa: UP006
+
+
+class _ReportsSchema(BaseModel):
+    reports: Dict[BytesWithPublicKey, PeerReport]  # noqa: UP006
+
+
+# -- validators that count what they reject (they run inside the DHT process) ---------------------
+class CountingSignatureValidator(RSASignatureValidator):
+    def __init__(self, private_key: RSAPrivateKey | None = None):
+        super().__init__(private_key)
+        self.rejected: Counter = Counter()
+
+    def validate(self, record: DHTRecord) -> bool:
+        ok = super().validate(record)
+        if not ok:
+            self.rejected["signature"] += 1
+        return ok
+
+
+class CountingSchemaValidator(SchemaValidator):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rejected: Counter = Counter()
+
+    def validate(self, record: DHTRecord) -> bool:
+        ok = super().validate(record)
+        if not ok:
+            self.rejected["schema"] += 1
+        return ok
+
+
+class RecordSizeValidator(RecordValidatorBase):
+    def __init__(self, max_bytes: int = MAX_RECORD_BYTES):
+        self.max_bytes = max_bytes
+        self.rejected: Counter = Counter()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if len(record.value) > self.max_bytes:
+            self.rejected["oversized"] += 1
+            return False
+        return True
+
+
+def record_validators(private_key: RSAPrivateKey | None = None, run_ids: tuple[str, ...] = ()) -> list:
+    """Validators for a DHT node: pass them to ``DHT(record_validators=...)`` so they come first
+    (hivemind keeps the first signature validator and merges later schema validators into ours)."""
+    schema = CountingSchemaValidator(_RunsSchema, allow_extra_keys=True)
+    for run_id in run_ids:
+        schema.merge_with(SchemaValidator(_ReportsSchema, allow_extra_keys=True, prefix=run_id))
+    return [CountingSignatureValidator(private_key), schema, RecordSizeValidator()]
+
+
+def run_schema_validator(run_id: str) -> SchemaValidator:
+    """Add to a running DHT (``dht.add_validators``) when it starts serving another run."""
+    return SchemaValidator(_ReportsSchema, allow_extra_keys=True, prefix=run_id)
+
+
+async def _rejections_in_node(_dht, node) -> dict[str, int]:
+    total: Counter = Counter()
+    for v in node.protocol.record_validator._validators:
+        total.update(getattr(v, "rejected", {}))
+    return dict(total)
+
+
+def rejection_counts(dht: DHT) -> dict[str, int]:
+    """Records this node refused to store, by reason (``signature``, ``schema``, ``oversized``)."""
+    return dht.run_coroutine(_rejections_in_node)
+
+
+# -- keys ------------------------------------------------------------------------------------------
+def owner_of(subkey: bytes) -> bytes | None:
+    """The ``[owner:...]`` part of a subkey (a serialized RSA public key), or None."""
+    match = _OWNER.search(subkey) if isinstance(subkey, bytes) else None
+    return match.group(0) if match else None
+
+
+def load_or_create_key(path: Path) -> RSAPrivateKey:
+    """The coordinator's signing key, kept in ``path`` (DER, mode 0600) across restarts."""
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    if path.exists():
+        key._private_key = serialization.load_der_private_key(path.read_bytes(), password=None)
+        return key
+    fresh = RSAPrivateKey()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_bytes(fresh.to_bytes())
+    return fresh
+
+
+def public_key_tag(key: RSAPrivateKey) -> bytes:
+    """hivemind's ``[owner:...]`` form of the key's public half: what peers are told to trust."""
+    return RSASignatureValidator.PUBLIC_KEY_FORMAT.replace(b"_key_", key.get_public_key().to_bytes())
+
+
+# -- reading ---------------------------------------------------------------------------------------
+@dataclass
+class ReadResult:
+    """Records that passed the reader's checks, and counts of those skipped, by reason."""
+
+    records: dict = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+
+
+def read_announcements(dht: DHT, trusted_key: bytes) -> ReadResult:
+    """Run announcements signed by ``trusted_key`` (``public_key_tag`` form), by run id."""
+    result = ReadResult()
+    found = dht.get(RUNS_KEY, latest=True)
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    for subkey, item in entries.items():
+        if owner_of(subkey) != trusted_key:
+            result.skipped["untrusted_announcement"] += 1
+            continue
+        try:
+            announcement = RunAnnouncement.parse_obj(item.value)
+        except (ValidationError, TypeError):
+            result.skipped["malformed"] += 1
+            continue
+        if subkey != announcement.run_id.encode() + trusted_key:
+            result.skipped["malformed"] += 1  # an announcement filed under another run's subkey
+            continue
+        result.records[announcement.run_id] = announcement
+    return result
+
+
+def read_reports(dht: DHT, run_id: str) -> ReadResult:
+    """Peer reports of a run, by the owner key of their subkey."""
+    result = ReadResult()
+    found = dht.get(reports_key(run_id), latest=True)
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    for subkey, item in entries.items():
+        owner = owner_of(subkey)
+        try:
+            report = PeerReport.parse_obj(item.value)
+        except (ValidationError, TypeError):
+            result.skipped["malformed"] += 1
+            continue
+        if owner is None:
+            result.skipped["unsigned"] += 1
+            continue
+        result.records[owner] = report
+    return result
+
+
+def announce_run(dht: DHT, key_tag: bytes, announcement: RunAnnouncement, ttl: float) -> bool:
+    from hivemind.utils.timed_storage import get_dht_time
+
+    return dht.store(
+        RUNS_KEY,
+        subkey=announcement.run_id.encode() + key_tag,
+        value=announcement.dict(),
+        expiration_time=get_dht_time() + ttl,
+    )
+
+
+def publish_report(dht: DHT, key_tag: bytes, run_id: str, report: PeerReport, ttl: float, wait: bool = False):
+    from hivemind.utils.timed_storage import get_dht_time
+
+    return dht.store(
+        reports_key(run_id),
+        subkey=key_tag,
+        value=report.dict(),
+        expiration_time=get_dht_time() + ttl,
+        return_future=not wait,
+    )

@@ -1,0 +1,170 @@
+"""The coordinator with real peers: bootstrap and spec over gRPC, metrics collected from the DHT,
+training that does not depend on it, and forged records that change nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hivemind.dht import DHT
+from hivemind.utils.crypto import RSAPrivateKey
+
+from potluck.coordinator.local_process import LocalCoordinator, free_port
+from potluck.protocols.coordinator_client import CoordinatorClient
+from potluck.protocols.records import (
+    PeerReport,
+    RunAnnouncement,
+    announce_run,
+    public_key_tag,
+    publish_report,
+    read_announcements,
+    read_reports,
+    record_validators,
+)
+from tests.conftest import _STARTED_GROUPS
+from tests.test_swarm import metric, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    started: list[LocalCoordinator] = []
+
+    def start(**kwargs) -> LocalCoordinator:
+        c = LocalCoordinator(tmp_path / "coordinator", **kwargs)
+        started.append(c)
+        c.start()
+        _STARTED_GROUPS.add(c.process.pid)
+        return c
+
+    yield start
+    for c in started:
+        c.stop()
+
+
+def publish(coordinator: LocalCoordinator, spec_path: Path) -> str:
+    with CoordinatorClient(coordinator.address) as client:
+        return client.publish(spec_path.read_text()).run_id
+
+
+def peer_step(peer_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{peer_port}/metrics", timeout=5) as response:
+        return metric(response.read().decode(), "potluck_global_step") or 0
+
+
+@pytest.mark.timeout(500)
+def test_peers_join_through_the_coordinator_and_it_survives_a_restart(
+    make_spec, local_swarm, coordinator, tmp_path
+):
+    coord = coordinator()
+    run_id = publish(coord, make_spec(max_global_steps=100000))
+    swarm = local_swarm(tmp_path / "unused.yaml")
+    ports = [free_port(), free_port()]
+    for name, port in zip(("a", "b"), ports, strict=True):
+        swarm.start_peer(
+            name,
+            ["--coordinator", coord.address, "--min-peers", "2", "--metrics-port", str(port)],
+            initial_peers=[],
+            use_spec=False,
+        )
+
+    # the coordinator sees both peers and a rising global step, in /metrics and the dashboard's JSON
+    def both_peers_rising():
+        text = coord.get("/metrics")
+        report = coord.run_report(run_id)
+        steps = [p["global_step"] for p in report["history"]]
+        return metric(text, "potluck_run_peers") == 2 and len(report["peers"]) == 2 and len(set(steps)) >= 3
+
+    wait_until(both_peers_rising, 240, "both peers and a rising global step at the coordinator")
+    assert metric(coord.get("/metrics"), "potluck_run_global_step") > 0
+
+    # kill it: training goes on without it
+    history_before = len(coord.run_report(run_id)["history"])
+    coord.kill()
+    step_at_kill = peer_step(ports[0])
+    wait_until(
+        lambda: peer_step(ports[0]) >= step_at_kill + 5, 120, "5 more global steps without the coordinator"
+    )
+    assert all(p.running for p in swarm.peers)
+
+    # restart on the same database (and DHT address/identity): runs and history are there, collection resumes
+    restarted = coordinator(dht_port=coord.dht_port)
+    with CoordinatorClient(restarted.address) as client:
+        assert [r.run_id for r in client.list_runs()] == [run_id]
+    assert len(restarted.run_report(run_id)["history"]) >= history_before
+    wait_until(
+        lambda: len(restarted.run_report(run_id)["history"]) >= history_before + 3,
+        180,
+        "collection to resume",
+    )
+
+
+@pytest.mark.timeout(400)
+def test_forged_announcement_and_report_are_ignored_and_counted(
+    make_spec, local_swarm, coordinator, tmp_path
+):
+    coord = coordinator()
+    spec_path = make_spec(max_global_steps=100000)
+    run_id = publish(coord, spec_path)
+    swarm = local_swarm(spec_path)
+    swarm.start_peer("a", ["--coordinator", coord.address], initial_peers=[], use_spec=False)
+
+    # the test is a third party on the same DHT, with a key of its own
+    intruder_key = RSAPrivateKey()
+    intruder = DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=coord.dht_addresses(),
+        record_validators=record_validators(intruder_key, (run_id,)),
+    )  # fmt: skip
+    try:
+        real = wait_until(lambda: read_reports(intruder, run_id).records, 180, "peer a's report in the DHT")
+        (owner, real_report), = real.items()  # fmt: skip
+
+        # 1. a run announcement with the same run id under another key: stored, but nobody trusts it
+        forged_spec = json.dumps({"run_id": run_id, "malicious": True})
+        forged = RunAnnouncement(
+            run_id=run_id, spec_json=forged_spec, status="active", announced_at=time.time()
+        )
+        assert announce_run(intruder, public_key_tag(intruder_key), forged, ttl=120)
+        trusted = read_announcements(intruder, coord.key_tag)
+        assert json.loads(trusted.records[run_id].spec_json)["max_global_steps"] == 100000
+        assert trusted.skipped["untrusted_announcement"] >= 1
+
+        # 2. a report under peer a's subkey: every node refuses it
+        fake = real_report.copy(update={"global_step": 10**9, "reported_at": time.time() + 1})
+        assert publish_report(intruder, owner, run_id, PeerReport(**fake.dict()), ttl=60, wait=True) is False
+
+        def counted():
+            text = coord.get("/metrics")
+            signature = metric_with(text, "potluck_dht_records_rejected_total", 'reason="signature"')
+            untrusted = metric_with(
+                text, "potluck_dht_records_rejected_total", 'reason="untrusted_announcement"'
+            )
+            return signature >= 1 and untrusted >= 1
+
+        wait_until(counted, 60, "the coordinator to count both forgeries")
+        still = read_reports(intruder, run_id).records[owner]
+        assert still.peer_id == real_report.peer_id and still.global_step < 10**9
+
+        # 3. a newcomer that only knows the DHT and the trusted key gets the real spec
+        key_file = tmp_path / "coordinator.pub"
+        key_file.write_bytes(coord.key_tag)
+        newcomer = swarm.start_peer(
+            "dht-only",
+            ["--run", run_id, "--coordinator-key", str(key_file), "--max-steps", "1"],
+            initial_peers=coord.dht_addresses(),
+            use_spec=False,
+        )
+        assert newcomer.process.wait(timeout=180) == 0, newcomer.log()[-3000:]
+        assert f"in run '{run_id}'" in newcomer.log()
+    finally:
+        intruder.shutdown()
+
+
+def metric_with(text: str, name: str, label: str) -> float:
+    match = re.search(rf"^{name}{{[^}}]*{re.escape(label)}[^}}]*}} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
