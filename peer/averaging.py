@@ -128,8 +128,17 @@ class _BoundedOptimizer(Optimizer):
     - every gradient-averaging round is reported to a listener, so its outcome reaches the metrics.
     """
 
-    def __init__(self, *, listener: AveragingListener, load_state_attempts: int, wire_bytes: int, **kwargs):
+    def __init__(
+        self,
+        *,
+        listener: AveragingListener,
+        load_state_attempts: int,
+        wire_bytes: int,
+        request_timeout: float,
+        **kwargs,
+    ):
         self._listener = listener
+        self._request_timeout = request_timeout
         self._load_state_attempts = load_state_attempts
         self._wire_bytes = wire_bytes
         self.last_state_download_ok = False
@@ -138,6 +147,11 @@ class _BoundedOptimizer(Optimizer):
         # NOTE: hivemind builds its state averager inside __init__; swapping in a subclass that only
         # adds bookkeeping to the parent-process side is the least invasive way to observe downloads.
         self.state_averager.__class__ = _ObservedStateAverager
+
+    def _make_gradient_averager(self, factory, **kwargs):
+        # hivemind forwards averager_opts to the state averager only; the gradient averager needs the
+        # same request timeout (shorter than matchmaking, or matchmaking can deadlock)
+        return super()._make_gradient_averager(factory, request_timeout=self._request_timeout, **kwargs)
 
     def load_state_from_peers(self, **kwargs):
         if self.scheduled_grads is not None and not self.scheduled_grads.done():
@@ -249,6 +263,7 @@ class GradientAveraging(AveragingStrategy):
             delay_state_averaging=True,
             # hivemind warns (matchmaking can deadlock) unless requests time out before matchmaking ends
             averager_opts={"request_timeout": min(3.0, averaging.matchmaking_time / 2)},
+            request_timeout=min(3.0, averaging.matchmaking_time / 2),
             verbose=False,
         )
 

@@ -89,12 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _ShutdownNoiseFilter(logging.Filter):
+    """Drops the tracebacks hivemind's child processes log while they are torn down together
+    (a pipe to an averager that already exited, a pending task at interpreter exit). They are
+    harmless and look like crashes to a volunteer; ``--verbose`` shows them."""
+
+    _EXCEPTIONS = (ConnectionResetError, FileNotFoundError, BrokenPipeError, EOFError)
+    _MESSAGES = ("Task was destroyed but it is pending", "did not shut down within the grace period")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("hivemind", "asyncio")):
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], self._EXCEPTIONS):
+            return False
+        return not any(m in record.getMessage() for m in self._MESSAGES)
+
+
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("in_root_logger")
     logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # set before the DHT and averagers fork, so their handlers inherit it
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_ShutdownNoiseFilter())
     for noisy in ("transformers", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as transformers_logging

@@ -116,17 +116,22 @@ def test_restart_resumes_from_its_checkpoint(make_spec, local_swarm, tmp_path):
         batch={"target_batch_size": 64, "per_peer_batch_size": 64}, checkpoint={"save_every": 2, "keep": 2}
     )
     save_dir = tmp_path / "solo"
+    identity = ["--identity-path", str(tmp_path / "peer.id")]
     swarm = local_swarm(spec_path)
-    first = swarm.start_peer("first", ["--save-dir", str(save_dir), "--max-steps", "4"])
+    first = swarm.start_peer("first", ["--save-dir", str(save_dir), "--max-steps", "4", *identity])
     assert first.process.wait(timeout=180) == 0, first.log()[-3000:]
     assert [c.global_step for c in list_checkpoints(save_dir)] == [2, 4]
 
-    second = swarm.start_peer("second", ["--save-dir", str(save_dir), "--max-steps", "6"], initial_peers=[])
+    second = swarm.start_peer(
+        "second", ["--save-dir", str(save_dir), "--max-steps", "6", *identity], initial_peers=[]
+    )
     assert second.process.wait(timeout=180) == 0, second.log()[-3000:]
     assert "resuming from" in second.log() and "(global step 4)" in second.log()
     # one peer alone: each local step is a global step, so only the two missing steps were trained
     assert re.search(r"global step 6, 2 local steps", second.log()), second.log()[-2000:]
     assert [c.global_step for c in list_checkpoints(save_dir)] == [4, 6]
+    peer_ids = [re.search(r"run-peer: peer (\S+) in run", p.log()).group(1) for p in (first, second)]
+    assert peer_ids[0] == peer_ids[1], "--identity-path did not keep the peer id"
 
 
 @pytest.mark.timeout(300)
