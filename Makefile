@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench clean system-packages
+.PHONY: demo swarm test lint format bench clean system-packages
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,13 +17,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/potluck demo
 
-# Debian packages the tests drive for real (the dashboard's browser test). Installed once, when
-# missing and when we may (CI runs as root); without them those tests skip with a reason.
-SYSTEM_PACKAGES := chromium
+# The docker-compose topology as local processes: coordinator, demo run, 2 peers (Ctrl-C stops all).
+swarm: $(STAMP)
+	$(VENV)/bin/potluck swarm up --peers 2
+
+# Debian packages the tests drive for real (the dashboard's browser test; Prometheus and promtool in
+# tests/test_operations.py). Installed once, when missing and when we may (CI runs as root); without
+# them those tests skip with a reason.
+SYSTEM_PACKAGES := chromium fonts-liberation prometheus
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "make: tests that need$$missing will skip (install them, or run as root)"; fi; fi
 
 test: $(STAMP) system-packages

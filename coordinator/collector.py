@@ -125,6 +125,7 @@ class Collector:
             self.metrics.runs.labels(status).set(sum(r.status == status for r in runs))
         for run in runs:
             if run.status == "finished":
+                self._forget_run_series(run.run_id)  # a finished run must not keep alerts firing
                 continue
             self.announce(run)
             self._collect_run(run.run_id)
@@ -181,6 +182,22 @@ class Collector:
             self.metrics.peer_throughput.labels(run_id, short).set(r.samples_per_second)
             if r.loss is not None:
                 self.metrics.peer_loss.labels(run_id, short).set(r.loss)
+
+    def _forget_run_series(self, run_id: str) -> None:
+        m = self.metrics
+        for gauge in (
+            m.global_step,
+            m.peers,
+            m.loss,
+            m.throughput,
+            m.rounds,
+            m.peer_step,
+            m.peer_loss,
+            m.peer_throughput,
+        ):
+            for labels in list(gauge._metrics):
+                if labels[0] == run_id:
+                    gauge.remove(*labels)
 
     def _count_rejections(self, totals: Tally, per_run: bool = False) -> None:
         """DHT nodes and readers keep cumulative counts; turn them into counter increments."""

@@ -50,11 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "run", help="publish, list and show runs at a coordinator (potluck run --help)", add_help=False
     )
+    commands.add_parser(
+        "swarm", help="the compose swarm as local processes: potluck swarm up --peers N", add_help=False
+    )
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
         from potluck.coordinator.run_cli import main as run_main
 
         return run_main(argv[1:])
+    if argv[:1] == ["swarm"]:
+        from potluck.peer.swarm_up import main as swarm_main
+
+        return swarm_main(argv[1:])
     args = parser.parse_args(argv)
 
     from transformers.utils import logging as transformers_logging

@@ -28,17 +28,27 @@ class TrainResult:
 
 
 class _RateMeter:
-    """An exponential moving average of a rate (events per second)."""
+    """A rate (amount per second) as the ratio of moving averages of amounts and durations.
+
+    Averaging the two separately, rather than averaging per-step rates, keeps the rare slow steps
+    (a global step that waits for the all-reduce) at their true weight in the result."""
 
     def __init__(self, alpha: float = 0.1):
         self.alpha = alpha
-        self.rate = 0.0
+        self._amount = self._seconds = 0.0
 
     def observe(self, amount: float, seconds: float) -> None:
         if seconds <= 0:
             return
-        current = amount / seconds
-        self.rate = current if self.rate == 0.0 else (1 - self.alpha) * self.rate + self.alpha * current
+        if self._seconds == 0.0:
+            self._amount, self._seconds = amount, seconds
+        else:
+            self._amount = (1 - self.alpha) * self._amount + self.alpha * amount
+            self._seconds = (1 - self.alpha) * self._seconds + self.alpha * seconds
+
+    @property
+    def rate(self) -> float:
+        return self._amount / self._seconds if self._seconds > 0 else 0.0
 
 
 class Trainer:
