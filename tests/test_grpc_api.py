@@ -165,7 +165,7 @@ def test_non_finite_numbers_are_rejected(coordinator):
     # pydantic accepts inf for `gt=0`, but JSON cannot carry it: peers would read back null.
     text = yaml.safe_dump(valid_spec(optimizer={"lr": float("inf")}))
     error = expect_error_without_writes(coordinator, "INVALID_ARGUMENT", coordinator.client.publish, text)
-    assert "optimizer.lr: must be a finite number" in error.details
+    assert "optimizer.lr:" in error.details and "finite number" in error.details
 
 
 def test_thousands_of_bad_fields_still_give_a_readable_error(coordinator):

@@ -107,7 +107,13 @@ def test_late_joiner_loads_the_swarms_state_before_its_first_step(make_spec, loc
     downloaded = int(match.group(1))
     assert downloaded >= 3
     (saved,) = list_checkpoints(tmp_path / "late")
-    assert max_difference(weights(saved.path), weights(checkpoint_at(tmp_path / "a", downloaded))) <= 1e-5
+    mine = weights(saved.path)
+    donors = [weights(checkpoint_at(tmp_path / name, downloaded)) for name in ("a", "b")]
+    # The newcomer copied one donor. The two agree to 1e-5 unless a gradient round failed for one of
+    # them (a timeout on a loaded machine); then state averaging pulls them together a step later,
+    # and the newcomer must still be within the swarm's own spread of it.
+    spread = max_difference(*donors)
+    assert min(max_difference(mine, donor) for donor in donors) <= max(1e-5, spread)
 
 
 @pytest.mark.timeout(300)
