@@ -256,8 +256,9 @@ class GradientAveraging(AveragingStrategy):
             average_state_every=averaging.average_state_every,
             grad_compression=compression,
             state_averaging_compression=compression,
-            # NOTE: chosen by bench/overhead.py: offloading costs one extra copy of the trainable
-            # tensors but keeps the optimizer's update off the model's own storage.
+            # NOTE: bench/overhead.py measured offload_optimizer=True/False and delay_optimizer_step
+            # within noise of each other (docs/benchmarks.md); offloading keeps the update off the
+            # model's own storage. reuse_grad_buffers=True is incompatible with per-step zero_grad.
             offload_optimizer=True,
             reuse_grad_buffers=False,
             delay_state_averaging=True,
