@@ -154,10 +154,8 @@ class Collector:
                 for r in found.records.values()
             ]
         )
-        for gauge in (self.metrics.peer_step, self.metrics.peer_loss, self.metrics.peer_throughput):
-            for labels in list(gauge._metrics):  # drop series of peers that left
-                if labels[0] == run_id:
-                    gauge.remove(*labels)
+        m = self.metrics
+        _drop_series((m.peer_step, m.peer_loss, m.peer_throughput), run_id)  # peers that left
         self.metrics.peers.labels(run_id).set(len(reports))
         if not reports:
             return
@@ -185,7 +183,7 @@ class Collector:
 
     def _forget_run_series(self, run_id: str) -> None:
         m = self.metrics
-        for gauge in (
+        gauges = (
             m.global_step,
             m.peers,
             m.loss,
@@ -194,10 +192,8 @@ class Collector:
             m.peer_step,
             m.peer_loss,
             m.peer_throughput,
-        ):
-            for labels in list(gauge._metrics):
-                if labels[0] == run_id:
-                    gauge.remove(*labels)
+        )
+        _drop_series(gauges, run_id)
 
     def _count_rejections(self, totals: Tally, per_run: bool = False) -> None:
         """DHT nodes and readers keep cumulative counts; turn them into counter increments."""
@@ -214,3 +210,11 @@ class Collector:
             except Exception as e:  # the next round may succeed (DHT hiccup, locked database)
                 logger.warning(f"collection round failed: {e!r}")
             self._stop.wait(self.interval)
+
+
+def _drop_series(gauges, run_id: str) -> None:
+    """Remove every series of ``run_id`` (the first label) from the gauges."""
+    for gauge in gauges:
+        for labels in list(gauge._metrics):
+            if labels[0] == run_id:
+                gauge.remove(*labels)
