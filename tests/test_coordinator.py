@@ -26,7 +26,7 @@ from potluck.protocols.records import (
     record_validators,
 )
 from tests.conftest import _STARTED_GROUPS
-from tests.test_swarm import metric, wait_until
+from tests.helpers import metric, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -32,6 +32,7 @@ from potluck.coordinator.local_process import free_port
 from potluck.peer.demo import DEMO_SPEC
 from potluck.peer.swarm_up import COORDINATOR_JOB, PEERS_JOB, render_prometheus_config
 from tests.conftest import _STARTED_GROUPS
+from tests.helpers import wait_until
 from tests.test_operations import (
     DEPLOY,
     alert_rules,
@@ -41,7 +42,6 @@ from tests.test_operations import (
     healthcheck_command,
     promtool,
 )
-from tests.test_swarm import wait_until
 
 pytestmark = pytest.mark.slow
 RUN_ID = DEMO_SPEC["run_id"]

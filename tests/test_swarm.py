@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 import signal
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from potluck.coordinator.local_process import free_port
 from potluck.peer.checkpoint import list_checkpoints
 from potluck.peer.tools_cli import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
+from tests.helpers import metric, scrape, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -33,26 +32,6 @@ def checkpoint_at(save_dir: Path, step: int) -> Path:
     found = {c.global_step: c.path for c in list_checkpoints(save_dir)}
     assert step in found, f"no checkpoint of step {step} in {save_dir}: {sorted(found)}"
     return found[step]
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
-def metric(text: str, name: str) -> float | None:
-    match = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else None
 
 
 @pytest.mark.timeout(400)
