@@ -10,13 +10,14 @@ What is measured
     ``potluck.peer.evaluate.evaluate`` (per-token loss on the completions, exact-match accuracy).
 
 What "same global batch" and "same samples" mean here
-    A hivemind swarm overshoots ``target_batch_size``. A peer starts the global step once the samples
-    it knows of reach the target, but it learns of the other peers' samples only through the DHT
-    (hivemind's progress tracker fetches it no more often than every 0.5 s). With local steps of tens of
-    milliseconds, each peer reaches 128 samples on its own (two local batches of 64) before it sees
-    the other's progress, so both bring 128 samples to the averaging round, which averages all of them
-    (weighted by samples). After N global steps the peers have trained on S >= N x 128 samples, and
-    the swarm's effective global batch is S / N (here about 256: twice the target).
+    A swarm can overshoot ``target_batch_size``: a peer starts the global step once the samples it
+    knows of reach the target, and it learns of the other peers' samples through the DHT, at most every
+    0.5 s. hivemind alone lets each peer reach the target on its own samples when local steps are
+    fast (an effective global batch of about peers x target: 251 for 2 peers and target 128, measured
+    before Potluck's tracker); ``peer/tracker.py`` extrapolates the others' samples between fetches,
+    which leaves a smaller overshoot (the first steps, before the peers know each other's rates, and
+    timing noise). After N global steps the peers have trained on S >= N x 128 samples, and the
+    swarm's effective global batch is S / N.
 
     ``samples`` (S) is the sum of the ``M samples`` that each peer prints on its last line
     (``run-peer: ... global step N, K local steps, M samples ...``): every local batch a peer trained

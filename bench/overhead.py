@@ -23,11 +23,12 @@ How it is measured
     figure per loop is the median over rounds of the block's mean step time; ``ratio`` is swarm
     median / plain median.
 
-    hivemind keeps working after ``step()`` returns: in a swarm of one, every step pre-schedules a
-    matchmaking round in the gradient averager's process and then cancels it (nobody else is there),
-    and in some runs the cancelled rounds keep the DHT and the averager busy for about 0.5 s per step
-    afterwards, so a swarm block can leave its child processes busy for many seconds (column
-    ``tail s``; 0.5 means no tail, the shortest possible wait). Before every block the bench waits
+    hivemind keeps working after ``step()`` returns: left to itself, in a swarm of one, every step
+    pre-schedules a matchmaking round in the gradient averager's process and then cancels it (nobody
+    else is there; GradientAveraging skips that, the ``presched`` variant restores it), and in some
+    runs the cancelled rounds keep the DHT and the averager busy for about 0.5 s per step afterwards,
+    so a swarm block can leave its child processes busy for many seconds (column ``tail s``; 0.5
+    means no tail, the shortest possible wait). Before every block the bench waits
     until the children are idle (at most ``--settle-limit`` seconds), so each loop pays only for
     background work that it causes itself while it runs; otherwise the plain loop would be slowed by
     the swarm's leftovers. ``bg cpu`` is the CPU time the children (DHT, averagers, libp2p daemon)
@@ -44,8 +45,8 @@ Cases (one table row each; ``--cases all`` runs all of them, the default set tak
     ``accum4``      full fine-tuning, batch 64, target_batch_size 256: a global step every 4th local
                     step, as in a run whose target is larger than one peer's batch;
     ``wide``        an 8x larger model (hidden 256, 4 layers; 2.4 M parameters), batch 64 (not default);
-    ``no_presched`` GradientAveraging minus hivemind's pre-scheduling of a matchmaking round while the
-                    peer is alone (shows what those rounds cost);
+    ``presched``    (not default) GradientAveraging with hivemind's own pre-scheduling of a matchmaking
+                    round while the peer is alone, which GradientAveraging skips (shows what it saves);
     ``no_offload``, ``delay_opt`` (not default): GradientAveraging with ``offload_optimizer=False``
                     or ``delay_optimizer_step=True`` instead of the shipped value. Variants swap the
                     hivemind optimizer class that GradientAveraging builds for a subclass that changes
@@ -128,7 +129,7 @@ CASES = [
     Case("b256", "full FT, batch 256", batch=256, steps_scale=0.3),
     Case("accum4", "full FT, batch 64, target 256", accumulate=4),
     Case("wide", "full FT, 8x model, batch 64", model="wide-model", steps_scale=0.3, default=False),
-    Case("no_presched", "variant: no pre-scheduling alone", variant="no_presched"),
+    Case("presched", "variant: pre-scheduling alone", variant="presched", default=False),
     Case("no_offload", "variant: offload_optimizer=False", variant="no_offload", default=False),
     Case("delay_opt", "variant: delay_optimizer_step=True", variant="delay_opt", default=False),
 ]
@@ -144,19 +145,18 @@ class _NullListener:
         pass
 
 
-class _NoPreschedulingWhenAlone:
+class _PreschedulingWhenAlone:
     """Mixin: hivemind pre-schedules a matchmaking round whenever the next epoch is due within
     ``matchmaking_time`` -- in a swarm of one with target == per-peer batch that is every step -- and
-    then cancels it because nobody else is there. This skips the pre-scheduling while the tracker
-    sees no other peer, to show what those rounds cost."""
+    then cancels it because nobody else is there. GradientAveraging skips that while the tracker sees
+    no other peer; this restores hivemind's behaviour, to show what skipping it saves."""
 
     def _maybe_schedule_gradient_averaging(self) -> None:
-        if self.tracker.global_progress.num_peers > 1:
-            super()._maybe_schedule_gradient_averaging()
+        Optimizer._maybe_schedule_gradient_averaging(self)
 
 
 VARIANTS: dict[str, tuple[type | None, dict[str, Any]]] = {
-    "no_presched": (_NoPreschedulingWhenAlone, {}),
+    "presched": (_PreschedulingWhenAlone, {}),
     "no_offload": (None, {"offload_optimizer": False}),
     # NOTE: a delayed optimizer step applies each update one step late (stale parameters in forward)
     "delay_opt": (None, {"delay_optimizer_step": True}),

@@ -30,6 +30,7 @@ from hivemind.optim import Optimizer
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils.timed_storage import get_dht_time
 
+from potluck.peer.tracker import SwarmAwareTracker
 from potluck.protocols.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,26 @@ class _BoundedOptimizer(Optimizer):
         # NOTE: hivemind builds its state averager inside __init__; swapping in a subclass that only
         # adds bookkeeping to the parent-process side is the least invasive way to observe downloads.
         self.state_averager.__class__ = _ObservedStateAverager
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> SwarmAwareTracker:
+        # hivemind's tracker counts other peers' samples only as of its last DHT fetch, so fast peers
+        # each reach the target alone and global steps overshoot it (see peer/tracker.py)
+        return SwarmAwareTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        # Alone, hivemind pre-schedules a matchmaking round every global step only to cancel it at the
+        # step (nobody to average with): 5-6 ms of round trips to the averager process per step in
+        # bench/overhead.py. When a peer appears, the step starts its round without pre-scheduling.
+        if self.tracker.global_progress.num_peers > 1:
+            super()._maybe_schedule_gradient_averaging()
 
     def _make_gradient_averager(self, factory, **kwargs):
         # hivemind forwards averager_opts to the state averager only; the gradient averager needs the

@@ -1,0 +1,86 @@
+"""When a global step is due: the tracker counts the other peers' samples between DHT fetches.
+
+A real DHT node backs the tracker; the other peers' progress records are parsed exactly as the
+tracker parses what it fetches, so the decision rule is tested without timing races.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from hivemind.dht import DHT
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.utils.performance_ema import PerformanceEMA
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
+
+from potluck.peer.tracker import SwarmAwareTracker
+
+TARGET, BATCH, RATE = 128, 64, 640.0  # another peer finishes a batch of 64 every 0.1 s
+
+
+@pytest.fixture(scope="module")
+def dht() -> Iterator[DHT]:
+    node = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    yield node
+    node.shutdown()
+
+
+@pytest.fixture
+def tracker(dht) -> Iterator[SwarmAwareTracker]:
+    tracker = SwarmAwareTracker(dht=dht, prefix="tracker-test", target_batch_size=TARGET, start=False)
+    with tracker.pause_updates():
+        tracker.update_epoch(5)  # this peer has just finished global step 4 and begins step 5
+    tracker.report_local_progress(5, BATCH)  # ... and has trained one local batch since
+    # as fast as the other peer: 0.1 s per batch (the tracker's clock saw only microseconds here)
+    tracker.performance_ema = PerformanceEMA()
+    tracker.performance_ema.update(task_size=BATCH, interval=BATCH / RATE)
+    yield tracker
+
+
+def see_peer(
+    tracker: SwarmAwareTracker, epoch: int, samples: int, reported_ago: float, rate: float = RATE
+) -> None:
+    """Feed the tracker a fetched progress record of one other peer, as if read from the DHT."""
+    record = LocalTrainingProgress(
+        peer_id=b"another-peer",
+        epoch=epoch,
+        samples_accumulated=samples,
+        samples_per_second=rate,
+        time=get_dht_time() - reported_ago,
+        client_mode=False,
+    )
+    tracker.global_progress = tracker._parse_swarm_progress_data(
+        {b"another-peer-key": ValueWithExpiration(record.dict(), get_dht_time() + 60)}
+    )
+
+
+def test_alone_a_peer_steps_only_on_its_own_samples(tracker):
+    tracker.global_progress = tracker._parse_swarm_progress_data({})
+    assert not tracker.ready_to_update_epoch
+    tracker.report_local_progress(5, 2 * BATCH)
+    assert tracker.ready_to_update_epoch
+
+
+def test_reported_samples_of_the_same_step_count(tracker):
+    see_peer(tracker, epoch=5, samples=BATCH, reported_ago=0.0)
+    assert tracker.ready_to_update_epoch
+
+
+def test_a_peer_that_began_the_step_with_us_counts_its_batch_once_more_than_half_done(tracker):
+    see_peer(tracker, epoch=4, samples=BATCH, reported_ago=1.0)  # fetched during the last step
+    started = tracker._step_started_at
+    early, _ = tracker.others_samples_estimate(now=started + 0.02)  # 20 % of its batch done
+    late, rate = tracker.others_samples_estimate(now=started + 0.07)  # 70 % done
+    assert (early, late, rate) == (0, BATCH, RATE)
+
+
+def test_a_peer_that_stopped_reporting_does_not_count(tracker):
+    see_peer(tracker, epoch=5, samples=BATCH, reported_ago=SwarmAwareTracker.active_within + 5)
+    assert tracker.others_samples_estimate() == (0, 0)
+    assert not tracker.ready_to_update_epoch
+
+
+def test_a_peer_that_has_not_trained_yet_makes_the_tracker_look_again_soon(tracker):
+    see_peer(tracker, epoch=5, samples=0, reported_ago=0.0, rate=0.0)
+    assert tracker.global_progress.next_fetch_time <= get_dht_time() + tracker.min_refresh_period
