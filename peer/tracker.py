@@ -63,18 +63,27 @@ class SwarmAwareTracker(ProgressTracker):
         self._step_started_at = get_dht_time()
         return epoch
 
-    def report_local_progress(self, local_epoch: int, samples_accumulated: int, **kwargs) -> None:
+    def report_local_progress(
+        self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True
+    ) -> None:
+        # NOTE: hivemind's own method, except that it wakes the publishing thread at most every
+        # min_report_interval within a global step. hivemind publishes a signed record after every
+        # local batch (5-6 ms of the DHT process's CPU per step in bench/overhead.py); others fetch
+        # records at most every min_refresh_period and extrapolate in between, so most were wasted.
         added = samples_accumulated - self.local_progress.samples_accumulated
+        if update_global_samples and local_epoch == self.local_progress.epoch == self.global_progress.epoch:
+            self.global_progress.samples_accumulated += added
         if added > 0:
+            self.performance_ema.update(task_size=added)
             self._local_batch = added
-        super().report_local_progress(local_epoch, samples_accumulated, **kwargs)
+        else:
+            self.performance_ema.reset_timer()
+        self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
         now = get_dht_time()
-        if added > 0 and now - self._last_published_at < self.min_report_interval:
-            # hivemind stores a signed record in the DHT after every local batch; others fetch it at
-            # most every min_refresh_period and extrapolate in between, so most of those are wasted
-            self.should_report_progress.clear()
-        else:  # a new global step or a reset is published at once: others catch up on it
+        # a new global step or a reset is published at once: others catch up on it
+        if added <= 0 or now - self._last_published_at >= self.min_report_interval:
             self._last_published_at = now
+            self.should_report_progress.set()
 
     def others_samples_estimate(self, now: float | None = None) -> tuple[float, float]:
         """(samples the other peers have accumulated toward this global step, their samples/s), estimated."""

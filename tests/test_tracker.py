@@ -84,3 +84,17 @@ def test_a_peer_that_stopped_reporting_does_not_count(tracker):
 def test_a_peer_that_has_not_trained_yet_makes_the_tracker_look_again_soon(tracker):
     see_peer(tracker, epoch=5, samples=0, reported_ago=0.0, rate=0.0)
     assert tracker.global_progress.next_fetch_time <= get_dht_time() + tracker.min_refresh_period
+
+
+def test_progress_is_published_at_most_every_interval_within_a_step_and_at_once_on_a_new_step(tracker):
+    published = tracker.should_report_progress  # wakes the thread that stores the record in the DHT
+    published.clear()
+    tracker.report_local_progress(5, 2 * BATCH)  # right after the fixture's report: held back
+    assert not published.is_set()
+    tracker._last_published_at -= tracker.min_report_interval
+    tracker.report_local_progress(5, 3 * BATCH)
+    assert published.is_set()
+    published.clear()
+    with tracker.pause_updates():
+        tracker.update_epoch(6)  # a new global step: others must see it at once
+    assert published.is_set()
