@@ -22,9 +22,10 @@ swarm: $(STAMP)
 	$(VENV)/bin/potluck swarm up --peers 2
 
 # Debian packages the tests drive for real (the dashboard's browser test; Prometheus and promtool in
-# tests/test_operations.py). Installed once, when missing and when we may (CI runs as root); without
-# them those tests skip with a reason.
-SYSTEM_PACKAGES := chromium fonts-liberation prometheus
+# tests/test_operations.py; ip, iptables, ethtool and ping for the network-namespace test bed in
+# tests/netbed). Installed once, when missing and when we may (CI runs as root); without them those
+# tests skip with a reason.
+SYSTEM_PACKAGES := chromium fonts-liberation prometheus iproute2 iptables ethtool iputils-ping
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

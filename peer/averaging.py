@@ -120,6 +120,14 @@ class _DownloadRecorder(DecentralizedAverager):
 class _ObservedStateAverager(TrainingStateAverager, _DownloadRecorder):
     """MRO: TrainingStateAverager's ``super().load_state_from_peers`` lands in the recorder."""
 
+    def get_current_state(self):
+        # hivemind hands out the live offloaded tensors (.cpu() of a CPU tensor is itself), which are
+        # streamed to the newcomer later while the next optimizer step writes them: a restarted peer
+        # got 8 tensors of global step 12 and 12 of step 13. Copy them between optimizer steps.
+        with self.lock_optimizer:
+            metadata, tensors, infos = super().get_current_state()
+            return metadata, [t.clone() for t in tensors], infos
+
 
 class _BoundedOptimizer(Optimizer):
     """hivemind's Optimizer with the two things Potluck needs changed.
@@ -261,6 +269,9 @@ class GradientAveraging(AveragingStrategy):
             load_state_attempts=averaging.load_state_attempts,
             wire_bytes=numel * WIRE_BYTES_PER_ELEMENT[averaging.compression],
             dht=dht,
+            # hivemind 1.1.12 inverts this default: left None, a client-mode peer (behind NAT) crashes
+            # at its first global step because the optimizer and its averagers disagree
+            client_mode=dht.client_mode,
             run_id=spec.run_id,
             target_batch_size=spec.batch.target_batch_size,
             batch_size_per_step=spec.batch.per_peer_batch_size,

@@ -44,15 +44,21 @@ class LocalSwarm:
     peers: list[PeerProcess] = field(default_factory=list)
 
     def start_peer(
-        self, name: str, args: list[str] = (), initial_peers: list[str] | None = None, use_spec: bool = True
+        self,
+        name: str,
+        args: list[str] = (),
+        initial_peers: list[str] | None = None,
+        use_spec: bool = True,
+        command_prefix: list[str] = (),
     ) -> PeerProcess:
         """Start ``run-peer``; ``initial_peers`` defaults to the first running peer's address.
-        ``use_spec=False`` leaves out ``--run-spec`` (the peer finds its run through ``args``)."""
+        ``use_spec=False`` leaves out ``--run-spec`` (the peer finds its run through ``args``).
+        ``command_prefix`` runs it through another command, e.g. ``ip netns exec HOST`` (tests/netbed)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if initial_peers is None:
             initial_peers = [a for a in (p.join_address() for p in self.peers if p.running) if a][:1]
         command = [
-            sys.executable, "-m", "potluck.peer.cli",
+            *command_prefix, sys.executable, "-m", "potluck.peer.cli",
             *(["--run-spec", str(self.spec_path)] if use_spec else []),
             "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
             "--progress-interval", "5",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from hivemind.dht import DHT
 
+from potluck.peer.lifeline import bind_children
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,6 +30,7 @@ def start_dht(
     """
     if identity_path is not None:
         identity_path.parent.mkdir(parents=True, exist_ok=True)
+    bind_children()  # the DHT, averagers and p2pd die with this process, even on SIGKILL
     return DHT(
         start=True,
         initial_peers=list(initial_peers),

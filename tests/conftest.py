@@ -14,6 +14,7 @@ import yaml
 
 from potluck.peer.local_swarm import LocalSwarm
 from potluck.peer.tools_cli import build_assets
+from tests.netbed.fixture import netbed  # noqa: F401  (the `netbed` fixture: hosts in network namespaces)
 
 _STARTED_GROUPS: set[int] = set()
 
