@@ -104,6 +104,28 @@ class AveragingStrategy(ABC):
     def shutdown(self) -> None: ...
 
 
+class _ThrottledDeclaration(DecentralizedAverager):
+    """Re-announces this peer as a state donor at most every ``min_declare_interval`` seconds.
+
+    hivemind's optimizer sets each averager's ``state_sharing_priority`` to the new global step after
+    every step, and each change makes the averager store a fresh donor record in the DHT: with fast
+    steps, two DHT stores per global step for a ranking that newcomers read rarely. In between, the
+    priority is only recorded; the next due update (or hivemind's periodic re-declaration) announces it.
+    """
+
+    min_declare_interval = 1.0
+    _declared_at = -math.inf
+
+    @DecentralizedAverager.state_sharing_priority.setter
+    def state_sharing_priority(self, value: float) -> None:
+        now = time.monotonic()
+        if self.client_mode or now - self._declared_at >= self.min_declare_interval:
+            self._declared_at = now
+            DecentralizedAverager.state_sharing_priority.fset(self, value)
+        else:
+            self._state_sharing_priority.value = value
+
+
 class _DownloadRecorder(DecentralizedAverager):
     """Remembers whether the last state download got anything (hivemind's optimizer does not say)."""
 
@@ -117,7 +139,7 @@ class _DownloadRecorder(DecentralizedAverager):
         return loaded
 
 
-class _ObservedStateAverager(TrainingStateAverager, _DownloadRecorder):
+class _ObservedStateAverager(TrainingStateAverager, _DownloadRecorder, _ThrottledDeclaration):
     """MRO: TrainingStateAverager's ``super().load_state_from_peers`` lands in the recorder."""
 
     def get_current_state(self):
@@ -180,7 +202,11 @@ class _BoundedOptimizer(Optimizer):
     def _make_gradient_averager(self, factory, **kwargs):
         # hivemind forwards averager_opts to the state averager only; the gradient averager needs the
         # same request timeout (shorter than matchmaking, or matchmaking can deadlock)
-        return super()._make_gradient_averager(factory, request_timeout=self._request_timeout, **kwargs)
+        averager = super()._make_gradient_averager(factory, request_timeout=self._request_timeout, **kwargs)
+        averager.__class__ = type(
+            f"Throttled{type(averager).__name__}", (type(averager), _ThrottledDeclaration), {}
+        )
+        return averager
 
     def load_state_from_peers(self, **kwargs):
         if self.scheduled_grads is not None and not self.scheduled_grads.done():
