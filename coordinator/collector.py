@@ -57,6 +57,18 @@ class SwarmMetrics:
             run + ["outcome"],
             registry=registry,
         )
+        self.averaging_bytes = Gauge(
+            "potluck_run_averaging_bytes",
+            "Payload bytes the online peers sent / received in averaging rounds so far (sum over peers)",
+            run + ["direction"],
+            registry=registry,
+        )
+        self.utilisation = Gauge(
+            "potluck_run_compute_utilisation",
+            "Mean compute utilisation (time computing / wall time) of the online peers that report it",
+            run,
+            registry=registry,
+        )
         self.peer_step = Gauge(
             "potluck_peer_global_step", "A peer's global step (first peers only)", peer, registry=registry
         )
@@ -174,6 +186,11 @@ class Collector:
             self.metrics.loss.labels(run_id).set(point.loss)
         self.metrics.rounds.labels(run_id, "succeeded").set(sum(r.averaging_succeeded for r in reports))
         self.metrics.rounds.labels(run_id, "failed").set(sum(r.averaging_failed for r in reports))
+        self.metrics.averaging_bytes.labels(run_id, "sent").set(sum(r.bytes_sent for r in reports))
+        self.metrics.averaging_bytes.labels(run_id, "received").set(sum(r.bytes_received for r in reports))
+        utilisations = [r.compute_utilisation for r in reports if r.compute_utilisation is not None]
+        if utilisations:
+            self.metrics.utilisation.labels(run_id).set(sum(utilisations) / len(utilisations))
         for r in sorted(reports, key=lambda r: r.peer_id)[:MAX_PEER_SERIES]:
             short = r.peer_id[-12:]
             self.metrics.peer_step.labels(run_id, short).set(r.global_step)
@@ -189,6 +206,8 @@ class Collector:
             m.loss,
             m.throughput,
             m.rounds,
+            m.averaging_bytes,
+            m.utilisation,
             m.peer_step,
             m.peer_loss,
             m.peer_throughput,

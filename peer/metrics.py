@@ -6,7 +6,23 @@ counters. Every series carries the ``run_id`` label and nothing with unbounded c
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STAGE_METRICS = {
+    "reward_mean": "Mean reward of the latest batch (RL: rollouts; rm: scores; dpo: implicit reward margin)",
+    "reward_std": "Standard deviation of the rewards of the latest batch",
+    "kl": "Mean per-token KL of the policy to the frozen reference on the latest batch",
+    "policy_loss": "Clipped policy loss of the latest RL batch",
+    "value_loss": "Clipped value loss of the latest PPO batch",
+    "pairwise_accuracy": "Share of the latest batch's preference pairs the reward model ranks right",
+    "preference_accuracy": "Share of the latest batch's pairs whose DPO implicit reward prefers the chosen",
+    "teacher_kl": "KL(teacher || student) per completion token of the latest distillation batch",
+    "rollout_tokens_per_second": "Tokens generated per second in the latest rollout",
+    "generation_time_share": "Share of the latest local step spent generating rollouts",
+}
+"""Gauges a stage may set through ``PeerMetrics.stage_step`` (names as in ``Stage.last_metrics``)."""
 
 
 class PeerMetrics:
@@ -63,6 +79,26 @@ class PeerMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=reg,
         )
+        self._wait_seconds = Counter(
+            "potluck_averaging_wait_seconds",
+            "Time the training loop was blocked on the swarm (averaging rounds it waited for, state downloads)",
+            labels,
+            registry=reg,
+        )
+        self._compute_seconds = Counter(
+            "potluck_compute_seconds",
+            "Time in local steps not blocked on the swarm: forward, backward, local optimizer",
+            labels,
+            registry=reg,
+        )
+        self._utilisation = Gauge(
+            "potluck_compute_utilisation",
+            "Compute time / wall time since this peer's first local step (1 = never waits on the network)",
+            labels,
+            registry=reg,
+        )
+        self._first_step_at: float | None = None
+        self._compute_total = self._pending_wait = 0.0
         self._state_downloads = Counter(
             "potluck_state_downloads",
             "Attempts to download the swarm's state, by outcome",
@@ -72,10 +108,15 @@ class PeerMetrics:
         self._state_download_seconds = Histogram(
             "potluck_state_download_seconds", "Time spent downloading the swarm's state", labels, registry=reg
         )
+        self._stage_gauges = {
+            name: Gauge(f"potluck_{name}", text, labels, registry=reg) for name, text in STAGE_METRICS.items()
+        }
+        self.latest_stage: dict[str, float] = {}
         self.run_id = run_id
         # plain copies of what the signed DHT report carries (prometheus objects are write-mostly)
         self.latest = {"global_step": 0, "loss": None, "samples_per_second": 0.0, "samples_total": 0,
-                       "averaging_succeeded": 0, "averaging_failed": 0}  # fmt: skip
+                       "averaging_succeeded": 0, "averaging_failed": 0,
+                       "bytes_sent": 0, "bytes_received": 0, "compute_utilisation": None}  # fmt: skip
         for outcome in ("succeeded", "failed"):
             self._rounds.labels(run_id, outcome)
             self._state_downloads.labels(run_id, outcome)
@@ -91,6 +132,17 @@ class PeerMetrics:
         self._samples_per_second.labels(self.run_id).set(samples_per_second)
         self.latest.update(loss=loss, samples_per_second=samples_per_second)
         self.latest["samples_total"] += samples
+        # the strategy reports its waits (communication_wait) from inside the step timed here
+        now = time.monotonic()
+        if self._first_step_at is None:
+            self._first_step_at = now - seconds
+        compute = max(0.0, seconds - self._pending_wait)
+        self._pending_wait = 0.0
+        self._compute_seconds.labels(self.run_id).inc(compute)
+        self._compute_total += compute
+        utilisation = min(1.0, self._compute_total / max(now - self._first_step_at, 1e-9))
+        self._utilisation.labels(self.run_id).set(utilisation)
+        self.latest["compute_utilisation"] = utilisation
 
     def swarm(self, global_step: int, peers: int, swarm_samples_per_second: float) -> None:
         self._global_step.labels(self.run_id).set(global_step)
@@ -98,12 +150,29 @@ class PeerMetrics:
         self._swarm_samples_per_second.labels(self.run_id).set(swarm_samples_per_second)
         self.latest["global_step"] = global_step
 
+    def stage_step(self, values: dict[str, float], step_seconds: float) -> None:
+        """Per-stage figures of the latest local batch (``Stage.last_metrics``); unknown names are ignored."""
+        values = dict(values)
+        if "generation_seconds" in values and step_seconds > 0:
+            values["generation_time_share"] = min(1.0, values["generation_seconds"] / step_seconds)
+        for name, value in values.items():
+            if name in self._stage_gauges:
+                self._stage_gauges[name].labels(self.run_id).set(value)
+        self.latest_stage = values
+
     # -- AveragingListener ------------------------------------------------------------------------
     def averaging_round(self, succeeded: bool, group_size: int, bytes_sent: int, bytes_received: int) -> None:
         self._rounds.labels(self.run_id, "succeeded" if succeeded else "failed").inc()
         self.latest["averaging_succeeded" if succeeded else "averaging_failed"] += 1
         self._sent.labels(self.run_id).inc(bytes_sent)
         self._received.labels(self.run_id).inc(bytes_received)
+        self.latest["bytes_sent"] += bytes_sent
+        self.latest["bytes_received"] += bytes_received
+
+    def communication_wait(self, seconds: float) -> None:
+        """The training loop waited ``seconds`` on the swarm (called by strategies, inside a step)."""
+        self._wait_seconds.labels(self.run_id).inc(seconds)
+        self._pending_wait += seconds
 
     def state_download(self, succeeded: bool, seconds: float) -> None:
         self._state_downloads.labels(self.run_id, "succeeded" if succeeded else "failed").inc()

@@ -44,6 +44,9 @@ class ReportPublisher:
             samples_total=int(latest["samples_total"]),
             averaging_succeeded=int(latest["averaging_succeeded"]),
             averaging_failed=int(latest["averaging_failed"]),
+            bytes_sent=int(latest["bytes_sent"]),
+            bytes_received=int(latest["bytes_received"]),
+            compute_utilisation=latest["compute_utilisation"],
             reported_at=time.time(),
             addresses=self.addresses,
         )

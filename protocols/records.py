@@ -68,11 +68,16 @@ class PeerReport(BaseModel):
     reported_at: StrictFloat
     addresses: conlist(constr(max_length=256, strict=True), max_items=8) = []
     """The peer's DHT multiaddrs (empty in client mode): a restarted coordinator rejoins through them."""
+    bytes_sent: conint(ge=0, strict=True) = 0
+    """Payload bytes this peer sent in averaging rounds so far (``potluck_averaging_sent_bytes_total``)."""
+    bytes_received: conint(ge=0, strict=True) = 0
+    compute_utilisation: StrictFloat | None = None
+    """Time computing / wall time since the peer's first step (``potluck_compute_utilisation``)."""
 
     class Config:
         extra = "forbid"
 
-    @validator("loss", "samples_per_second")
+    @validator("loss", "samples_per_second", "compute_utilisation")
     def _finite(cls, value):
         if value is not None and not math.isfinite(value):
             raise ValueError("must be finite")

@@ -1,0 +1,103 @@
+"""DiLoCo across real peer processes on 127.0.0.1: equal global weights after outer steps, falling loss,
+and a late joiner that gets the outer state (weights and momentum) and then steps like the others."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from potluck.peer.checkpoint import list_checkpoints
+from potluck.peer.tools_cli import evaluate_spec
+from potluck.protocols.runspec import load_run_spec
+from tests.helpers import wait_until
+from tests.test_swarm import checkpoint_at, max_difference, weights
+
+pytestmark = pytest.mark.slow
+
+DILOCO = {"strategy": "diloco", "inner_steps": 10, "matchmaking_time": 0.5, "averaging_timeout": 15}
+AVERAGED = re.compile(r"outer step (\d+): averaged pseudo-gradients of (\d+) peers")
+TOTALS = re.compile(r"averaging totals: rounds (\d+) ok / (\d+) failed, sent (\d+) B, received (\d+) B, "
+                    r"compute utilisation (\S+)")  # fmt: skip
+
+
+def outer_state(checkpoint_dir: Path) -> dict[str, list[torch.Tensor]]:
+    state = torch.load(checkpoint_dir / "strategy_state.pt", weights_only=False)
+    return {"global_weights": state["global_weights"], "outer_momentum": state["outer_momentum"]}
+
+
+def saved_outer_state(save_dir: Path, step: int) -> dict | None:
+    found = {c.global_step: c.path for c in list_checkpoints(save_dir)}
+    return outer_state(found[step]) if step in found else None
+
+
+def outer_difference(a: dict, b: dict) -> float:
+    return max(float((x - y).abs().max()) for key in a for x, y in zip(a[key], b[key], strict=True))
+
+
+@pytest.mark.timeout(300)
+def test_two_peers_share_global_weights_and_loss_falls(make_spec, local_swarm, tmp_path):
+    # 8-bit pseudo-gradients: each peer must still decode the very same average (consistent_allreduce)
+    steps = 4
+    averaging = dict(DILOCO, compression="uint8")
+    spec_path = make_spec(
+        max_global_steps=steps, averaging=averaging, checkpoint={"save_every": 1, "keep": 0}
+    )
+    swarm = local_swarm(spec_path)
+    first = swarm.start_peer("a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"])
+    swarm.wait_for_address(first)
+    second = swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"])
+    assert swarm.wait_all(timeout=240) == [0, 0], first.log()[-3000:] + second.log()[-3000:]
+
+    # every outer step was an all-reduce of both peers, and left them with the same outer state
+    for peer in (first, second):
+        rounds = AVERAGED.findall(peer.log())
+        assert [int(s) for s, _ in rounds] == list(range(1, steps + 1)), peer.log()[-3000:]
+        assert {int(g) for _, g in rounds} == {2}
+    for step in range(1, steps + 1):
+        a, b = (outer_state(checkpoint_at(tmp_path / name, step)) for name in ("a", "b"))
+        assert outer_difference(a, b) <= 1e-5
+    # the final model is the global weights themselves, the same on both peers
+    final_a, final_b = (weights(checkpoint_at(tmp_path / name, steps)) for name in ("a", "b"))
+    assert max_difference(final_a, final_b) <= 1e-5
+    # accounting: per round each of 2 peers sends half its 8-bit pseudo-gradient and half the average
+    numel = sum(t.numel() for t in final_a.values())
+    for peer in (first, second):
+        ok, failed, sent, received, utilisation = TOTALS.search(peer.log()).groups()
+        assert (int(ok), int(failed)) == (steps, 0)
+        assert steps * numel <= int(sent) == int(received) <= steps * numel * 1.1
+        assert 0 < float(utilisation) <= 1
+
+    spec = load_run_spec(spec_path)
+    before = evaluate_spec(spec, checkpoint=None)
+    after = evaluate_spec(spec, checkpoint=checkpoint_at(tmp_path / "a", steps))
+    assert after.loss < before.loss * 0.8, (before, after)
+
+
+@pytest.mark.timeout(300)
+def test_late_joiner_gets_the_outer_state_and_steps_like_the_others(make_spec, local_swarm, tmp_path):
+    spec_path = make_spec(max_global_steps=500, averaging=DILOCO, checkpoint={"save_every": 1, "keep": 0})
+    swarm = local_swarm(spec_path)
+    first = swarm.start_peer("a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"])
+    swarm.wait_for_address(first)
+    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"])
+    # from outer step 2 on, the outer momentum is far from zero: a joiner without it would step differently
+    wait_until(lambda: any(c.global_step >= 2 for c in list_checkpoints(tmp_path / "a")), 180, "outer step 2")
+
+    late = swarm.start_peer("late", ["--save-dir", str(tmp_path / "late")])
+    downloaded = wait_until(
+        lambda: re.search(r"loaded the swarm's state of global step (\d+)", late.log()), 120, "the download"
+    )
+    assert int(downloaded.group(1)) >= 2, late.log()[-3000:]
+    # its first outer step that it took by averaging with the others (not by downloading again)
+    joint = wait_until(
+        lambda: next((int(s) for s, g in AVERAGED.findall(late.log()) if int(g) == 3), None),
+        120,
+        "an outer step averaged by all three peers",
+    )
+    mine = wait_until(lambda: saved_outer_state(tmp_path / "late", joint), 60, "the joiner's checkpoint")
+    donor = wait_until(lambda: saved_outer_state(tmp_path / "a", joint), 60, "a's checkpoint")
+    assert outer_difference(mine, donor) <= 1e-5, late.log()[-3000:]
+    assert max(float(m.abs().max()) for m in mine["outer_momentum"]) > 1e-3  # momentum is really in play
