@@ -12,7 +12,7 @@ from potluck.peer.data import DatasetFormatError
 from potluck.peer.device import DeviceError, resolve_device
 from potluck.peer.discovery import DiscoveryError, find_run_in_dht, join_via_coordinator, read_trusted_key
 from potluck.peer.runner import PeerOptions, run_peer, start_peer_dht
-from potluck.protocols.runspec import RunSpecError, load_run_spec
+from potluck.protocols.runspec import RunSpec, RunSpecError, load_run_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-peers-timeout", type=float, default=120.0, help="seconds to wait for --min-peers")
     p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     p.add_argument("-v", "--verbose", action="store_true", help="show hivemind's own log messages")
+    shard = p.add_argument_group("roles: layer shards (peer/shard/)")
+    shard.add_argument(
+        "--role",
+        choices=["trainer", "shard", "client"],
+        default="trainer",
+        help="trainer (default): hold the whole model and train it data-parallel; shard: serve a span "
+        "of its blocks to clients (a lora run trains its adapter on the servers); client: keep "
+        "embeddings and head, train the run's prompt_tuning adapter through shard servers",
+    )
+    shard.add_argument(
+        "--blocks",
+        metavar="START:END",
+        help="--role shard: serve blocks START..END-1 (default: the ones the swarm covers worst)",
+    )
+    shard.add_argument(
+        "--num-blocks",
+        type=int,
+        default=None,
+        help="--role shard without --blocks: how many blocks to serve (default: half the model)",
+    )
     return p
 
 
@@ -119,6 +139,31 @@ def configure_logging(verbose: bool) -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+
+
+def run_shard_role(args: argparse.Namespace, spec: RunSpec | None, options: PeerOptions, device) -> int:
+    """``--role shard`` serves blocks until stopped; ``--role client`` trains through the servers."""
+    if spec is None:
+        print(f"run-peer: --role {args.role} needs --run-spec or --coordinator", file=sys.stderr)
+        return 2
+    # a client also reports, in one line, a missing route or failover giving up (RuntimeErrors)
+    user_errors = (ValueError, OSError) if args.role == "shard" else (ValueError, OSError, RuntimeError)
+    try:
+        if args.role == "shard":
+            from potluck.peer.shard.runner import parse_blocks, serve_shard
+
+            blocks = parse_blocks(args.blocks) if args.blocks else None
+            serve_shard(spec, options, threading.Event(), blocks, args.num_blocks, device=device)
+            return 0
+        from potluck.peer.shard.client_runner import train_through_shards
+
+        result = train_through_shards(spec, options, threading.Event())
+    except user_errors as e:
+        print(f"run-peer: {e}", file=sys.stderr)
+        return 2
+    print(f"run-peer: trained through shards: global step {result.global_step}, "
+          f"last loss {result.last_loss:.4f}", file=sys.stderr)  # fmt: skip
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         min_peers_timeout=args.min_peers_timeout,
         progress_interval=args.progress_interval,
     )
+    if args.role != "trainer":
+        return run_shard_role(args, spec, options, device)
     try:
         if spec is None:  # read the run from its signed announcement in the DHT
             dht = start_peer_dht(options, (args.run,))

@@ -1,0 +1,77 @@
+"""Metrics of shard servers (Prometheus, on ``--metrics-port``) and of shard clients (plain counters).
+
+Server series carry ``run_id`` and the request ``method`` (forward, backward, inference, info); no
+per-client labels. Client counters are what a trainer or ``potluck generate --remote`` reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class ShardServerMetrics:
+    def __init__(self, run_id: str, start: int, end: int):
+        self.registry = reg = CollectorRegistry()
+        self.run_id = run_id
+        labels = ["run_id", "method"]
+        self.requests = Counter(
+            "potluck_shard_requests", "Requests served by this shard server", labels, registry=reg
+        )
+        self.failures = Counter(
+            "potluck_shard_request_failures",
+            "Requests this server refused or failed, by kind (bad_request, busy, internal)",
+            labels + ["kind"],
+            registry=reg,
+        )
+        self.latency = Histogram(
+            "potluck_shard_request_seconds", "Time from request to response", labels, registry=reg
+        )
+        self.batch_rows = Histogram(
+            "potluck_shard_batch_rows",
+            "Rows (sequences) per computed batch, after merging concurrent requests",
+            ["run_id"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=reg,
+        )
+        self.batch_requests = Histogram(
+            "potluck_shard_batch_requests",
+            "Requests merged into one computed batch",
+            ["run_id"],
+            buckets=(1, 2, 3, 4, 8, 16),
+            registry=reg,
+        )
+        self.sessions = Gauge(
+            "potluck_shard_inference_sessions",
+            "Open inference sessions (attention caches)",
+            ["run_id"],
+            registry=reg,
+        )
+        span = Gauge("potluck_shard_span", "The blocks this server holds", ["run_id", "edge"], registry=reg)
+        span.labels(run_id, "start").set(start)
+        span.labels(run_id, "end").set(end)
+
+    def observe_batch(self, requests: int, rows: int) -> None:
+        self.batch_requests.labels(self.run_id).observe(requests)
+        self.batch_rows.labels(self.run_id).observe(rows)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+
+@dataclass
+class ShardClientMetrics:
+    """What a client did to keep going: ``replays`` counts spans re-sent to a replica from kept
+    inputs (forward, backward or inference), ``route_changes`` the routes rebuilt after a failure."""
+
+    requests: int = 0
+    failures: int = 0
+    replays: int = 0
+    route_changes: int = 0
+    bans: int = 0
+    retry_seconds: float = 0.0
+    """Wall time spent on failed requests and replays: the latency that failover added."""
+
+    def snapshot(self) -> dict:
+        return asdict(self)

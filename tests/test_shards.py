@@ -1,0 +1,322 @@
+"""Block-span servers as real processes on loopback, and a client that routes through them.
+
+One module-scoped swarm of four ``run-peer --role shard`` servers, started without ``--blocks``
+(each picks the blocks the swarm covers worst) on the 2-block tiny model: two replicas per block.
+Tests that kill a server come last and each kills a replica of a span that still has two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+import torch
+import yaml
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from transformers import AutoModelForCausalLM
+
+from potluck.peer.data import (
+    PeerDataStream,
+    collate,
+    detect_format,
+    load_rows,
+    split_prompt_completion,
+    tokenize_example,
+)
+from potluck.peer.model import load_tokenizer
+from potluck.peer.shard import wire
+from potluck.peer.shard.announce import coverage
+from potluck.peer.shard.generate import generate_text
+from potluck.peer.shard.remote_model import RemoteCausalLM, open_remote_model
+from potluck.peer.shard.routing import Hop
+from potluck.peer.stages.sft import SupervisedFineTuning
+from potluck.protocols.runspec import load_run_spec
+from potluck.protocols.shards import read_shards
+from tests.conftest import _STARTED_GROUPS, _TrackedSwarm
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.slow
+NUM_BLOCKS = 2  # the tiny model's
+
+
+@pytest.fixture(scope="module")
+def spec_path(tiny_assets, tmp_path_factory):
+    spec = {
+        "run_id": "shard-run",
+        "model": {"name_or_path": str(tiny_assets["model"])},
+        "data": {"path": str(tiny_assets["train"]), "eval_path": str(tiny_assets["eval"]), "max_length": 16},
+        "optimizer": {"lr": 0.05},
+        "batch": {"target_batch_size": 32, "per_peer_batch_size": 32},
+        "seed": 0,
+    }
+    path = tmp_path_factory.mktemp("shards") / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(spec_path):
+    """Four shard servers started one after another without --blocks; yields (swarm, coverage after 3)."""
+    swarm = _TrackedSwarm(
+        spec_path, spec_path.parent / "servers", extra_args=["--role", "shard", "--num-blocks", "1"]
+    )
+    try:
+        first = swarm.start_peer("server0")
+        address = swarm.wait_for_address(first)
+        chosen = [_wait_for_line(swarm, first, r"chose blocks (\d+):(\d+)")]
+        for i in range(1, 4):
+            peer = swarm.start_peer(f"server{i}", initial_peers=[address])
+            chosen.append(_wait_for_line(swarm, peer, r"chose blocks (\d+):(\d+)"))
+        for peer in swarm.peers:
+            _wait_for_line(swarm, peer, r"serving blocks (\d+):(\d+)")
+        yield swarm, chosen
+    finally:
+        swarm.stop(grace=10)
+
+
+def _wait_for_line(swarm, peer, pattern: str, timeout: float = 120.0):
+    def found():
+        if not peer.running:
+            raise RuntimeError(f"{peer.name} exited:\n{peer.log()[-3000:]}")
+        match = re.search(pattern, peer.log())
+        return match.groups() if match else None
+
+    return wait_until(found, timeout, f"{pattern!r} in {peer.name}'s log")
+
+
+@pytest.fixture(scope="module")
+def remote(servers, spec_path):
+    swarm, _ = servers
+    spec = load_run_spec(spec_path)
+    dht, model = open_remote_model(spec, [swarm.peers[0].join_address()], request_timeout=20.0)
+    try:
+        # all four announced and reachable
+        wait_until(lambda: len(read_shards(dht, spec.run_id).records) == 4, 60, "4 shard announcements")
+        yield spec, model
+    finally:
+        model.client.shutdown()
+        dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_assets):
+    return AutoModelForCausalLM.from_pretrained(tiny_assets["model"], dtype=torch.float32).eval()
+
+
+def _kill_route_server(swarm, model: RemoteCausalLM, start: int, end: int) -> str:
+    """SIGKILL the server the client's router would use for ``start:end`` now; return its peer id."""
+    peer_id = model.client.router.route(start, end)[0].peer_id
+    victim = next(p for p in swarm.peers if f"shard server {peer_id}" in p.log())
+    os.killpg(victim.process.pid, signal.SIGKILL)
+    victim.process.wait(timeout=30)
+    return peer_id
+
+
+def test_servers_without_blocks_cover_the_model(servers, remote):
+    _, chosen = servers
+    spec, model = remote
+    spans = [(int(a), int(b)) for a, b in chosen]
+    assert {block for start, end in spans[:3] for block in range(start, end)} == set(range(NUM_BLOCKS))
+    announced = list(read_shards(model.client.router.dht, spec.run_id).records.values())
+    assert [count for count, _ in coverage(announced, NUM_BLOCKS)] == [2, 2]  # the 4th filled the gap
+
+
+def test_forward_and_gradients_through_two_remote_spans_equal_local(remote, local_model):
+    spec, model = remote
+    route = model.client.router.route(0, NUM_BLOCKS)
+    assert [(h.start, h.end) for h in route] == [(0, 1), (1, 2)]
+    torch.manual_seed(1)
+    ids = torch.randint(4, 30, (3, 12))
+    remote_model = RemoteCausalLM(model.parts, model.client, prompt_tokens=4, seed=1)
+    local_prompt = remote_model.prompt.detach().clone().requires_grad_(True)
+    upstream = torch.randn(3, 12, local_model.config.vocab_size)  # not .sum(): see the issue
+
+    logits = remote_model(ids).logits
+    (logits * upstream).sum().backward()
+
+    embeds = torch.cat([local_prompt.expand(3, -1, -1), local_model.get_input_embeddings()(ids)], dim=1)
+    embeds.retain_grad()
+    local_logits = local_model(inputs_embeds=embeds).logits[:, 4:]
+    (local_logits * upstream).sum().backward()
+
+    torch.testing.assert_close(logits, local_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(remote_model.prompt.grad, local_prompt.grad, atol=1e-5, rtol=0)
+    assert remote_model.prompt.grad.abs().sum() > 0
+
+    # the input gradient of the blocks alone, with a random upstream gradient
+    hidden = torch.randn(2, 9, local_model.config.hidden_size, requires_grad=True)
+    grad_out = torch.randn(2, 9, local_model.config.hidden_size)
+    model.client.blocks(hidden).backward(grad_out)
+    local_hidden = hidden.detach().clone().requires_grad_(True)
+    output = local_hidden
+    rotary = local_model.model.rotary_emb(output, torch.arange(9)[None])
+    for layer in local_model.model.layers:
+        output = layer(output, position_embeddings=rotary, attention_mask=None)
+    output.backward(grad_out)
+    torch.testing.assert_close(hidden.grad, local_hidden.grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "field"),
+    [
+        (torch.zeros(1, 4, 128, dtype=torch.float16), "hidden: dtype torch.float16"),
+        (torch.zeros(1, 4, 7), "hidden: shape (1, 4, 7)"),
+        (torch.zeros(300, 1, 128), "hidden: 300 rows"),
+        (torch.full((1, 4, 128), float("nan")), "hidden: contains NaN or Inf"),
+        (torch.zeros(1, 100, 128), "position_offset: 0 + 100 tokens exceeds"),
+    ],
+)
+def test_malformed_requests_get_a_clear_error_and_the_server_keeps_serving(remote, tensor, field):
+    _, model = remote
+    hop = model.client.router.route(0, 1)[0]
+    failures_before = model.client.metrics.failures
+    with pytest.raises(wire.RemoteError, match=re.escape(field)) as error:
+        model.client.call(hop, "forward", [tensor])
+    assert error.value.kind == wire.BAD_REQUEST
+    with pytest.raises(wire.RemoteError, match="start/end: 0:2 is not within"):
+        model.client.call(Hop(hop.peer_id, 0, 2), "forward", [torch.zeros(1, 2, 128)])
+    # the same server still serves a good request, and was not banned for the client's mistake
+    (output,) = model.client.call(hop, "forward", [torch.randn(1, 4, 128)])
+    assert output.shape == (1, 4, 128) and torch.isfinite(output).all()
+    assert model.client.metrics.failures == failures_before
+
+
+def test_a_flood_of_bad_requests_leaves_server_memory_bounded_and_the_server_serving(servers, remote):
+    swarm, _ = servers
+    _, model = remote
+    hop = model.client.router.route(0, 1)[0]
+    server = psutil.Process(
+        next(p for p in swarm.peers if f"shard server {hop.peer_id}" in p.log()).process.pid
+    )
+    truncated = wire.request([torch.zeros(2, 4, 128)], start=0, end=1)
+    truncated.tensors[0].buffer = truncated.tensors[0].buffer[:100]
+    garbage_metadata = wire.request([torch.zeros(1, 4, 128)])
+    garbage_metadata.metadata = b"\xc1"
+    # 3 MiB each (under hivemind's 4 MiB message limit): they pass the size checks and are decoded
+    big_nan = wire.request([torch.full((96, 64, 128), float("nan"))], start=0, end=1)
+    big_float64 = wire.request([torch.zeros(48, 64, 128, dtype=torch.float64)], start=0, end=1)
+    kinds = [big_nan, big_float64, big_nan, big_float64, truncated, garbage_metadata,
+             wire.request([torch.zeros(300, 1, 128)], start=0, end=1),
+             wire.request([torch.zeros(1, 4, 128)] * 3, start=0, end=1)]  # fmt: skip
+
+    def flood(rounds: int) -> None:
+        async def one_round():
+            calls = [model.client._call_async(hop.peer_id, "forward", message) for message in kinds]
+            return await asyncio.gather(*calls)
+
+        for _ in range(rounds):
+            for reply in RemoteExpertWorker.run_coroutine(one_round()):
+                with pytest.raises(wire.RemoteError) as error:
+                    wire.unpack_response(reply)
+                assert error.value.kind == wire.BAD_REQUEST, error.value
+
+    flood(4)  # warm-up: the allocator's high-water mark for a round of concurrent requests
+    resident_before = server.memory_info().rss
+    flood(40)  # 160 requests of 3 MiB: a leak of each would add ~480 MiB
+    growth = server.memory_info().rss - resident_before
+    assert growth < 160 * 2**20, f"the server's memory grew by {growth / 2**20:.0f} MiB"
+    (output,) = model.client.call(hop, "forward", [torch.randn(1, 4, 128)])
+    assert output.shape == (1, 4, 128) and not model.client.router.is_banned(hop.peer_id)
+
+
+def test_remote_greedy_generation_equals_local_even_when_a_server_dies(servers, remote, local_model):
+    swarm, _ = servers
+    spec, model = remote
+    tokenizer = load_tokenizer(spec.model)
+    row = load_rows(spec.data.eval_path)[0]
+    prompt, _ = split_prompt_completion(row, detect_format(row, "auto"), tokenizer)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    expected = local_model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(model.generate(ids, max_new_tokens=12), expected)
+
+    # kill the block-1 server mid-generation: a replica rebuilds the cache from the kept inputs
+    replays_before = model.client.metrics.replays
+    killed: list[str] = []
+    generated: list[torch.Tensor] = []
+
+    def kill_after_four(token: torch.Tensor) -> None:
+        if len(generated) == 3:
+            killed.append(_kill_route_server(swarm, model, 1, 2))
+        generated.append(token)
+
+    tokens = model.generate(ids, max_new_tokens=12, on_token=kill_after_four)
+    assert killed
+    assert torch.equal(tokens, expected)
+    assert model.client.metrics.replays > replays_before
+
+
+def test_generate_cli_through_shards_equals_local(servers, spec_path):
+    swarm, _ = servers
+    spec = load_run_spec(spec_path)
+    local_text, _ = generate_text(spec, "7+5=", max_new_tokens=8)
+    command = [sys.executable, "-m", "potluck.peer.tools_cli", "generate", "--run-spec", str(spec_path),
+               "--prompt", "7+5=", "--max-new-tokens", "8", "--remote",
+               "--initial-peers", swarm.peers[0].join_address()]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    _STARTED_GROUPS.add(process.pid)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    assert out.rstrip("\n") == local_text
+    assert "replays" in err
+
+
+def _held_out_loss(model: RemoteCausalLM, spec) -> float:
+    tokenizer = load_tokenizer(spec.model)
+    rows = load_rows(spec.data.eval_path)[:48]
+    fmt = detect_format(rows[0], "auto")
+    batch = collate(
+        [tokenize_example(r, fmt, tokenizer, spec.data.max_length) for r in rows], tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def test_prompt_tuning_through_spans_keeps_training_when_a_replica_dies(servers, remote):
+    swarm, _ = servers
+    spec, model = remote
+    tuned = RemoteCausalLM(model.parts, model.client, prompt_tokens=8, seed=spec.seed)
+    optimizer = torch.optim.AdamW([tuned.prompt], lr=spec.optimizer.lr)
+    stage = SupervisedFineTuning()
+    batches = PeerDataStream(spec.data, load_tokenizer(spec.model), spec.batch.per_peer_batch_size).batches(0)
+    before = _held_out_loss(tuned, spec)
+    replays_before = model.client.metrics.replays
+    losses = []
+    for step in range(12):
+        loss = stage.loss(tuned, next(batches))
+        if step == 4:  # mid-step, between forward and backward; block 0 still has both replicas
+            _kill_route_server(swarm, model, 0, 1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    after = _held_out_loss(tuned, spec)
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    assert model.client.metrics.replays > replays_before
+    assert after < before, (before, after, losses)
+
+
+def test_run_peer_client_role_trains_a_prompt_through_the_servers(servers, spec_path):
+    swarm, _ = servers
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["adapter"] = {"kind": "prompt_tuning", "num_virtual_tokens": 4}
+    client_spec = spec_path.parent / "client-spec.yaml"
+    client_spec.write_text(yaml.safe_dump(spec))
+    address = next(p.join_address() for p in swarm.peers if p.running)
+    client = swarm.start_peer(
+        "client",
+        ["--role", "client", "--run-spec", str(client_spec), "--max-steps", "3"],
+        initial_peers=[address],
+    )
+    assert client.process.wait(timeout=180) == 0, client.log()[-3000:]
+    assert re.search(r"trained through shards: global step 3, last loss \d", client.log()), client.log()[
+        -3000:
+    ]

@@ -1,0 +1,206 @@
+"""Shard pieces that need no server process: span choice, routing over signed DHT announcements,
+the announcement schema, and the server's batching queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+from hivemind.utils.crypto import RSAPrivateKey
+
+from potluck.peer.shard import wire
+from potluck.peer.shard.announce import choose_span
+from potluck.peer.shard.batching import BatchingExecutor, ServerBusy
+from potluck.peer.shard.blocks import load_block_span
+from potluck.peer.shard.routing import ForgedAnnouncement, Hop, NoRouteError, Router
+from potluck.peer.shard.server import ServerLimits, ShardServicer
+from potluck.peer.swarm import start_dht
+from potluck.protocols.records import public_key_tag
+from potluck.protocols.shards import (
+    SHARD_PROTOCOL_VERSION,
+    ShardAnnouncement,
+    announce_shard,
+    shard_record_validators,
+    shards_key,
+)
+
+
+def _announcement(peer: str, start: int, end: int, throughput: float = 100.0, state: str = "online"):
+    return ShardAnnouncement(
+        run_id="units", peer_id=peer, start=start, end=end, throughput=throughput, state=state,
+        version=SHARD_PROTOCOL_VERSION, announced_at=time.time(),
+    )  # fmt: skip
+
+
+def test_choose_span_fills_gaps_before_adding_replicas():
+    assert choose_span([], 6, 2) == (0, 2)
+    taken = [_announcement("a", 0, 2), _announcement("b", 2, 4)]
+    assert choose_span(taken, 6, 2) == (4, 6)
+    full = [*taken, _announcement("c", 4, 6, throughput=10.0)]
+    assert choose_span(full, 6, 2) == (4, 6)  # every block served once: the slowest span gets a replica
+    assert choose_span([*full, _announcement("d", 4, 6, state="offline")], 6, 2) == (4, 6)
+    assert choose_span([], 3, 8) == (0, 3)  # never longer than the model
+
+
+def test_announcement_schema_rejects_empty_spans_and_non_finite_throughput():
+    with pytest.raises(ValueError, match="empty span 3:3"):
+        _announcement("a", 3, 3)
+    with pytest.raises(ValueError, match="throughput"):
+        _announcement("a", 0, 1, throughput=float("inf"))
+
+
+@pytest.fixture(scope="module")
+def dht():
+    node = start_dht(
+        [], ["/ip4/127.0.0.1/tcp/0"], [], None, record_validators=shard_record_validators(None, "units")
+    )
+    yield node
+    node.shutdown()
+
+
+def test_router_takes_the_cheapest_cover_and_avoids_banned_servers(dht):
+    from hivemind.utils.timed_storage import get_dht_time
+
+    # a node signs with its own key: a record filed under another key's subkey is refused
+    stranger = public_key_tag(RSAPrivateKey())
+    assert not dht.store(shards_key("units"), subkey=stranger, value=_announcement("x", 0, 4).dict(),
+                         expiration_time=get_dht_time() + 60)  # fmt: skip
+    own = public_key_tag(RSAPrivateKey.process_wide())
+    assert announce_shard(dht, own, _announcement("fast-all", 0, 4, 1000.0), ttl=60)
+    bad = _announcement("x", 0, 1).dict() | {"throughput": "fast"}
+    assert not dht.store(shards_key("units"), subkey=own, value=bad, expiration_time=get_dht_time() + 60)
+
+    router = Router(dht, "units", ban_seconds=60)
+    assert router.route(0, 4) == [Hop("fast-all", 0, 4)]
+    assert router.route(1, 3) == [Hop("fast-all", 1, 3)]  # a hop may use part of a server's span
+    router.ban("fast-all")
+    with pytest.raises(NoRouteError, match="no reachable server covers block 0"):
+        router.route(0, 4)
+
+
+def test_router_prefers_measured_latency_and_throughput(dht):
+    router = Router(dht, "units", refresh_seconds=1e9)
+    router._refreshed_at = time.monotonic()  # use the servers below, not the DHT's
+    router.servers = {a.peer_id: a for a in [
+        _announcement("front", 0, 2, 100.0), _announcement("back", 2, 4, 100.0),
+        _announcement("all-but-far", 0, 4, 100.0),
+    ]}  # fmt: skip
+    router.observe_latency("all-but-far", 5.0)
+    assert [h.peer_id for h in router.route(0, 4)] == ["front", "back"]
+    router.observe_latency("all-but-far", 0.001, alpha=1.0)
+    assert [h.peer_id for h in router.route(0, 4)] == ["all-but-far"]
+
+
+def test_batching_merges_waiting_requests_and_refuses_when_full():
+    executor = BatchingExecutor(max_batch_tokens=1000, max_queue=3)
+    batches = []
+    executor.on_batch = lambda requests, rows: batches.append((requests, rows))
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(inputs):
+        started.set()
+        release.wait(10)
+        return [inputs[0] * 2]
+
+    def double(inputs):
+        return [inputs[0] * 2]
+
+    async def scenario():
+        first = asyncio.ensure_future(executor.submit([torch.ones(1, 4)], blocking))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)  # the thread is busy
+        waiting = [
+            asyncio.ensure_future(executor.submit([torch.full((2, 4), i)], double, key="k")) for i in (1, 2)
+        ]
+        other = asyncio.ensure_future(executor.submit([torch.zeros(1, 4)], double, key="other"))
+        await asyncio.sleep(0)  # the three submissions above enter the queue
+        with pytest.raises(ServerBusy, match="queue is full"):
+            await executor.submit([torch.zeros(1, 4)], double)
+        release.set()
+        return await first, await asyncio.gather(*waiting), await other
+
+    try:
+        _, (one, two), _ = asyncio.run(scenario())
+    finally:
+        executor.shutdown()
+    assert torch.equal(one[0], torch.full((2, 4), 2.0)) and torch.equal(two[0], torch.full((2, 4), 4.0))
+    assert (2, 4) in batches  # the two "k" requests ran as one batch of 4 rows; "other" ran alone
+    assert (1, 1) in batches
+
+
+def test_a_forged_claim_on_a_servers_peer_id_is_dropped_without_banning_the_server(dht):
+    def probe(peer_id, announcement):
+        if (announcement.start, announcement.end) != (0, 4):  # what the server answers it serves
+            raise ForgedAnnouncement(f"{peer_id} serves 0:4")
+        return 0.01
+
+    router = Router(dht, "units", refresh_seconds=1e9, probe=probe)
+    router._refreshed_at = time.monotonic()  # use the servers below, not the DHT's
+    router.servers = {"real": _announcement("real", 2, 4, 1e6), "slow": _announcement("slow", 0, 4, 1.0)}
+    assert router.route(0, 4) == [Hop("slow", 0, 4)]  # the forged 2:4 claim is not used...
+    assert not router.is_banned("real")  # ...nor held against the server it names
+    assert router.forged == {("real", 2, 4)} and router.skipped["forged"] == 1
+
+
+def test_undecodable_metadata_is_the_senders_fault():
+    garbage = wire.request([])
+    garbage.metadata = b"\xc1\xff"  # not MessagePack
+    with pytest.raises(wire.RemoteError, match="metadata: cannot decode") as error:
+        wire.metadata_of(garbage)
+    assert error.value.kind == wire.BAD_REQUEST
+    reply = wire.response([])
+    reply.metadata = b"\x93\x01\x02\x03"  # a list, not a mapping
+    with pytest.raises(wire.RemoteError, match="expected a mapping") as error:
+        wire.unpack_response(reply)
+    assert error.value.kind == wire.INTERNAL  # a malformed response makes the client fail over
+
+
+@pytest.fixture
+def servicer(tiny_assets):
+    span = load_block_span(tiny_assets["model"], 0, 2)
+    servicer = ShardServicer(span, "units", ServerLimits(max_request_tokens=256))
+    yield servicer
+    servicer.shutdown()
+
+
+def test_servicer_refuses_oversized_declared_shapes_before_decoding(servicer):
+    request = wire.request([torch.zeros(1, 2, 128)], start=0, end=2)
+    request.tensors[0].size[:] = [4096, 64, 128]  # claims 128 MiB; the buffer holds 1 KiB
+
+    async def scenario():
+        return await servicer._handle("forward", request, servicer._forward)
+
+    with pytest.raises(wire.RemoteError, match=r"hidden: shape \(4096, 64, 128\) exceeds") as error:
+        wire.unpack_response(asyncio.run(scenario()))
+    assert error.value.kind == wire.BAD_REQUEST
+
+
+def test_servicer_refuses_a_concurrent_step_of_the_same_inference_session(servicer):
+    def step(offset: int, tokens: int):
+        request = wire.request(
+            [torch.randn(1, tokens, 128)], start=0, end=2, position_offset=offset, session="s"
+        )
+        return servicer._handle("inference", request, lambda r: servicer._inference(r, "client"))
+
+    async def scenario():
+        await step(0, 4)  # the session's prefill
+        # both next steps claim position 4; the second must not run against a cache of the wrong length
+        return await asyncio.gather(step(4, 1), step(4, 1))
+
+    first, second = asyncio.run(scenario())
+    assert wire.unpack_response(first)[0].shape == (1, 1, 128)
+    with pytest.raises(wire.RemoteError, match="session: its previous step is still running"):
+        wire.unpack_response(second)
+    assert servicer.sessions[("client", "s")].tokens == 5
+
+
+@pytest.mark.parametrize("adapter", [{"kind": "lora", "r": 4}, {"kind": "none"}])
+def test_run_peer_client_role_refuses_other_adapters_in_one_line(make_spec, capsys, adapter):
+    from potluck.peer.cli import main
+
+    assert main(["--role", "client", "--run-spec", str(make_spec(adapter=adapter))]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("run-peer: adapter.kind: --role client trains only prompt_tuning adapters, got ")
+    assert "\n" not in error and repr(adapter["kind"]) in error
