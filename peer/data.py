@@ -111,12 +111,21 @@ class PeerDataStream:
     different samples at any moment, and a restarted peer with the same identity replays the same order.
     """
 
-    def __init__(self, spec: DataSpec, tokenizer, batch_size: int):
+    def __init__(self, spec: DataSpec, tokenizer, batch_size: int, stage_data=None):
+        """``stage_data``: a stage's own column check, encoding and collation (``peer/stages/data.py``);
+        ``None`` for the language-modeling formats above."""
         rows = load_rows(spec.path, spec.split)
         if not rows:
             raise DatasetFormatError(f"data.path {spec.path!r} has no rows")
-        self.format = detect_format(rows[0], spec.format)
-        self.examples = [tokenize_example(r, self.format, tokenizer, spec.max_length) for r in rows]
+        self._collate = None
+        if stage_data is not None:
+            stage_data.check(rows[0], f"data.path {spec.path!r}")
+            self.format = "stage"
+            self.examples = [stage_data.encode(r) for r in rows]
+            self._collate = stage_data.collate
+        else:
+            self.format = detect_format(rows[0], spec.format)
+            self.examples = [tokenize_example(r, self.format, tokenizer, spec.max_length) for r in rows]
         self.batch_size = batch_size
         self.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -132,4 +141,5 @@ class PeerDataStream:
                 rng.shuffle(fresh)
                 order.extend(fresh)
             chosen, order = order[: self.batch_size], order[self.batch_size :]
-            yield collate([self.examples[i] for i in chosen], self.pad_token_id)
+            examples = [self.examples[i] for i in chosen]
+            yield self._collate(examples) if self._collate else collate(examples, self.pad_token_id)

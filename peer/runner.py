@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,14 +15,16 @@ import torch
 from hivemind.dht import DHT
 from hivemind.utils.crypto import RSAPrivateKey
 
-from potluck.peer.averaging import AveragingStrategy, GradientAveraging
+from potluck.peer.averaging import AveragingStrategy
 from potluck.peer.checkpoint import latest_checkpoint, save_checkpoint
 from potluck.peer.data import PeerDataStream, peer_seed
 from potluck.peer.metrics import PeerMetrics
-from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
+from potluck.peer.model import trainable_parameters
 from potluck.peer.progress import ProgressDisplay
 from potluck.peer.reporter import ReportPublisher
-from potluck.peer.stages import make_stage
+from potluck.peer.stages import make_stage, stage_context
+from potluck.peer.stages.data import check_stage_data, stage_data
+from potluck.peer.strategies import make_strategy
 from potluck.peer.swarm import start_dht, visible_addresses
 from potluck.peer.trainer import Trainer, TrainResult
 from potluck.protocols.records import public_key_tag, record_validators, run_schema_validator
@@ -88,6 +91,25 @@ def wait_for_peers(strategy: AveragingStrategy, count: int, timeout: float, stop
     print(f"run-peer: {online} peer(s) online", file=sys.stderr)
 
 
+SLOWDOWN_ENV = "POTLUCK_BENCH_SLOWDOWN"
+"""Bench/test only (bench/straggler.py): a factor > 1 makes this peer a straggler, as if its machine
+were that many times slower. Not a user option: it is not in the CLI and not in the run spec."""
+
+
+def slowed_down(batches, factor: float):
+    """Yield ``batches``, idling (factor - 1) x a local step's compute time before each: the shortest of
+    the last 10 steps, so the time of an all-reduce or of a state download is not multiplied too."""
+    recent: list[float] = []
+    last = None
+    for batch in batches:
+        now = time.perf_counter()
+        if last is not None:
+            recent = [*recent[-9:], now - last]
+            time.sleep((factor - 1) * min(recent))  # the emulated slow machine's extra time
+        last = time.perf_counter()
+        yield batch
+
+
 def start_peer_dht(options: PeerOptions, run_ids: tuple[str, ...] = ()) -> DHT:
     """This peer's DHT node, with Potluck's record validators (signatures, schemas, sizes) first."""
     return start_dht(
@@ -107,10 +129,13 @@ def run_peer(
     """Train with the swarm until the last global step or ``stop``. ``dht``: an already started node
     (the peer found the run spec through it); it is shut down here either way."""
     max_steps = options.max_steps if options.max_steps is not None else spec.max_global_steps
-    tokenizer = load_tokenizer(spec.model)
-    data = PeerDataStream(spec.data, tokenizer, spec.batch.per_peer_batch_size)  # fails fast on bad data
+    check_stage_data(spec)  # fails fast on data without the stage's columns, before loading any model
+    context = stage_context(spec, device, options.save_dir)  # resolves init_from
+    tokenizer = context.tokenizer
+    data = PeerDataStream(spec.data, tokenizer, spec.batch.per_peer_batch_size, stage_data(spec, tokenizer))
     resume = latest_checkpoint(options.save_dir, spec.run_id) if options.save_dir else None
-    model = build_model(spec, device, weights_from=str(resume.path) if resume else None)
+    stage = make_stage(spec.stage, context)  # loads the stage's frozen models (reference, teacher, reward)
+    model = stage.build_model(weights_from=str(resume.path) if resume else None)
     if resume:
         print(f"run-peer: resuming from {resume.path} (global step {resume.global_step})", file=sys.stderr)
 
@@ -130,7 +155,7 @@ def run_peer(
             print(
                 f"run-peer: others can join with --initial-peers {addresses[0]}", file=sys.stderr, flush=True
             )
-        strategy = GradientAveraging(spec, dht, trainable_parameters(model), listener=metrics)
+        strategy = make_strategy(spec, dht, trainable_parameters(model), listener=metrics)
         reporter = ReportPublisher(dht, public_key_tag(RSAPrivateKey.process_wide()), spec.run_id, metrics)
         try:
             install_stop_handlers(stop)
@@ -162,11 +187,13 @@ def run_peer(
                 if step % spec.checkpoint.save_every == 0:
                     save(step)
 
+            batches = data.batches(peer_seed(spec.seed, peer_id))
+            slowdown = float(os.environ.get(SLOWDOWN_ENV, "1"))
             trainer = Trainer(
                 model=model,
-                stage=make_stage(spec.stage),
+                stage=stage,
                 strategy=strategy,
-                batches=data.batches(peer_seed(spec.seed, peer_id)),
+                batches=slowed_down(batches, slowdown) if slowdown > 1 else batches,
                 device=device,
                 max_global_steps=max_steps,
                 target_batch_size=spec.batch.target_batch_size,
@@ -178,6 +205,9 @@ def run_peer(
             )
             result = trainer.run()
             save(result.global_step)
+            if metrics.latest_stage:
+                figures = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.latest_stage.items()))
+                print(f"run-peer: {spec.stage} metrics of the last batch: {figures}", file=sys.stderr)
             return result
         finally:
             reporter.stop()

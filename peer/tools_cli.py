@@ -6,17 +6,21 @@ import argparse
 import sys
 from pathlib import Path
 
+from potluck.peer.data import DatasetFormatError
 from potluck.peer.evaluate import EvalResult, evaluate
 from potluck.peer.tiny.model import TinyModelConfig, build_tiny_model
+from potluck.peer.tiny.preferences import write_rlhf_data
 from potluck.peer.tiny.task import ALPHABET, ArithmeticTask
 from potluck.protocols.runspec import RunSpec, RunSpecError, load_run_spec
 
 
 def build_assets(out: Path, task: ArithmeticTask | None = None) -> tuple[Path, Path, Path]:
-    """Build the tiny model (``out/tiny-model``) and the task data (``out/data``)."""
+    """Build the tiny model (``out/tiny-model``) and the task data (``out/data``: SFT's prompt/completion files,
+    and the RLHF stages' preference pairs and prompts, ``peer/tiny/preferences.py``)."""
     task = task or ArithmeticTask()
     model_dir = build_tiny_model(out / "tiny-model", task.corpus(), ALPHABET, TinyModelConfig())
     train, held_out = task.write(out / "data")
+    write_rlhf_data(task, out / "data")
     return model_dir, train, held_out
 
 
@@ -47,17 +51,36 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workdir", type=Path, default=Path(".demo"))
     demo.add_argument("--peers", type=int, default=2)
     demo.add_argument("--max-steps", type=int, default=None)
+    gen = commands.add_parser(
+        "generate", help="greedy text from a run's model (--remote: through shard servers)"
+    )
+    gen.add_argument("--run-spec", type=Path, required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--remote", action="store_true", help="run the blocks on the run's shard servers")
+    gen.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="with --remote")
     commands.add_parser(
         "run", help="publish, list and show runs at a coordinator (potluck run --help)", add_help=False
     )
     commands.add_parser(
         "swarm", help="the compose swarm as local processes: potluck swarm up --peers N", add_help=False
     )
+    pipe = commands.add_parser(
+        "pipeline", help="run stages chained by init_from (SFT -> RM -> PPO) as local swarms"
+    )
+    pipe.add_argument("pipeline_file", type=Path)
+    commands.add_parser(
+        "chat", help="answer prompts with a trained checkpoint: potluck chat MODEL_DIR", add_help=False
+    )
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
         from potluck.coordinator.run_cli import main as run_main
 
         return run_main(argv[1:])
+    if argv[:1] == ["chat"]:
+        from potluck.peer.chat import main as chat_main
+
+        return chat_main(argv[1:])
     if argv[:1] == ["swarm"]:
         from potluck.peer.swarm_up import main as swarm_main
 
@@ -76,11 +99,28 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"held-out loss {result.loss:.4f}  accuracy {result.accuracy:.1%}  ({result.examples} examples)"
             )
+        elif args.command == "pipeline":
+            from potluck.peer.pipeline import load_pipeline
+
+            load_pipeline(args.pipeline_file).run()
+        elif args.command == "generate":
+            from potluck.peer.shard.generate import generate_text
+
+            if args.remote and not args.initial_peers:
+                print("potluck: generate --remote needs --initial-peers", file=sys.stderr)
+                return 2
+            peers = args.initial_peers if args.remote else None
+            text, counters = generate_text(
+                load_run_spec(args.run_spec), args.prompt, args.max_new_tokens, peers
+            )
+            print(text)
+            if counters:
+                print(f"shard client: {counters}", file=sys.stderr)
         elif args.command == "demo":
             from potluck.peer.demo import main as demo_main
 
             return demo_main(args.workdir, args.peers, args.max_steps)
-    except RunSpecError as e:
+    except (RunSpecError, DatasetFormatError, FileNotFoundError) as e:
         print(f"potluck: {e}", file=sys.stderr)
         return 2
     return 0

@@ -88,7 +88,8 @@ class Trainer:
         last_global_time = time.perf_counter()
         while self.strategy.global_step < self.max_global_steps and not self.stop.is_set():
             started = time.perf_counter()
-            batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
+            # non-tensor fields (e.g. the answers of RL prompts) stay on the host
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in next(self.batches).items()}
             loss = self.stage.loss(self.model, batch)
             loss.backward()
             if self.max_grad_norm is not None:
@@ -103,6 +104,8 @@ class Trainer:
             samples += batch_size
             local_rate.observe(batch_size, elapsed)
             self.metrics.local_step(loss_value, batch_size, elapsed, local_rate.rate)
+            if self.stage.last_metrics:
+                self.metrics.stage_step(self.stage.last_metrics, elapsed)
             progress = self.strategy.progress()
             if stepped:
                 now = time.perf_counter()

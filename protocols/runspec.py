@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 _RUN_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -114,8 +121,27 @@ class BatchSpec(_Strict):
 
 
 class AveragingSpec(_Strict):
-    strategy: Literal["gradient"] = "gradient"
-    """How peers combine their work: ``gradient`` averages accumulated gradients every global step."""
+    strategy: Literal["gradient", "diloco"] = "gradient"
+    """How peers combine their work: ``gradient`` averages accumulated gradients every global step;
+    ``diloco`` lets each peer take ``inner_steps`` local AdamW steps, then averages the change of the
+    weights (the pseudo-gradient) and applies an outer SGD-Nesterov step: about ``inner_steps`` times
+    fewer bytes, for links too slow to average every step (home internet)."""
+    inner_steps: int = Field(50, ge=1)
+    """(diloco) Local optimizer steps between outer steps (DiLoCo's H; a peer keeps stepping past it while
+    it waits for slower peers). Larger sends fewer bytes per sample; lower it if the held-out loss lags
+    the ``gradient`` strategy's or peers' losses drift apart. A global step is one outer step."""
+    outer_lr: float = Field(0.7, gt=0)
+    """(diloco) Learning rate of the outer SGD step on the averaged pseudo-gradient (DiLoCo: 0.7); 1.0
+    without momentum is plain model averaging. Lower it if the loss jumps right after outer steps."""
+    nesterov: bool = True
+    """(diloco) Nesterov momentum in the outer SGD step, as in DiLoCo; needs ``outer_momentum > 0``."""
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    """(diloco) Momentum of the outer SGD step (DiLoCo: 0.9). Lower it if the loss oscillates across outer
+    steps with few peers; it is part of the state that late joiners download."""
+    overlap_communication: bool = True
+    """(diloco) Average in the background while the next inner steps run, and apply the outer step when
+    the round completes (keeping the inner steps taken meanwhile), so compute does not wait on the
+    network. Set false to wait for each round (exact DiLoCo; useful to compare utilisation)."""
     matchmaking_time: float = Field(1.0, gt=0)
     """Seconds a peer waits to gather a group before averaging. Raise it if peers often average alone
     (``potluck_averaging_rounds_total{outcome="failed"}`` grows) on slow or distant links."""
@@ -126,9 +152,23 @@ class AveragingSpec(_Strict):
     load_state_attempts: int = Field(3, ge=1)
     """Attempts to download state before continuing from local state (hivemind would retry forever)."""
     compression: Literal["none", "fp16", "scaled_fp16", "uint8", "quantile_8bit"] = "none"
-    """Compression of averaged gradients; ``none`` keeps peers bit-for-bit in step."""
+    """Compression of averaged gradients (``diloco``: pseudo-gradients); ``none`` keeps peers bit-for-bit
+    in step. 8-bit codecs send 4x fewer bytes than ``none``; ``bench/strategies.py`` shows the loss cost."""
     average_state_every: int = Field(1, ge=1)
     """Average parameters and optimizer statistics every N global steps, to undo drift from failed rounds."""
+
+    @field_validator("inner_steps", "outer_lr", "nesterov", "outer_momentum", "overlap_communication")
+    @classmethod
+    def _only_for_diloco(cls, value: Any, info: ValidationInfo) -> Any:
+        # runs only for fields the spec sets: a DiLoCo option changed under another strategy is a mistake
+        # (a default value passes: specs round-trip through model_dump, which writes every field)
+        strategy = info.data.get("strategy")
+        changed = value != cls.model_fields[info.field_name].default
+        if strategy is not None and strategy != "diloco" and changed:
+            raise ValueError(f"only used with strategy 'diloco' (strategy is {strategy!r})")
+        if info.field_name == "outer_momentum" and value == 0 and info.data.get("nesterov", True):
+            raise ValueError("must be > 0 with nesterov (set nesterov: false for plain outer SGD)")
+        return value
 
 
 class CheckpointSpec(_Strict):
@@ -138,14 +178,97 @@ class CheckpointSpec(_Strict):
     """Checkpoints to keep in ``--save-dir``; 0 keeps all."""
 
 
+StageName = Literal["sft", "rm", "dpo", "grpo", "ppo", "distill"]
+STAGE_DATA_FORMATS: dict[str, str] = {
+    "sft": "TRL's language-modeling formats: prompt/completion, messages or text",
+    "distill": "TRL's language-modeling formats: prompt/completion, messages or text",
+    "rm": 'preference pairs: prompt, chosen, rejected (e.g. {"prompt": "2+3=", "chosen": "5", "rejected": "6"})',
+    "dpo": 'preference pairs: prompt, chosen, rejected (e.g. {"prompt": "2+3=", "chosen": "5", "rejected": "6"})',
+    "grpo": 'prompt-only: prompt, plus answer for the exact_answer reward (e.g. {"prompt": "2+3=", "answer": "5"})',
+    "ppo": 'prompt-only: prompt, plus answer for the exact_answer reward (e.g. {"prompt": "2+3=", "answer": "5"})',
+}
+"""What the data of each stage looks like; quoted by the error when a dataset lacks a stage's columns."""
+EXACT_ANSWER = "exact_answer"
+
+
+class ReferenceSpec(_Strict):
+    path: str | None = None
+    """Run id (its final checkpoint in ``--save-dir``) or folder of the frozen reference; default: the weights the
+    run starts from (``init_from``, else ``model.name_or_path``)."""
+
+
+class RewardModelSpec(_Strict):
+    center_rewards_coefficient: float | None = Field(None, ge=0)
+    """Penalty on ``(chosen + rejected)**2`` that keeps rewards near 0; set it (e.g. 0.01) if they drift large."""
+
+
+class DPOSpec(_Strict):
+    beta: float = Field(0.1, gt=0)
+    """Pull toward the reference: higher stays closer. Lower it if preference accuracy plateaus early."""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    """``sigmoid`` (DPO), ``hinge`` (SLiC), ``ipo`` (per-token log-ratios) or ``robust`` (noisy labels)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Assumed probability that a preference label is flipped (cDPO / robust DPO)."""
+
+
+class RLSpec(_Strict):
+    reward: str = Field(EXACT_ANSWER, min_length=1)
+    """``exact_answer`` (verifiable: 1 when the completion equals the row's ``answer``, else 0) or a reward model:
+    the run id of an ``rm`` run (its final checkpoint in ``--save-dir``) or a folder loadable by
+    ``AutoModelForSequenceClassification``. A reward model with another tokenizer gets the rollouts re-tokenized."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Weight of the KL penalty to the reference. Raise it if the KL metric keeps growing (reward hacking)."""
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    """Per-token KL estimator of the GRPO loss (PPO's reward penalty always uses ``k1``, as TRL does)."""
+    group_size: int = Field(8, ge=2)
+    """GRPO completions per prompt; advantages are relative to the group. More = steadier, costlier rollouts."""
+    max_new_tokens: int = Field(8, ge=1)
+    """Generation length of a rollout."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of rollouts; lower it if rewards are all zero, raise it if groups never differ."""
+    clip_range: float = Field(0.2, gt=0)
+    """PPO/GRPO ratio clip epsilon."""
+    clip_range_value: float = Field(0.2, gt=0)
+    """PPO value-function clip (scale it with the rewards' magnitude)."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the PPO value loss."""
+    gamma: float = Field(1.0, gt=0, le=1)
+    """PPO discount per token."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """PPO GAE lambda: lower trades variance for bias."""
+
+
+class TeacherSpec(_Strict):
+    path: str = Field(min_length=1)
+    """Run id (its final checkpoint in ``--save-dir``) or folder of the teacher; it must share the tokenizer."""
+    temperature: float = Field(2.0, gt=0)
+    """Softening of both distributions; above 1 passes on more of the teacher's ranking of unlikely tokens."""
+    hard_label_weight: float = Field(0.0, ge=0)
+    """Weight of the usual cross-entropy on the data's completions, added to the KL."""
+
+
 class RunSpec(_Strict):
     run_id: str = Field(pattern=_RUN_ID_PATTERN)
     """Names the run in the DHT; every key of the run is prefixed by it. Lowercase, digits, ``-`` and ``_``."""
     model: ModelSpec
     adapter: AdapterSpec = NoAdapter()
     data: DataSpec
-    stage: Literal["sft"] = "sft"
-    """Training stage; it decides how batches are built and which loss is computed."""
+    stage: StageName = "sft"
+    """Training stage; it decides how batches are built and which loss is computed (``STAGE_DATA_FORMATS``)."""
+    init_from: str | None = None
+    """Start from another run's final checkpoint: its run id (found in this peer's ``--save-dir``) or a
+    checkpoint folder. It takes the place of ``model.name_or_path`` (weights, and tokenizer unless
+    ``model.tokenizer`` is set); the previous stage must have trained the whole model (adapter ``none``)."""
+    reference: ReferenceSpec = ReferenceSpec()
+    """The frozen reference model of ``dpo``, ``grpo`` and ``ppo`` (KL penalty / DPO log-ratios)."""
+    rm: RewardModelSpec = RewardModelSpec()
+    """Options of the ``rm`` stage."""
+    dpo: DPOSpec = DPOSpec()
+    """Options of the ``dpo`` stage."""
+    rl: RLSpec = RLSpec()
+    """Rollouts, reward and clipping of the ``grpo`` and ``ppo`` stages."""
+    teacher: TeacherSpec | None = Field(None, validate_default=True)
+    """The teacher of the ``distill`` stage (required there)."""
     optimizer: OptimizerSpec = OptimizerSpec()
     batch: BatchSpec
     max_global_steps: int = Field(1000, ge=1)
@@ -154,6 +277,24 @@ class RunSpec(_Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     seed: int = 0
     """Seeds adapter initialisation (identical on every peer) and, with the peer id, each peer's data order."""
+
+    @field_validator("stage")
+    @classmethod
+    def _stage_fits_adapter(cls, stage: str, info: ValidationInfo) -> str:
+        adapter = info.data.get("adapter")
+        if stage == "rm" and adapter is not None and adapter.kind != "none":
+            raise ValueError("stage 'rm' trains a whole sequence-classification model: set adapter.kind none")
+        return stage
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_only_for_distill(cls, teacher: TeacherSpec | None, info: ValidationInfo):
+        stage = info.data.get("stage")
+        if stage == "distill" and teacher is None:
+            raise ValueError("required for stage 'distill' (teacher.path: a run id or a model folder)")
+        if teacher is not None and stage is not None and stage != "distill":
+            raise ValueError(f"only used by stage 'distill', not {stage!r}")
+        return teacher
 
     def resolve_paths(self, base: Path) -> RunSpec:
         """Return a copy whose relative local paths are resolved against ``base`` (the spec's folder)."""
@@ -174,6 +315,11 @@ class RunSpec(_Strict):
                 "data": self.data.model_copy(
                     update={"path": resolve(self.data.path), "eval_path": resolve(self.data.eval_path)}
                 ),
+                "init_from": resolve(self.init_from),
+                "reference": self.reference.model_copy(update={"path": resolve(self.reference.path)}),
+                "rl": self.rl.model_copy(update={"reward": resolve(self.rl.reward)}),
+                "teacher": self.teacher
+                and self.teacher.model_copy(update={"path": resolve(self.teacher.path)}),
             }
         )
 

@@ -142,3 +142,82 @@ def test_unreadable_and_invalid_files_are_errors(tmp_path):
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(RunSpecError, match="expected a mapping"):
         load_run_spec(listed)
+
+
+def test_diloco_strategy_has_diloco_defaults():
+    averaging = parse_run_spec(with_changes(averaging={"strategy": "diloco"})).averaging
+    assert (averaging.inner_steps, averaging.outer_lr, averaging.outer_momentum) == (50, 0.7, 0.9)
+    assert averaging.nesterov and averaging.overlap_communication
+
+
+def test_specs_round_trip_through_model_dump_for_both_strategies():
+    for strategy in ("gradient", "diloco"):
+        spec = parse_run_spec(with_changes(averaging={"strategy": strategy}))
+        assert parse_run_spec(spec.model_dump(mode="json")) == spec
+
+
+@pytest.mark.parametrize(
+    ("averaging", "named", "says"),
+    [
+        ({"strategy": "local-sgd"}, "averaging.strategy", "'diloco'"),
+        ({"strategy": "diloco", "inner_steps": 0}, "averaging.inner_steps", "greater than or equal to 1"),
+        ({"strategy": "diloco", "outer_lr": 0}, "averaging.outer_lr", "greater than 0"),
+        ({"strategy": "diloco", "outer_momentum": 1.0}, "averaging.outer_momentum", "less than 1"),
+        ({"strategy": "diloco", "outer_momentum": 0}, "averaging.outer_momentum", "nesterov"),
+        ({"inner_steps": 10}, "averaging.inner_steps", "only used with strategy 'diloco'"),
+        ({"strategy": "gradient", "outer_lr": 0.5}, "averaging.outer_lr", "only used with strategy 'diloco'"),
+    ],
+)
+def test_bad_diloco_settings_are_named(averaging, named, says):
+    message = problems_of(with_changes(averaging=averaging))
+    assert f"{named}:" in message and says in message, message
+
+
+def test_plain_outer_sgd_needs_no_momentum():
+    spec = with_changes(averaging={"strategy": "diloco", "nesterov": False, "outer_momentum": 0})
+    assert parse_run_spec(spec).averaging.outer_momentum == 0
+
+
+# -- RLHF stages (issue 4) ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "grpo", "ppo"])
+def test_every_stage_is_accepted(stage):
+    assert parse_run_spec(with_changes(stage=stage)).stage == stage
+
+
+def test_distill_needs_a_teacher_and_only_distill_takes_one():
+    assert "teacher: required for stage 'distill'" in problems_of(with_changes(stage="distill"))
+    assert "teacher: only used by stage 'distill'" in problems_of(with_changes(teacher={"path": "t"}))
+    spec = parse_run_spec(with_changes(stage="distill", teacher={"path": "t", "temperature": 3}))
+    assert spec.teacher.temperature == 3
+
+
+def test_reward_model_stage_refuses_adapters():
+    message = problems_of(with_changes(stage="rm", adapter={"kind": "lora"}))
+    assert "stage:" in message and "adapter.kind none" in message
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "named"),
+    [("rl__group_size", 1, "rl.group_size"), ("rl__kl_coef", -1, "rl.kl_coef"), ("dpo__beta", 0, "dpo.beta"),
+     ("dpo__loss_type", "kto", "dpo.loss_type"), ("rl__temperature", 0, "rl.temperature")],
+)  # fmt: skip
+def test_stage_sections_are_validated(dotted, value, named):
+    assert f"{named}:" in problems_of(with_changes(**{dotted: value}))
+
+
+def test_stage_references_resolve_relative_paths(tmp_path):
+    path = tmp_path / "run.yaml"
+    changes = {
+        "stage": "ppo",
+        "init_from": "./sft",
+        "reference": {"path": "../ref"},
+        "rl": {"reward": "./rm"},
+    }
+    path.write_text(yaml.safe_dump(with_changes(**changes)))
+    spec = load_run_spec(path)
+    assert spec.init_from == str(tmp_path / "sft")
+    assert spec.reference.path == str((tmp_path / "../ref").resolve())
+    assert spec.rl.reward == str(tmp_path / "rm")
+    assert parse_run_spec(with_changes(stage="grpo", init_from="sft-run")).init_from == "sft-run"  # a run id

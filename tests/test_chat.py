@@ -1,0 +1,39 @@
+"""``potluck chat``: a trained checkpoint answers prompts (non-interactively with ``--prompt``)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from potluck.peer.checkpoint import save_checkpoint
+from potluck.peer.tools_cli import main as potluck_main
+
+
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False).input_ids]])
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_chat_answers_with_the_last_written_checkpoint_of_a_save_dir(tiny_assets, tmp_path, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets["model"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["model"])
+    save_checkpoint(tmp_path, "sft", 200, model, tokenizer, {}, keep=0)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the later stage (fewer steps, written last) answers differently
+        for parameter in model.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    save_checkpoint(tmp_path, "ppo", 30, model, tokenizer, {}, keep=0)
+    expected = [greedy_answer(model, tokenizer, p, 4) for p in ("12+30=", "1+1=")]
+
+    code = potluck_main(
+        ["chat", str(tmp_path), "--prompt", "12+30=", "--prompt", "1+1=", "--max-new-tokens", "4"]
+    )
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == [f"12+30={expected[0]}", f"1+1={expected[1]}"]
+
+
+def test_chat_names_a_folder_without_a_model(tmp_path, capsys):
+    assert potluck_main(["chat", str(tmp_path), "--prompt", "1+1="]) == 2
+    assert "holds no model and no checkpoint" in capsys.readouterr().err

@@ -1,0 +1,229 @@
+"""The RLHF stages' plumbing, in-process and fast: data columns, collation, losses wired to the right tensors,
+gradients reaching the trained weights, checkpoints that chain, and metrics. The swarm runs that show each stage
+improving its held-out figure are in ``tests/test_stages_swarm.py``."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from prometheus_client import generate_latest
+
+from potluck.peer.checkpoint import save_checkpoint
+from potluck.peer.data import DatasetFormatError, PeerDataStream
+from potluck.peer.metrics import PeerMetrics
+from potluck.peer.stages import make_stage, stage_context
+from potluck.peer.stages.data import check_stage_data, stage_data
+from potluck.peer.stages.losses import pairwise_reward_loss
+from potluck.peer.stages.models import VALUE_HEAD_FILE, WeightsNotFoundError, load_frozen_causal_lm
+from potluck.peer.stages.rollout import mask_after_eos
+from potluck.protocols.runspec import load_run_spec
+
+CPU = torch.device("cpu")
+
+
+def data_files(tiny_assets) -> dict[str, str]:
+    folder = tiny_assets["train"].parent
+    return {
+        "sft": (str(tiny_assets["train"]), str(tiny_assets["eval"])),
+        "preferences": (str(folder / "preferences_train.jsonl"), str(folder / "preferences_eval.jsonl")),
+        "prompts": (str(folder / "prompts_train.jsonl"), str(folder / "prompts_eval.jsonl")),
+    }
+
+
+STAGE_DATA = {"sft": "sft", "distill": "sft", "rm": "preferences", "dpo": "preferences", "grpo": "prompts",
+              "ppo": "prompts"}  # fmt: skip
+
+
+@pytest.fixture
+def stage_spec(make_spec, tiny_assets):
+    """A loaded spec of ``stage`` on its bundled data, small batches."""
+
+    def build(stage: str, **overrides):
+        train, held_out = data_files(tiny_assets)[STAGE_DATA[stage]]
+        extra = {"teacher": {"path": str(tiny_assets["model"])}} if stage == "distill" else {}
+        settings = {"stage": stage, "data": {"path": train, "eval_path": held_out}, **extra,
+                    "batch": {"target_batch_size": 8, "per_peer_batch_size": 8},
+                    "rl": {"group_size": 4, "max_new_tokens": 4}}  # fmt: skip
+        settings.update(overrides)
+        return load_run_spec(make_spec(**settings))
+
+    return build
+
+
+def first_batch(spec, context):
+    stream = PeerDataStream(spec.data, context.tokenizer, spec.batch.per_peer_batch_size,
+                            stage_data(spec, context.tokenizer))  # fmt: skip
+    return next(stream.batches(0))
+
+
+def built(spec):
+    context = stage_context(spec, CPU, None)
+    stage = make_stage(spec.stage, context)
+    torch.manual_seed(0)
+    return context, stage, stage.build_model()
+
+
+# ------------------------------------------------------------------------------------ data columns (acceptance 6)
+
+
+@pytest.mark.parametrize(
+    ("stage", "data", "missing", "expected"),
+    [
+        ("rm", "sft", "['chosen', 'rejected']", "preference pairs: prompt, chosen, rejected"),
+        ("dpo", "prompts", "['chosen', 'rejected']", "preference pairs: prompt, chosen, rejected"),
+        ("grpo", "sft", "['answer']", "prompt-only: prompt, plus answer"),
+        ("ppo", "preferences", "['answer']", "prompt-only: prompt, plus answer"),
+    ],
+)
+def test_data_without_the_stage_columns_fails_naming_them(
+    stage_spec, tiny_assets, stage, data, missing, expected
+):
+    train, held_out = data_files(tiny_assets)[data]
+    spec = stage_spec(stage, data={"path": train, "eval_path": held_out})
+    with pytest.raises(DatasetFormatError) as caught:
+        check_stage_data(spec)
+    message = str(caught.value)
+    assert f"missing column(s) {missing}" in message
+    assert f"stage {stage!r}" in message and expected in message and "data.path" in message
+
+
+def test_distill_data_must_be_a_language_modeling_format(stage_spec, tiny_assets):
+    train, _ = data_files(tiny_assets)["prompts"]
+    with pytest.raises(
+        DatasetFormatError, match="does not fit stage 'distill'.*prompt/completion, messages or text"
+    ):
+        check_stage_data(stage_spec("distill", data={"path": train, "eval_path": None}))
+
+
+def test_held_out_data_is_checked_too(stage_spec, tiny_assets):
+    train, _ = data_files(tiny_assets)["preferences"]
+    spec = stage_spec("dpo", data={"path": train, "eval_path": str(tiny_assets["eval"])})
+    with pytest.raises(DatasetFormatError, match="data.eval_path"):
+        check_stage_data(spec)
+
+
+def test_run_peer_refuses_bad_columns_before_starting(stage_spec, tiny_assets, tmp_path):
+    """The CLI path: exit code 2 and one line naming the columns, before any model or DHT is started."""
+    train, held_out = data_files(tiny_assets)["sft"]
+    spec = stage_spec("grpo", data={"path": train, "eval_path": held_out})
+    spec_path = tmp_path / "bad.yaml"
+    spec_path.write_text(json.dumps(spec.model_dump(mode="json")))
+    run = subprocess.run([sys.executable, "-m", "potluck.peer.cli", "--run-spec", str(spec_path)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "missing column(s) ['answer']" in run.stderr
+    assert "peer " not in run.stderr  # no DHT was started
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+def test_reward_model_loss_is_bradley_terry_on_chosen_vs_rejected(stage_spec):
+    spec = stage_spec("rm")
+    context, stage, model = built(spec)
+    batch = first_batch(spec, context)
+    assert stage.batch_size(batch) == 8 and batch["input_ids"].shape[0] == 16
+    loss = stage.loss(model, batch)
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    assert torch.allclose(loss, pairwise_reward_loss(scores[:8], scores[8:]), atol=1e-6)
+    assert 0.0 <= stage.last_metrics["pairwise_accuracy"] <= 1.0
+    loss.backward()
+    assert model.score.weight.grad.abs().sum() > 0
+
+
+def test_dpo_starts_at_log2_and_learns_the_preferences(stage_spec):
+    spec = stage_spec("dpo", dpo={"beta": 0.5})
+    context, stage, model = built(spec)
+    batch = first_batch(spec, context)
+    assert math.isclose(stage.loss(model, batch).item(), math.log(2), abs_tol=1e-5)  # policy == reference
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(8):
+        stage.loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert stage.loss(model, batch).item() < math.log(2) - 0.1
+    assert stage.last_metrics["preference_accuracy"] > 0.5
+    assert all(not p.requires_grad for p in stage.reference.parameters())
+
+
+@pytest.mark.parametrize("stage_name", ["grpo", "ppo"])
+def test_rl_stage_rolls_out_scores_and_sends_gradients(stage_spec, stage_name):
+    spec = stage_spec(stage_name)
+    context, stage, model = built(spec)
+    batch = first_batch(spec, context)
+    assert stage.batch_size(batch) == 8 and len(batch["answers"]) == 8
+    # the untrained model never answers right, so every reward (and advantage) would be 0: reward length instead
+    stage.reward = lambda prompts, completions, answers: torch.tensor([float(len(c)) for c in completions])
+    loss = stage.loss(model, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    metrics = stage.last_metrics
+    for name in ("reward_mean", "reward_std", "kl", "policy_loss", "rollout_tokens_per_second"):
+        assert name in metrics
+    if stage_name == "ppo":
+        assert "value_loss" in metrics and model.value_head.weight.grad.abs().sum() > 0
+
+
+def test_completion_mask_stops_after_the_first_eos():
+    eos = 2
+    ids = torch.tensor([[5, 6, eos, 0, 0], [5, 5, 5, 5, 5], [eos, 7, eos, 0, 0]])
+    assert mask_after_eos(ids, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_distill_lowers_the_kl_to_the_teacher(stage_spec, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    spec = stage_spec("sft")
+    context, _, teacher = built(spec)
+    torch.manual_seed(1)
+    for p in teacher.parameters():  # a teacher that differs from the student
+        p.data.add_(0.2 * torch.randn_like(p))
+    teacher.save_pretrained(teacher_dir)
+    context.tokenizer.save_pretrained(teacher_dir)
+    spec = stage_spec("distill", teacher={"path": str(teacher_dir), "temperature": 1.0})
+    context, stage, model = built(spec)
+    batch = first_batch(spec, context)
+    first = stage.loss(model, batch).item()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(6):
+        stage.loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert stage.loss(model, batch).item() < 0.7 * first
+
+
+def test_ppo_checkpoint_is_a_causal_lm_and_resumes_its_value_head(stage_spec, tmp_path):
+    spec = stage_spec("ppo")
+    context, stage, model = built(spec)
+    torch.nn.init.constant_(model.value_head.weight, 0.5)
+    checkpoint = save_checkpoint(tmp_path, spec.run_id, 3, model, context.tokenizer, {}, keep=0)
+    assert (checkpoint.path / VALUE_HEAD_FILE).is_file()
+    load_frozen_causal_lm(str(checkpoint.path), CPU)  # what chat, evaluation and the next stage load
+    resumed = stage.build_model(weights_from=str(checkpoint.path))
+    assert torch.equal(resumed.value_head.weight, model.value_head.weight)
+
+
+def test_init_from_finds_a_run_in_the_save_dir_and_names_a_missing_one(stage_spec, tmp_path):
+    spec = stage_spec("sft")
+    context, _, model = built(spec)
+    save_checkpoint(tmp_path, "sft-run", 5, model, context.tokenizer, {}, keep=0)
+    newest = save_checkpoint(tmp_path, "sft-run", 9, model, context.tokenizer, {}, keep=0)
+    assert stage_context(
+        stage_spec("dpo", init_from="sft-run"), CPU, tmp_path
+    ).start_model.name_or_path == str(newest.path)
+    with pytest.raises(WeightsNotFoundError, match="init_from: 'no-such-run'"):
+        stage_context(stage_spec("dpo", init_from="no-such-run"), CPU, tmp_path)
+
+
+def test_stage_metrics_are_exported():
+    metrics = PeerMetrics("run-x")
+    metrics.stage_step({"reward_mean": 0.25, "kl": 0.01, "generation_seconds": 0.5}, step_seconds=2.0)
+    text = generate_latest(metrics.registry).decode()
+    assert 'potluck_reward_mean{run_id="run-x"} 0.25' in text
+    assert 'potluck_generation_time_share{run_id="run-x"} 0.25' in text

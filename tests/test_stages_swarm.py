@@ -1,0 +1,133 @@
+"""Each RLHF stage, run by a real 2-peer swarm (separate processes, hivemind DHT and averaging on loopback),
+improves its held-out figure from a short SFT warm start (acceptance 1-3 of issue 4).
+
+The warm start (SFT) and the reward model that the RL stages optimise are trained once per module, in-process, by
+the same stage code (``train_in_process``): they are inputs here, not what is under test. Measured margins, and the
+commands that produce them, are in docs/benchmarks.md ("RLHF stages").
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from potluck.peer.checkpoint import latest_checkpoint
+from potluck.peer.data import PeerDataStream
+from potluck.peer.stages import make_stage, stage_context
+from potluck.peer.stages.data import stage_data
+from potluck.peer.stages.evaluation import evaluate_stage
+from potluck.protocols.runspec import RunSpec, load_run_spec
+
+# generous: the module fixture trains two models, and 2-core CI machines are often shared
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+SFT_STEPS, RM_STEPS = 60, 30
+
+
+def train_in_process(spec: RunSpec, steps: int, out, batch_size: int, lr: float) -> str:
+    """Train ``spec``'s stage for ``steps`` plain AdamW steps in this process; save the model to ``out``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(
+        1
+    )  # like each peer (OMP_NUM_THREADS=1): tiny ops spin-wait badly on a shared machine
+    try:
+        return _train(spec, steps, out, batch_size, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(spec: RunSpec, steps: int, out, batch_size: int, lr: float) -> str:
+    torch.manual_seed(spec.seed)
+    context = stage_context(spec, torch.device("cpu"), None)
+    stage = make_stage(spec.stage, context)
+    model = stage.build_model()
+    batches = PeerDataStream(
+        spec.data, context.tokenizer, batch_size, stage_data(spec, context.tokenizer)
+    ).batches(0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
+    for _ in range(steps):
+        stage.loss(model, next(batches)).backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    context.tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def warm_start(tiny_assets, tmp_path_factory) -> dict[str, str]:
+    """A short SFT of the tiny model (a few % exact-match), and a reward model trained from it."""
+    root = tmp_path_factory.mktemp("warm")
+    folder = tiny_assets["train"].parent
+    base = {"run_id": "warm", "model": {"name_or_path": str(tiny_assets["model"])},
+            "batch": {"target_batch_size": 8, "per_peer_batch_size": 8}}  # fmt: skip
+    sft = RunSpec.model_validate({**base, "data": {"path": str(tiny_assets["train"]), "max_length": 16}})
+    sft_dir = train_in_process(sft, SFT_STEPS, root / "sft", batch_size=64, lr=3e-3)
+    rm = RunSpec.model_validate(
+        {**base, "stage": "rm", "init_from": sft_dir,
+         "data": {"path": str(folder / "preferences_train.jsonl"), "max_length": 16}}
+    )  # fmt: skip
+    rm_dir = train_in_process(rm, RM_STEPS, root / "rm", batch_size=32, lr=1e-3)
+    return {"sft": sft_dir, "rm": rm_dir}
+
+
+def stage_settings(stage: str, tiny_assets, warm_start) -> tuple[dict, str, str]:
+    """Run-spec overrides of ``stage``, the held-out figure it should move and which way (``up``/``down``)."""
+    folder = tiny_assets["train"].parent
+    preferences = {
+        "path": str(folder / "preferences_train.jsonl"),
+        "eval_path": str(folder / "preferences_eval.jsonl"),
+    }
+    prompts = {"path": str(folder / "prompts_train.jsonl"), "eval_path": str(folder / "prompts_eval.jsonl")}
+    rl = {"reward": warm_start["rm"], "group_size": 4, "max_new_tokens": 4, "kl_coef": 0.1}
+    small = {"target_batch_size": 64, "per_peer_batch_size": 32}
+    return {
+        "rm": ({"init_from": warm_start["sft"], "data": preferences, "optimizer": {"lr": 2e-3}, "batch": small,
+                "max_global_steps": 30}, "pairwise_accuracy", "up"),
+        "dpo": ({"init_from": warm_start["sft"], "data": preferences, "optimizer": {"lr": 3e-3}, "batch": small,
+                 "max_global_steps": 20}, "preference_accuracy", "up"),
+        "grpo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 3e-4},
+                  "batch": {"target_batch_size": 16, "per_peer_batch_size": 8}, "max_global_steps": 12},
+                 "mean_reward", "up"),
+        "ppo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 3e-4},
+                 "batch": small, "max_global_steps": 12}, "mean_reward", "up"),
+        "distill": ({"teacher": {"path": warm_start["sft"], "temperature": 1.0}, "optimizer": {"lr": 3e-3},
+                     "batch": small, "max_global_steps": 10}, "teacher_kl", "down"),
+    }[stage]  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "grpo", "ppo", "distill"])
+def test_two_peer_stage_improves_its_held_out_figure(
+    stage, tiny_assets, warm_start, make_spec, local_swarm, tmp_path
+):
+    overrides, figure, direction = stage_settings(stage, tiny_assets, warm_start)
+    spec_path = make_spec(run_id=f"swarm-{stage}", stage=stage, **overrides)
+    spec = load_run_spec(spec_path)
+    before = evaluate_stage(spec, spec.init_from or spec.model.name_or_path)
+
+    swarm = local_swarm(spec_path)
+    for i in (1, 2):
+        peer = swarm.start_peer(f"peer{i}", ["--save-dir", str(tmp_path / f"peer{i}"), "--min-peers", "2"])
+        if i == 1:
+            swarm.wait_for_address(peer)
+    codes = swarm.wait_all(timeout=240)
+    assert codes == [0, 0], "\n".join(p.log()[-2000:] for p in swarm.peers)
+    assert f"{stage} metrics of the last batch" in swarm.peers[0].log()
+
+    checkpoint = latest_checkpoint(tmp_path / "peer1", spec.run_id)
+    assert checkpoint is not None and checkpoint.global_step == spec.max_global_steps
+    after = evaluate_stage(spec, str(checkpoint.path))
+    print(f"{stage}: {figure} {before[figure]:.3f} -> {after[figure]:.3f}  (all: {before} -> {after})")
+    if direction == "up":
+        # DPO's margin is the smallest and varies most between runs (peers' data order and averaging timing
+        # differ each time): +0.020 and +0.081 in two runs, docs/benchmarks.md
+        margin = 0.01 if stage == "dpo" else 0.05
+        assert after[figure] > before[figure] + margin, (before, after)
+    else:
+        assert after[figure] < 0.8 * before[figure], (before, after)
+    if stage in ("grpo", "ppo"):
+        assert after["kl"] < 1.0, after  # the KL penalty keeps the policy near the SFT model
+    if stage == "rm":
+        assert after["pairwise_accuracy"] > 0.55  # clearly above chance (0.5)
