@@ -196,7 +196,6 @@ def run_peer(
                 batches=slowed_down(batches, slowdown) if slowdown > 1 else batches,
                 device=device,
                 max_global_steps=max_steps,
-                target_batch_size=spec.batch.target_batch_size,
                 metrics=metrics,
                 progress=ProgressDisplay(max_steps, interval=options.progress_interval),
                 stop=stop,

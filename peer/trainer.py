@@ -60,7 +60,6 @@ class Trainer:
         batches: Iterator[dict[str, torch.Tensor]],
         device: torch.device,
         max_global_steps: int,
-        target_batch_size: int,
         metrics: PeerMetrics,
         progress: ProgressDisplay,
         stop: threading.Event,
@@ -73,7 +72,6 @@ class Trainer:
         self.batches = batches
         self.device = device
         self.max_global_steps = max_global_steps
-        self.target_batch_size = target_batch_size
         self.metrics = metrics
         self.progress = progress
         self.stop = stop
@@ -109,11 +107,12 @@ class Trainer:
             progress = self.strategy.progress()
             if stepped:
                 now = time.perf_counter()
-                swarm_rate.observe(self.target_batch_size, now - last_global_time)
+                # the strategy's samples per global step (DiLoCo: peers x inner steps x batch)
+                swarm_rate.observe(progress.target_batch_size, now - last_global_time)
                 last_global_time = now
                 self.on_global_step(self.strategy.global_step)
             self.metrics.swarm(progress.global_step, progress.peers, swarm_rate.rate)
-            remaining = (self.max_global_steps - progress.global_step) * self.target_batch_size
+            remaining = (self.max_global_steps - progress.global_step) * progress.target_batch_size
             eta = remaining / swarm_rate.rate if swarm_rate.rate > 0 else float("nan")
             self.progress.update(
                 progress.global_step, loss_value, local_rate.rate, swarm_rate.rate, progress.peers, eta

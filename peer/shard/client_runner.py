@@ -72,7 +72,6 @@ def train_through_shards(
                 batches=data.batches(peer_seed(spec.seed, str(dht.peer_id))),
                 device=torch.device("cpu"),
                 max_global_steps=max_steps,
-                target_batch_size=spec.batch.target_batch_size,
                 metrics=metrics,
                 progress=ProgressDisplay(max_steps, interval=options.progress_interval),
                 stop=stop,
