@@ -80,8 +80,11 @@ class SwarmAwareTracker(ProgressTracker):
             self.performance_ema.reset_timer()
         self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
         now = get_dht_time()
-        # a new global step or a reset is published at once: others catch up on it
-        if added <= 0 or now - self._last_published_at >= self.min_report_interval:
+        # Published at once: a new global step or a reset (others catch up on it), and the step's first
+        # batch: hivemind's publishing thread stores records only while it has seen this peer report
+        # samples in the current or last step, and stops publishing altogether otherwise.
+        first_batch = added > 0 and samples_accumulated == added
+        if added <= 0 or first_batch or now - self._last_published_at >= self.min_report_interval:
             self._last_published_at = now
             self.should_report_progress.set()
 

@@ -88,8 +88,9 @@ def test_a_peer_that_has_not_trained_yet_makes_the_tracker_look_again_soon(track
 
 def test_progress_is_published_at_most_every_interval_within_a_step_and_at_once_on_a_new_step(tracker):
     published = tracker.should_report_progress  # wakes the thread that stores the record in the DHT
+    assert published.is_set()  # the fixture's report, the first batch of step 5
     published.clear()
-    tracker.report_local_progress(5, 2 * BATCH)  # right after the fixture's report: held back
+    tracker.report_local_progress(5, 2 * BATCH)  # right after it: held back
     assert not published.is_set()
     tracker._last_published_at -= tracker.min_report_interval
     tracker.report_local_progress(5, 3 * BATCH)
