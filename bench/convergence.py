@@ -4,8 +4,8 @@ What is measured
     Two ``run-peer`` processes (``potluck.peer.local_swarm.LocalSwarm`` on loopback, ``--min-peers 2``
     so they start together, one thread each) fine-tune the bundled tiny model on the bundled
     arithmetic task for ``--steps`` global steps (target_batch_size 128, per_peer_batch_size 64,
-    lr 3e-3 with 10 warm-up steps, matchmaking_time 0.5 s: the demo's settings). Then a single process
-    with a plain torch loop (AdamW and LR schedule as the swarm's, no hivemind) trains the same model
+    lr 3e-3 with 10 warm-up steps, matchmaking_time 0.5 s: the demo's first settings). Then a single
+    process with a plain torch loop (AdamW and LR schedule as the swarm's, no hivemind) trains the same model
     from the same initial weights. Both final models are evaluated on the held-out problems with
     ``potluck.peer.evaluate.evaluate`` (per-token loss on the completions, exact-match accuracy).
 
@@ -74,8 +74,8 @@ from potluck.peer.tools_cli import build_assets, evaluate_spec
 from potluck.protocols.runspec import RunSpec, load_run_spec
 
 PEERS = 2
-# NOTE: mirrors DEMO_SPEC in peer/demo.py, spelled out so that the recorded figures stay comparable
-# when the demo's settings change.
+# NOTE: the demo's settings when the first figures were recorded (peer/demo.py has since moved to
+# batches of 128/256), spelled out so that the recorded figures stay comparable.
 SPEC = {
     "run_id": "bench-convergence",
     "model": {"name_or_path": "./tiny-model"},
