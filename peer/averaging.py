@@ -142,13 +142,39 @@ class _DownloadRecorder(DecentralizedAverager):
 class _ObservedStateAverager(TrainingStateAverager, _DownloadRecorder, _ThrottledDeclaration):
     """MRO: TrainingStateAverager's ``super().load_state_from_peers`` lands in the recorder."""
 
+    applied_epoch: int | None = None
+    """The global step whose optimizer update the parameters hold; None: as ``local_epoch`` says
+    (after a state download or a checkpoint, before this peer's next step)."""
+
     def get_current_state(self):
         # hivemind hands out the live offloaded tensors (.cpu() of a CPU tensor is itself), which are
         # streamed to the newcomer later while the next optimizer step writes them: a restarted peer
         # got 8 tensors of global step 12 and 12 of step 13. Copy them between optimizer steps.
+        # hivemind also counts local_epoch up *before* the step's update runs in its executor, so a
+        # download in between was labelled one step ahead of its parameters (a newcomer 3e-3 from
+        # the donors' checkpoint of the step it reported): label what the parameters hold.
         with self.lock_optimizer:
             metadata, tensors, infos = super().get_current_state()
+            if self.applied_epoch is not None:
+                metadata["epoch"] = self.applied_epoch
             return metadata, [t.clone() for t in tensors], infos
+
+    def record_applied_epochs(self) -> None:
+        """Note the global step of every optimizer update, inside hivemind's optimizer lock."""
+        step = self.optimizer.step
+
+        def step_and_record(*args, **kwargs):
+            result = step(*args, **kwargs)
+            self.applied_epoch = self.local_epoch  # hivemind waits for this step before the next epoch
+            return result
+
+        self.optimizer.step = step_and_record
+
+    def load_state_from_peers(self, *args, **kwargs):
+        loaded = super().load_state_from_peers(*args, **kwargs)
+        if self.last_download_ok:  # the parameters are the donor's, of the step its metadata says
+            self.applied_epoch = None
+        return loaded
 
 
 class _BoundedOptimizer(Optimizer):
@@ -178,6 +204,7 @@ class _BoundedOptimizer(Optimizer):
         # NOTE: hivemind builds its state averager inside __init__; swapping in a subclass that only
         # adds bookkeeping to the parent-process side is the least invasive way to observe downloads.
         self.state_averager.__class__ = _ObservedStateAverager
+        self.state_averager.record_applied_epochs()
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> SwarmAwareTracker:
         # hivemind's tracker counts other peers' samples only as of its last DHT fetch, so fast peers
@@ -381,6 +408,7 @@ class GradientAveraging(AveragingStrategy):
         self._optimizer.load_state_dict(state)
         averager, tracker = self._optimizer.state_averager, self._optimizer.tracker
         averager._update_scheduler()  # the learning rate of the restored global step
+        averager.applied_epoch = None  # the parameters are the checkpoint's, of its global step
         # Tell the tracker too: until it would next fetch from the DHT (up to 10 s) it counts samples
         # only toward the epoch it believes in, and would keep accumulating far past the target batch.
         with tracker.pause_updates():
