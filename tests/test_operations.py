@@ -336,3 +336,16 @@ def test_every_alert_has_unit_tests_that_pass():
         "PotluckAveragingFailureRateHigh",
     }
     assert names <= {r["alert"] for r in alert_rules()}
+
+
+def test_the_image_install_ships_every_subpackage():
+    """The image installs the package non-editably (``pip install .``): a folder with an ``__init__.py``
+    missing from pyproject's explicit package list would be left out of it and fail at import there only."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    for name, folder in setuptools["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            assert ".".join((name, *relative)) in listed, f"{init.parent} is not in pyproject's packages"
