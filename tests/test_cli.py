@@ -25,6 +25,17 @@ def test_gpu_without_cuda_is_a_one_line_error(make_spec):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_index_past_the_machines_devices_is_a_one_line_error(make_spec):
+    missing = torch.cuda.device_count()
+    result = run_peer("--run-spec", str(make_spec()), "--gpu", str(missing))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"--gpu {missing}" in lines[0] and f"0..{missing - 1}" in lines[0]
+
+
 def test_bad_spec_exits_with_the_field_named(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(

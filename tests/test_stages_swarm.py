@@ -89,7 +89,7 @@ def stage_settings(stage: str, tiny_assets, warm_start) -> tuple[dict, str, str]
     return {
         "rm": ({"init_from": warm_start["sft"], "data": preferences, "optimizer": {"lr": 2e-3}, "batch": small,
                 "max_global_steps": 60}, "pairwise_accuracy", "up"),
-        "dpo": ({"init_from": warm_start["sft"], "data": preferences, "optimizer": {"lr": 3e-3}, "batch": small,
+        "dpo": ({"init_from": warm_start["sft"], "data": preferences, "optimizer": {"lr": 1e-3}, "batch": small,
                  "max_global_steps": 20}, "preference_accuracy", "up"),
         "grpo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 3e-4},
                   "batch": {"target_batch_size": 16, "per_peer_batch_size": 8}, "max_global_steps": 12},

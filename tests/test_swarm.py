@@ -34,17 +34,26 @@ def checkpoint_at(save_dir: Path, step: int) -> Path:
     return found[step]
 
 
+ON_GPU = pytest.param(
+    ["--gpu", "0"],
+    id="gpu",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+)
+"""Both peers on CUDA device 0: gradients, averaging and checkpoints from GPU tensors."""
+
+
 @pytest.mark.timeout(400)
-def test_two_peers_end_equal_and_loss_falls(make_spec, local_swarm, tmp_path):
+@pytest.mark.parametrize("device", [pytest.param([], id="cpu"), ON_GPU])
+def test_two_peers_end_equal_and_loss_falls(device, make_spec, local_swarm, tmp_path):
     steps = 12
     spec_path = make_spec(max_global_steps=steps)
     swarm = local_swarm(spec_path)
     port = free_port()
     first = swarm.start_peer(
-        "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2", "--metrics-port", str(port)]
+        "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2", "--metrics-port", str(port), *device]
     )
     swarm.wait_for_address(first)
-    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"])
+    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2", *device])
 
     # while training: the peer's Prometheus endpoint reports the swarm
     text = wait_until(
