@@ -162,6 +162,9 @@ class Collector:
                     r.loss,
                     r.samples_per_second,
                     r.samples_total,
+                    r.bytes_sent,
+                    r.bytes_received,
+                    r.compute_utilisation,
                 )
                 for r in found.records.values()
             ]
@@ -172,12 +175,16 @@ class Collector:
         if not reports:
             return
         losses = [r.loss for r in reports if r.loss is not None]
+        utilisations = [r.compute_utilisation for r in reports if r.compute_utilisation is not None]
         point = HistoryPoint(
             collected_at=now,
             global_step=max(r.global_step for r in reports),
             loss=sum(losses) / len(losses) if losses else None,
             samples_per_second=sum(r.samples_per_second for r in reports),
             peers=len(reports),
+            bytes_sent=sum(r.bytes_sent for r in reports),
+            bytes_received=sum(r.bytes_received for r in reports),
+            compute_utilisation=sum(utilisations) / len(utilisations) if utilisations else None,
         )
         self.store.add_history_point(run_id, point)
         self.metrics.global_step.labels(run_id).set(point.global_step)
@@ -186,11 +193,10 @@ class Collector:
             self.metrics.loss.labels(run_id).set(point.loss)
         self.metrics.rounds.labels(run_id, "succeeded").set(sum(r.averaging_succeeded for r in reports))
         self.metrics.rounds.labels(run_id, "failed").set(sum(r.averaging_failed for r in reports))
-        self.metrics.averaging_bytes.labels(run_id, "sent").set(sum(r.bytes_sent for r in reports))
-        self.metrics.averaging_bytes.labels(run_id, "received").set(sum(r.bytes_received for r in reports))
-        utilisations = [r.compute_utilisation for r in reports if r.compute_utilisation is not None]
-        if utilisations:
-            self.metrics.utilisation.labels(run_id).set(sum(utilisations) / len(utilisations))
+        self.metrics.averaging_bytes.labels(run_id, "sent").set(point.bytes_sent)
+        self.metrics.averaging_bytes.labels(run_id, "received").set(point.bytes_received)
+        if point.compute_utilisation is not None:
+            self.metrics.utilisation.labels(run_id).set(point.compute_utilisation)
         for r in sorted(reports, key=lambda r: r.peer_id)[:MAX_PEER_SERIES]:
             short = r.peer_id[-12:]
             self.metrics.peer_step.labels(run_id, short).set(r.global_step)

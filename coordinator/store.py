@@ -3,10 +3,15 @@
 Every write is one transaction: an error (duplicate run, unknown run) leaves the database untouched.
 Several threads (gRPC workers, the collector, the web server) share one ``RunStore``; each call opens
 its own short-lived connection, which SQLite serialises.
+
+Schema changes are additive only: a column added after the first release is listed in ``_ADDED_COLUMNS``
+and added to an older database file when the store opens it (rows written before read it as NULL), so
+a coordinator upgraded in place keeps its runs and history.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -33,6 +38,9 @@ CREATE TABLE IF NOT EXISTS peer_reports (
     loss        REAL,
     samples_per_second REAL NOT NULL,
     samples_total INTEGER NOT NULL,
+    bytes_sent  INTEGER,
+    bytes_received INTEGER,
+    compute_utilisation REAL,
     PRIMARY KEY (run_id, peer_id, reported_at)
 );
 CREATE TABLE IF NOT EXISTS known_peers (
@@ -47,9 +55,26 @@ CREATE TABLE IF NOT EXISTS run_history (
     loss        REAL,
     samples_per_second REAL NOT NULL,
     peers       INTEGER NOT NULL,
+    bytes_sent  INTEGER,
+    bytes_received INTEGER,
+    compute_utilisation REAL,
     PRIMARY KEY (run_id, collected_at)
 );
 """
+_ACCOUNTING = (("bytes_sent", "INTEGER"), ("bytes_received", "INTEGER"), ("compute_utilisation", "REAL"))
+_ADDED_COLUMNS = {"peer_reports": _ACCOUNTING, "run_history": _ACCOUNTING}
+"""Columns newer than a database file may be: ``table -> ((column, type), ...)``, nullable."""
+_REPORT_COLUMNS = ", ".join(
+    ("run_id", "peer_id", "reported_at", "global_step", "loss", "samples_per_second", "samples_total")
+    + tuple(name for name, _ in _ACCOUNTING)
+)
+_HISTORY_COLUMNS = ", ".join(
+    ("collected_at", "global_step", "loss", "samples_per_second", "peers")
+    + tuple(name for name, _ in _ACCOUNTING)
+)
+_LATEST_REPORT_COLUMNS = _REPORT_COLUMNS.replace("reported_at", "MAX(reported_at)")
+_REPORT_VALUES = ", ".join("?" * len(_REPORT_COLUMNS.split(",")))
+_HISTORY_VALUES = ", ".join("?" * len(_HISTORY_COLUMNS.split(",")))
 
 
 class RunExists(Exception):
@@ -78,17 +103,26 @@ class PeerReportRow:
     loss: float | None
     samples_per_second: float
     samples_total: int
+    bytes_sent: int | None = None
+    """Payload bytes the peer sent in averaging rounds so far (``None``: stored by an older coordinator)."""
+    bytes_received: int | None = None
+    compute_utilisation: float | None = None
+    """Time computing / wall time since the peer's first step (``None``: not reported yet)."""
 
 
 @dataclass(frozen=True)
 class HistoryPoint:
-    """The swarm of one run at one collection: max global step, mean loss, summed throughput, peers online."""
+    """The swarm of one run at one collection: max global step, mean loss, summed throughput, peers online,
+    averaging bytes summed over the online peers and their mean compute utilisation."""
 
     collected_at: float
     global_step: int
     loss: float | None
     samples_per_second: float
     peers: int
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    compute_utilisation: float | None = None
 
 
 class RunStore:
@@ -96,6 +130,11 @@ class RunStore:
         self.path = str(path)
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            for table, columns in _ADDED_COLUMNS.items():
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, sql_type in columns:
+                    if name not in present:  # a file written by an older coordinator
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -153,40 +192,23 @@ class RunStore:
         """Store reports; a report already stored (same run, peer and time) is skipped."""
         with self._connect() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO peer_reports VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.run_id,
-                        r.peer_id,
-                        r.reported_at,
-                        r.global_step,
-                        r.loss,
-                        r.samples_per_second,
-                        r.samples_total,
-                    )
-                    for r in reports
-                ],
+                f"INSERT OR IGNORE INTO peer_reports ({_REPORT_COLUMNS}) VALUES ({_REPORT_VALUES})",
+                [dataclasses.astuple(r) for r in reports],
             )
 
     def add_history_point(self, run_id: str, point: HistoryPoint) -> None:
         with self._connect() as db:
             db.execute(
-                "INSERT OR REPLACE INTO run_history VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    run_id,
-                    point.collected_at,
-                    point.global_step,
-                    point.loss,
-                    point.samples_per_second,
-                    point.peers,
-                ),
+                f"INSERT OR REPLACE INTO run_history (run_id, {_HISTORY_COLUMNS}) "
+                f"VALUES (?, {_HISTORY_VALUES})",
+                (run_id, *dataclasses.astuple(point)),
             )
 
     def history(self, run_id: str, limit: int = 2000) -> list[HistoryPoint]:
         """The newest ``limit`` points of a run, oldest first."""
         with self._connect() as db:
             rows = db.execute(
-                "SELECT collected_at, global_step, loss, samples_per_second, peers FROM run_history "
+                f"SELECT {_HISTORY_COLUMNS} FROM run_history "
                 "WHERE run_id = ? ORDER BY collected_at DESC LIMIT ?",
                 (run_id, limit),
             ).fetchall()
@@ -195,9 +217,10 @@ class RunStore:
     def latest_peer_reports(self, run_id: str, since: float) -> list[PeerReportRow]:
         """Each peer's newest report after ``since`` (a timestamp)."""
         with self._connect() as db:
+            # SQLite takes the other columns of a GROUP BY from the row that holds the MAX().
             rows = db.execute(
-                "SELECT run_id, peer_id, MAX(reported_at), global_step, loss, samples_per_second, samples_total "
-                "FROM peer_reports WHERE run_id = ? AND reported_at >= ? GROUP BY peer_id ORDER BY peer_id",
+                f"SELECT {_LATEST_REPORT_COLUMNS} FROM peer_reports "
+                "WHERE run_id = ? AND reported_at >= ? GROUP BY peer_id ORDER BY peer_id",
                 (run_id, since),
             ).fetchall()
         return [PeerReportRow(*row) for row in rows]

@@ -10,6 +10,12 @@ Routes (all ``GET``)::
     /metrics              Prometheus exposition of the registry passed in
     /api/runs             every run with its latest history point
     /api/runs/<run_id>    one run, its history and the peers that reported in the last ``PEER_WINDOW_S``
+
+A history point and a peer row carry the averaging accounting the peers report: ``bytes_sent`` /
+``bytes_received`` (payload bytes in averaging rounds so far; a history point sums the online peers)
+and ``compute_utilisation`` (time computing / wall time; a history point averages the peers that
+report it). Each is ``null`` where unknown (points stored by an older coordinator, a peer that has not
+stepped yet).
     /healthz              ``ok``
 
 The chart library is served from the Python package rather than a CDN so that the dashboard works on a
@@ -117,6 +123,9 @@ def _history_point(point: HistoryPoint) -> dict:
         "loss": _finite(point.loss),
         "samples_per_second": _finite(point.samples_per_second),
         "peers": point.peers,
+        "bytes_sent": point.bytes_sent,
+        "bytes_received": point.bytes_received,
+        "compute_utilisation": _finite(point.compute_utilisation),
     }
 
 
@@ -137,6 +146,7 @@ def run_view(store: RunStore, run_id: str, now: float | None = None) -> dict:
         row = dataclasses.asdict(report)
         row["loss"] = _finite(report.loss)
         row["samples_per_second"] = _finite(report.samples_per_second)
+        row["compute_utilisation"] = _finite(report.compute_utilisation)
         peers.append(row)
     return {
         "run": _run_summary(store, run),

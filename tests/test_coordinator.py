@@ -8,6 +8,7 @@ import re
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from hivemind.dht import DHT
@@ -25,8 +26,10 @@ from potluck.protocols.records import (
     read_reports,
     record_validators,
 )
+from tests.browser import capture_page, find_chromium
 from tests.conftest import _STARTED_GROUPS
 from tests.helpers import metric, wait_until
+from tests.test_dashboard import body_attributes, peer_cells
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +85,30 @@ def test_peers_join_through_the_coordinator_and_it_survives_a_restart(
 
     wait_until(both_peers_rising, 240, "both peers and a rising global step at the coordinator")
     assert metric(coord.get("/metrics"), "potluck_run_global_step") > 0
+
+    # the peers' averaging accounting reaches the dashboard's JSON, /metrics and the page
+    def accounting(row: dict) -> bool:
+        utilisation = row["compute_utilisation"]
+        return bool(row["bytes_sent"] and row["bytes_received"] and utilisation and 0 < utilisation <= 1)
+
+    def accounting_reported():
+        report = coord.run_report(run_id)
+        rows = [*report["peers"], report["history"][-1]]
+        return len(report["peers"]) == 2 and all(map(accounting, rows))
+
+    wait_until(accounting_reported, 120, "both peers' averaging bytes and utilisation at the coordinator")
+    text = coord.get("/metrics")
+    assert metric_with(text, "potluck_run_averaging_bytes", 'direction="sent"') > 0
+    assert 0 < metric(text, "potluck_run_compute_utilisation") <= 1
+    if find_chromium() is not None:  # test_dashboard.py checks the formatting; here: real values arrive
+        url = f"{coord.dashboard}?run={quote(run_id)}"
+        page = capture_page(url, tmp_path / "profile", virtual_time_ms=6_000)
+        body = body_attributes(page.dom)
+        assert body.get("data-ready") == "1" and body["data-peer-rows"] == "2", page.dom[:3000]
+        assert int(body["data-bytes-sent"]) > 0 and 0 < float(body["data-utilisation"]) <= 1
+        sent, utilisation = peer_cells(page.dom, "bytes-sent"), peer_cells(page.dom, "utilisation")
+        assert all(re.fullmatch(r"[\d.]+ (B|KiB|MiB|GiB)", cell) for cell in sent), sent
+        assert all(re.fullmatch(r"[\d.]+ %", cell) for cell in utilisation), utilisation
 
     # kill it: training goes on without it
     history_before = len(coord.run_report(run_id)["history"])

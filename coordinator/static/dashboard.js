@@ -8,6 +8,8 @@
 //   data-loss-points="N"   points in the loss plot (history points with a loss)
 //   data-step-points="N"   points in the global-step plot
 //   data-peer-rows="N"     rows in the peers table
+//   data-bytes-sent="N"    the selected run's averaging bytes sent (latest point, all online peers; "" if unknown)
+//   data-bytes-received="N", data-utilisation="X"   the same for bytes received and mean compute utilisation
 //   data-fetch-errors="N"  API requests that failed (network down, server error)
 //   data-errors="N"        script errors recorded in <pre id="errors">
 "use strict";
@@ -80,6 +82,23 @@
     return value === null || value === undefined ? "–" : Number(value).toPrecision(4);
   }
 
+  // Binary units, as the benchmarks report them; averaging totals reach GiB on long runs.
+  function fmtBytes(value) {
+    if (value === null || value === undefined) return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let scaled = Number(value);
+    let unit = 0;
+    while (scaled >= 1024 && unit < units.length - 1) {
+      scaled /= 1024;
+      unit += 1;
+    }
+    return unit === 0 ? `${scaled} B` : `${scaled.toFixed(1)} ${units[unit]}`;
+  }
+
+  function fmtPercent(fraction) {
+    return fraction === null || fraction === undefined ? "–" : `${(100 * fraction).toFixed(1)} %`;
+  }
+
   function fmtAge(seconds) {
     if (seconds < 60) return `${Math.max(0, Math.round(seconds))} s ago`;
     if (seconds < 3600) return `${Math.round(seconds / 60)} min ago`;
@@ -124,6 +143,14 @@
         el("td", { className: "num" }, fmtLoss(latest.loss)),
         el("td", { className: "num" }, fmtNumber(latest.samples_per_second, 1)),
         el("td", { className: "num" }, latest.peers === undefined ? "–" : String(latest.peers)),
+        el(
+          "td",
+          { className: "num" },
+          latest.bytes_sent === null || latest.bytes_sent === undefined
+            ? "–"
+            : `${fmtBytes(latest.bytes_sent)} / ${fmtBytes(latest.bytes_received)}`,
+        ),
+        el("td", { className: "num" }, fmtPercent(latest.compute_utilisation)),
         el("td", {}, fmtTime(run.created_at)),
       );
       if (run.run_id === selectedId) row.className = "selected";
@@ -148,6 +175,15 @@
       showlegend: false,
       font: { size: 11 },
     };
+  }
+
+  // Gaps (null) stay gaps: points from an older coordinator, or before any peer reported accounting.
+  function mib(bytes) {
+    return bytes === null || bytes === undefined ? null : bytes / 2 ** 20;
+  }
+
+  function percent(fraction) {
+    return fraction === null || fraction === undefined ? null : 100 * fraction;
   }
 
   async function renderPlots(history) {
@@ -176,6 +212,24 @@
         Object.assign(plotLayout("peers"), { yaxis: { title: { text: "peers" }, rangemode: "tozero", dtick: 1 } }),
         PLOT_CONFIG,
       ),
+      Plotly.react(
+        "plot-bytes",
+        [
+          lineTrace(times, history.map((p) => mib(p.bytes_sent)), { name: "sent", line: { color: "#bc4c00" } }),
+          lineTrace(times, history.map((p) => mib(p.bytes_received)), {
+            name: "received",
+            line: { color: "#0550ae", dash: "dot" },
+          }),
+        ],
+        Object.assign(plotLayout("MiB"), { showlegend: true, legend: { orientation: "h", y: 1.15 } }),
+        PLOT_CONFIG,
+      ),
+      Plotly.react(
+        "plot-utilisation",
+        [lineTrace(times, history.map((p) => percent(p.compute_utilisation)), { line: { color: "#1a7f37" } })],
+        Object.assign(plotLayout("% of wall time"), { yaxis: { title: { text: "% of wall time" }, range: [0, 100] } }),
+        PLOT_CONFIG,
+      ),
     ]);
     document.body.dataset.lossPoints = String(losses.filter((v) => v !== null).length);
     document.body.dataset.stepPoints = String(times.length);
@@ -191,6 +245,9 @@
         el("td", { className: "num" }, fmtLoss(peer.loss)),
         el("td", { className: "num" }, fmtNumber(peer.samples_per_second, 1)),
         el("td", { className: "num" }, String(peer.samples_total)),
+        el("td", { className: "num bytes-sent" }, fmtBytes(peer.bytes_sent)),
+        el("td", { className: "num bytes-received" }, fmtBytes(peer.bytes_received)),
+        el("td", { className: "num utilisation" }, fmtPercent(peer.compute_utilisation)),
         el("td", { className: "num" }, fmtAge(serverTime - peer.reported_at)),
       ),
     );
@@ -210,7 +267,23 @@
       return;
     }
     await renderPlots(detail.history);
+    renderAccounting(detail.history.length ? detail.history[detail.history.length - 1] : null);
     renderPeers(detail.peers, detail.server_time);
+  }
+
+  function renderAccounting(latest) {
+    const point = latest || {};
+    const known = (value) => (value === null || value === undefined ? "" : String(value));
+    document.getElementById("run-bytes-sent").textContent = fmtBytes(point.bytes_sent);
+    document.getElementById("run-bytes-received").textContent = fmtBytes(point.bytes_received);
+    document.getElementById("run-utilisation").textContent = fmtPercent(point.compute_utilisation);
+    document.getElementById("run-waiting").textContent =
+      point.compute_utilisation === null || point.compute_utilisation === undefined
+        ? "–"
+        : fmtPercent(1 - point.compute_utilisation);
+    document.body.dataset.bytesSent = known(point.bytes_sent);
+    document.body.dataset.bytesReceived = known(point.bytes_received);
+    document.body.dataset.utilisation = known(point.compute_utilisation);
   }
 
   // -- refresh loop ------------------------------------------------------------------------------------
