@@ -20,8 +20,13 @@ make the others step early; an estimate that is too low only brings back hivemin
 
 from __future__ import annotations
 
+import asyncio
+
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.utils.logging import get_logger
 from hivemind.utils.timed_storage import get_dht_time
+
+logger = get_logger(__name__)
 
 
 class SwarmAwareTracker(ProgressTracker):
@@ -38,7 +43,8 @@ class SwarmAwareTracker(ProgressTracker):
     _step_started_at: float = 0.0
     _local_batch: int = 1
     _last_published_at: float = 0.0
-    """Samples of this peer's last local batch."""
+    _samples_epoch: float = -float("inf")
+    """The last local epoch in which this peer reported samples (the publisher's test of activity)."""
 
     def _parse_swarm_progress_data(self, metadata):
         progress = super()._parse_swarm_progress_data(metadata)
@@ -76,17 +82,51 @@ class SwarmAwareTracker(ProgressTracker):
         if added > 0:
             self.performance_ema.update(task_size=added)
             self._local_batch = added
+            self._samples_epoch = local_epoch
         else:
             self.performance_ema.reset_timer()
         self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
         now = get_dht_time()
-        # Published at once: a new global step or a reset (others catch up on it), and the step's first
-        # batch: hivemind's publishing thread stores records only while it has seen this peer report
-        # samples in the current or last step, and stops publishing altogether otherwise.
-        first_batch = added > 0 and samples_accumulated == added
-        if added <= 0 or first_batch or now - self._last_published_at >= self.min_report_interval:
+        # Published at once: a new global step or a reset (others catch up on it); else at most every
+        # min_report_interval.
+        if added <= 0 or now - self._last_published_at >= self.min_report_interval:
             self._last_published_at = now
             self.should_report_progress.set()
+
+    async def _progress_reporter(self):
+        # NOTE: hivemind's own loop, except for its test of whether this peer is still training. hivemind
+        # looks at the samples accumulated at the moment the loop wakes, and stops publishing once it has
+        # seen none for two global steps, which is every time when steps are shorter than
+        # min_report_interval (each wake-up then follows a reset). The peer then vanishes from the
+        # others' view of the swarm. Here the test is the epoch of the last batch reported, whenever.
+        store_task = None
+        last_report_time = -float("inf")
+        try:
+            while not self.shutdown_triggered.is_set():
+                wait_timeout = max(0.0, last_report_time - get_dht_time() + self.metadata_expiration / 2)
+                await asyncio.get_event_loop().run_in_executor(
+                    None, self.should_report_progress.wait, wait_timeout
+                )
+                self.should_report_progress.clear()
+                local_progress = self.local_progress
+                last_report_time = get_dht_time()
+                if self._samples_epoch >= self.global_epoch - 1:
+                    store_task = asyncio.create_task(
+                        asyncio.wait_for(
+                            self.dht.store(
+                                key=self.training_progress_key,
+                                subkey=self._local_public_key,
+                                value=local_progress.dict(),
+                                expiration_time=last_report_time + self.metadata_expiration,
+                                return_future=True,
+                            ),
+                            timeout=self.metadata_expiration,
+                        )
+                    )
+        finally:
+            logger.log(self.status_loglevel, f"No longer reporting progress for {self.prefix}")
+            if store_task is not None:
+                store_task.cancel()
 
     def others_samples_estimate(self, now: float | None = None) -> tuple[float, float]:
         """(samples the other peers have accumulated toward this global step, their samples/s), estimated."""

@@ -6,6 +6,7 @@ tracker parses what it fetches, so the decision rule is tested without timing ra
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +16,7 @@ from hivemind.utils.performance_ema import PerformanceEMA
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from potluck.peer.tracker import SwarmAwareTracker
+from tests.helpers import wait_until
 
 TARGET, BATCH, RATE = 128, 64, 640.0  # another peer finishes a batch of 64 every 0.1 s
 
@@ -88,9 +90,8 @@ def test_a_peer_that_has_not_trained_yet_makes_the_tracker_look_again_soon(track
 
 def test_progress_is_published_at_most_every_interval_within_a_step_and_at_once_on_a_new_step(tracker):
     published = tracker.should_report_progress  # wakes the thread that stores the record in the DHT
-    assert published.is_set()  # the fixture's report, the first batch of step 5
     published.clear()
-    tracker.report_local_progress(5, 2 * BATCH)  # right after it: held back
+    tracker.report_local_progress(5, 2 * BATCH)  # right after the fixture's reports: held back
     assert not published.is_set()
     tracker._last_published_at -= tracker.min_report_interval
     tracker.report_local_progress(5, 3 * BATCH)
@@ -99,3 +100,29 @@ def test_progress_is_published_at_most_every_interval_within_a_step_and_at_once_
     with tracker.pause_updates():
         tracker.update_epoch(6)  # a new global step: others must see it at once
     assert published.is_set()
+
+
+def test_a_peer_whose_steps_are_shorter_than_the_interval_keeps_publishing(dht):
+    """hivemind's publisher stops once it wakes twice in a row to a reset (no samples yet), which is
+    every time when each global step takes less than ``min_report_interval``: the peer then vanished
+    from the other peers' view of the swarm (late joiners saw a swarm of one)."""
+    tracker = SwarmAwareTracker(dht=dht, prefix="tracker-short-steps", target_batch_size=BATCH, start=True)
+    try:
+        for epoch in range(1, 41):
+            with tracker.pause_updates():
+                tracker.update_epoch(epoch)
+            time.sleep(0.01)  # the local batch's compute: global steps of ~10 ms
+            tracker.report_local_progress(epoch, BATCH)
+
+        def published_epoch() -> int | None:
+            found = dht.get(tracker.training_progress_key, latest=True)
+            if found is None or not isinstance(found.value, dict):
+                return None
+            records = [LocalTrainingProgress.parse_obj(v.value) for v in found.value.values()]
+            return max(r.epoch for r in records)
+
+        wait_until(
+            lambda: (published_epoch() or 0) >= 40, timeout=10, what="the record of step 40 in the DHT"
+        )
+    finally:
+        tracker.shutdown()
