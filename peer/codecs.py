@@ -5,13 +5,23 @@ with ``int(np.frombuffer(..., count=1))``: NumPy 2 refuses to turn a 1-element a
 every 8-bit tensor fails to *decode* (encoding works), and an all-reduce with ``compression: uint8`` or
 ``quantile_8bit`` fails on the receiving side. :func:`install` registers decoders that read the size
 correctly in hivemind's codec registry; it must run before averagers start (their processes inherit it).
+
+It also gives every forked process a fresh thread pool for the quantile codec: hivemind runs
+``np.quantile`` on a module-level ``ThreadPoolExecutor``; a process forked after the parent used it (each
+averager is forked, and DiLoCo compresses once in the parent to count bytes) inherits the pool's count
+of idle threads but no thread, and its first quantile compression waits forever (a DiLoCo peer hung in
+its first all-reduce with ``quantile_8bit`` in ``bench/strategies.py``).
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from hivemind.compression import Quantile8BitQuantization, Uniform8BitQuantization
+from hivemind.compression import quantization as hivemind_quantization
 from hivemind.compression import serialization as hivemind_serialization
 from hivemind.proto import runtime_pb2
 
@@ -37,8 +47,21 @@ class Quantile8Bit(_Decodes8BitUnderNumpy2, Quantile8BitQuantization):
     pass
 
 
+def _fresh_quantile_pool() -> None:
+    hivemind_quantization.EXECUTOR = ThreadPoolExecutor(
+        max_workers=hivemind_quantization.EXECUTOR._max_workers
+    )
+
+
+_fork_hook_registered = False
+
+
 def install() -> None:
     """Decode 8-bit tensors with the fixed codecs in this process (and in processes forked from it)."""
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=_fresh_quantile_pool)
+        _fork_hook_registered = True
     # NOTE: hivemind looks decoders up in this module-level registry by compression type name; there
     # is no public hook. Remove this once hivemind reads the size with ``[0]`` (or NumPy is < 2).
     registry = hivemind_serialization._BASE_COMPRESSION_TYPES

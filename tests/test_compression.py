@@ -21,6 +21,7 @@ import math
 import pytest
 import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+from hivemind.compression import quantization as hivemind_quantization
 
 from potluck.peer import codecs
 from potluck.peer.averaging import COMPRESSIONS
@@ -28,6 +29,7 @@ from potluck.peer.data import PeerDataStream
 from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
 from potluck.peer.stages import make_stage
 from potluck.protocols.runspec import parse_run_spec
+from tests.helpers import wait_until
 
 HALF = 2.0**-11
 
@@ -143,3 +145,27 @@ def test_relative_rms_error_is_bounded(tensors, codec, kind, bound):
 def test_codecs_shrink_the_payload(tensors, codec, ratio):
     big = tensors["weights"][0]
     assert round_trip(codec, big)[1] <= ratio * round_trip("none", big)[1]
+
+
+def _compress_with_the_quantile_codec() -> None:
+    tensor = torch.randn(1000)
+    COMPRESSIONS["quantile_8bit"]().compress(tensor, CompressionInfo.from_tensor(tensor))
+
+
+def test_a_process_forked_after_quantile_compression_can_compress_too():
+    """Averagers are forked from the peer's process; the quantile codec's thread pool must work there
+    even when the parent used it first (without a fresh pool the child waits forever)."""
+    import multiprocessing
+
+    codecs.install()
+    torch.set_num_threads(1)  # like the peers
+    _compress_with_the_quantile_codec()
+    pool = hivemind_quantization.EXECUTOR
+    # the race the peer lost: the pool's thread is idle when the averager forks
+    wait_until(lambda: pool._idle_semaphore._value > 0, timeout=10, what="the pool's thread to go idle")
+    child = multiprocessing.get_context("fork").Process(target=_compress_with_the_quantile_codec)
+    child.start()
+    child.join(timeout=30)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, "the forked process hung in the quantile codec"
