@@ -56,7 +56,8 @@ class PeerMetrics:
         )
         self._rounds = Counter(
             "potluck_averaging_rounds",
-            "Gradient-averaging rounds by outcome",
+            "Global steps by how their gradients were averaged: succeeded (with at least one other peer), "
+            "alone (no other peer known or in the group: local gradients only), failed (the round broke)",
             labels + ["outcome"],
             registry=reg,
         )
@@ -115,11 +116,12 @@ class PeerMetrics:
         self.run_id = run_id
         # plain copies of what the signed DHT report carries (prometheus objects are write-mostly)
         self.latest = {"global_step": 0, "loss": None, "samples_per_second": 0.0, "samples_total": 0,
-                       "averaging_succeeded": 0, "averaging_failed": 0,
+                       "averaging_succeeded": 0, "averaging_failed": 0, "averaging_alone": 0,
                        "bytes_sent": 0, "bytes_received": 0, "compute_utilisation": None}  # fmt: skip
         for outcome in ("succeeded", "failed"):
             self._rounds.labels(run_id, outcome)
             self._state_downloads.labels(run_id, outcome)
+        self._rounds.labels(run_id, "alone")
 
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -162,8 +164,11 @@ class PeerMetrics:
 
     # -- AveragingListener ------------------------------------------------------------------------
     def averaging_round(self, succeeded: bool, group_size: int, bytes_sent: int, bytes_received: int) -> None:
-        self._rounds.labels(self.run_id, "succeeded" if succeeded else "failed").inc()
-        self.latest["averaging_succeeded" if succeeded else "averaging_failed"] += 1
+        # a step taken without another peer is not a success of averaging: a swarm whose peers keep
+        # missing each other trains like separate runs (kept in sync only by state averaging)
+        outcome = "failed" if not succeeded else "alone" if group_size <= 1 else "succeeded"
+        self._rounds.labels(self.run_id, outcome).inc()
+        self.latest[f"averaging_{outcome}"] += 1
         self._sent.labels(self.run_id).inc(bytes_sent)
         self._received.labels(self.run_id).inc(bytes_received)
         self.latest["bytes_sent"] += bytes_sent

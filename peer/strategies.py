@@ -15,6 +15,7 @@ from potluck.protocols.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
 TOTALS_LINE = "averaging totals:"
+ALONE_LINE = "global steps taken alone (no other peer to average with):"
 """Start of the line a peer logs when it leaves (``bench/strategies.py`` reads it)."""
 
 
@@ -73,6 +74,7 @@ class _Accounted(AveragingStrategy):
                 f"sent {latest['bytes_sent']} B, received {latest['bytes_received']} B, compute utilisation "
                 + (f"{utilisation:.4f}" if utilisation is not None else "n/a")
             )
+            logger.info(f"{ALONE_LINE} {latest.get('averaging_alone', 0)}")
 
 
 def make_strategy(
