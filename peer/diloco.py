@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -119,6 +119,7 @@ class _Round:
     snapshot: list[torch.Tensor] | None
     """Local weights when the round started (overlap): the inner steps taken since are kept."""
     inner_steps_since: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 class DiLoCoAveraging(AveragingStrategy):
@@ -136,6 +137,8 @@ class DiLoCoAveraging(AveragingStrategy):
         self._inner_steps = averaging.inner_steps
         self._overlap = averaging.overlap_communication
         self._averaging_timeout = averaging.averaging_timeout
+        self._round_deadline = 2 * averaging.averaging_timeout + 2 * averaging.matchmaking_time
+        """Seconds after which a background round that has not ended is abandoned."""
         self._matchmaking_time = averaging.matchmaking_time
         self._load_state_timeout = averaging.load_state_timeout
         self._load_state_attempts = averaging.load_state_attempts
@@ -213,6 +216,17 @@ class DiLoCoAveraging(AveragingStrategy):
         if self._round is not None:
             if self._round.control.done():
                 return self._finish_round()
+            if time.monotonic() - self._round.started > self._round_deadline:
+                # hivemind bounds matchmaking and each chunk, but a round whose own sender stalls (the
+                # quantile codec's pool did, in a forked averager) never ends: training on alone would
+                # look like perfect utilisation. One failed round instead, then wait or catch up.
+                logger.info(f"outer round {self._round.outer_step} still running after "
+                            f"{self._round_deadline:.0f} s: abandoned, training on")  # fmt: skip
+                self._round.control.cancel()
+                self._round = None
+                self._listener.averaging_round(False, 1, 0, 0)
+                self._ready_since = None
+                return self._catch_up() if self._tracker.global_epoch > self._outer_step else False
             if self._round.control.stage == AveragingStage.LOOKING_FOR_GROUP:
                 self._refresh_swarm_view()
                 if self._tracker.global_epoch > self._round.outer_step:
