@@ -33,8 +33,10 @@ What "same global batch" and "same samples" mean here
     about 1 if averaging is correct); the gap between the two ratios is the price of the overshoot.
 
     Data order differs between runs (each peer shuffles with a seed derived from its random peer id),
-    so the baselines are run with ``--seeds`` data orders; ``single_loss`` is their mean and the table
-    shows their range, a rough idea of the run-to-run noise that the swarm's single run also has.
+    so the baselines are run with ``--seeds`` data orders and the swarm ``--swarm-runs`` times;
+    ``single_loss`` and ``swarm_loss`` (peer 1's) are means over them, with their ranges. At this point
+    of training one data order differs from another by up to 25 % (the model is learning to add), so a
+    single swarm run against one or two orders says little: use 3 of each for a figure.
 
 How to read it
     The last line holds ``loss_ratio`` (target <= 1.05: the swarm ends within 5 % of the single
@@ -42,8 +44,9 @@ How to read it
     (S), ``global_steps`` (N), ``effective_batch`` (S / N) and ``step_matched_loss_ratio``.
     ``weights_max_diff`` is the largest difference between the two peers' final weights: about 0 when
     every averaging round succeeded, larger when rounds failed and peers drifted. ``failed_rounds``
-    counts the rounds the peers logged as failed; a step that a peer takes alone because its tracker
-    saw no other peer is not logged, so the weight difference is the better check.
+    counts the rounds the peers logged as failed; ``alone_steps`` the global steps a peer took on its
+    own gradients because it knew of no other peer (state averaging then keeps the weights equal, so
+    a swarm whose peers miss each other shows equal weights and the loss of a smaller batch).
 
 Run: ``.venv/bin/python bench/convergence.py`` (a few minutes on 2 CPU cores; ``--help`` for options).
 """
@@ -70,6 +73,7 @@ from potluck.peer.evaluate import EvalResult, evaluate
 from potluck.peer.local_swarm import LocalSwarm, PeerProcess
 from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
 from potluck.peer.stages import make_stage
+from potluck.peer.strategies import ALONE_LINE
 from potluck.peer.tools_cli import build_assets, evaluate_spec
 from potluck.protocols.runspec import RunSpec, load_run_spec
 
@@ -87,6 +91,7 @@ SPEC = {
 }
 FINAL_LINE = re.compile(r"global step (\d+), (\d+) local steps, (\d+) samples")
 FAILED_ROUND = "gradient averaging failed"
+ALONE = re.compile(re.escape(ALONE_LINE) + r" (\d+)")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,8 @@ class PeerSummary:
     samples: int
     failed_rounds: int
     """Lines in the peer's log saying a gradient-averaging round failed (it then stepped alone)."""
+    alone_steps: int
+    """Global steps the peer took on its own gradients because it knew of no other peer (its last line)."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,10 @@ def summarize_peer(peer: PeerProcess) -> PeerSummary:
     if not finals:
         raise RuntimeError(f"peer {peer.name} printed no final line:\n{log[-3000:]}")
     global_step, local_steps, samples = (int(x) for x in finals[-1])
-    return PeerSummary(peer.name, global_step, local_steps, samples, log.count(FAILED_ROUND))
+    alone = ALONE.findall(log)
+    return PeerSummary(
+        peer.name, global_step, local_steps, samples, log.count(FAILED_ROUND), int(alone[-1]) if alone else -1
+    )
 
 
 def run_swarm(spec_path: Path, workdir: Path, timeout: float) -> list[PeerSummary]:
@@ -190,21 +200,21 @@ def weights_max_diff(spec: RunSpec, first: Path, second: Path) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def print_table(
-    before: EvalResult, peers: list[PeerSummary], swarm: list[EvalResult], baselines: list[Baseline]
-) -> None:
-    steps, samples = peers[0].global_step, sum(p.samples for p in peers)
+def print_table(before: EvalResult, runs: list[SwarmRun], baselines: list[Baseline]) -> None:
     header = (
         f"{'model':<34}{'steps':>7}{'batch':>8}{'samples':>9}{'held-out loss [range]':>28}{'accuracy':>10}"
     )
     print(header)
     print("-" * len(header))
     print(f"{'before training':<34}{'':>7}{'':>8}{0:>9}{before.loss:>28.4f}{before.accuracy:>10.1%}")
-    for peer, result in zip(peers, swarm, strict=True):
-        label = f"swarm, {peer.name} ({len(peers)} peers)"
-        print(
-            f"{label:<34}{steps:>7}{samples / steps:>8.1f}{samples:>9}{result.loss:>28.4f}{result.accuracy:>10.1%}"
-        )
+    for r, run in enumerate(runs, 1):
+        steps = run.peers[0].global_step
+        for peer, result in zip(run.peers, run.results, strict=True):
+            label = f"swarm {r}, {peer.name} ({len(run.peers)} peers)"
+            print(
+                f"{label:<34}{steps:>7}{run.samples / steps:>8.1f}{run.samples:>9}"
+                f"{result.loss:>28.4f}{result.accuracy:>10.1%}"
+            )
     for b in baselines:
         losses = [r.loss for r in b.results]
         spread = f"{b.loss:.4f} [{min(losses):.4f}-{max(losses):.4f}]"
@@ -213,10 +223,15 @@ def print_table(
         "\nswarm batch: samples / global steps (the effective global batch, >= target_batch_size);"
         "\nsingle-process rows: mean over data orders, [min-max] of the held-out loss."
     )
-    for p in peers:
+    for r, run in enumerate(runs, 1):
+        for p in run.peers:
+            print(
+                f"swarm {r}, {p.name}: {p.global_step} global steps, {p.local_steps} local steps, "
+                f"{p.samples} samples, {p.failed_rounds} failed averaging round(s), "
+                f"{p.alone_steps} global step(s) alone"
+            )
         print(
-            f"{p.name}: {p.global_step} global steps, {p.local_steps} local steps, {p.samples} samples, "
-            f"{p.failed_rounds} failed averaging round(s)"
+            f"swarm {r} trained for {run.seconds:.0f}s; peers' final weights differ by at most {run.drift:.2e}"
         )
 
 
@@ -224,6 +239,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=150, help="global steps the swarm trains for")
     p.add_argument("--seeds", type=int, default=3, help="data orders for each single-process baseline")
+    p.add_argument(
+        "--swarm-runs", type=int, default=1, help="swarm runs (each peer shuffles by its random peer id)"
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds the swarm may take")
     p.add_argument(
         "--workdir",
@@ -234,25 +252,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@dataclass(frozen=True)
+class SwarmRun:
+    peers: list[PeerSummary]
+    results: list[EvalResult]
+    """Each peer's final checkpoint, evaluated."""
+    drift: float
+    seconds: float
+
+    @property
+    def samples(self) -> int:
+        return sum(p.samples for p in self.peers)
+
+
+def train_swarm(spec_path: Path, spec: RunSpec, folder: Path, args: argparse.Namespace) -> SwarmRun:
+    started = time.monotonic()
+    peers = run_swarm(spec_path, folder, args.timeout)
+    seconds = time.monotonic() - started
+    checkpoints = [latest_checkpoint(folder / f"peer{i}", spec.run_id) for i in range(1, PEERS + 1)]
+    if any(c is None or c.global_step != args.steps for c in checkpoints):
+        raise RuntimeError(f"expected final checkpoints at step {args.steps}, found {checkpoints}")
+    results = [evaluate_spec(spec, checkpoint=c.path) for c in checkpoints]
+    return SwarmRun(peers, results, weights_max_diff(spec, checkpoints[0].path, checkpoints[1].path), seconds)
+
+
 def run(workdir: Path, args: argparse.Namespace) -> int:
-    for i in range(1, PEERS + 1):
-        shutil.rmtree(workdir / f"peer{i}", ignore_errors=True)  # peers would resume from old checkpoints
     build_assets(workdir)
     spec_path = write_spec(workdir, args.steps)
     spec = load_run_spec(spec_path)
     before = evaluate_spec(spec, checkpoint=None)
 
-    print(f"== swarm: {PEERS} peers, {args.steps} global steps (logs: {workdir / 'logs'})", file=sys.stderr)
-    started = time.monotonic()
-    peers = run_swarm(spec_path, workdir, args.timeout)
-    swarm_seconds = time.monotonic() - started
-    checkpoints = [latest_checkpoint(workdir / f"peer{i}", spec.run_id) for i in range(1, PEERS + 1)]
-    if any(c is None or c.global_step != args.steps for c in checkpoints):
-        raise RuntimeError(f"expected final checkpoints at step {args.steps}, found {checkpoints}")
-    swarm = [evaluate_spec(spec, checkpoint=c.path) for c in checkpoints]
-    drift = weights_max_diff(spec, checkpoints[0].path, checkpoints[1].path)
+    runs = []
+    for r in range(args.swarm_runs):
+        folder = workdir / f"swarm{r}"
+        shutil.rmtree(folder, ignore_errors=True)  # peers would resume from old checkpoints
+        print(f"== swarm {r + 1}/{args.swarm_runs}: {PEERS} peers, {args.steps} global steps "
+              f"(logs: {folder / 'logs'})", file=sys.stderr)  # fmt: skip
+        runs.append(train_swarm(spec_path, spec, folder, args))
 
-    samples = sum(p.samples for p in peers)
+    samples = round(statistics.mean(r.samples for r in runs))
     target = spec.batch.target_batch_size
     torch.set_num_threads(2)  # the baselines are not timed: use the machine
     print(f"== single process: {samples} samples, {args.seeds} data order(s) each", file=sys.stderr)
@@ -273,21 +311,26 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
     )
 
     print()
-    print_table(before, peers, swarm, [single, matched])
-    print(f"\nswarm trained for {swarm_seconds:.0f}s; peers' final weights differ by at most {drift:.2e}")
+    print_table(before, runs, [single, matched])
+    swarm_losses = [r.results[0].loss for r in runs]
+    swarm_loss = statistics.mean(swarm_losses)
     pairs = {
-        "loss_ratio": f"{swarm[0].loss / single.loss:.3f}",
-        "swarm_loss": f"{swarm[0].loss:.4f}",
+        "loss_ratio": f"{swarm_loss / single.loss:.3f}",
+        "swarm_loss": f"{swarm_loss:.4f}",
+        "swarm_loss_range": f"{min(swarm_losses):.4f}-{max(swarm_losses):.4f}",
         "single_loss": f"{single.loss:.4f}",
+        "single_loss_range": f"{min(x.loss for x in single.results):.4f}-{max(x.loss for x in single.results):.4f}",
+        "swarm_runs": str(len(runs)),
         "samples": str(samples),
         "global_steps": str(args.steps),
         "effective_batch": f"{samples / args.steps:.1f}",
         "single_steps": str(single_steps),
-        "step_matched_loss_ratio": f"{swarm[0].loss / matched.loss:.3f}",
-        "swarm_accuracy": f"{swarm[0].accuracy:.3f}",
+        "step_matched_loss_ratio": f"{swarm_loss / matched.loss:.3f}",
+        "swarm_accuracy": f"{statistics.mean(r.results[0].accuracy for r in runs):.3f}",
         "single_accuracy": f"{single.accuracy:.3f}",
-        "weights_max_diff": f"{drift:.2e}",
-        "failed_rounds": str(sum(p.failed_rounds for p in peers)),
+        "weights_max_diff": f"{max(r.drift for r in runs):.2e}",
+        "failed_rounds": str(sum(p.failed_rounds for r in runs for p in r.peers)),
+        "alone_steps": str(sum(p.alone_steps for r in runs for p in r.peers)),
     }
     print(" ".join(f"{k}={v}" for k, v in pairs.items()), flush=True)
     return 0
