@@ -210,23 +210,30 @@ def read_announcements(dht: DHT, trusted_key: bytes) -> ReadResult:
     return result
 
 
-def read_reports(dht: DHT, run_id: str) -> ReadResult:
-    """Peer reports of a run, by the owner key of their subkey."""
+def read_owned(dht: DHT, key: str, schema: type[BaseModel], check=None) -> ReadResult:
+    """Entries under ``key`` whose subkey carries an owner's public key, re-validated with ``schema``, by
+    owner. ``check(record)`` may name a reason to skip a valid record (counted under it), or return None."""
     result = ReadResult()
-    found = dht.get(reports_key(run_id), latest=True)
+    found = dht.get(key, latest=True)
     entries = found.value if found is not None and isinstance(found.value, dict) else {}
     for subkey, item in entries.items():
         owner = owner_of(subkey)
         try:
-            report = PeerReport.parse_obj(item.value)
+            record = schema.parse_obj(item.value)
         except (ValidationError, TypeError):
             result.skipped["malformed"] += 1
             continue
-        if owner is None:
-            result.skipped["unsigned"] += 1
-            continue
-        result.records[owner] = report
+        reason = "unsigned" if owner is None else check(record) if check is not None else None
+        if reason is not None:
+            result.skipped[reason] += 1
+        else:
+            result.records[owner] = record
     return result
+
+
+def read_reports(dht: DHT, run_id: str) -> ReadResult:
+    """Peer reports of a run, by the owner key of their subkey."""
+    return read_owned(dht, reports_key(run_id), PeerReport)
 
 
 def announce_run(dht: DHT, key_tag: bytes, announcement: RunAnnouncement, ttl: float) -> bool:

@@ -21,7 +21,6 @@ from hivemind.utils.crypto import RSAPrivateKey
 from pydantic.v1 import (
     BaseModel,
     StrictFloat,
-    ValidationError,
     conint,
     conlist,
     constr,
@@ -29,7 +28,7 @@ from pydantic.v1 import (
     validator,
 )
 
-from potluck.protocols.records import ReadResult, owner_of, record_validators
+from potluck.protocols.records import ReadResult, read_owned, record_validators
 
 SHARD_PROTOCOL_VERSION = "potluck-shard/1"
 """Servers and clients with another version do not talk: the client skips such servers."""
@@ -105,22 +104,10 @@ def announce_shard(dht: DHT, key_tag: bytes, announcement: ShardAnnouncement, tt
 
 def read_shards(dht: DHT, run_id: str, version: str = SHARD_PROTOCOL_VERSION) -> ReadResult:
     """Shard announcements of ``run_id`` by owner key: re-validated, of our protocol ``version`` only."""
-    result = ReadResult()
-    found = dht.get(shards_key(run_id), latest=True)
-    entries = found.value if found is not None and isinstance(found.value, dict) else {}
-    for subkey, item in entries.items():
-        owner = owner_of(subkey)
-        try:
-            announcement = ShardAnnouncement.parse_obj(item.value)
-        except (ValidationError, TypeError):
-            result.skipped["malformed"] += 1
-            continue
-        if owner is None:
-            result.skipped["unsigned"] += 1
-        elif announcement.run_id != run_id:
-            result.skipped["malformed"] += 1  # filed under another run's key
-        elif announcement.version != version:
-            result.skipped["version"] += 1
-        else:
-            result.records[owner] = announcement
-    return result
+
+    def check(announcement: ShardAnnouncement) -> str | None:
+        if announcement.run_id != run_id:
+            return "malformed"  # filed under another run's key
+        return "version" if announcement.version != version else None
+
+    return read_owned(dht, shards_key(run_id), ShardAnnouncement, check)

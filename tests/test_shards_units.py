@@ -23,6 +23,7 @@ from potluck.protocols.shards import (
     SHARD_PROTOCOL_VERSION,
     ShardAnnouncement,
     announce_shard,
+    read_shards,
     shard_record_validators,
     shards_key,
 )
@@ -204,3 +205,18 @@ def test_run_peer_client_role_refuses_other_adapters_in_one_line(make_spec, caps
     error = capsys.readouterr().err.strip()
     assert error.startswith("run-peer: adapter.kind: --role client trains only prompt_tuning adapters, got ")
     assert "\n" not in error and repr(adapter["kind"]) in error
+
+
+def test_read_shards_skips_other_versions_and_other_runs_and_counts_them(dht):
+    own = public_key_tag(RSAPrivateKey.process_wide())
+    for announcement, reason in [
+        (_announcement("old", 0, 4).copy(update={"version": "0"}), "version"),
+        (_announcement("elsewhere", 0, 4).copy(update={"run_id": "another-run"}), "malformed"),
+    ]:
+        # filed under this run's key, by a signed owner: valid records the reader must still refuse
+        assert dht.store(shards_key("units"), subkey=own, value=announcement.dict(),
+                         expiration_time=time.time() + 60 + len(reason))  # fmt: skip
+        result = read_shards(dht, "units")
+        assert result.records == {} and result.skipped[reason] == 1, result
+    assert announce_shard(dht, own, _announcement("current", 0, 4), ttl=120)
+    assert [a.peer_id for a in read_shards(dht, "units").records.values()] == ["current"]
