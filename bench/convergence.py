@@ -58,13 +58,13 @@ import re
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from workdir import run_in_workdir
 
 from potluck.peer.averaging import lr_lambda
 from potluck.peer.checkpoint import latest_checkpoint
@@ -337,15 +337,7 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        return run(args.workdir.resolve(), args)
-    with tempfile.TemporaryDirectory(prefix="potluck-bench-convergence-") as tmp:
-        return run(Path(tmp), args)
+    return run_in_workdir(run, parse_args(argv), "convergence")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,7 @@ from pathlib import Path
 import torch
 import yaml
 from convergence import SPEC, PeerSummary, run_swarm, summarize_peer, train_single, weights_max_diff
+from workdir import run_in_workdir
 
 from potluck.peer.checkpoint import latest_checkpoint
 from potluck.peer.local_swarm import LocalSwarm, PeerProcess
@@ -253,15 +253,7 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        return run(args.workdir.resolve(), args)
-    with tempfile.TemporaryDirectory(prefix="potluck-bench-strategies-") as tmp:
-        return run(Path(tmp), args)
+    return run_in_workdir(run, parse_args(argv), "strategies")
 
 
 if __name__ == "__main__":
