@@ -1,9 +1,18 @@
 """Each RLHF stage, run by a real 2-peer swarm (separate processes, hivemind DHT and averaging on loopback),
-improves its held-out figure from a short SFT warm start (acceptance 1-3 of issue 4).
+improves its held-out figure from an SFT warm start (acceptance 1-3 of issue 4).
 
-The warm start (SFT) and the reward model that the RL stages optimise are trained once per module, in-process, by
-the same stage code (``train_in_process``): they are inputs here, not what is under test. Measured margins, and the
-commands that produce them, are in docs/benchmarks.md ("RLHF stages").
+The warm starts are trained once per module, in-process, by the same stage code (``train_in_process``): they are
+inputs here, not what is under test. Measured margins, and the commands that produce them, are in
+docs/benchmarks.md ("RLHF stages").
+
+- ``sft``: 400 steps of 256 examples, about 35 % held-out exact-match (the tiny model's accuracy jumps between
+  200 and 400 such steps). The reward model, GRPO and PPO start from it: a reward model can only judge sums as well
+  as its starting model computes them (from a 60-step SFT it stayed near 0.6 pairwise accuracy), and RL with the
+  0/1 ``exact_answer`` reward needs a policy that is sometimes right.
+- ``sft_short``: 60 steps of 64 (about 3 %), the start of DPO. The strong SFT already prefers the right sum in
+  0.91 of the held-out pairs, and its remaining errors (units digits) are ones it cannot yet tell apart; DPO's
+  short run has little to move there (0.907 -> 0.907 in a swarm run), while from the short SFT it has a clear
+  signal.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from potluck.protocols.runspec import RunSpec, load_run_spec
 # generous: the module fixture trains two models, and 2-core CI machines are often shared
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-SFT_STEPS, RM_STEPS = 60, 30
+SFT_STEPS, SFT_BATCH, SHORT_SFT_STEPS = 400, 256, 60
 
 
 def train_in_process(spec: RunSpec, steps: int, out, batch_size: int, lr: float) -> str:
@@ -58,19 +67,15 @@ def _train(spec: RunSpec, steps: int, out, batch_size: int, lr: float) -> str:
 
 @pytest.fixture(scope="module")
 def warm_start(tiny_assets, tmp_path_factory) -> dict[str, str]:
-    """A short SFT of the tiny model (a few % exact-match), and a reward model trained from it."""
+    """Two SFT runs of the tiny model (module docstring): ``sft`` (~35 % exact-match) and ``sft_short`` (~3 %)."""
     root = tmp_path_factory.mktemp("warm")
-    folder = tiny_assets["train"].parent
     base = {"run_id": "warm", "model": {"name_or_path": str(tiny_assets["model"])},
             "batch": {"target_batch_size": 8, "per_peer_batch_size": 8}}  # fmt: skip
     sft = RunSpec.model_validate({**base, "data": {"path": str(tiny_assets["train"]), "max_length": 16}})
-    sft_dir = train_in_process(sft, SFT_STEPS, root / "sft", batch_size=64, lr=3e-3)
-    rm = RunSpec.model_validate(
-        {**base, "stage": "rm", "init_from": sft_dir,
-         "data": {"path": str(folder / "preferences_train.jsonl"), "max_length": 16}}
-    )  # fmt: skip
-    rm_dir = train_in_process(rm, RM_STEPS, root / "rm", batch_size=32, lr=1e-3)
-    return {"sft": sft_dir, "rm": rm_dir}
+    return {
+        "sft": train_in_process(sft, SFT_STEPS, root / "sft", batch_size=SFT_BATCH, lr=3e-3),
+        "sft_short": train_in_process(sft, SHORT_SFT_STEPS, root / "sft_short", batch_size=64, lr=3e-3),
+    }
 
 
 def stage_settings(stage: str, tiny_assets, warm_start) -> tuple[dict, str, str]:
@@ -81,21 +86,22 @@ def stage_settings(stage: str, tiny_assets, warm_start) -> tuple[dict, str, str]
         "eval_path": str(folder / "preferences_eval.jsonl"),
     }
     prompts = {"path": str(folder / "prompts_train.jsonl"), "eval_path": str(folder / "prompts_eval.jsonl")}
-    rl = {"reward": warm_start["rm"], "group_size": 4, "max_new_tokens": 4, "kl_coef": 0.1}
-    # NOTE: the figures in docs/benchmarks.md were measured when a swarm's global step overshot its
-    # target about twofold (64 asked, ~128 taken). Asking for 128 instead left DPO's held-out
-    # preference accuracy unchanged in a fresh-clone run (0.528 -> 0.528): not investigated (issue 4).
+    # The verifiable reward: the honest figure is held-out exact-match. A learned reward model is what RL exploits
+    # instead (with the tiny task's reward model, GRPO and PPO raised its score while exact-match fell:
+    # docs/benchmarks.md); tests/test_pipeline.py runs PPO on a reward model.
+    rl = {"reward": "exact_answer", "group_size": 4, "max_new_tokens": 4, "kl_coef": 0.1}
     small = {"target_batch_size": 64, "per_peer_batch_size": 32}
+    large = {"target_batch_size": 128, "per_peer_batch_size": 64}
     return {
-        "rm": ({"init_from": warm_start["sft"], "data": preferences, "optimizer": {"lr": 2e-3}, "batch": small,
-                "max_global_steps": 60}, "pairwise_accuracy", "up"),
-        "dpo": ({"init_from": warm_start["sft"], "data": preferences, "optimizer": {"lr": 1e-3}, "batch": small,
-                 "max_global_steps": 20}, "preference_accuracy", "up"),
-        "grpo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 3e-4},
-                  "batch": {"target_batch_size": 16, "per_peer_batch_size": 8}, "max_global_steps": 12},
-                 "mean_reward", "up"),
-        "ppo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 3e-4},
-                 "batch": small, "max_global_steps": 12}, "mean_reward", "up"),
+        "rm": ({"init_from": warm_start["sft"], "data": preferences, "batch": large,
+                "optimizer": {"lr": 1e-3, "warmup_steps": 5, "schedule": "cosine"}, "max_global_steps": 150},
+               "pairwise_accuracy", "up"),
+        "dpo": ({"init_from": warm_start["sft_short"], "data": preferences, "optimizer": {"lr": 1e-3},
+                 "batch": small, "max_global_steps": 20}, "preference_accuracy", "up"),
+        "grpo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 1e-4},
+                  "batch": small, "max_global_steps": 30}, "exact_match", "up"),
+        "ppo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 1e-4},
+                 "batch": large, "max_global_steps": 60}, "exact_match", "up"),
         "distill": ({"teacher": {"path": warm_start["sft"], "temperature": 1.0}, "optimizer": {"lr": 3e-3},
                      "batch": small, "max_global_steps": 10}, "teacher_kl", "down"),
     }[stage]  # fmt: skip
@@ -115,7 +121,7 @@ def test_two_peer_stage_improves_its_held_out_figure(
         peer = swarm.start_peer(f"peer{i}", ["--save-dir", str(tmp_path / f"peer{i}"), "--min-peers", "2"])
         if i == 1:
             swarm.wait_for_address(peer)
-    codes = swarm.wait_all(timeout=240)
+    codes = swarm.wait_all(timeout=420)  # the rm run takes ~3 min on a loaded 2-core machine
     assert codes == [0, 0], "\n".join(p.log()[-2000:] for p in swarm.peers)
     assert f"{stage} metrics of the last batch" in swarm.peers[0].log()
 
@@ -124,11 +130,13 @@ def test_two_peer_stage_improves_its_held_out_figure(
     after = evaluate_stage(spec, str(checkpoint.path))
     print(f"{stage}: {figure} {before[figure]:.3f} -> {after[figure]:.3f}  (all: {before} -> {after})")
     if direction == "up":
-        # The preference stages' margins are thin and vary between runs (peers' data order and averaging
-        # timing differ each time): DPO +0.020 and +0.081; RM +0.121 and +0.084, then +0.048 and +0.040
-        # once global steps honoured the target batch (docs/benchmarks.md). The RM is weak: issue 4.
-        margin = 0.01 if stage in ("dpo", "rm") else 0.05
+        # Margins vary between runs (peers' data order and averaging timing differ each time); measured ones are
+        # in docs/benchmarks.md. RL with the 0/1 reward moves exact-match by a few points in a test-length run.
+        # DPO and GRPO gained +0.012..+0.097 and +1.2..+2.8 points in their runs: they must improve, by any margin.
+        margin = {"rm": 0.1, "dpo": 0.0, "grpo": 0.0, "ppo": 0.01}[stage]
         assert after[figure] > before[figure] + margin, (before, after)
+        if stage == "rm":
+            assert after[figure] >= 0.65, after  # clearly above chance (0.5), not only above a fresh head
     else:
         assert after[figure] < 0.8 * before[figure], (before, after)
     if stage in ("grpo", "ppo"):
