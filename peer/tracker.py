@@ -36,13 +36,12 @@ class SwarmAwareTracker(ProgressTracker):
     record is seldom older than that; raise it if averaging rounds routinely take longer."""
 
     min_report_interval: float = 0.2
-    """Seconds between two publications of this peer's progress within a global step."""
+    """Least seconds between two publications of this peer's progress (the latest state is published)."""
 
     # class-level defaults: ProgressTracker.__init__ parses the swarm once before ours could set them
     _others: tuple[LocalTrainingProgress, ...] = ()
     _step_started_at: float = 0.0
     _local_batch: int = 1
-    _last_published_at: float = 0.0
     _samples_epoch: float = -float("inf")
     """The last local epoch in which this peer reported samples (the publisher's test of activity)."""
 
@@ -72,10 +71,8 @@ class SwarmAwareTracker(ProgressTracker):
     def report_local_progress(
         self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True
     ) -> None:
-        # NOTE: hivemind's own method, except that it wakes the publishing thread at most every
-        # min_report_interval within a global step. hivemind publishes a signed record after every
-        # local batch (5-6 ms of the DHT process's CPU per step in bench/overhead.py); others fetch
-        # records at most every min_refresh_period and extrapolate in between, so most were wasted.
+        # NOTE: hivemind's own method, except for the activity record used by the publisher below, which
+        # also decides how often records are stored.
         added = samples_accumulated - self.local_progress.samples_accumulated
         if update_global_samples and local_epoch == self.local_progress.epoch == self.global_progress.epoch:
             self.global_progress.samples_accumulated += added
@@ -86,12 +83,7 @@ class SwarmAwareTracker(ProgressTracker):
         else:
             self.performance_ema.reset_timer()
         self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
-        now = get_dht_time()
-        # Published at once: a new global step or a reset (others catch up on it); else at most every
-        # min_report_interval.
-        if added <= 0 or now - self._last_published_at >= self.min_report_interval:
-            self._last_published_at = now
-            self.should_report_progress.set()
+        self.should_report_progress.set()
 
     async def _progress_reporter(self):
         # NOTE: hivemind's own loop, except for its test of whether this peer is still training. hivemind
@@ -99,6 +91,10 @@ class SwarmAwareTracker(ProgressTracker):
         # seen none for two global steps, which is every time when steps are shorter than
         # min_report_interval (each wake-up then follows a reset). The peer then vanishes from the
         # others' view of the swarm. Here the test is the epoch of the last batch reported, whenever.
+        # And it stores at most one record per min_report_interval, the latest state when it does:
+        # hivemind stores one per report (every local batch and every global step; 2-3 ms of the DHT
+        # process's CPU per step in bench/overhead.py), while others fetch records at most every
+        # min_refresh_period and extrapolate in between, so most were never read.
         store_task = None
         last_report_time = -float("inf")
         try:
@@ -108,6 +104,7 @@ class SwarmAwareTracker(ProgressTracker):
                     None, self.should_report_progress.wait, wait_timeout
                 )
                 self.should_report_progress.clear()
+                await asyncio.sleep(max(0.0, last_report_time + self.min_report_interval - get_dht_time()))
                 local_progress = self.local_progress
                 last_report_time = get_dht_time()
                 if self._samples_epoch >= self.global_epoch - 1:
