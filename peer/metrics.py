@@ -16,6 +16,7 @@ STAGE_METRICS = {
     "kl": "Mean per-token KL of the policy to the frozen reference on the latest batch",
     "policy_loss": "Clipped policy loss of the latest RL batch",
     "value_loss": "Clipped value loss of the latest PPO batch",
+    "clip_fraction": "Share of the latest RL batch's completion tokens whose policy ratio was clipped",
     "pairwise_accuracy": "Share of the latest batch's preference pairs the reward model ranks right",
     "preference_accuracy": "Share of the latest batch's pairs whose DPO implicit reward prefers the chosen",
     "teacher_kl": "KL(teacher || student) per completion token of the latest distillation batch",

@@ -226,6 +226,13 @@ class RLSpec(_Strict):
     """Generation length of a rollout."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of rollouts; lower it if rewards are all zero, raise it if groups never differ."""
+    updates_per_rollout: int = Field(1, ge=1)
+    """Local steps each rollout batch is trained on (TRL: ``num_ppo_epochs`` for PPO, ``num_iterations`` for
+    GRPO). 1 is on-policy: the importance ratio stays 1 and clipping never acts. Above 1 a peer generates once
+    and reuses the rollouts (and their rewards and advantages) for that many local steps, so generation costs
+    less per step; the ratio departs from 1 once a global step has updated the policy, and ``clip_range`` bounds
+    it. Try 2 to 4 when generation dominates (``generation_time_share``); lower it if ``clip_fraction`` stays
+    above ~0.3 or ``kl`` jumps."""
     clip_range: float = Field(0.2, gt=0)
     """PPO/GRPO ratio clip epsilon."""
     clip_range_value: float = Field(0.2, gt=0)

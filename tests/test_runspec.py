@@ -201,7 +201,8 @@ def test_reward_model_stage_refuses_adapters():
 @pytest.mark.parametrize(
     ("dotted", "value", "named"),
     [("rl__group_size", 1, "rl.group_size"), ("rl__kl_coef", -1, "rl.kl_coef"), ("dpo__beta", 0, "dpo.beta"),
-     ("dpo__loss_type", "kto", "dpo.loss_type"), ("rl__temperature", 0, "rl.temperature")],
+     ("dpo__loss_type", "kto", "dpo.loss_type"), ("rl__temperature", 0, "rl.temperature"),
+     ("rl__updates_per_rollout", 0, "rl.updates_per_rollout")],
 )  # fmt: skip
 def test_stage_sections_are_validated(dotted, value, named):
     assert f"{named}:" in problems_of(with_changes(**{dotted: value}))

@@ -18,7 +18,7 @@ from potluck.peer.data import DatasetFormatError, PeerDataStream
 from potluck.peer.metrics import PeerMetrics
 from potluck.peer.stages import make_stage, stage_context
 from potluck.peer.stages.data import check_stage_data, stage_data
-from potluck.peer.stages.losses import pairwise_reward_loss
+from potluck.peer.stages.losses import pairwise_reward_loss, ppo_clip_fraction
 from potluck.peer.stages.models import VALUE_HEAD_FILE, WeightsNotFoundError, load_frozen_causal_lm
 from potluck.peer.stages.rollout import mask_after_eos
 from potluck.protocols.runspec import load_run_spec
@@ -55,10 +55,15 @@ def stage_spec(make_spec, tiny_assets):
     return build
 
 
-def first_batch(spec, context):
+def first_batches(spec, context, count: int) -> list[dict]:
     stream = PeerDataStream(spec.data, context.tokenizer, spec.batch.per_peer_batch_size,
                             stage_data(spec, context.tokenizer))  # fmt: skip
-    return next(stream.batches(0))
+    batches = stream.batches(0)
+    return [next(batches) for _ in range(count)]
+
+
+def first_batch(spec, context):
+    return first_batches(spec, context, 1)[0]
 
 
 def built(spec):
@@ -165,10 +170,79 @@ def test_rl_stage_rolls_out_scores_and_sends_gradients(stage_spec, stage_name):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     metrics = stage.last_metrics
-    for name in ("reward_mean", "reward_std", "kl", "policy_loss", "rollout_tokens_per_second"):
+    for name in (
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "policy_loss",
+        "rollout_tokens_per_second",
+        "clip_fraction",
+    ):
         assert name in metrics
     if stage_name == "ppo":
         assert "value_loss" in metrics and model.value_head.weight.grad.abs().sum() > 0
+
+
+def reward_length(prompts, completions, answers):
+    return torch.tensor([float(len(c)) for c in completions])
+
+
+@pytest.mark.parametrize("stage_name", ["grpo", "ppo"])
+def test_rollouts_are_reused_and_clipping_acts_after_an_optimizer_step(stage_spec, stage_name):
+    """``rl.updates_per_rollout = 2``: the second local step trains on the first step's rollouts (whatever batch
+    the trainer passes), against the log-probs of the policy that sampled them, so after an update the ratio moves
+    off 1 and a small clip range clips; the third step samples afresh."""
+    spec = stage_spec(stage_name, rl={"group_size": 4, "max_new_tokens": 4, "updates_per_rollout": 2,
+                                      "clip_range": 0.01})  # fmt: skip
+    context, stage, model = built(spec)
+    stage.reward = reward_length
+    batches = first_batches(spec, context, 3)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def step(batch):
+        loss = stage.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return stage.buffer.rollouts, dict(stage.last_metrics)
+
+    rollouts, metrics = step(batches[0])
+    assert metrics["ratio_mean"] == pytest.approx(1.0) and metrics["clip_fraction"] == 0.0
+    assert metrics["generation_seconds"] > 0
+    sequences = rollouts.sequences.clone()
+
+    reused, metrics = step(batches[1])
+    assert reused is rollouts and torch.equal(reused.sequences, sequences)
+    assert abs(metrics["ratio_mean"] - 1.0) > 1e-3
+    assert 0.0 < metrics["clip_fraction"] <= 1.0
+    assert metrics["generation_seconds"] == 0.0  # no generation this step
+
+    fresh, metrics = step(batches[2])
+    assert fresh is not rollouts and metrics["generation_seconds"] > 0
+    assert metrics["ratio_mean"] == pytest.approx(1.0) and metrics["clip_fraction"] == 0.0
+
+
+def test_one_update_per_rollout_samples_every_step(stage_spec):
+    spec = stage_spec("grpo")
+    assert spec.rl.updates_per_rollout == 1
+    context, stage, model = built(spec)
+    stage.reward = reward_length
+    seen = []
+    for batch in first_batches(spec, context, 2):
+        stage.loss(model, batch).backward()
+        seen.append(stage.buffer.rollouts)
+        assert stage.last_metrics["clip_fraction"] == 0.0 and stage.last_metrics["generation_seconds"] > 0
+    assert seen[0] is not seen[1]
+
+
+def test_clip_fraction_counts_the_tokens_whose_clipped_term_wins():
+    ratio = torch.tensor([[1.5, 0.5, 1.05, 0.5]])
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    # 1.5 with A > 0 and 0.5 with A < 0 are clipped; 0.5 with A > 0 is not (the min keeps it); 1.05 is in range
+    args = (torch.log(ratio), torch.zeros_like(ratio), advantages)
+    assert ppo_clip_fraction(*args, torch.ones_like(ratio), 0.2).item() == pytest.approx(0.5)
+    assert ppo_clip_fraction(*args, torch.tensor([[1, 1, 1, 0]]), 0.2).item() == pytest.approx(1 / 3)
+    assert ppo_clip_fraction(torch.zeros_like(ratio), *args[1:], torch.ones_like(ratio), 0.01).item() == 0.0
 
 
 def test_completion_mask_stops_after_the_first_eos():
@@ -223,7 +297,9 @@ def test_init_from_finds_a_run_in_the_save_dir_and_names_a_missing_one(stage_spe
 
 def test_stage_metrics_are_exported():
     metrics = PeerMetrics("run-x")
-    metrics.stage_step({"reward_mean": 0.25, "kl": 0.01, "generation_seconds": 0.5}, step_seconds=2.0)
+    metrics.stage_step({"reward_mean": 0.25, "kl": 0.01, "generation_seconds": 0.5, "clip_fraction": 0.125},
+                       step_seconds=2.0)  # fmt: skip
     text = generate_latest(metrics.registry).decode()
+    assert 'potluck_clip_fraction{run_id="run-x"} 0.125' in text
     assert 'potluck_reward_mean{run_id="run-x"} 0.25' in text
     assert 'potluck_generation_time_share{run_id="run-x"} 0.25' in text

@@ -294,6 +294,31 @@ def ppo_policy_loss(
     return _masked_mean(torch.max(unclipped, clipped), mask)
 
 
+@torch.no_grad()
+def ppo_clip_fraction(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    clip_range_high: float | None = None,
+) -> torch.Tensor:
+    """Share of the masked tokens whose term in :func:`ppo_policy_loss` is the clipped one (no gradient flows).
+
+    ``masked_mean(-A * clamp(ratio, ...) > -A * ratio)``: the ratio left ``[1 - clip_range, 1 + clip_range_high]``
+    on the side where the advantage would push it further. Matches ``pg_clipfrac`` of TRL's PPOTrainer
+    (``trl/experimental/ppo/ppo_trainer.py``) and ``clip_ratio/region_mean`` of TRL 1.16's GRPOTrainer. Always 0
+    when the ratio is 1 (on-policy, ``rl.updates_per_rollout = 1``); a value that stays high means the updates
+    between uses of a rollout are too large (lower the lr or ``updates_per_rollout``). Arguments as there.
+    """
+    if advantages.dim() == logprobs.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    upper = clip_range if clip_range_high is None else clip_range_high
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + upper) > -advantages * ratio
+    return _masked_mean(clipped.to(logprobs.dtype), mask)
+
+
 def ppo_value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,

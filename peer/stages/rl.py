@@ -5,15 +5,21 @@ One local step of either: sample completions of this peer's prompts with the cur
 under the policy (with a graph) and the frozen reference, and return the clipped policy loss (plus, for PPO, the
 clipped value loss). Gradients are averaged by the swarm like any run; rollouts stay on the peer.
 
-NOTE: each rollout batch is used for one gradient computation, and parameters change only at global steps, so the
-policy that sampled a batch is the one being updated: the importance ratio is 1 and clipping is inactive (the
-objective is the on-policy policy gradient, as TRL's GRPO with ``num_iterations=1``). The clipped forms are kept so
-that reusing rollouts over several updates (TODO: a rollout buffer; it needs an optimizer step between uses, i.e.
-a global step) changes no loss code.
+Rollout reuse (``rl.updates_per_rollout = N``, TRL's ``num_ppo_epochs`` / ``num_iterations``): the rollouts, with
+what was computed from the policy that sampled them (its log-probs, PPO's values, the rewards, advantages and
+returns), form a buffer that the next ``N`` local steps train on; only the current log-probs (and values) are
+recomputed, with a graph, at each step. The swarm's optimizer steps only at global steps (hivemind accumulates
+gradients up to ``target_batch_size``), so the importance ratio departs from 1, and clipping acts, only on the
+uses of a buffer that come after a global step; within one global step the reuses are plain extra gradient
+samples of the same rollouts. With ``N = 1`` (the default) each batch is fresh, the ratio is 1 and the objective is
+the on-policy policy gradient (TRL's GRPO with ``num_iterations=1``). During reuse the trainer's batches of
+prompts are skipped (they still count toward ``target_batch_size``, as TRL counts each epoch's samples).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +30,7 @@ from potluck.peer.stages.losses import (
     gae_advantages,
     group_relative_advantages,
     kl_estimate,
+    ppo_clip_fraction,
     ppo_policy_loss,
     ppo_value_loss,
     whiten,
@@ -38,8 +45,30 @@ from potluck.peer.stages.rollout import (
 )
 
 
+@dataclass
+class RolloutBuffer:
+    """One rollout batch and what the policy that sampled it gave (all detached), kept for ``uses_left`` more
+    local steps."""
+
+    rollouts: Rollouts
+    scores: torch.Tensor
+    """``(N,)`` reward of each completion."""
+    ref_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    """``(N, L)`` log-probs of the completion tokens under the sampling policy."""
+    old_values: torch.Tensor | None
+    """``(N, L)`` PPO value predictions at rollout time; ``None`` for GRPO."""
+    uses_left: int
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    """PPO: the mean rollout-time k1 KL that went into the rewards."""
+
+
 class RLStage(Stage):
-    """What GRPO and PPO share: the reference, the reward, rollouts and their metrics."""
+    """What GRPO and PPO share: the reference, the reward, the rollout buffer, the clipped policy loss and the
+    metrics. A subclass says how rollouts turn into advantages (:meth:`score`) and what it adds to the policy loss
+    (:meth:`objective`)."""
 
     samples_per_prompt = 1
 
@@ -50,6 +79,8 @@ class RLStage(Stage):
                                "reference.path")  # fmt: skip
         self.reference = load_frozen_causal_lm(path, context.device, spec.model.dtype)
         self.reward = make_reward(spec.rl, context.save_dir, context.device)
+        self.buffer: RolloutBuffer | None = None
+        """The rollouts the next local step trains on while ``buffer.uses_left > 0``."""
 
     def batch_size(self, batch: dict[str, Any]) -> int:
         """Prompts, not completions: ``target_batch_size`` counts prompts (GRPO samples ``group_size`` each)."""
@@ -70,8 +101,70 @@ class RLStage(Stage):
             logits, _ = completion_logits(self.reference, rollouts, self.context.spec.rl.temperature)
             return gather_logprobs(logits, rollouts.completion_ids)
 
+    def values(self, output, rollouts: Rollouts) -> torch.Tensor | None:
+        """The critic's predictions at the completion tokens from the model's output; ``None`` without a critic."""
+        return None
+
+    @abstractmethod
+    def score(self, buffer: RolloutBuffer) -> None:
+        """Fill ``buffer.advantages`` (and what else :meth:`objective` reads) from the rollout-time figures."""
+
+    @abstractmethod
+    def objective(
+        self, buffer: RolloutBuffer, logprobs: torch.Tensor, values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """What the stage adds to the policy loss: ``(term, kl for the metrics, named losses for the metrics)``."""
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Clipped policy loss (plus the stage's term) on the buffered rollouts, sampling a new buffer from
+        ``batch`` when the last one is used up; ``batch`` is ignored while a buffer is reused. A buffer outlives a
+        global step or a state download from peers on purpose: that is when the ratio leaves 1, and the clip
+        bounds how far a stale buffer can pull."""
+        rl = self.context.spec.rl
+        fresh = self.buffer is None or self.buffer.uses_left == 0
+        if fresh:
+            rollouts, scores = self.rollouts(model, batch)
+            ref_logprobs = self.reference_logprobs(rollouts)
+        else:
+            rollouts = self.buffer.rollouts
+        logits, output = completion_logits(model, rollouts, rl.temperature)
+        logprobs = gather_logprobs(logits, rollouts.completion_ids)
+        values = self.values(output, rollouts)
+        if fresh:
+            # the policy has not changed since it sampled, so this step's forward gives the "old" figures too
+            old_values = values.detach() if values is not None else None
+            self.buffer = RolloutBuffer(
+                rollouts, scores, ref_logprobs, logprobs.detach(), old_values, rl.updates_per_rollout
+            )
+            self.score(self.buffer)
+        buffer = self.buffer
+        buffer.uses_left -= 1
+        mask = rollouts.completion_mask
+        policy_loss = ppo_policy_loss(logprobs, buffer.old_logprobs, buffer.advantages, mask, rl.clip_range)
+        term, kl, losses = self.objective(buffer, logprobs, values)
+        with torch.no_grad():
+            ratio = torch.exp(logprobs - buffer.old_logprobs)
+            self.record(
+                rollouts,
+                buffer.scores,
+                kl.detach(),
+                fresh,
+                policy_loss=policy_loss.detach(),
+                clip_fraction=ppo_clip_fraction(
+                    logprobs, buffer.old_logprobs, buffer.advantages, mask, rl.clip_range
+                ),
+                ratio_mean=_masked_mean(ratio, mask),
+                **{name: value.detach() for name, value in losses.items()},
+            )
+        return policy_loss + term
+
     def record(
-        self, rollouts: Rollouts, rewards: torch.Tensor, kl: torch.Tensor, **losses: torch.Tensor
+        self,
+        rollouts: Rollouts,
+        rewards: torch.Tensor,
+        kl: torch.Tensor,
+        fresh: bool,
+        **figures: torch.Tensor,
     ) -> None:
         seconds = rollouts.generation_seconds
         self.last_metrics = {
@@ -79,8 +172,9 @@ class RLStage(Stage):
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "kl": float(kl),
             "rollout_tokens_per_second": rollouts.generated_tokens / seconds if seconds > 0 else 0.0,
-            "generation_seconds": seconds,
-            **{name: float(value) for name, value in losses.items()},
+            # a reused buffer cost no generation this step (generation_time_share)
+            "generation_seconds": seconds if fresh else 0.0,
+            **{name: float(value) for name, value in figures.items()},
         }
 
 
@@ -94,18 +188,15 @@ class GroupRelativePolicyOptimization(RLStage):
         super().__init__(context)
         self.samples_per_prompt = context.spec.rl.group_size
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    def score(self, buffer: RolloutBuffer) -> None:
+        buffer.advantages = group_relative_advantages(buffer.scores, self.context.spec.rl.group_size)
+
+    def objective(self, buffer, logprobs, values):
         rl = self.context.spec.rl
-        rollouts, rewards = self.rollouts(model, batch)
-        advantages = group_relative_advantages(rewards, rl.group_size)
-        ref_logprobs = self.reference_logprobs(rollouts)
-        logits, _ = completion_logits(model, rollouts, rl.temperature)
-        logprobs = gather_logprobs(logits, rollouts.completion_ids)
-        mask = rollouts.completion_mask
-        policy_loss = ppo_policy_loss(logprobs, logprobs.detach(), advantages, mask, rl.clip_range)
-        kl = _masked_mean(kl_estimate(logprobs, ref_logprobs, rl.kl_estimator), mask)
-        self.record(rollouts, rewards, kl.detach(), policy_loss=policy_loss.detach())
-        return policy_loss + rl.kl_coef * kl
+        kl = _masked_mean(
+            kl_estimate(logprobs, buffer.ref_logprobs, rl.kl_estimator), buffer.rollouts.completion_mask
+        )
+        return rl.kl_coef * kl, kl, {}
 
 
 class ProximalPolicyOptimization(RLStage):
@@ -123,27 +214,23 @@ class ProximalPolicyOptimization(RLStage):
             model.load_value_head(weights_from)
         return model.train()
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        rl = self.context.spec.rl
-        rollouts, scores = self.rollouts(model, batch)
-        ref_logprobs = self.reference_logprobs(rollouts)
-        logits, (_, all_values) = completion_logits(model, rollouts, rl.temperature)
-        logprobs = gather_logprobs(logits, rollouts.completion_ids)
-        values = all_values[:, rollouts.prompt_width - 1 : -1]
-        mask = rollouts.completion_mask
-        old_logprobs, old_values = logprobs.detach(), values.detach()
+    def values(self, output, rollouts: Rollouts) -> torch.Tensor:
+        _, all_values = output
+        return all_values[:, rollouts.prompt_width - 1 : -1]
 
-        kl = (old_logprobs - ref_logprobs) * mask  # k1, as TRL's PPO puts it in the reward
+    def score(self, buffer: RolloutBuffer) -> None:
+        rl = self.context.spec.rl
+        mask = buffer.rollouts.completion_mask
+        kl = (buffer.old_logprobs - buffer.ref_logprobs) * mask  # k1, as TRL's PPO puts it in the reward
         rewards = -rl.kl_coef * kl
         last = (mask.sum(-1) - 1).clamp(min=0)
-        rewards[torch.arange(len(last)), last] += scores
-        advantages, returns = gae_advantages(rewards, old_values, mask, rl.gamma, rl.lam)
-        if mask.sum() >= 2:
-            advantages = whiten(advantages, mask)
-        policy_loss = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, rl.clip_range)
-        value_loss = ppo_value_loss(values, old_values, returns, mask, rl.clip_range_value)
-        mean_kl = kl.sum() / mask.sum().clamp(min=1)
-        self.record(
-            rollouts, scores, mean_kl, policy_loss=policy_loss.detach(), value_loss=value_loss.detach()
-        )
-        return policy_loss + rl.vf_coef * value_loss
+        rewards[torch.arange(len(last)), last] += buffer.scores
+        advantages, buffer.returns = gae_advantages(rewards, buffer.old_values, mask, rl.gamma, rl.lam)
+        buffer.advantages = whiten(advantages, mask) if mask.sum() >= 2 else advantages
+        buffer.kl = kl.sum() / mask.sum().clamp(min=1)
+
+    def objective(self, buffer, logprobs, values):
+        rl = self.context.spec.rl
+        mask = buffer.rollouts.completion_mask
+        value_loss = ppo_value_loss(values, buffer.old_values, buffer.returns, mask, rl.clip_range_value)
+        return rl.vf_coef * value_loss, buffer.kl, {"value_loss": value_loss}
