@@ -285,13 +285,17 @@ def ppo_policy_loss(
     Returns:
         A scalar tensor.
     """
+    unclipped, clipped = _ppo_terms(logprobs, old_logprobs, advantages, clip_range, clip_range_high)
+    return _masked_mean(torch.max(unclipped, clipped), mask)
+
+
+def _ppo_terms(logprobs, old_logprobs, advantages, clip_range, clip_range_high):
+    """The negated unclipped and clipped surrogate objectives per token (see :func:`ppo_policy_loss`)."""
     if advantages.dim() == logprobs.dim() - 1:
         advantages = advantages.unsqueeze(-1)
     upper = clip_range if clip_range_high is None else clip_range_high
     ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + upper)
-    return _masked_mean(torch.max(unclipped, clipped), mask)
+    return -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + upper)
 
 
 @torch.no_grad()
@@ -311,12 +315,8 @@ def ppo_clip_fraction(
     when the ratio is 1 (on-policy, ``rl.updates_per_rollout = 1``); a value that stays high means the updates
     between uses of a rollout are too large (lower the lr or ``updates_per_rollout``). Arguments as there.
     """
-    if advantages.dim() == logprobs.dim() - 1:
-        advantages = advantages.unsqueeze(-1)
-    upper = clip_range if clip_range_high is None else clip_range_high
-    ratio = torch.exp(logprobs - old_logprobs)
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + upper) > -advantages * ratio
-    return _masked_mean(clipped.to(logprobs.dtype), mask)
+    unclipped, clipped = _ppo_terms(logprobs, old_logprobs, advantages, clip_range, clip_range_high)
+    return _masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
 
 
 def ppo_value_loss(
