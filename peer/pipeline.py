@@ -16,6 +16,13 @@ stage is replaced, in the spec its peers get, by peer 1's final checkpoint of th
 the same weights. (NOTE: separate folders because checkpoint folders are named by global step only: two runs
 sharing a ``--save-dir`` overwrite each other's checkpoints of equal steps.) After each stage the pipeline evaluates the stage's starting weights and its result
 on the held-out data (``peer/stages/evaluation.py``) and, at the end, prints one table row per stage.
+
+With ``--coordinator HOST:PORT`` each stage is published at the coordinator first (its dashboard then shows the
+stage's progress, and ``potluck run list`` its status), the stage's peers join it through the coordinator (which
+hands out the spec and bootstrap addresses, as for any volunteer) and the stage is marked ``finished`` there when
+its peers are done. The coordinator is never on the data path: checkpoints stay in the peers' folders. (NOTE: the
+published spec names earlier stages' checkpoints by their paths on this machine, so volunteers on other machines
+can join a stage only where those paths exist.)
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from potluck.peer.local_swarm import LocalSwarm
 from potluck.peer.stages.data import check_stage_data
 from potluck.peer.stages.evaluation import evaluate_stage
 from potluck.peer.stages.models import resolve_weights
+from potluck.protocols.coordinator_client import CoordinatorClient
 from potluck.protocols.runspec import RunSpec, RunSpecError, _Strict, load_run_spec, parse_run_spec
 
 
@@ -67,6 +75,8 @@ class Pipeline:
     stage_timeout: float = 3600
     swarm_factory: Callable[[Path, Path], LocalSwarm] = LocalSwarm
     """Makes the swarm of a stage from (spec file, log folder); tests pass one that tracks the processes."""
+    coordinator: str | None = None
+    """``HOST:PORT`` of a coordinator to publish each stage at and join it through; ``None``: local only."""
     outcomes: list[StageOutcome] = field(default_factory=list)
 
     def save_dir(self, run_id: str, peer: int) -> Path:
@@ -119,10 +129,18 @@ class Pipeline:
         spec_path = self.workdir / f"{spec.run_id}.yaml"
         spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         started = time.monotonic()
+        if self.coordinator is not None:
+            with CoordinatorClient(self.coordinator) as client:
+                client.publish(spec.model_dump_json())
+            print(f"   published at the coordinator {self.coordinator}", file=out, flush=True)
         with self.swarm_factory(spec_path, self.workdir / "logs" / spec.run_id) as swarm:
             for i in range(1, self.peers + 1):
                 args = ["--save-dir", str(self.save_dir(spec.run_id, i)), "--min-peers", str(self.peers)]
-                peer = swarm.start_peer(f"peer{i}", args)
+                if self.coordinator is None:
+                    peer = swarm.start_peer(f"peer{i}", args)
+                else:  # as a volunteer would: the coordinator hands out the spec and the swarm's addresses
+                    args += ["--coordinator", self.coordinator, "--run", spec.run_id]
+                    peer = swarm.start_peer(f"peer{i}", args, initial_peers=[], use_spec=False)
                 if i == 1 and self.peers > 1:
                     swarm.wait_for_address(peer)
             codes = swarm.wait_all(self.stage_timeout)
@@ -138,6 +156,9 @@ class Pipeline:
                 ):
                     print(f"   {line}", file=out, flush=True)
         seconds = time.monotonic() - started
+        if self.coordinator is not None:
+            with CoordinatorClient(self.coordinator) as client:
+                client.set_status(spec.run_id, "finished")
         checkpoint = latest_checkpoint(self.save_dir(spec.run_id, 1), spec.run_id)
         after = evaluate_stage(spec, str(checkpoint.path)) if spec.data.eval_path else {}
         return StageOutcome(spec, seconds, checkpoint.global_step, before, after, checkpoint.path)
@@ -173,8 +194,9 @@ def print_summary(outcomes: list[StageOutcome], out=sys.stdout) -> None:
     print(f"\nfinal weights: {outcomes[-1].weights}" if outcomes else "", file=out, flush=True)
 
 
-def load_pipeline(path: Path) -> Pipeline:
-    """Parse and validate the pipeline file and every stage's run spec (relative paths against the file)."""
+def load_pipeline(path: Path, coordinator: str | None = None) -> Pipeline:
+    """Parse and validate the pipeline file and every stage's run spec (relative paths against the file);
+    ``coordinator``: run the stages through it (module docstring)."""
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as e:
@@ -193,4 +215,4 @@ def load_pipeline(path: Path) -> Pipeline:
             specs.append(parse_run_spec(stage, f"{path} stages[{i}]").resolve_paths(base))
     workdir = Path(pipeline.workdir)
     workdir = workdir if workdir.is_absolute() else (base / workdir).resolve()
-    return Pipeline(specs, workdir, pipeline.peers, pipeline.stage_timeout)
+    return Pipeline(specs, workdir, pipeline.peers, pipeline.stage_timeout, coordinator=coordinator)

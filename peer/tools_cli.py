@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline", help="run stages chained by init_from (SFT -> RM -> PPO) as local swarms"
     )
     pipe.add_argument("pipeline_file", type=Path)
+    pipe.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="publish each stage there and join it through it (default: local)",
+    )
     commands.add_parser(
         "chat", help="answer prompts with a trained checkpoint: potluck chat MODEL_DIR", add_help=False
     )
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pipeline":
             from potluck.peer.pipeline import load_pipeline
 
-            load_pipeline(args.pipeline_file).run()
+            load_pipeline(args.pipeline_file, args.coordinator).run()
         elif args.command == "generate":
             from potluck.peer.shard.generate import generate_text
 

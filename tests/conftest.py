@@ -12,6 +12,7 @@ import psutil
 import pytest
 import yaml
 
+from potluck.coordinator.local_process import LocalCoordinator
 from potluck.peer.local_swarm import LocalSwarm
 from potluck.peer.tools_cli import build_assets
 from tests.netbed.fixture import netbed  # noqa: F401  (the `netbed` fixture: hosts in network namespaces)
@@ -94,3 +95,21 @@ class _TrackedSwarm(LocalSwarm):
         peer = super().start_peer(*args, **kwargs)
         _STARTED_GROUPS.add(peer.process.pid)  # each peer leads its own process group
         return peer
+
+
+@pytest.fixture
+def coordinator(tmp_path) -> Iterator[Callable[..., LocalCoordinator]]:
+    """Start real coordinator processes (``run-coordinator``) on one folder (a second one started is a restart on
+    the same database); each is stopped after the test."""
+    started: list[LocalCoordinator] = []
+
+    def start(**kwargs) -> LocalCoordinator:
+        c = LocalCoordinator(tmp_path / "coordinator", **kwargs)
+        started.append(c)
+        c.start()
+        _STARTED_GROUPS.add(c.process.pid)
+        return c
+
+    yield start
+    for c in started:
+        c.stop()

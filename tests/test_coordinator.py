@@ -27,27 +27,10 @@ from potluck.protocols.records import (
     record_validators,
 )
 from tests.browser import capture_page, find_chromium
-from tests.conftest import _STARTED_GROUPS
 from tests.helpers import metric, wait_until
 from tests.test_dashboard import body_attributes, peer_cells
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def coordinator(tmp_path):
-    started: list[LocalCoordinator] = []
-
-    def start(**kwargs) -> LocalCoordinator:
-        c = LocalCoordinator(tmp_path / "coordinator", **kwargs)
-        started.append(c)
-        c.start()
-        _STARTED_GROUPS.add(c.process.pid)
-        return c
-
-    yield start
-    for c in started:
-        c.stop()
 
 
 def publish(coordinator: LocalCoordinator, spec_path: Path) -> str:

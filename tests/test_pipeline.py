@@ -14,6 +14,7 @@ from potluck.peer.checkpoint import latest_checkpoint
 from potluck.peer.data import DatasetFormatError
 from potluck.peer.pipeline import load_pipeline
 from potluck.peer.tools_cli import main as potluck_main
+from potluck.protocols.coordinator_client import CoordinatorClient
 from potluck.protocols.runspec import RunSpecError
 
 
@@ -97,3 +98,29 @@ def test_the_example_pipeline_parses():
     pipeline = load_pipeline(Path(__file__).parent.parent / "examples" / "pipeline" / "rlhf.yaml")
     assert [s.stage for s in pipeline.specs] == ["sft", "rm", "ppo"]
     assert pipeline.specs[2].init_from == "tiny-sft" and pipeline.specs[2].rl.reward == "tiny-rm"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_pipeline_through_the_coordinator_publishes_each_stage_and_finishes_it(
+    tiny_assets, tmp_path, local_swarm, coordinator
+):
+    coord = coordinator()
+    stages = [stage(tiny_assets, "c-sft", "sft", "sft", 2), stage(tiny_assets, "c-sft2", "sft", "sft", 2,
+                                                                   init_from="c-sft")]  # fmt: skip
+    pipeline = load_pipeline(write_pipeline(tmp_path, stages), coordinator=coord.address)
+    swarms = []
+    pipeline.swarm_factory = lambda spec_path, workdir: swarms.append(local_swarm(spec_path)) or swarms[-1]
+    out = io.StringIO()
+    outcomes = pipeline.run(out)
+
+    assert [o.global_step for o in outcomes] == [2, 2]
+    for peer in (
+        p for swarm in swarms for p in swarm.peers
+    ):  # the run came from the coordinator, no spec file
+        assert "through the coordinator at" in peer.log() and "--run-spec" not in peer.process.args
+    with CoordinatorClient(coord.address) as client:
+        runs = {r.run_id: r for r in client.list_runs()}
+    assert runs["c-sft"].status == runs["c-sft2"].status == "finished"
+    assert outcomes[1].spec.init_from == str(outcomes[0].weights)  # chained on this machine's checkpoint
+    assert f"published at the coordinator {coord.address}" in out.getvalue()
