@@ -16,7 +16,7 @@ import pytest
 
 from potluck.coordinator.local_process import free_port
 from tests.helpers import wait_until
-from tests.test_coordinator import coordinator, peer_step, publish  # noqa: F401  (a fixture)
+from tests.test_coordinator import peer_step, publish
 
 pytestmark = pytest.mark.slow
 
