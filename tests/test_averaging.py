@@ -8,6 +8,8 @@ virtual first Adam step, a scheduler off by one, a lost or doubled gradient) sho
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -42,8 +44,12 @@ def test_a_swarm_of_one_steps_exactly_as_torch_adamw(make_spec):
     schedule = torch.optim.lr_scheduler.LambdaLR(
         plain, lr_lambda(o.warmup_steps, o.schedule, spec.max_global_steps)
     )
+    # hivemind's averagers leave SIGINT ignored in the creating process, and processes started later by
+    # this pytest process would inherit that (tests/test_ops_prometheus.py's Ctrl-C then did nothing)
+    sigint = signal.getsignal(signal.SIGINT)
     dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
     strategy = GradientAveraging(spec, dht, trainable_parameters(swarm_model), listener=_Quiet())
+    signal.signal(signal.SIGINT, sigint)
     try:
         for _ in range(5):  # global steps
             for _ in range(2):
