@@ -201,10 +201,28 @@ class _BoundedOptimizer(Optimizer):
         self.last_state_download_ok = False
         self.last_state_download_epoch: int | None = None
         super().__init__(**kwargs)
-        # NOTE: hivemind builds its state averager inside __init__; swapping in a subclass that only
-        # adds bookkeeping to the parent-process side is the least invasive way to observe downloads.
-        self.state_averager.__class__ = _ObservedStateAverager
         self.state_averager.record_applied_epochs()
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        # Built as the subclass from the start, not swapped in afterwards: the averager's constructor hands
+        # a weak reference to *its* get_current_state to the thread that serves state downloads, so a
+        # class swapped in later never served a download (newcomers got hivemind's mislabelled state).
+        # The arguments are hivemind 1.1.12's Optimizer._make_state_averager's, which names its class.
+        return _ObservedStateAverager(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> SwarmAwareTracker:
         # hivemind's tracker counts other peers' samples only as of its last DHT fetch, so fast peers

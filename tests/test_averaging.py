@@ -69,3 +69,45 @@ def test_a_swarm_of_one_steps_exactly_as_torch_adamw(make_spec):
     finally:
         strategy.shutdown()
         dht.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_a_downloaded_state_is_labelled_with_the_step_its_parameters_hold(make_spec):
+    """hivemind counts a donor's global step up before the step's update runs in its executor; a newcomer
+    that downloads in between must get the parameters with the step they are of, not the next one (it
+    reports and saves the step it got, and the swarm's checkpoints of that step must match it)."""
+    spec = load_run_spec(make_spec(batch={"target_batch_size": 16, "per_peer_batch_size": 16}))
+    tokenizer = load_tokenizer(spec.model)
+    batches = PeerDataStream(spec.data, tokenizer, 16).batches(seed=0)
+    donor_model, newcomer_model = (
+        build_model(spec, torch.device("cpu")),
+        build_model(spec, torch.device("cpu")),
+    )
+    stage = make_stage(spec.stage)
+    sigint = signal.getsignal(signal.SIGINT)  # see the test above
+    donor_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    donor = GradientAveraging(spec, donor_dht, trainable_parameters(donor_model), listener=_Quiet())
+    newcomer_dht = start_dht(
+        [str(a) for a in donor_dht.get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"], [], None
+    )
+    newcomer = GradientAveraging(spec, newcomer_dht, trainable_parameters(newcomer_model), listener=_Quiet())
+    signal.signal(signal.SIGINT, sigint)
+    try:
+        for _ in range(3):
+            stage.loss(donor_model, next(batches)).backward()
+            assert donor.step(16)  # one local batch is a global step
+            donor.zero_grad()
+        # the window: hivemind's optimizer has moved the donor to step 4, its update has not run yet
+        donor._optimizer.state_averager.step(increment_epoch=True)
+        assert donor.global_step == 4
+
+        assert newcomer.load_state_from_peers() == 3
+        for (name, mine), theirs in zip(
+            newcomer_model.named_parameters(), donor_model.parameters(), strict=True
+        ):
+            torch.testing.assert_close(mine, theirs, atol=0, rtol=0, msg=name)
+    finally:
+        for strategy in (newcomer, donor):
+            strategy.shutdown()
+        for dht in (newcomer_dht, donor_dht):
+            dht.shutdown()
