@@ -30,6 +30,7 @@ from hivemind.optim import Optimizer
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils.timed_storage import get_dht_time
 
+from potluck.peer.donors import LimitedDonor, other_donors, wait_before_retrying
 from potluck.peer.tracker import SwarmAwareTracker
 from potluck.protocols.runspec import RunSpec
 
@@ -69,6 +70,9 @@ class SwarmProgress:
 
 
 class AveragingStrategy(ABC):
+    last_state_donor: str | None = None
+    """The peer id of the donor that served the last state download (when it said)."""
+
     @property
     @abstractmethod
     def global_step(self) -> int: ...
@@ -127,19 +131,23 @@ class _ThrottledDeclaration(DecentralizedAverager):
 
 
 class _DownloadRecorder(DecentralizedAverager):
-    """Remembers whether the last state download got anything (hivemind's optimizer does not say)."""
+    """Remembers what the last state download got (hivemind's optimizer does not say): whether it got
+    anything, the global step it is of and the donor that served it."""
 
     last_download_ok = False
     last_download_epoch: int | None = None
+    last_download_donor: str | None = None
 
     def load_state_from_peers(self, *args, **kwargs):
         loaded = super().load_state_from_peers(*args, **kwargs)
+        metadata = loaded[0] if loaded is not None and isinstance(loaded[0], dict) else {}
         self.last_download_ok = loaded is not None
-        self.last_download_epoch = loaded[0].get("epoch") if loaded is not None else None
+        self.last_download_epoch = metadata.get("epoch")
+        self.last_download_donor = metadata.get("donor")
         return loaded
 
 
-class _ObservedStateAverager(TrainingStateAverager, _DownloadRecorder, _ThrottledDeclaration):
+class _ObservedStateAverager(TrainingStateAverager, _DownloadRecorder, _ThrottledDeclaration, LimitedDonor):
     """MRO: TrainingStateAverager's ``super().load_state_from_peers`` lands in the recorder."""
 
     applied_epoch: int | None = None
@@ -157,6 +165,7 @@ class _ObservedStateAverager(TrainingStateAverager, _DownloadRecorder, _Throttle
             metadata, tensors, infos = super().get_current_state()
             if self.applied_epoch is not None:
                 metadata["epoch"] = self.applied_epoch
+            metadata["donor"] = str(self.peer_id)
             return metadata, [t.clone() for t in tensors], infos
 
     def record_applied_epochs(self) -> None:
@@ -200,6 +209,7 @@ class _BoundedOptimizer(Optimizer):
         self._wire_bytes = wire_bytes
         self.last_state_download_ok = False
         self.last_state_download_epoch: int | None = None
+        self.last_state_download_donor: str | None = None
         super().__init__(**kwargs)
         self.state_averager.record_applied_epochs()
 
@@ -261,18 +271,22 @@ class _BoundedOptimizer(Optimizer):
         started = time.perf_counter()
         self.state_averager.last_download_ok = False
         with self.tracker.pause_updates():
+            # NOTE: hivemind's optimizer downloads the gradient averager's state too, and discards it
+            # (its last averaged gradients, overwritten before every round): a second copy of the model
+            # for nothing, so it is not downloaded here.
             for attempt in range(1, self._load_state_attempts + 1):
                 try:
                     self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
-                    if self.grad_averager is not None:
-                        self.grad_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
-                    break
-                except (
-                    Exception
-                ) as e:  # a donor that died or timed out: try another, a bounded number of times
+                except Exception as e:  # a donor that died or timed out: try again, a bounded number of times
                     logger.warning(
                         f"state download attempt {attempt}/{self._load_state_attempts} failed: {e!r}"
                     )
+                    continue
+                if self.state_averager.last_download_ok or not other_donors(self.dht, self.state_averager):
+                    break
+                if attempt < self._load_state_attempts:
+                    logger.info(f"every donor was busy or failed (attempt {attempt}); trying again")
+                    wait_before_retrying()
             if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
                 self.state_averager.local_epoch = self.tracker.global_epoch
             self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
@@ -284,6 +298,7 @@ class _BoundedOptimizer(Optimizer):
                     self.grad_averager.state_sharing_priority = self.local_epoch
         self.last_state_download_ok = self.state_averager.last_download_ok
         self.last_state_download_epoch = self.state_averager.last_download_epoch
+        self.last_state_download_donor = self.state_averager.last_download_donor
         self._listener.state_download(self.last_state_download_ok, time.perf_counter() - started)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
@@ -390,7 +405,10 @@ class GradientAveraging(AveragingStrategy):
             reuse_grad_buffers=False,
             delay_state_averaging=True,
             # hivemind warns (matchmaking can deadlock) unless requests time out before matchmaking ends
-            averager_opts={"request_timeout": min(3.0, averaging.matchmaking_time / 2)},
+            averager_opts={
+                "request_timeout": min(3.0, averaging.matchmaking_time / 2),
+                "donor_slots": averaging.donor_slots,
+            },
             request_timeout=min(3.0, averaging.matchmaking_time / 2),
             verbose=False,
         )
@@ -401,6 +419,7 @@ class GradientAveraging(AveragingStrategy):
 
     def load_state_from_peers(self) -> int | None:
         self._optimizer.load_state_from_peers()
+        self.last_state_donor = self._optimizer.last_state_download_donor
         return self._optimizer.last_state_download_epoch if self._optimizer.last_state_download_ok else None
 
     def peers_in_run(self) -> int:

@@ -52,7 +52,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import CompressionInfo, NoCompression
 from hivemind.dht import DHT
@@ -67,6 +66,7 @@ from potluck.peer.averaging import (
     SwarmProgress,
     lr_lambda,
 )
+from potluck.peer.donors import LimitedDonor, other_donors, wait_before_retrying
 from potluck.protocols.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _round_bits(outer_step: int) -> str:
     return format(outer_step % 2**ROUND_BITS, f"0{ROUND_BITS}b")
 
 
-class _OuterAverager(DecentralizedAverager):
+class _OuterAverager(LimitedDonor):
     """All-reduces pseudo-gradients; serves the outer state that ``current_state`` returns to joiners."""
 
     def __init__(self, averaged_tensors, dht: DHT, *, current_state, **kwargs):
@@ -194,6 +194,7 @@ class DiLoCoAveraging(AveragingStrategy):
             next_chunk_timeout=max(request_timeout, averaging.load_state_timeout / 10),
             compression=compression,
             state_compression=NoCompression(),  # joiners need the exact outer state
+            donor_slots=averaging.donor_slots,
         )
         self._averager.state_sharing_priority = 0
         self._tracker = _RoundTracker(
@@ -277,7 +278,10 @@ class DiLoCoAveraging(AveragingStrategy):
                 )
                 continue
             if loaded is not None and (adopted := self._adopt_downloaded(*loaded)) is not None:
+                self.last_state_donor = loaded[0].get("donor")
                 break
+            if attempt < self._load_state_attempts and other_donors(self._dht, self._averager):
+                wait_before_retrying()  # the donors were busy serving other newcomers, or failed
         seconds = time.perf_counter() - started
         self._listener.state_download(adopted is not None, seconds)
         self._communication_wait(seconds)
@@ -422,7 +426,8 @@ class DiLoCoAveraging(AveragingStrategy):
     # -- outer state ------------------------------------------------------------------------------
     def _current_state(self) -> tuple[dict, list[torch.Tensor]]:
         with self._state_lock:
-            return {"outer_step": self._outer_step}, [t.clone() for t in (*self._global, *self._momentum)]
+            metadata = {"outer_step": self._outer_step, "donor": str(self._dht.peer_id)}
+            return metadata, [t.clone() for t in (*self._global, *self._momentum)]
 
     def _adopt_downloaded(self, metadata, tensors) -> int | None:
         n = len(self._global)

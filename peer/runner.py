@@ -166,6 +166,7 @@ def run_peer(
             if downloaded is not None:
                 print(
                     f"run-peer: loaded the swarm's state of global step {downloaded} "
+                    f"from peer {strategy.last_state_donor or '?'} "
                     f"(continuing at global step {strategy.global_step})",
                     file=sys.stderr,
                 )

@@ -47,7 +47,9 @@ class _Accounted(AveragingStrategy):
         return stepped
 
     def load_state_from_peers(self) -> int | None:
-        return self.inner.load_state_from_peers()
+        downloaded = self.inner.load_state_from_peers()
+        self.last_state_donor = self.inner.last_state_donor
+        return downloaded
 
     def peers_in_run(self) -> int:
         return self.inner.peers_in_run()

@@ -151,6 +151,9 @@ class AveragingSpec(_Strict):
     """Seconds one attempt to download the swarm's state may take before trying another donor."""
     load_state_attempts: int = Field(3, ge=1)
     """Attempts to download state before continuing from local state (hivemind would retry forever)."""
+    donor_slots: int = Field(2, ge=1)
+    """State downloads one peer serves at once; newcomers beyond that are sent on to the next donor, so
+    peers that join together spread over the swarm instead of queueing on its newest peer."""
     compression: Literal["none", "fp16", "scaled_fp16", "uint8", "quantile_8bit"] = "none"
     """Compression of averaged gradients (``diloco``: pseudo-gradients); ``none`` keeps peers bit-for-bit
     in step. 8-bit codecs send 4x fewer bytes than ``none``; ``bench/strategies.py`` shows the loss cost."""

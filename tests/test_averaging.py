@@ -9,9 +9,11 @@ virtual first Adam step, a scheduler off by one, a lost or doubled gradient) sho
 from __future__ import annotations
 
 import signal
+import threading
 
 import pytest
 import torch
+from hivemind.p2p import PeerID
 
 from potluck.peer.averaging import GradientAveraging, lr_lambda
 from potluck.peer.data import PeerDataStream
@@ -19,6 +21,7 @@ from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
 from potluck.peer.stages import make_stage
 from potluck.peer.swarm import start_dht
 from potluck.protocols.runspec import load_run_spec
+from tests.helpers import wait_until
 
 
 class _Quiet:
@@ -110,4 +113,79 @@ def test_a_downloaded_state_is_labelled_with_the_step_its_parameters_hold(make_s
         for strategy in (newcomer, donor):
             strategy.shutdown()
         for dht in (newcomer_dht, donor_dht):
+            dht.shutdown()
+
+
+class _Gate:
+    """A lock held from the start that tells when someone first waits on it."""
+
+    def __init__(self):
+        self._lock, self.knocked = threading.Lock(), threading.Event()
+        self._lock.acquire()
+
+    def open(self) -> None:
+        if self._lock.locked():
+            self._lock.release()
+
+    def __enter__(self):
+        self.knocked.set()
+        self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
+def _declared(dht, strategy: GradientAveraging) -> dict[str, float]:
+    """The donors that hivemind's newcomers would choose from, with their declared priorities."""
+    found = dht.get(f"{strategy._optimizer.state_averager.prefix}.all_averagers", latest=True)
+    records = found.value if found is not None else {}
+    return {str(PeerID(peer)): record.value for peer, record in records.items()}
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_donor_sends_the_next_newcomer_to_another_donor(make_spec):
+    """hivemind sends every newcomer to the newest donor (hivemind #169); with one download slot, a
+    newcomer that arrives while the newest donor serves another goes to the next donor instead of
+    queueing behind it."""
+    spec = load_run_spec(make_spec(
+        batch={"target_batch_size": 16, "per_peer_batch_size": 16}, averaging={"donor_slots": 1, "averaging_timeout": 30}
+    ))  # fmt: skip
+    tokenizer = load_tokenizer(spec.model)
+    stage = make_stage(spec.stage)
+    sigint = signal.getsignal(signal.SIGINT)  # see the first test
+    first_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    initial = [str(a) for a in first_dht.get_visible_maddrs()]
+    dhts = [first_dht] + [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in range(3)]
+    models = [build_model(spec, torch.device("cpu")) for _ in dhts]
+    newest, other, waiting, next_one = (
+        GradientAveraging(spec, dht, trainable_parameters(model), listener=_Quiet())
+        for dht, model in zip(dhts, models, strict=True)
+    )
+    signal.signal(signal.SIGINT, sigint)
+    try:
+        stage.loss(models[0], next(PeerDataStream(spec.data, tokenizer, 16).batches(seed=0))).backward()
+        assert newest.step(16)  # the newest donor: global step 1, the other still at 0
+        newest_id = str(dhts[0].peer_id)
+        wait_until(lambda: _declared(dhts[0], newest) == {str(d.peer_id): int(d is dhts[0]) for d in dhts},
+                   30, "every peer's declaration as a donor (the newest at 1)")  # fmt: skip
+
+        # the newest donor reads its state for a download under this lock: held, its one slot stays taken
+        gate = _Gate()
+        newest._optimizer.state_averager.lock_optimizer = gate
+        # opened in a few seconds at the latest, so that a newcomer that queued on the busy donor would still
+        # be served by it (hivemind gives up on a donor only after its per-chunk timeout, 7.5 s here)
+        opening = threading.Timer(4.0, gate.open)
+        opening.start()
+        first = threading.Thread(target=waiting.load_state_from_peers)
+        first.start()
+        assert gate.knocked.wait(10), "the first newcomer's download never reached the newest donor"
+        assert next_one.load_state_from_peers() == 0
+        assert next_one.last_state_donor not in (None, newest_id), "queued on the busy donor"
+        opening.join()
+        first.join(timeout=30)
+        assert waiting.last_state_donor == newest_id
+    finally:
+        for strategy in (next_one, waiting, other, newest):
+            strategy.shutdown()
+        for dht in dhts:
             dht.shutdown()
