@@ -138,7 +138,7 @@ CASES = [
 class _NullListener:
     """GradientAveraging reports averaging rounds to metrics; the bench does not need them."""
 
-    def averaging_round(self, succeeded: bool, group_size: int, bytes_sent: int, bytes_received: int) -> None:
+    def averaging_round(self, *args) -> None:
         pass
 
     def state_download(self, succeeded: bool, seconds: float) -> None:

@@ -30,6 +30,7 @@ from hivemind.optim import Optimizer
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils.timed_storage import get_dht_time
 
+from potluck.peer.deadlines import DeadlineWatch
 from potluck.peer.donors import LimitedDonor, other_donors, wait_before_retrying
 from potluck.peer.tracker import SwarmAwareTracker
 from potluck.protocols.runspec import RunSpec
@@ -51,8 +52,14 @@ class AveragingListener(Protocol):
     """Receives what the strategy observes; the metrics module implements it."""
 
     def averaging_round(
-        self, succeeded: bool, group_size: int, bytes_sent: int, bytes_received: int
-    ) -> None: ...
+        self,
+        succeeded: bool,
+        group_size: int,
+        bytes_sent: int,
+        bytes_received: int,
+        seconds: float | None = None,
+    ) -> None:
+        """One round ended; ``seconds``: how long it took, for rounds that formed a group."""
 
     def state_download(self, succeeded: bool, seconds: float) -> None: ...
 
@@ -200,6 +207,7 @@ class _BoundedOptimizer(Optimizer):
         listener: AveragingListener,
         load_state_attempts: int,
         wire_bytes: int,
+        deadlines: DeadlineWatch,
         request_timeout: float,
         **kwargs,
     ):
@@ -207,6 +215,7 @@ class _BoundedOptimizer(Optimizer):
         self._request_timeout = request_timeout
         self._load_state_attempts = load_state_attempts
         self._wire_bytes = wire_bytes
+        self._deadlines = deadlines
         self.last_state_download_ok = False
         self.last_state_download_epoch: int | None = None
         self.last_state_download_donor: str | None = None
@@ -304,6 +313,7 @@ class _BoundedOptimizer(Optimizer):
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         averaged = False
         group_size = 1
+        started = time.perf_counter()
         try:
             if maybe_step_control is not None:
                 group_info = maybe_step_control.result(self.averaging_timeout)
@@ -319,7 +329,10 @@ class _BoundedOptimizer(Optimizer):
         else:
             # Butterfly all-reduce: each peer sends (g-1)/g of its tensors to reduce and as much back.
             share = 2 * self._wire_bytes * (group_size - 1) // max(group_size, 1) if averaged else 0
-            self._listener.averaging_round(averaged, group_size, share, share)
+            seconds = time.perf_counter() - started  # matchmaking was scheduled ahead: mostly the all-reduce
+            self._listener.averaging_round(averaged, group_size, share, share, seconds)
+            if averaged and group_size > 1:
+                self._deadlines.observe(seconds)
 
 
 def adamw_with_state(params, opt) -> torch.optim.AdamW:
@@ -375,6 +388,7 @@ class GradientAveraging(AveragingStrategy):
             listener=listener,
             load_state_attempts=averaging.load_state_attempts,
             wire_bytes=numel * WIRE_BYTES_PER_ELEMENT[averaging.compression],
+            deadlines=DeadlineWatch(averaging.averaging_timeout),
             dht=dht,
             # hivemind 1.1.12 inverts this default: left None, a client-mode peer (behind NAT) crashes
             # at its first global step because the optimizer and its averagers disagree

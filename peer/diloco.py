@@ -66,6 +66,7 @@ from potluck.peer.averaging import (
     SwarmProgress,
     lr_lambda,
 )
+from potluck.peer.deadlines import DeadlineWatch
 from potluck.peer.donors import LimitedDonor, other_donors, wait_before_retrying
 from potluck.protocols.runspec import RunSpec
 
@@ -137,6 +138,7 @@ class DiLoCoAveraging(AveragingStrategy):
         self._inner_steps = averaging.inner_steps
         self._overlap = averaging.overlap_communication
         self._averaging_timeout = averaging.averaging_timeout
+        self._deadlines = DeadlineWatch(averaging.averaging_timeout)
         self._round_deadline = 2 * averaging.averaging_timeout + 2 * averaging.matchmaking_time
         """Seconds after which a background round that has not ended is abandoned."""
         self._matchmaking_time = averaging.matchmaking_time
@@ -377,7 +379,9 @@ class DiLoCoAveraging(AveragingStrategy):
             average = [t.clone() for t in averaged]
         # butterfly all-reduce: a peer sends (g-1)/g of its pseudo-gradient and as much of the averaged result
         share = 2 * self._payload_bytes * (group_size - 1) // group_size
-        self._listener.averaging_round(True, group_size, share, share)
+        seconds = time.monotonic() - current.started  # matchmaking included: DiLoCo does not schedule ahead
+        self._listener.averaging_round(True, group_size, share, share, seconds)
+        self._deadlines.observe(seconds)
         self._apply_outer(average, current.snapshot, current.inner_steps_since)
         logger.info(f"outer step {self._outer_step}: averaged pseudo-gradients of {group_size} peers")
         return True

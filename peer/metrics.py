@@ -81,6 +81,13 @@ class PeerMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=reg,
         )
+        self._round_seconds = Histogram(
+            "potluck_averaging_round_seconds",
+            "Duration of averaging rounds that formed a group (compare with averaging.averaging_timeout)",
+            labels,
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
+            registry=reg,
+        )
         self._wait_seconds = Counter(
             "potluck_averaging_wait_seconds",
             "Time the training loop was blocked on the swarm (averaging rounds it waited for, state downloads)",
@@ -164,7 +171,14 @@ class PeerMetrics:
         self.latest_stage = values
 
     # -- AveragingListener ------------------------------------------------------------------------
-    def averaging_round(self, succeeded: bool, group_size: int, bytes_sent: int, bytes_received: int) -> None:
+    def averaging_round(
+        self,
+        succeeded: bool,
+        group_size: int,
+        bytes_sent: int,
+        bytes_received: int,
+        seconds: float | None = None,
+    ) -> None:
         # a step taken without another peer is not a success of averaging: a swarm whose peers keep
         # missing each other trains like separate runs (kept in sync only by state averaging)
         outcome = "failed" if not succeeded else "alone" if group_size <= 1 else "succeeded"
@@ -174,6 +188,8 @@ class PeerMetrics:
         self._received.labels(self.run_id).inc(bytes_received)
         self.latest["bytes_sent"] += bytes_sent
         self.latest["bytes_received"] += bytes_received
+        if seconds is not None and group_size > 1:
+            self._round_seconds.labels(self.run_id).observe(seconds)
 
     def communication_wait(self, seconds: float) -> None:
         """The training loop waited ``seconds`` on the swarm (called by strategies, inside a step)."""

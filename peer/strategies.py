@@ -9,7 +9,14 @@ import torch
 from hivemind.dht import DHT
 
 from potluck.peer import codecs
-from potluck.peer.averaging import AveragingListener, AveragingStrategy, GradientAveraging, SwarmProgress
+from potluck.peer.averaging import (
+    WIRE_BYTES_PER_ELEMENT,
+    AveragingListener,
+    AveragingStrategy,
+    GradientAveraging,
+    SwarmProgress,
+)
+from potluck.peer.deadlines import check_deadline_fits
 from potluck.peer.diloco import DiLoCoAveraging
 from potluck.protocols.runspec import RunSpec
 
@@ -84,6 +91,9 @@ def make_strategy(
 ) -> AveragingStrategy:
     """The spec's averaging strategy over ``params`` (the trainable tensors), reporting to ``listener``."""
     codecs.install()  # before the averagers fork: 8-bit codecs must decode in their processes
+    wire_bytes = sum(p.numel() for p in params) * WIRE_BYTES_PER_ELEMENT[spec.averaging.compression]
+    if (too_tight := check_deadline_fits(wire_bytes, spec.averaging.averaging_timeout)) is not None:
+        logger.warning(too_tight)
     if spec.averaging.strategy == "diloco":
         return _Accounted(DiLoCoAveraging(spec, dht, params, listener=listener), listener, False)
     return _Accounted(GradientAveraging(spec, dht, params, listener=listener), listener, True)

@@ -141,6 +141,14 @@ def test_home_swarm_survives_nat_a_partition_a_kill_and_a_restart(netbed, make_s
         "the NAT peer's successful averaging rounds",
     )
     assert metric(text, "potluck_samples_total") > 0
+    rounds, seconds = (
+        metric(text, "potluck_averaging_round_seconds_count"),
+        metric(text, "potluck_averaging_round_seconds_sum"),
+    )
+    print(
+        f"the NAT peer's averaging rounds: {rounds:.0f}, mean {seconds / max(rounds, 1):.2f} s "
+        f"(deadline {AVERAGING['averaging_timeout']} s)"
+    )
 
     # 4. partition b (shortened from 30 s, see docs/reliability.md), heal: b rejoins and converges back
     netbed.partition(b)
