@@ -8,6 +8,7 @@ virtual first Adam step, a scheduler off by one, a lost or doubled gradient) sho
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -191,43 +192,57 @@ def test_a_busy_donor_sends_the_next_newcomer_to_another_donor(make_spec):
             dht.shutdown()
 
 
-@pytest.mark.timeout(120)
-def test_state_averaging_averages_adams_moments_with_the_parameters(make_spec):
-    """A peer that missed a gradient round, or got it in part, has other Adam moments than the swarm, and
-    every later update of its differs by about the learning rate unless the moments are averaged too
-    (hivemind averages only the parameters by default)."""
-    spec = load_run_spec(make_spec())
+@contextlib.contextmanager
+def _two_peers(spec):
+    """Two GradientAveraging peers of ``spec`` in this process, on one loopback DHT."""
     sigint = signal.getsignal(signal.SIGINT)  # see the first test
     first_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
     second_dht = start_dht(
         [str(a) for a in first_dht.get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"], [], None
     )
-    models = [build_model(spec, torch.device("cpu")) for _ in range(2)]
     peers = [
-        GradientAveraging(spec, dht, trainable_parameters(model), listener=_Quiet())
-        for dht, model in zip((first_dht, second_dht), models, strict=True)
+        GradientAveraging(
+            spec, dht, trainable_parameters(build_model(spec, torch.device("cpu"))), listener=_Quiet()
+        )
+        for dht in (first_dht, second_dht)
     ]
     signal.signal(signal.SIGINT, sigint)
-    averagers = [peer._optimizer.state_averager for peer in peers]
     try:
-        for value, averager in zip((1.0, 3.0), averagers, strict=True):
-            for state in averager.optimizer.state.values():
-                state["exp_avg"].fill_(value)
-                state["exp_avg_sq"].fill_(value * value)
-        rounds = [
-            threading.Thread(target=averager.step, kwargs={"averaging_round": True, "delay_averaging": False})
-            for averager in averagers
-        ]
-        for thread in rounds:
-            thread.start()
-        for thread in rounds:
-            thread.join(timeout=60)
-        for averager in averagers:
-            for state in averager.optimizer.state.values():
-                torch.testing.assert_close(state["exp_avg"], torch.full_like(state["exp_avg"], 2.0))
-                torch.testing.assert_close(state["exp_avg_sq"], torch.full_like(state["exp_avg_sq"], 5.0))
+        yield peers
     finally:
         for peer in peers:
             peer.shutdown()
         for dht in (second_dht, first_dht):
             dht.shutdown()
+
+
+def _state_round(*peers: GradientAveraging) -> None:
+    """One state-averaging round of ``peers`` together, waited for (each peer's round in its own thread)."""
+    rounds = [
+        threading.Thread(
+            target=peer._optimizer.state_averager.step,
+            kwargs={"averaging_round": True, "delay_averaging": False},
+        )
+        for peer in peers
+    ]
+    for thread in rounds:
+        thread.start()
+    for thread in rounds:
+        thread.join(timeout=60)
+
+
+@pytest.mark.timeout(120)
+def test_state_averaging_averages_adams_moments_with_the_parameters(make_spec):
+    """A peer that missed a gradient round, or got it in part, has other Adam moments than the swarm, and
+    every later update of its differs by about the learning rate unless the moments are averaged too
+    (hivemind averages only the parameters by default)."""
+    with _two_peers(load_run_spec(make_spec())) as peers:
+        for value, peer in zip((1.0, 3.0), peers, strict=True):
+            for state in peer._optimizer.state_averager.optimizer.state.values():
+                state["exp_avg"].fill_(value)
+                state["exp_avg_sq"].fill_(value * value)
+        _state_round(*peers)
+        for peer in peers:
+            for state in peer._optimizer.state_averager.optimizer.state.values():
+                torch.testing.assert_close(state["exp_avg"], torch.full_like(state["exp_avg"], 2.0))
+                torch.testing.assert_close(state["exp_avg_sq"], torch.full_like(state["exp_avg_sq"], 5.0))
