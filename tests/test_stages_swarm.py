@@ -100,7 +100,7 @@ def stage_settings(stage: str, tiny_assets, warm_start) -> tuple[dict, str, str]
                  "batch": small, "max_global_steps": 20}, "preference_accuracy", "up"),
         "grpo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 1e-4},
                   "batch": small, "max_global_steps": 30}, "exact_match", "up"),
-        "ppo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 1e-4},
+        "ppo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 2e-4},
                  "batch": large, "max_global_steps": 60}, "exact_match", "up"),
         "distill": ({"teacher": {"path": warm_start["sft"], "temperature": 1.0}, "optimizer": {"lr": 3e-3},
                      "batch": small, "max_global_steps": 10}, "teacher_kl", "down"),
