@@ -204,6 +204,7 @@ def run_peer(
                 on_global_step=on_global_step,
             )
             result = trainer.run()
+            strategy.settle()
             save(result.global_step)
             if metrics.latest_stage:
                 figures = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.latest_stage.items()))

@@ -73,6 +73,9 @@ class _Accounted(AveragingStrategy):
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
 
+    def settle(self) -> None:
+        self.inner.settle()
+
     def shutdown(self) -> None:
         self.inner.shutdown()
         latest = getattr(self._listener, "latest", None)

@@ -246,3 +246,28 @@ def test_state_averaging_averages_adams_moments_with_the_parameters(make_spec):
             for state in peer._optimizer.state_averager.optimizer.state.values():
                 torch.testing.assert_close(state["exp_avg"], torch.full_like(state["exp_avg"], 2.0))
                 torch.testing.assert_close(state["exp_avg_sq"], torch.full_like(state["exp_avg_sq"], 5.0))
+
+
+def _parameters(peer: GradientAveraging) -> list[torch.Tensor]:
+    averager = peer._optimizer.state_averager
+    return [p for group in averager.optimizer.param_groups for p in group["params"]]
+
+
+@pytest.mark.timeout(120)
+def test_settle_brings_the_background_state_round_into_the_model(make_spec):
+    """The step's state round runs in the background and reaches the model only at the next step; the
+    last checkpoint has no next step, so run-peer settles first (two peers ended 3e-3 apart)."""
+    with _two_peers(load_run_spec(make_spec())) as peers:
+        for value, peer in zip((1.0, 3.0), peers, strict=True):
+            averager = peer._optimizer.state_averager
+            with torch.no_grad():
+                for p in (*_parameters(peer), *averager.main_parameters):
+                    p.fill_(value)
+        for peer in peers:  # each round starts in the background, as after a global step
+            peer._optimizer.state_averager.step(
+                averaging_round=True, delay_averaging=True, averaging_opts={"timeout": 30.0}
+            )
+        for peer in peers:
+            peer.settle()  # as run-peer does before its last checkpoint
+            for p in peer._optimizer.state_averager.main_parameters:
+                torch.testing.assert_close(p, torch.full_like(p, 2.0))

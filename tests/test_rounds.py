@@ -1,0 +1,97 @@
+"""Averaging rounds (peer/rounds.py): a round says when part of the average never arrived. Real hivemind
+averagers on a loopback DHT in this process."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import AsyncIterator  # noqa: UP035 (hivemind reads the stream type from typing's alias only)
+
+import pytest
+import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
+
+from potluck.peer.rounds import CheckedRounds, received_fraction
+from potluck.peer.swarm import start_dht
+
+SIZE = 300_000
+"""Elements averaged: several of hivemind's parts, so that each peer reduces some (a tiny tensor is one
+part, reduced by one peer only)."""
+
+
+class _Averager(CheckedRounds):
+    pass
+
+
+class _DeadReducer(_Averager):
+    """Takes part in matchmaking, then fails every part sent to it for reducing (a peer that died
+    mid-round, or whose link dropped)."""
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        raise RuntimeError("this reducer died mid-round")
+        yield  # an async generator, as hivemind's handler is
+
+
+_DeadReducer.__name__ = _Averager.__name__  # hivemind names its RPC handlers after the averager's class
+
+
+@contextlib.contextmanager
+def _averagers(*classes_and_values):
+    """One averager per (class, value), each averaging one tensor filled with its value."""
+    sigint = signal.getsignal(signal.SIGINT)  # hivemind's averagers leave SIGINT ignored
+    dhts, averagers = [], []
+    try:
+        for cls, value in classes_and_values:
+            initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
+            dhts.append(start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None))
+            averagers.append(
+                cls(
+                    [torch.full((SIZE,), float(value))],
+                    dhts[-1],
+                    prefix="rounds-test",
+                    min_matchmaking_time=1.0,
+                    request_timeout=0.5,
+                    allreduce_timeout=10.0,
+                    next_chunk_timeout=2.0,
+                    start=True,
+                )
+            )
+        signal.signal(signal.SIGINT, sigint)
+        yield averagers
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+        for averager in averagers:
+            averager.shutdown()
+        for dht in reversed(dhts):
+            dht.shutdown()
+
+
+def _outcome(control, timeout: float = 30.0):
+    try:
+        return control.result(timeout=timeout)
+    except Exception as e:  # a round that found nobody, or failed
+        return e
+
+
+def _tensor(averager) -> torch.Tensor:
+    with averager.get_tensors() as (tensor,):
+        return tensor.clone()
+
+
+@pytest.mark.timeout(120)
+def test_a_round_that_lost_part_of_the_average_says_so():
+    with _averagers((_Averager, 1.0), (_DeadReducer, 3.0)) as (healthy, broken):
+        rounds = [averager.step(timeout=15.0, wait=False) for averager in (healthy, broken)]
+        gathered, _ = [_outcome(control) for control in rounds]
+        # hivemind returns the round as done (here with none of the average: the dead peer also never
+        # sent its part to be reduced); what did not arrive kept this peer's own values
+        assert isinstance(gathered, dict), gathered
+        arrived = received_fraction(gathered)
+        assert arrived < 1.0
+        tensor = _tensor(healthy)
+        averaged = torch.isclose(tensor, torch.tensor(2.0))
+        assert torch.equal(tensor[~averaged], torch.full_like(tensor[~averaged], 1.0))
+        assert averaged.float().mean().item() == pytest.approx(arrived)
