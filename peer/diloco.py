@@ -17,14 +17,17 @@ outer step) to late joiners; the tracker publishes each peer's round and inner s
 
 Rounds and consistency
     - Peers at outer step s average only with peers at outer step s: the averager's group key carries
-      s (``_round_bits``), so a straggler never mixes an old pseudo-gradient into a newer round.
+      s (``rounds.round_bits``), so a straggler never mixes an old pseudo-gradient into a newer round.
     - A peer that has taken H inner steps waits (still taking inner steps, so no compute is lost)
       until every peer the tracker knows of has taken H, or ``averaging_timeout`` passes; then the
       round starts. Slow peers therefore bound the round, fast peers take more than H inner steps.
     - Only a successful round advances the outer step. A peer whose round failed keeps training and
       tries again; a peer that finds the swarm at a later outer step downloads the outer state (bounded
-      in attempts, like ``_BoundedOptimizer``) and continues from the global weights; a round still
-      looking for a group when the others have moved on is cancelled at once for that download.
+      in attempts, like ``_BoundedOptimizer``) and continues from the global weights. A round looks for
+      its group for a few matchmaking times only, and is left to end by itself when the others have
+      moved on (cancelling it held hivemind's matchmaking for later rounds). A round that gathered
+      different outer steps fails; so does a round for a peer that got only part of the average
+      (``rounds.py``), which then catches up like any peer left behind.
     - A peer alone in the run (the tracker sees nobody else) applies its own pseudo-gradient.
 
 Overlap (``averaging.overlap_communication``, on by default)
@@ -68,18 +71,15 @@ from potluck.peer.averaging import (
 )
 from potluck.peer.deadlines import DeadlineWatch
 from potluck.peer.donors import LimitedDonor, other_donors, wait_before_retrying
+from potluck.peer.rounds import CheckedRounds, group_of, received_fraction, round_bits
 from potluck.protocols.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
-ROUND_BITS = 16
-"""Bits of the outer step in the averager's group key: peers 2**16 outer steps apart could meet."""
+GROUP_SEARCH_MATCHMAKING_TIMES = 4
+"""A round looks for its group for this many ``matchmaking_time``s (hivemind needs more than one)."""
 
 
-def _round_bits(outer_step: int) -> str:
-    return format(outer_step % 2**ROUND_BITS, f"0{ROUND_BITS}b")
-
-
-class _OuterAverager(LimitedDonor):
+class _OuterAverager(LimitedDonor, CheckedRounds):
     """All-reduces pseudo-gradients; serves the outer state that ``current_state`` returns to joiners."""
 
     def __init__(self, averaged_tensors, dht: DHT, *, current_state, **kwargs):
@@ -188,7 +188,7 @@ class DiLoCoAveraging(AveragingStrategy):
             current_state=self._current_state,
             start=True,
             prefix=f"{spec.run_id}_outer_averager",
-            initial_group_bits=_round_bits(0),
+            initial_group_bits=round_bits(0),
             min_matchmaking_time=averaging.matchmaking_time,
             request_timeout=request_timeout,
             allreduce_timeout=averaging.averaging_timeout,
@@ -230,14 +230,14 @@ class DiLoCoAveraging(AveragingStrategy):
                 self._listener.averaging_round(False, 1, 0, 0)
                 self._ready_since = None
                 return self._catch_up() if self._tracker.global_epoch > self._outer_step else False
+            # NOTE: a round still looking for its group after the others finished it without this peer is
+            # not cancelled: hivemind 1.1.12's matchmaking outlived the cancel and held the averager's
+            # group search for seconds (its log: "Another look_for_group is already in progress"), so a
+            # joiner that caught up missed the next round too, and the next, chasing the swarm for minutes
+            # (tests/test_diloco.py). The search ends by itself within a few matchmaking times (see
+            # _start_round); the round then fails and the peer catches up.
             if self._round.control.stage == AveragingStage.LOOKING_FOR_GROUP:
-                self._refresh_swarm_view()
-                if self._tracker.global_epoch > self._round.outer_step:
-                    # the others finished this round without us: nobody will come, catch up now
-                    self._round.control.cancel()
-                    self._round = None
-                    self._listener.averaging_round(False, 1, 0, 0)
-                    return self._catch_up()
+                self._refresh_swarm_view()  # for the catch-up then
             return False
         if self._tracker.global_epoch > self._outer_step:
             return self._catch_up()
@@ -328,6 +328,9 @@ class DiLoCoAveraging(AveragingStrategy):
                 "inner_schedule": self._inner_schedule.state_dict(),
             }
 
+    def settle(self) -> None:
+        pass  # the last outer step is applied in the foreground (``_apply_outer``'s ``final``)
+
     def load_state_dict(self, state: dict) -> None:
         """Restore a checkpoint; the model keeps the local weights it was loaded with."""
         self._inner.load_state_dict(state["inner_optimizer"])
@@ -345,14 +348,19 @@ class DiLoCoAveraging(AveragingStrategy):
         return zip(self._global, self._params, strict=True)
 
     def _start_round(self) -> None:
-        self._averager.set_group_bits(_round_bits(self._outer_step))
+        self._averager.set_group_bits(round_bits(self._outer_step))
         with self._averager.get_tensors() as buffers:
             for buffer, (g, p) in zip(buffers, self._local_pairs(), strict=True):
                 torch.sub(g, p.detach().to("cpu", torch.float32), out=buffer)
         snapshot = [p.detach().clone() for p in self._params] if self._overlap else None
         control = self._averager.step(
             gather={"outer_step": self._outer_step},
-            timeout=max(self._averaging_timeout, 2 * self._matchmaking_time),  # hivemind asserts the order
+            # finding the group: the round starts when the tracker shows everyone ready, so the others come
+            # within about a matchmaking time (and the DHT's refresh) or not at all
+            timeout=GROUP_SEARCH_MATCHMAKING_TIMES * self._matchmaking_time,
+            # One attempt: hivemind would retry a failed all-reduce on the buffer it had already changed in
+            # part. A failed round is retried here, on a fresh pseudo-gradient, once the swarm is ready.
+            allow_retries=False,
             wait=False,
         )
         self._round = _Round(control, self._outer_step, snapshot)
@@ -363,10 +371,14 @@ class DiLoCoAveraging(AveragingStrategy):
         group_size, error = 1, None
         try:
             gathered = current.control.result(timeout=self._averaging_timeout + 5)
-            group_size = len(gathered)
-            steps = {data.get("outer_step") if isinstance(data, dict) else None for data in gathered.values()}
+            group = group_of(gathered)
+            group_size = len(group)
+            steps = {data.get("outer_step") if isinstance(data, dict) else None for data in group.values()}
             if steps != {current.outer_step}:
                 error = f"group mixed outer steps {sorted(map(str, steps))}"
+            elif (arrived := received_fraction(gathered)) < 1.0:
+                # the rest is this peer's own pseudo-gradient: its outer step would differ from the others'
+                error = f"only {arrived:.1%} of the average arrived"
         except BaseException as e:
             error = repr(e)
         self._communication_wait(time.perf_counter() - waited)
