@@ -285,6 +285,14 @@ class _BoundedOptimizer(Optimizer):
         if self.tracker.global_progress.num_peers > 1:
             super()._maybe_schedule_gradient_averaging()
 
+    def _should_load_state_from_peers(self) -> bool:
+        # a client-mode peer more than one step ahead of the public peers (it resumed from a checkpoint
+        # newer than theirs, or stepped on before the tracker held it back) takes their state: they
+        # define the swarm's step, and hivemind would never make either side catch up
+        if self.client_mode and self.tracker.steps_ahead_of_public_peers > 1:
+            return True
+        return super()._should_load_state_from_peers()
+
     def _make_gradient_averager(self, factory, **kwargs):
         # hivemind forwards averager_opts to the state averager only; the gradient averager needs the
         # same request timeout (shorter than matchmaking, or matchmaking can deadlock)
@@ -320,6 +328,7 @@ class _BoundedOptimizer(Optimizer):
             if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
                 self.state_averager.local_epoch = self.tracker.global_epoch
             self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+            self.tracker.follow_public_peers()
             if not self.client_mode:
                 self.state_averager.state_sharing_priority = self.local_epoch
             if self.use_gradient_averaging:

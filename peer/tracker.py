@@ -44,6 +44,11 @@ class SwarmAwareTracker(ProgressTracker):
     _local_batch: int = 1
     _samples_epoch: float = -float("inf")
     """The last local epoch in which this peer reported samples (the publisher's test of activity)."""
+    public_epoch: int | None = None
+    """The newest global step of the peers that accept connections (None: none has a record), as of
+    the last fetch. hivemind takes the swarm's global step from these peers only."""
+    client_epochs: frozenset[int] = frozenset()
+    """The global steps of the other peers in client mode."""
 
     def _parse_swarm_progress_data(self, metadata):
         progress = super()._parse_swarm_progress_data(metadata)
@@ -57,6 +62,11 @@ class SwarmAwareTracker(ProgressTracker):
                 if record.peer_id != own_id:
                     others.append(record)
         self._others = tuple(others)
+        public = [record.epoch for record in others if not record.client_mode]
+        if not self.client_mode:
+            public.append(self.local_progress.epoch)
+        self.public_epoch = max(public, default=None)
+        self.client_epochs = frozenset(record.epoch for record in others if record.client_mode)
         if any(record.samples_per_second <= self.performance_ema.eps for record in others):
             # a peer that has not finished a batch yet (its rate is unknown): hivemind would wait up to
             # max_refresh_period before looking again, and overshoot the target until then
@@ -151,11 +161,36 @@ class SwarmAwareTracker(ProgressTracker):
             rate += record.samples_per_second
         return samples, rate
 
+    def follow_public_peers(self) -> None:
+        """After a client-mode peer took the public peers' state: the swarm's global step is theirs
+        again, as the next fetch will say (until then hivemind would still see this peer's own lead)."""
+        if self.client_mode and self.public_epoch is not None:
+            self.global_progress.epoch = max(self.local_progress.epoch, self.public_epoch)
+
+    @property
+    def steps_ahead_of_public_peers(self) -> int:
+        """How many global steps this peer is ahead of the newest peer that accepts connections."""
+        if self.public_epoch is None:
+            return 0
+        return max(0, self.local_progress.epoch - self.public_epoch)
+
     @property
     def ready_to_update_epoch(self) -> bool:
+        # hivemind leaves client-mode peers out of the swarm's global step (they cannot serve their
+        # state), so a client that stepped past the public peers was never caught up with: on the
+        # home-like bed, while the public peers waited for a state round, the NAT peer went on stepping
+        # with the others' samples and stayed 3-4 global steps ahead for good, every round mixing steps
+        # (peers 1e-2 apart). So a client never leads by more than the step it has just taken, and a
+        # public peer catches up with that step as hivemind has it catch up with a public peer's.
+        if self.client_mode and self.steps_ahead_of_public_peers > 0:
+            return False
         # hivemind's own rule also steps once the ETA it computed at the last fetch has passed; that
         # ETA extrapolates every peer with a record, including peers that died up to a minute ago
         if self.global_epoch > self.local_progress.epoch:
+            return True
+        if not self.client_mode and self.local_progress.epoch + 1 in self.client_epochs:
+            # (only one step: a live client is never further ahead, a record left by one that died at
+            # a later step, before a whole swarm restarted from older checkpoints, must not count)
             return True
         if self.global_progress.samples_accumulated >= self.target_batch_size:
             return True
@@ -165,6 +200,10 @@ class SwarmAwareTracker(ProgressTracker):
     @property
     def estimated_next_update_time(self) -> float:
         now = get_dht_time()
+        if self.client_mode and self.steps_ahead_of_public_peers > 0:
+            # not before the public peers catch up: a round pre-scheduled now would join theirs for the
+            # step this peer has already taken, and hold it until it timed out
+            return float("inf")
         if self.ready_to_update_epoch:
             return now
         others, others_rate = self.others_samples_estimate(now)

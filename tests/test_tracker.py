@@ -28,20 +28,37 @@ def dht() -> Iterator[DHT]:
     node.shutdown()
 
 
-@pytest.fixture
-def tracker(dht) -> Iterator[SwarmAwareTracker]:
-    tracker = SwarmAwareTracker(dht=dht, prefix="tracker-test", target_batch_size=TARGET, start=False)
+def make_tracker(dht: DHT, client_mode: bool = False) -> SwarmAwareTracker:
+    tracker = SwarmAwareTracker(
+        dht=dht, prefix="tracker-test", target_batch_size=TARGET, client_mode=client_mode, start=False
+    )
     with tracker.pause_updates():
         tracker.update_epoch(5)  # this peer has just finished global step 4 and begins step 5
     tracker.report_local_progress(5, BATCH)  # ... and has trained one local batch since
     # as fast as the other peer: 0.1 s per batch (the tracker's clock saw only microseconds here)
     tracker.performance_ema = PerformanceEMA()
     tracker.performance_ema.update(task_size=BATCH, interval=BATCH / RATE)
-    yield tracker
+    return tracker
+
+
+@pytest.fixture
+def tracker(dht) -> SwarmAwareTracker:
+    return make_tracker(dht)
+
+
+@pytest.fixture
+def client(dht) -> SwarmAwareTracker:
+    """A peer behind NAT (client mode), at the same point as ``tracker``."""
+    return make_tracker(dht, client_mode=True)
 
 
 def see_peer(
-    tracker: SwarmAwareTracker, epoch: int, samples: int, reported_ago: float, rate: float = RATE
+    tracker: SwarmAwareTracker,
+    epoch: int,
+    samples: int,
+    reported_ago: float,
+    rate: float = RATE,
+    client_mode: bool = False,
 ) -> None:
     """Feed the tracker a fetched progress record of one other peer, as if read from the DHT."""
     record = LocalTrainingProgress(
@@ -50,7 +67,7 @@ def see_peer(
         samples_accumulated=samples,
         samples_per_second=rate,
         time=get_dht_time() - reported_ago,
-        client_mode=False,
+        client_mode=client_mode,
     )
     tracker.global_progress = tracker._parse_swarm_progress_data(
         {b"another-peer-key": ValueWithExpiration(record.dict(), get_dht_time() + 60)}
@@ -86,6 +103,43 @@ def test_a_peer_that_stopped_reporting_does_not_count(tracker):
 def test_a_peer_that_has_not_trained_yet_makes_the_tracker_look_again_soon(tracker):
     see_peer(tracker, epoch=5, samples=0, reported_ago=0.0, rate=0.0)
     assert tracker.global_progress.next_fetch_time <= get_dht_time() + tracker.min_refresh_period
+
+
+def test_a_client_mode_peer_does_not_step_ahead_of_the_public_peers(client):
+    """hivemind takes the swarm's global step from public peers only: a NAT peer that stepped past them
+    was never made to catch up and averaged with them at other steps for good (tests/test_faults.py)."""
+    see_peer(client, epoch=4, samples=3 * BATCH, reported_ago=0.0)  # the public peer has not stepped yet
+    client.report_local_progress(5, TARGET)  # the client alone holds a target batch of step 5
+    assert client.steps_ahead_of_public_peers == 1
+    assert not client.ready_to_update_epoch
+    assert client.estimated_next_update_time == float("inf")  # nor does it pre-schedule the round
+    see_peer(client, epoch=5, samples=0, reported_ago=0.0)  # the public peer begins step 5
+    assert client.ready_to_update_epoch
+
+
+def test_a_public_peer_catches_up_with_the_step_a_client_mode_peer_has_begun(tracker):
+    """Otherwise a client one step ahead stays one step ahead: every round of the two mixes steps."""
+    see_peer(tracker, epoch=6, samples=0, reported_ago=0.0, client_mode=True)
+    assert tracker.global_epoch == 5  # hivemind's global step leaves the client out...
+    assert tracker.ready_to_update_epoch  # ... but the peer steps to 6 at once, as for a public peer's
+    see_peer(tracker, epoch=9, samples=0, reported_ago=0.0, client_mode=True)
+    assert not tracker.ready_to_update_epoch  # a client is never further ahead: a record left behind
+
+
+def test_other_client_mode_peers_do_not_hold_a_client_back(client):
+    see_peer(client, epoch=5, samples=0, reported_ago=0.0, client_mode=True)  # no public peer known
+    assert not client.ready_to_update_epoch
+    client.report_local_progress(5, TARGET)
+    assert client.steps_ahead_of_public_peers == 0 and client.ready_to_update_epoch
+
+
+def test_a_client_mode_peer_far_ahead_of_the_public_peers_takes_their_step_after_a_download(client):
+    see_peer(client, epoch=3, samples=0, reported_ago=0.0)  # e.g. it resumed from a newer checkpoint
+    assert client.steps_ahead_of_public_peers == 2  # the optimizer downloads the public peers' state
+    with client.pause_updates():
+        client.report_local_progress(3, 0)  # ... of their step 3
+    client.follow_public_peers()
+    assert client.global_epoch == 3 and not client.ready_to_update_epoch
 
 
 def test_a_peer_with_short_steps_keeps_publishing_its_latest_state_at_a_bounded_rate(dht, monkeypatch):
