@@ -25,7 +25,7 @@ from potluck.peer.reporter import ReportPublisher
 from potluck.peer.stages import make_stage, stage_context
 from potluck.peer.stages.data import check_stage_data, stage_data
 from potluck.peer.strategies import make_strategy
-from potluck.peer.swarm import start_dht, visible_addresses
+from potluck.peer.swarm import RouteKeeper, start_dht, visible_addresses
 from potluck.peer.trainer import Trainer, TrainResult
 from potluck.protocols.records import public_key_tag, record_validators, run_schema_validator
 from potluck.protocols.runspec import RunSpec
@@ -147,6 +147,7 @@ def run_peer(
         dht = start_peer_dht(options, (spec.run_id,))
     else:
         dht.add_validators([run_schema_validator(spec.run_id)])
+    routes = RouteKeeper(dht, [str(a) for a in dht.initial_peers or ()]).start()
     try:
         peer_id = str(dht.peer_id)
         addresses = visible_addresses(dht)
@@ -214,4 +215,5 @@ def run_peer(
             reporter.stop()
             strategy.shutdown()
     finally:
+        routes.stop()
         dht.shutdown()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from hivemind.dht import DHT
+from hivemind.p2p import PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 from potluck.peer.lifeline import bind_children
 
@@ -46,3 +51,61 @@ def start_dht(
 
 def visible_addresses(dht: DHT) -> list[str]:
     return [str(addr) for addr in dht.get_visible_maddrs()]
+
+
+class RouteKeeper:
+    """Pings the peers this node has known whenever its DHT routing table is empty.
+
+    hivemind drops a peer from the routing table once requests to it fail, and bootstraps only at
+    start, so a node cut off for long enough (30 s on the home-like bed) had no route left when the
+    network came back: it found no donor to download the swarm's state from and kept retrying, while
+    the others had dropped it too. A ping re-adds the peer on both sides. The peers pinged are the
+    initial peers and every peer seen in the routing table since start (the libp2p daemon still knows
+    their addresses); while the table holds anyone, hivemind's own lookups repair it.
+    """
+
+    def __init__(self, dht: DHT, initial_peers: Sequence[str], interval: float = 5.0):
+        self._dht, self._interval = dht, interval
+        self._initial = [a for a in initial_peers if "/p2p/" in a]
+        self._known: set[bytes] = set()
+        self._stop = threading.Event()
+        self.pings = 0
+        """Peers pinged because the routing table was empty."""
+        self._thread = threading.Thread(target=self._run, name="potluck-route-keeper", daemon=True)
+
+    def start(self) -> RouteKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:  # the coroutine runs in the DHT's process: a module function, pickled with its arguments
+                table, pinged = self._dht.run_coroutine(
+                    partial(_keep_routes, initial=self._initial, known=sorted(self._known))
+                )
+            except Exception as e:  # the DHT is shutting down
+                logger.debug(f"route keeper: {e!r}")
+                continue
+            self._known.update(table)
+            self.pings += pinged
+
+
+async def _keep_routes(dht: DHT, node, initial: list[str], known: list[bytes]) -> tuple[list[bytes], int]:
+    """(the peers in the routing table, how many peers were pinged because it was empty)."""
+    table = node.protocol.routing_table
+    if table.peer_id_to_uid:
+        return [peer.to_bytes() for peer in table.peer_id_to_uid], 0
+    addresses = {PeerID.from_base58(Multiaddr(a)["p2p"]): Multiaddr(a) for a in initial}
+    targets = {*addresses, *(PeerID(raw) for raw in known)} - {node.peer_id}
+    for peer in targets:
+        if peer in addresses:  # the daemon may have dropped an address it has not reached for a while
+            address = addresses[peer]
+            with contextlib.suppress(Exception):
+                await node.p2p._client.connect(peer, [address.decapsulate("/p2p/" + address["p2p"])])
+        if await node.protocol.call_ping(peer, validate=False, strict=False) is not None:
+            logger.info(f"route keeper: {peer} is reachable again")
+    return [peer.to_bytes() for peer in table.peer_id_to_uid], len(targets)
