@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import StepControl
 from hivemind.compression import (
     CompressionBase,
     Float16Compression,
@@ -144,6 +145,37 @@ class _ThrottledDeclaration(DecentralizedAverager):
             self._state_sharing_priority.value = value
 
 
+class _StepsSeen(DecentralizedAverager):
+    """Notes the newest global step gathered in this peer's state rounds (each peer gathers its own).
+
+    A peer whose tracker still showed the swarm a step ahead (its view is up to seconds old) kept
+    stepping one step at a time, hivemind's catch-up, while the others went on: on the home-like bed
+    a healed peer stood 2-4 steps behind for half a minute, and every state round averaged its older
+    parameters into the others'. hivemind also lets a peer stay one step behind for good (it tolerates
+    a lag of one), which on the bed lasted the rest of the run, every round mixing two steps. A round
+    that shows another peer at a later step says so at once.
+    """
+
+    steps_behind: int = 0
+    """How many global steps this peer was behind the newest peer of a state round (0: none since the
+    last time the optimizer looked)."""
+
+    def step(self, *args, **kwargs):
+        control = super().step(*args, **kwargs)
+        if isinstance(control, StepControl):  # a round in the background (wait=False, or scheduled)
+            control.add_done_callback(self._note_steps)
+        return control
+
+    def _note_steps(self, control: StepControl) -> None:
+        if control.cancelled() or control.exception() is not None:
+            return
+        gathered = group_of(control.result())
+        own = gathered.get(self.peer_id)
+        steps = [s for s in gathered.values() if isinstance(s, int)]
+        if isinstance(own, int) and steps:  # each peer gathers the step its round is for
+            self.steps_behind = max(self.steps_behind, max(steps) - own)
+
+
 class _DownloadRecorder(DecentralizedAverager):
     """Remembers what the last state download got (hivemind's optimizer does not say): whether it got
     anything, the global step it is of and the donor that served it."""
@@ -163,6 +195,7 @@ class _DownloadRecorder(DecentralizedAverager):
 
 class _ObservedStateAverager(
     TrainingStateAverager,
+    _StepsSeen,
     _DownloadRecorder,
     _ThrottledDeclaration,
     LimitedDonor,
@@ -192,6 +225,17 @@ class _ObservedStateAverager(
                 metadata["epoch"] = self.applied_epoch
             metadata["donor"] = str(self.peer_id)
             return metadata, [t.clone() for t in tensors], infos
+
+    def step(self, *args, optimizer_step: bool = False, **kwargs):
+        # An optimizer step while the last step's state round still runs (hivemind waits for it only
+        # when this step starts a round of its own, not while the last one all-reduces) went wrong
+        # twice: the round had set the "optimizer step done" event on its way, so the step returned
+        # before its update was made (run-peer then checkpointed the parameters of the step before);
+        # and the round's average, taken before the update, was applied after it, undoing it on the
+        # peers whose round ended late. Finish and apply the round first, as if it had been quicker.
+        if optimizer_step and self.pending_updates:
+            super().step(wait_for_delayed_updates=True)
+        return super().step(*args, optimizer_step=optimizer_step, **kwargs)
 
     def record_applied_epochs(self) -> None:
         """Note the global step of every optimizer update, inside hivemind's optimizer lock."""
@@ -291,6 +335,9 @@ class _BoundedOptimizer(Optimizer):
         # define the swarm's step, and hivemind would never make either side catch up
         if self.client_mode and self.tracker.steps_ahead_of_public_peers > 1:
             return True
+        if self.state_averager.steps_behind > 0:  # once per such round
+            self.state_averager.steps_behind = 0
+            return True
         return super()._should_load_state_from_peers()
 
     def _make_gradient_averager(self, factory, **kwargs):
@@ -368,6 +415,8 @@ class _BoundedOptimizer(Optimizer):
             self._listener.averaging_round(averaged, group_size, share, share, seconds)
             if averaged and group_size > 1:
                 self._deadlines.observe(seconds)
+                # a group always holds a public peer (clients host no part), which takes this step too
+                self.tracker.stepping_with_public_peers()
 
 
 ADAM_STATISTICS = ("exp_avg", "exp_avg_sq")

@@ -49,6 +49,8 @@ class SwarmAwareTracker(ProgressTracker):
     the last fetch. hivemind takes the swarm's global step from these peers only."""
     client_epochs: frozenset[int] = frozenset()
     """The global steps of the other peers in client mode."""
+    _stepped_with_public_peers_to: int = -1
+    """The global step this peer last reached through a gradient round with public peers."""
 
     def _parse_swarm_progress_data(self, metadata):
         progress = super()._parse_swarm_progress_data(metadata)
@@ -161,6 +163,12 @@ class SwarmAwareTracker(ProgressTracker):
             rate += record.samples_per_second
         return samples, rate
 
+    def stepping_with_public_peers(self) -> None:
+        """This peer's gradient round for the step it is taking succeeded with others, a public peer
+        among them: they take the step too. Until the next fetch says so, a client would otherwise
+        hold back as if it had stepped alone, and miss their next round."""
+        self._stepped_with_public_peers_to = self.local_progress.epoch + 1
+
     def follow_public_peers(self) -> None:
         """After a client-mode peer took the public peers' state: the swarm's global step is theirs
         again, as the next fetch will say (until then hivemind would still see this peer's own lead)."""
@@ -172,7 +180,8 @@ class SwarmAwareTracker(ProgressTracker):
         """How many global steps this peer is ahead of the newest peer that accepts connections."""
         if self.public_epoch is None:
             return 0
-        return max(0, self.local_progress.epoch - self.public_epoch)
+        newest = max(self.public_epoch, self._stepped_with_public_peers_to)
+        return max(0, self.local_progress.epoch - newest)
 
     @property
     def ready_to_update_epoch(self) -> bool:

@@ -271,3 +271,55 @@ def test_settle_brings_the_background_state_round_into_the_model(make_spec):
             peer.settle()  # as run-peer does before its last checkpoint
             for p in peer._optimizer.state_averager.main_parameters:
                 torch.testing.assert_close(p, torch.full_like(p, 2.0))
+
+
+@pytest.mark.timeout(120)
+def test_a_global_step_reaches_the_model_while_the_last_state_round_still_runs(make_spec):
+    """What run-peer checkpoints right after a global step must hold that step's update. When the last
+    step's state round was still running, hivemind's optimizer step returned before the update was made
+    (the round had set the "optimizer step done" event on its way), and the round's average, taken
+    before the update, was applied after it: checkpoints of one step number an update apart."""
+    spec = load_run_spec(make_spec())
+    with _two_peers(spec) as peers:
+        for value, peer in zip((1.0, 3.0), peers, strict=True):
+            averager = peer._optimizer.state_averager
+            with torch.no_grad():
+                for p in (*_parameters(peer), *averager.main_parameters):
+                    p.fill_(value)
+                for p in averager.main_parameters:
+                    p.grad = torch.ones_like(p)
+            peer._optimizer.grad_averager.accumulate_grads_(spec.batch.per_peer_batch_size)
+        for peer in peers:  # the last step's state rounds, in the background
+            peer._optimizer.state_averager.step(
+                averaging_round=True, delay_averaging=True, averaging_opts={"timeout": 30.0}
+            )
+        steps = [
+            threading.Thread(target=peer._optimizer._update_global_epoch, args=(None,)) for peer in peers
+        ]
+        for thread in steps:  # the next global step, while the rounds run
+            thread.start()
+        for thread in steps:
+            thread.join(timeout=60)
+        for peer in peers:
+            for p in peer._optimizer.state_averager.main_parameters:
+                # the swarm's average (2.0), then one AdamW step on gradients of ones: lr lower
+                torch.testing.assert_close(p.detach(), torch.full_like(p, 2.0 - spec.optimizer.lr))
+
+
+@pytest.mark.timeout(120)
+def test_a_state_round_with_a_peer_at_a_later_step_makes_a_peer_download_the_swarms_state(make_spec):
+    """Its tracker may show the swarm only a step ahead for seconds, and hivemind lets a peer stay one
+    step behind for good, while every state round mixes its older parameters into the others' (a
+    healed peer stood 2-4 steps behind for half a minute, another one step behind to the end)."""
+    with _two_peers(load_run_spec(make_spec())) as (behind, ahead):
+        ahead._optimizer.state_averager.local_epoch = 1  # one step: hivemind would let it be
+        for peer in (behind, ahead):  # the state rounds of their last steps, in the background
+            peer._optimizer.state_averager.step(
+                averaging_round=True, delay_averaging=True, averaging_opts={"timeout": 30.0}
+            )
+        for peer in (behind, ahead):
+            peer.settle()
+        assert behind._optimizer.state_averager.steps_behind == 1
+        assert behind._optimizer._should_load_state_from_peers()
+        assert not behind._optimizer._should_load_state_from_peers()  # once per such round
+        assert not ahead._optimizer._should_load_state_from_peers()

@@ -117,6 +117,17 @@ def test_a_client_mode_peer_does_not_step_ahead_of_the_public_peers(client):
     assert client.ready_to_update_epoch
 
 
+def test_a_client_mode_peer_that_stepped_with_public_peers_does_not_wait_for_their_records(client):
+    """Their records say so only after the next fetch: held back until then, the client missed their
+    next round and stepped a step behind them (every round of the two mixing steps)."""
+    see_peer(client, epoch=5, samples=3 * BATCH, reported_ago=0.0)
+    client.stepping_with_public_peers()  # its gradient round of step 5 succeeded with a group
+    with client.pause_updates():
+        client.update_epoch(6)
+    client.report_local_progress(6, TARGET)  # the public peer's record still says 5
+    assert client.steps_ahead_of_public_peers == 0 and client.ready_to_update_epoch
+
+
 def test_a_public_peer_catches_up_with_the_step_a_client_mode_peer_has_begun(tracker):
     """Otherwise a client one step ahead stays one step ahead: every round of the two mixes steps."""
     see_peer(tracker, epoch=6, samples=0, reported_ago=0.0, client_mode=True)
