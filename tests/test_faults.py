@@ -198,6 +198,15 @@ def test_home_swarm_survives_nat_a_partition_a_kill_and_a_restart(netbed, make_s
     )
     print(f"kill -9 → both survivors past the global step of the kill: {time.monotonic() - killed_at:.1f} s")
 
+    # ... and the crash corrupts neither: they hold equal parameters again (a round the kill cut short
+    # can leave them apart until the next full one)
+    def survivors_equal() -> int | None:
+        newest = max(common_steps(dir_a, dir_c), default=-1)
+        return newest if newest > reached and all_equal(newest, dir_a, dir_c) else None
+
+    settled = wait_until(survivors_equal, 120, "a and c to hold equal parameters again after the kill")
+    print(f"kill -9 → a and c equal again at global step {settled}: {time.monotonic() - killed_at:.1f} s")
+
     # 3. b restarts with the same identity and address and loads the swarm's state before its first
     # step; --max-steps 1 is already reached, so it saves what it downloaded and leaves
     restarted_at = time.monotonic()
