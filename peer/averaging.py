@@ -250,9 +250,34 @@ class _ObservedStateAverager(
 
     def load_state_from_peers(self, *args, **kwargs):
         loaded = super().load_state_from_peers(*args, **kwargs)
+        self.share_loaded_statistics()
         if self.last_download_ok:  # the parameters are the donor's, of the step its metadata says
             self.applied_epoch = None
         return loaded
+
+    def share_loaded_statistics(self) -> None:
+        """Put the optimizer's statistics back into the tensors the averaging rounds average, after the
+        optimizer loaded a state (a download, a checkpoint).
+
+        With the optimizer offloaded, hivemind averages the optimizer's own statistic tensors, in shared
+        memory, in the averager's process. ``torch.optim.Optimizer.load_state_dict`` puts *new* tensors
+        in their place, so from a peer's first download on (every peer but the first joins by one) its
+        state rounds averaged buffers its optimizer no longer used: the parameters were averaged, Adam's
+        moments never again. On the bed the NAT peer, after one gradient round it missed, stood 1e-4 to
+        4e-3 from the public peer for the 50 steps that followed, every state round succeeding."""
+        if not self.reuse_tensors:
+            return  # hivemind copies the statistics in and out of its own buffers at every round
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        with self.get_tensors() as averaged:
+            shared = iter(
+                averaged[len(parameters) : len(parameters) * (1 + len(self.opt_keys_for_averaging))]
+            )
+            for key in self.opt_keys_for_averaging:
+                for parameter in parameters:
+                    buffer, loaded = next(shared), self.optimizer.state[parameter][key]
+                    if loaded is not buffer:
+                        buffer.copy_(loaded)
+                        self.optimizer.state[parameter][key] = buffer
 
 
 class _CheckedGradientAverager(GradientAverager, _ThrottledDeclaration, CheckedRounds):
@@ -585,6 +610,7 @@ class GradientAveraging(AveragingStrategy):
     def load_state_dict(self, state: dict) -> None:
         self._optimizer.load_state_dict(state)
         averager, tracker = self._optimizer.state_averager, self._optimizer.tracker
+        averager.share_loaded_statistics()
         averager._update_scheduler()  # the learning rate of the restored global step
         averager.applied_epoch = None  # the parameters are the checkpoint's, of its global step
         # Tell the tracker too: until it would next fetch from the DHT (up to 10 s) it counts samples

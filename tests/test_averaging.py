@@ -9,6 +9,7 @@ virtual first Adam step, a scheduler off by one, a lost or doubled gradient) sho
 from __future__ import annotations
 
 import contextlib
+import io
 import signal
 import threading
 
@@ -232,11 +233,20 @@ def _state_round(*peers: GradientAveraging) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_state_averaging_averages_adams_moments_with_the_parameters(make_spec):
+@pytest.mark.parametrize("loaded", ["nothing", "a download", "a checkpoint"])
+def test_state_averaging_averages_adams_moments_with_the_parameters(make_spec, loaded):
     """A peer that missed a gradient round, or got it in part, has other Adam moments than the swarm, and
     every later update of its differs by about the learning rate unless the moments are averaged too
-    (hivemind averages only the parameters by default)."""
+    (hivemind averages only the parameters by default). Also after the optimizer loaded a state: it then
+    held new tensors, and the rounds went on averaging the old ones (every peer joins by a download)."""
     with _two_peers(load_run_spec(make_spec())) as peers:
+        if loaded == "a download":
+            assert peers[1].load_state_from_peers() == 0
+        elif loaded == "a checkpoint":  # as run-peer restores one: tensors read from a file
+            saved = io.BytesIO()
+            torch.save(peers[1].state_dict(), saved)
+            saved.seek(0)
+            peers[1].load_state_dict(torch.load(saved, weights_only=False))
         for value, peer in zip((1.0, 3.0), peers, strict=True):
             for state in peer._optimizer.state_averager.optimizer.state.values():
                 state["exp_avg"].fill_(value)
