@@ -146,19 +146,26 @@ class _ThrottledDeclaration(DecentralizedAverager):
 
 
 class _StepsSeen(DecentralizedAverager):
-    """Notes the newest global step gathered in this peer's state rounds (each peer gathers its own).
+    """Notes how far this peer's step was behind the newest step gathered in its state rounds (each peer
+    gathers the step its round is for).
 
     A peer whose tracker still showed the swarm a step ahead (its view is up to seconds old) kept
     stepping one step at a time, hivemind's catch-up, while the others went on: on the home-like bed
     a healed peer stood 2-4 steps behind for half a minute, and every state round averaged its older
     parameters into the others'. A round that shows another peer two or more steps ahead says so at
-    once. (hivemind also lets a peer stay one step behind for good, which once lasted the rest of a
-    run on the bed; downloading at every lag of one cost the 2-peer PPO test its learning.)
+    once. A peer can also stay exactly one step behind for good: it steps in the same rounds as the
+    others, and hivemind's once-per-step check of the swarm's step looks right after the step, when the
+    others' records still hold their previous step, the one this peer has just reached (in CI a healed
+    peer stayed so for the last 50 steps of the run, its parameters 1e-4 to 4e-3 from everyone's). One
+    round at a lag of one can be the moment between two peers' steps, and downloading at each one cost
+    the 2-peer PPO test its learning; two rounds in a row cannot.
     """
 
     steps_behind: int = 0
-    """How many global steps this peer was behind the newest peer of a state round (0: none since the
-    last time the optimizer looked)."""
+    """The most global steps this peer was behind the newest peer of a state round, since the optimizer
+    last downloaded the swarm's state for it."""
+    rounds_behind: int = 0
+    """State rounds in a row in which this peer was behind another (0 after a round where it was not)."""
 
     def step(self, *args, **kwargs):
         control = super().step(*args, **kwargs)
@@ -172,8 +179,18 @@ class _StepsSeen(DecentralizedAverager):
         gathered = group_of(control.result())
         own = gathered.get(self.peer_id)
         steps = [s for s in gathered.values() if isinstance(s, int)]
-        if isinstance(own, int) and steps:  # each peer gathers the step its round is for
-            self.steps_behind = max(self.steps_behind, max(steps) - own)
+        if isinstance(own, int) and steps:
+            lag = max(steps) - own
+            self.steps_behind = max(self.steps_behind, lag)
+            self.rounds_behind = self.rounds_behind + 1 if lag > 0 else 0
+
+    def out_of_step(self) -> bool:
+        """Whether the state rounds say this peer should take the swarm's state (then forgets them): it
+        was two or more steps behind in one, or behind in two in a row."""
+        if self.steps_behind > 1 or self.rounds_behind > 1:
+            self.steps_behind = self.rounds_behind = 0
+            return True
+        return False
 
 
 class _DownloadRecorder(DecentralizedAverager):
@@ -360,10 +377,7 @@ class _BoundedOptimizer(Optimizer):
         # define the swarm's step, and hivemind would never make either side catch up
         if self.client_mode and self.tracker.steps_ahead_of_public_peers > 1:
             return True
-        # (two or more: a lag of one is the normal moment between two peers' steps, and downloading at
-        # each one cut PPO's effective batch in the 2-peer stage test: 0.331 and 0.351 against 0.383)
-        if self.state_averager.steps_behind > 1:  # once per such round
-            self.state_averager.steps_behind = 0
+        if self.state_averager.out_of_step():  # once per such round
             return True
         return super()._should_load_state_from_peers()
 
