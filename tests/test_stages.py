@@ -17,7 +17,8 @@ from potluck.peer.checkpoint import save_checkpoint
 from potluck.peer.data import DatasetFormatError, PeerDataStream
 from potluck.peer.metrics import PeerMetrics
 from potluck.peer.stages import make_stage, stage_context
-from potluck.peer.stages.data import check_stage_data, stage_data
+from potluck.peer.stages.data import check_stage_data, encode_prompt, stage_data
+from potluck.peer.stages.evaluation import answer_probability
 from potluck.peer.stages.losses import pairwise_reward_loss, ppo_clip_fraction
 from potluck.peer.stages.models import VALUE_HEAD_FILE, WeightsNotFoundError, load_frozen_causal_lm
 from potluck.peer.stages.rollout import mask_after_eos
@@ -249,6 +250,32 @@ def test_completion_mask_stops_after_the_first_eos():
     eos = 2
     ids = torch.tensor([[5, 6, eos, 0, 0], [5, 5, 5, 5, 5], [eos, 7, eos, 0, 0]])
     assert mask_after_eos(ids, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_answer_probability_is_the_sampling_probability_of_the_answer(stage_spec, tiny_assets, temperature):
+    """The expected exact_answer reward, computed over left-padded batches of prompts of several lengths,
+    equals each prompt's own product of next-token probabilities (at the rollouts' temperature) along the
+    answer's tokens and EOS."""
+    from transformers import AutoTokenizer
+
+    spec = stage_spec("grpo", rl={"group_size": 4, "max_new_tokens": 4, "temperature": temperature})
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_assets["model"]))
+    policy = load_frozen_causal_lm(str(tiny_assets["model"]), CPU)
+    with open(spec.data.eval_path) as f:
+        rows = [json.loads(line) for line in f][::40][:6]
+    assert len({len(r["prompt"]) for r in rows}) > 1  # left padding is exercised
+    expected = []
+    for row in rows:
+        answer = tokenizer(row["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        prompt = encode_prompt(row["prompt"], tokenizer)
+        with torch.no_grad():
+            logits = policy(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+        log_p = torch.log_softmax(logits.float() / temperature, -1).gather(-1, torch.tensor(answer)[:, None])
+        expected.append(float(log_p.sum().exp()))
+    assert answer_probability(policy, tokenizer, spec, rows) == pytest.approx(
+        sum(expected) / len(rows), rel=1e-4
+    )
 
 
 def test_distill_lowers_the_kl_to_the_teacher(stage_spec, tmp_path):

@@ -86,9 +86,10 @@ def stage_settings(stage: str, tiny_assets, warm_start) -> tuple[dict, str, str]
         "eval_path": str(folder / "preferences_eval.jsonl"),
     }
     prompts = {"path": str(folder / "prompts_train.jsonl"), "eval_path": str(folder / "prompts_eval.jsonl")}
-    # The verifiable reward: the honest figure is held-out exact-match. A learned reward model is what RL exploits
-    # instead (with the tiny task's reward model, GRPO and PPO raised its score while exact-match fell:
-    # docs/benchmarks.md); tests/test_pipeline.py runs PPO on a reward model.
+    # The verifiable reward: the honest figure is the held-out reward, here its exact expectation under the policy
+    # (answer_probability: the chance that a sampled rollout is the right answer). A learned reward model is what
+    # RL exploits instead (with the tiny task's reward model, GRPO and PPO raised its score while exact-match
+    # fell: docs/benchmarks.md); tests/test_pipeline.py runs PPO on a reward model.
     rl = {"reward": "exact_answer", "group_size": 4, "max_new_tokens": 4, "kl_coef": 0.1}
     small = {"target_batch_size": 64, "per_peer_batch_size": 32}
     large = {"target_batch_size": 128, "per_peer_batch_size": 64}
@@ -99,9 +100,9 @@ def stage_settings(stage: str, tiny_assets, warm_start) -> tuple[dict, str, str]
         "dpo": ({"init_from": warm_start["sft_short"], "data": preferences, "optimizer": {"lr": 1e-3},
                  "batch": small, "max_global_steps": 20}, "preference_accuracy", "up"),
         "grpo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 1e-4},
-                  "batch": small, "max_global_steps": 30}, "exact_match", "up"),
+                  "batch": small, "max_global_steps": 30}, "answer_probability", "up"),
         "ppo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 2e-4},
-                 "batch": large, "max_global_steps": 60}, "exact_match", "up"),
+                 "batch": large, "max_global_steps": 60}, "answer_probability", "up"),
         "distill": ({"teacher": {"path": warm_start["sft"], "temperature": 1.0}, "optimizer": {"lr": 3e-3},
                      "batch": small, "max_global_steps": 10}, "teacher_kl", "down"),
     }[stage]  # fmt: skip
@@ -131,9 +132,10 @@ def test_two_peer_stage_improves_its_held_out_figure(
     print(f"{stage}: {figure} {before[figure]:.3f} -> {after[figure]:.3f}  (all: {before} -> {after})")
     if direction == "up":
         # Margins vary between runs (peers' data order and averaging timing differ each time); measured ones are
-        # in docs/benchmarks.md. RL with the 0/1 reward moves exact-match by a few points in a test-length run.
-        # DPO and GRPO gained +0.012..+0.097 and +1.2..+2.8 points in their runs: they must improve, by any margin.
-        margin = {"rm": 0.1, "dpo": 0.0, "grpo": 0.0, "ppo": 0.01}[stage]
+        # in docs/benchmarks.md. DPO gained +0.012..+0.097: it must improve, by any margin. GRPO and PPO raise
+        # the expected reward (answer_probability) by +0.024..+0.065 in a test-length run; greedy exact-match
+        # moves only when an argmax flips, by +0.000..+0.048 in the same runs, too little to assert.
+        margin = {"rm": 0.1, "dpo": 0.0, "grpo": 0.01, "ppo": 0.01}[stage]
         assert after[figure] > before[figure] + margin, (before, after)
         if stage == "rm":
             assert after[figure] >= 0.65, after  # clearly above chance (0.5), not only above a fresh head

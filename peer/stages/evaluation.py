@@ -5,7 +5,8 @@
 | sft | held-out loss, exact-match accuracy (``peer/evaluate.py``) |
 | rm | pairwise accuracy of the reward model on held-out pairs |
 | dpo | preference accuracy: share of held-out pairs where the policy gives the chosen answer the higher log-prob |
-| grpo, ppo | mean reward and exact-match of greedy completions of held-out prompts; KL(policy ‖ reference) on them |
+| grpo, ppo | mean reward and exact-match of greedy completions of held-out prompts; KL(policy ‖ reference) on them; |
+| | with ``exact_answer``, the expected reward of a sampled rollout (``answer_probability``) |
 | distill | KL(teacher ‖ student) per completion token on held-out data; exact-match accuracy |
 """
 
@@ -20,13 +21,20 @@ from potluck.peer.data import collate, detect_format, load_rows, tokenize_exampl
 from potluck.peer.evaluate import evaluate
 from potluck.peer.stages.data import completion_mask, left_pad, stage_data
 from potluck.peer.stages.models import (
+    gather_logprobs,
     labelled_logprobs,
     load_frozen_causal_lm,
     load_reward_model,
     positions,
     resolve_weights,
 )
-from potluck.peer.stages.rollout import ExactAnswerReward, RewardModelScorer, generate_rollouts
+from potluck.peer.stages.rollout import (
+    ExactAnswerReward,
+    RewardModelScorer,
+    Rollouts,
+    completion_logits,
+    generate_rollouts,
+)
 from potluck.protocols.runspec import EXACT_ANSWER, RunSpec
 
 EVAL_LIMIT = 256
@@ -94,6 +102,41 @@ def rollout_quality(
 
 
 @torch.no_grad()
+def answer_probability(policy, tokenizer, spec: RunSpec, rows: list[dict]) -> float:
+    """Mean probability, over held-out prompts, that a rollout sampled as the RL stages sample them (at
+    ``rl.temperature``, ``rl.max_new_tokens``) is exactly the row's answer: the expected ``exact_answer`` reward of
+    the policy, computed exactly instead of estimated from samples (greedy exact-match moves only when an argmax
+    flips). The answer is scored as its own tokens then EOS (no EOS when it fills ``max_new_tokens``); other token
+    sequences that decode to the same text are not counted, so this is a lower bound."""
+    data = stage_data(spec.model_copy(update={"stage": "grpo"}), tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    limit, total = spec.rl.max_new_tokens, 0.0
+    for chunk in _batches(rows):
+        examples = [data.encode(r) for r in chunk]
+        if any(e.answer is None for e in examples):
+            raise ValueError("answer_probability needs an 'answer' in every row")
+        prompt_ids, prompt_mask = left_pad([e.prompt_ids for e in examples], pad_id)
+        answers = [tokenizer(e.answer, add_special_tokens=False).input_ids for e in examples]
+        answers = [(a + [tokenizer.eos_token_id])[:limit] if len(a) <= limit else None for a in answers]
+        width = max(len(a) for a in answers if a is not None) if any(answers) else 1
+        ids = torch.tensor([(a or []) + [pad_id] * (width - len(a or [])) for a in answers])
+        mask = torch.tensor([[1] * len(a or []) + [0] * (width - len(a or [])) for a in answers])
+        rollouts = Rollouts(
+            sequences=torch.cat([prompt_ids, ids], dim=1),
+            attention_mask=torch.cat([prompt_mask, mask], dim=1),
+            prompt_width=prompt_ids.shape[1],
+            completion_mask=mask,
+            completions=[e.answer for e in examples],
+            generation_seconds=0.0,
+        )
+        logits, _ = completion_logits(policy, rollouts, spec.rl.temperature)
+        log_p = (gather_logprobs(logits, ids) * mask).sum(-1)
+        reachable = torch.tensor([a is not None for a in answers])
+        total += float(torch.where(reachable, log_p.exp(), 0.0).sum())
+    return total / len(rows)
+
+
+@torch.no_grad()
 def teacher_kl(student, teacher, tokenizer, spec: RunSpec, rows: list[dict]) -> float:
     """KL(teacher ‖ student) per completion token (temperature 1)."""
     fmt = detect_format(rows[0], spec.data.format)
@@ -140,7 +183,10 @@ def evaluate_stage(spec: RunSpec, weights: str, save_dir: Path | None = None) ->
             if spec.rl.reward == EXACT_ANSWER
             else RewardModelScorer(resolve_weights(spec.rl.reward, save_dir, "rl.reward"), device)
         )
-        return rollout_quality(policy, reference, tokenizer, spec, rows, reward)
+        figures = rollout_quality(policy, reference, tokenizer, spec, rows, reward)
+        if spec.rl.reward == EXACT_ANSWER:
+            figures["answer_probability"] = answer_probability(policy, tokenizer, spec, rows)
+        return figures
     result = evaluate(
         policy, tokenizer, spec.data.eval_path, max_length=spec.data.max_length, limit=EVAL_LIMIT
     )
