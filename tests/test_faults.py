@@ -106,6 +106,21 @@ def all_equal(step: int, *save_dirs: Path) -> bool:
     return all(difference(first, other) <= TOLERANCE for other in others)
 
 
+def alignment(mine: Path, theirs: Path, last: int = 6) -> str:
+    """A failure's detail: how a peer's last checkpoints compare with another peer's of the same and the
+    neighbouring steps (tells a peer a step behind, or one that averages apart, from one never back)."""
+    own, other = steps(mine), steps(theirs)
+    lines = [f"{mine.name}'s last checkpoints against {theirs.name}'s (max |difference|):"]
+    for step in sorted(own)[-last:]:
+        near = [
+            f"{theirs.name}{s}: {difference(own[step], other[s]):.1e}"
+            for s in (step - 1, step, step + 1)
+            if s in other
+        ]
+        lines.append(f"  {mine.name}{step}  " + ("  ".join(near) or "none of its steps"))
+    return "\n".join(lines)
+
+
 def latest(save_dir: Path) -> int:
     return max(steps(save_dir), default=-1)
 
@@ -179,7 +194,12 @@ def test_home_swarm_survives_nat_a_partition_a_kill_and_a_restart(netbed, make_s
         equal = newest is not None and difference(steps(dir_a)[newest], steps(dir_b)[newest]) <= TOLERANCE
         return newest if equal else None
 
-    step = wait_until(rejoined, 180, "b to average with the swarm again, at its step, with its parameters")
+    try:
+        step = wait_until(
+            rejoined, 180, "b to average with the swarm again, at its step, with its parameters"
+        )
+    except TimeoutError as timeout:
+        raise TimeoutError(f"{timeout}\n{alignment(dir_b, dir_a)}") from None
     shared = [s for s in common_steps(dir_a, dir_b) if s > after]
     gaps = [difference(steps(dir_a)[s], steps(dir_b)[s]) for s in shared]
     print(
