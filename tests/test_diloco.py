@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 DILOCO = {"strategy": "diloco", "inner_steps": 10, "matchmaking_time": 0.5, "averaging_timeout": 15}
 AVERAGED = re.compile(r"outer step (\d+): averaged pseudo-gradients of (\d+) peers")
+RETRIED = re.compile(r"outer round \d+ (?:failed, training on: .*|still running after .*)")
 TOTALS = re.compile(r"averaging totals: rounds (\d+) ok / (\d+) failed, sent (\d+) B, received (\d+) B, "
                     r"compute utilisation (\S+)")  # fmt: skip
 
@@ -66,7 +67,10 @@ def test_two_peers_share_global_weights_and_loss_falls(make_spec, local_swarm, t
     numel = sum(t.numel() for t in final_a.values())
     for peer in (first, second):
         ok, failed, sent, received, utilisation = TOTALS.search(peer.log()).groups()
-        assert (int(ok), int(failed)) == (steps, 0)
+        # a round that found no group in time (the other peer not ready yet on a loaded machine) failed and
+        # was retried: the totals count it, and say why in the log (a peer of one fresh-clone run counted 6)
+        retried = RETRIED.findall(peer.log())
+        assert (int(ok), int(failed)) == (steps, len(retried)), retried
         assert steps * numel <= int(sent) == int(received) <= steps * numel * 1.1
         assert 0 < float(utilisation) <= 1
 
