@@ -5,8 +5,7 @@
 | sft | held-out loss, exact-match accuracy (``peer/evaluate.py``) |
 | rm | pairwise accuracy of the reward model on held-out pairs |
 | dpo | preference accuracy: share of held-out pairs where the policy gives the chosen answer the higher log-prob |
-| grpo, ppo | mean reward and exact-match of greedy completions of held-out prompts; KL(policy ‖ reference) on them; |
-| | with ``exact_answer``, the expected reward of a sampled rollout (``answer_probability``) |
+| grpo, ppo | mean reward and exact-match of greedy completions of held-out prompts, KL(policy ‖ reference) on them; with ``exact_answer``, the exact expected reward of a sampled rollout (``answer_probability``) |
 | distill | KL(teacher ‖ student) per completion token on held-out data; exact-match accuracy |
 """
 
