@@ -184,14 +184,20 @@ class SwarmAwareTracker(ProgressTracker):
         return max(0, self.local_progress.epoch - newest)
 
     @property
+    def held_back(self) -> bool:
+        """Whether this client-mode peer waits for the public peers to reach its step.
+
+        hivemind leaves client-mode peers out of the swarm's global step (they cannot serve their
+        state), so a client that stepped past the public peers was never caught up with: on the
+        home-like bed, while the public peers waited for a state round, the NAT peer went on stepping
+        with the others' samples and stayed 3-4 global steps ahead for good, every round mixing steps
+        (peers 1e-2 apart). So a client never leads by more than the step it has just taken, and a
+        public peer catches up with that step as hivemind has it catch up with a public peer's."""
+        return self.client_mode and self.steps_ahead_of_public_peers > 0
+
+    @property
     def ready_to_update_epoch(self) -> bool:
-        # hivemind leaves client-mode peers out of the swarm's global step (they cannot serve their
-        # state), so a client that stepped past the public peers was never caught up with: on the
-        # home-like bed, while the public peers waited for a state round, the NAT peer went on stepping
-        # with the others' samples and stayed 3-4 global steps ahead for good, every round mixing steps
-        # (peers 1e-2 apart). So a client never leads by more than the step it has just taken, and a
-        # public peer catches up with that step as hivemind has it catch up with a public peer's.
-        if self.client_mode and self.steps_ahead_of_public_peers > 0:
+        if self.held_back:
             return False
         # hivemind's own rule also steps once the ETA it computed at the last fetch has passed; that
         # ETA extrapolates every peer with a record, including peers that died up to a minute ago
@@ -209,7 +215,7 @@ class SwarmAwareTracker(ProgressTracker):
     @property
     def estimated_next_update_time(self) -> float:
         now = get_dht_time()
-        if self.client_mode and self.steps_ahead_of_public_peers > 0:
+        if self.held_back:
             # not before the public peers catch up: a round pre-scheduled now would join theirs for the
             # step this peer has already taken, and hold it until it timed out
             return float("inf")
