@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait until this many peers (this one included) joined the run before training",
     )
     p.add_argument("--min-peers-timeout", type=float, default=120.0, help="seconds to wait for --min-peers")
+    p.add_argument(
+        "--join-timeout",
+        type=float,
+        default=PeerOptions.join_timeout,
+        help="seconds to keep trying to reach --initial-peers before giving up",
+    )
     p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     p.add_argument("-v", "--verbose", action="store_true", help="show hivemind's own log messages")
     shard = p.add_argument_group("roles: layer shards (peer/shard/)")
@@ -197,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         announce_maddrs=args.announce_maddrs,
         identity_path=args.identity_path,
         client_mode=args.client_mode,
+        join_timeout=args.join_timeout,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         save_dir=args.save_dir,

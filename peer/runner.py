@@ -25,7 +25,7 @@ from potluck.peer.reporter import ReportPublisher
 from potluck.peer.stages import make_stage, stage_context
 from potluck.peer.stages.data import check_stage_data, stage_data
 from potluck.peer.strategies import make_strategy
-from potluck.peer.swarm import RouteKeeper, start_dht, visible_addresses
+from potluck.peer.swarm import JOIN_TIMEOUT, RouteKeeper, start_dht, visible_addresses
 from potluck.peer.trainer import Trainer, TrainResult
 from potluck.protocols.records import public_key_tag, record_validators, run_schema_validator
 from potluck.protocols.runspec import RunSpec
@@ -42,6 +42,8 @@ class PeerOptions:
     announce_maddrs: list[str] = field(default_factory=list)
     identity_path: Path | None = None
     client_mode: bool = False
+    join_timeout: float = JOIN_TIMEOUT
+    """Seconds to keep trying to reach ``initial_peers`` before giving up (see ``swarm.start_dht``)."""
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     save_dir: Path | None = None
@@ -120,6 +122,7 @@ def start_peer_dht(options: PeerOptions, run_ids: tuple[str, ...] = ()) -> DHT:
         options.client_mode,
         # None: sign with the process-wide key, the one hivemind's progress tracker uses too
         record_validators=record_validators(None, run_ids),
+        join_timeout=options.join_timeout,
     )
 
 

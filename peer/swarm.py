@@ -5,17 +5,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 from hivemind.dht import DHT
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from potluck.peer.lifeline import bind_children
 
 logger = logging.getLogger(__name__)
+
+
+JOIN_TIMEOUT = 60.0
+"""Seconds a starting node keeps trying to reach its initial peers before giving up."""
+
+_NOBODY_ANSWERED = (
+    "failed to connect to bootstrap peers",  # p2pd: no initial peer accepted a connection
+    "none of the initial_peers responded",  # hivemind's DHT node: connected, but no ping came back
+)
+
+
+class SwarmJoinError(ConnectionError):
+    """None of the initial peers could be reached within the join timeout."""
 
 
 def start_dht(
@@ -26,27 +40,52 @@ def start_dht(
     client_mode: bool = False,
     record_validators: Sequence = (),
     ensure_bootstrap_success: bool = True,
+    join_timeout: float = JOIN_TIMEOUT,
 ) -> DHT:
     """Start this peer's DHT node (a child process running hivemind's libp2p daemon).
 
     With no ``initial_peers`` the node starts a new swarm; others join it with the addresses that
     :func:`visible_addresses` returns. ``identity_path`` keeps the peer id stable across restarts
     (the file is created on first use).
+
+    libp2p gives up on a peer after one dial (5 s for a private address), and a home link that is
+    busy averaging can lose a handshake for that long, so the node retries, with growing pauses,
+    until ``join_timeout`` seconds have passed; then :class:`SwarmJoinError` says which addresses
+    did not answer.
     """
     if identity_path is not None:
         identity_path.parent.mkdir(parents=True, exist_ok=True)
     bind_children()  # the DHT, averagers and p2pd die with this process, even on SIGKILL
-    return DHT(
-        start=True,
-        initial_peers=list(initial_peers),
-        host_maddrs=list(host_maddrs),
-        announce_maddrs=list(announce_maddrs) or None,
-        identity_path=str(identity_path) if identity_path else None,
-        client_mode=client_mode,
-        record_validators=list(record_validators),
-        ensure_bootstrap_success=ensure_bootstrap_success,
-        await_ready=True,
-    )
+    started, pause, attempt = time.monotonic(), 1.0, 0
+    while True:
+        attempt += 1
+        try:
+            return DHT(
+                start=True,
+                initial_peers=list(initial_peers),
+                host_maddrs=list(host_maddrs),
+                announce_maddrs=list(announce_maddrs) or None,
+                identity_path=str(identity_path) if identity_path else None,
+                client_mode=client_mode,
+                record_validators=list(record_validators),
+                ensure_bootstrap_success=ensure_bootstrap_success,
+                await_ready=True,
+            )
+        except (P2PDaemonError, RuntimeError) as error:
+            if not any(reason in str(error) for reason in _NOBODY_ANSWERED):
+                raise
+            elapsed = time.monotonic() - started
+            if elapsed + pause > join_timeout:
+                raise SwarmJoinError(
+                    f"none of the initial peers answered in {attempt} attempt(s) over {elapsed:.0f} s: "
+                    f"{', '.join(initial_peers)} (is the address right, is that peer running, and can "
+                    "this machine reach it?)"
+                ) from None
+            logger.warning(
+                f"none of the initial peers answered (attempt {attempt}); trying again in {pause:.0f} s"
+            )
+            time.sleep(pause)
+            pause = min(2 * pause, 16.0)
 
 
 def visible_addresses(dht: DHT) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
+from pathlib import Path
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
@@ -27,3 +28,16 @@ def metric(text: str, name: str) -> float | None:
     """The value of the first series of ``name`` in Prometheus exposition ``text``."""
     match = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else None
+
+
+def address_of_a_peer_not_started(tmp_path: Path) -> tuple[str, str, Path]:
+    """A libp2p peer that nobody runs yet: (its multiaddr to dial, the address to listen on, its
+    identity file). Start it later with that identity and address, or never."""
+    from hivemind.p2p import P2P, PeerID
+
+    from potluck.coordinator.local_process import free_port
+
+    identity = tmp_path / "not-started.id"
+    P2P.generate_identity(str(identity))
+    listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
+    return f"{listen}/p2p/{PeerID.from_identity(identity.read_bytes())}", listen, identity

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from tests.helpers import address_of_a_peer_not_started
+
 
 def run_peer(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -61,3 +63,14 @@ def test_help_lists_the_documented_flags():
     for flag in ("--run-spec", "--initial-peers", "--gpu", "--host-maddrs", "--announce-maddrs", "--identity-path",
                  "--metrics-port", "--save-dir", "--max-steps"):  # fmt: skip
         assert flag in result.stdout
+
+
+def test_initial_peers_that_never_answer_are_a_clear_error(make_spec, tmp_path):
+    nobody, _, _ = address_of_a_peer_not_started(tmp_path)
+    result = run_peer(
+        "--run-spec", str(make_spec()), "--initial-peers", nobody, "--join-timeout", "2",
+        "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "none of the initial peers answered" in result.stderr and nobody in result.stderr
+    assert "Traceback" not in result.stderr

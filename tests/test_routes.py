@@ -1,12 +1,17 @@
-"""A DHT node that lost every route (a partition longer than hivemind's request timeouts) finds its
-peers again: hivemind bootstraps only at start."""
+"""A DHT node finds its peers: it keeps trying initial peers that do not answer yet (up to a bound),
+and one that lost every route (a partition longer than hivemind's request timeouts) finds its peers
+again, since hivemind bootstraps only at start."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import pytest
 
-from potluck.peer.swarm import RouteKeeper, start_dht
-from tests.helpers import wait_until
+from potluck.peer.swarm import RouteKeeper, SwarmJoinError, start_dht
+from tests.helpers import address_of_a_peer_not_started, wait_until
 
 
 async def _forget_everyone(dht, node) -> int:
@@ -41,3 +46,42 @@ def test_a_node_that_lost_every_route_pings_its_peers_back_into_the_table():
         keeper.stop()
         second.shutdown()
         first.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_a_node_keeps_trying_its_initial_peer_until_it_answers(tmp_path):
+    """A bootstrap peer that is late (restarting, or its link busy past libp2p's one 5 s dial) does
+    not stop a joining node: it tries again, and joins once the peer answers."""
+    address, listen, identity = address_of_a_peer_not_started(tmp_path)
+    log = tmp_path / "joiner.log"
+    code = (
+        "from potluck.peer.swarm import start_dht\n"
+        f"dht = start_dht([{address!r}], ['/ip4/127.0.0.1/tcp/0'], [], None)\n"
+        "print('joined', flush=True)\n"
+        "dht.shutdown()\n"
+    )
+    with log.open("w") as out:
+        joiner = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
+    late = None
+    try:
+        wait_until(lambda: "(attempt 1)" in log.read_text(), 60, "the joiner's first attempt to fail")
+        late = start_dht([], [listen], [], identity)
+    finally:
+        try:
+            joiner.wait(timeout=60)
+        finally:
+            joiner.kill()
+            if late is not None:
+                late.shutdown()
+    assert joiner.returncode == 0 and "joined" in log.read_text(), log.read_text()
+
+
+@pytest.mark.timeout(60)  # bounded: it does not retry forever
+def test_a_node_whose_initial_peers_never_answer_gives_up_naming_them(tmp_path):
+    address, _, _ = address_of_a_peer_not_started(tmp_path)
+    with pytest.raises(SwarmJoinError) as raised:
+        start_dht([address], ["/ip4/127.0.0.1/tcp/0"], [], None, join_timeout=3)
+    message = str(raised.value)
+    assert address in message
+    attempts = re.search(r"in (\d+) attempt", message)
+    assert attempts and int(attempts.group(1)) >= 2, message  # it tried again before giving up

@@ -57,6 +57,7 @@ def serve_shard(
         options.identity_path,
         options.client_mode,
         record_validators=shard_record_validators(None, spec.run_id),
+        join_timeout=options.join_timeout,
     )
     servicer = announcer = p2p = averaging = None
     try:
