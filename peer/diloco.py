@@ -329,7 +329,26 @@ class DiLoCoAveraging(AveragingStrategy):
             }
 
     def settle(self) -> None:
-        pass  # the last outer step is applied in the foreground (``_apply_outer``'s ``final``)
+        """After the last outer step, stay a donor while another peer is still behind it.
+
+        (The step itself is applied in the foreground: ``_apply_outer``'s ``final``.) A round can end
+        complete for one peer and fail for another, one of whose chunks came too late (``rounds.py``);
+        that peer catches up by download. When the peers that completed the last round left at once,
+        nobody could serve it: it retried until their records expired (a minute), then took the last
+        step alone and ended with other weights. Bounded by a round's deadline plus a download's.
+        """
+        if self._outer_step < self._final_global_step:
+            return  # stopped before the end: leave now
+        deadline = time.monotonic() + self._round_deadline + self._load_state_timeout
+        behind = self._peers_behind()
+        if behind:
+            logger.info(f"outer step {self._outer_step} is the last: serving it while {behind} peer(s) "
+                        f"catch up (at most {deadline - time.monotonic():.0f} s)")  # fmt: skip
+        while behind and time.monotonic() < deadline:
+            time.sleep(0.5)
+            behind = self._peers_behind()
+        if behind:
+            logger.warning(f"leaving with {behind} peer(s) still behind outer step {self._outer_step}")
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a checkpoint; the model keeps the local weights it was loaded with."""
@@ -478,6 +497,18 @@ class DiLoCoAveraging(AveragingStrategy):
         # capped at H: the sum over peers then reaches peers x H exactly when everyone is ready
         done = min(self._inner_in_round, self._inner_steps) * self._samples_unit
         self._tracker.report_local_progress(self._outer_step, done)
+
+    def _peers_behind(self) -> int:
+        """Peers whose progress record (read from the DHT now) is at an outer step before this peer's."""
+        tracker = self._tracker
+        found = self._dht.get(tracker.training_progress_key, latest=True)
+        records = found.value if found is not None and isinstance(found.value, dict) else {}
+        epochs = [
+            entry.value.get("epoch")
+            for subkey, entry in records.items()
+            if subkey != tracker._local_public_key and isinstance(entry.value, dict)
+        ]
+        return sum(isinstance(e, int) and e < self._outer_step for e in epochs)
 
     def _refresh_swarm_view(self) -> None:
         """Make the tracker fetch the swarm's progress now rather than at its next refresh (up to 10 s)."""

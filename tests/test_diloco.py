@@ -1,15 +1,22 @@
 """DiLoCo across real peer processes on 127.0.0.1: equal global weights after outer steps, falling loss,
-and a late joiner that gets the outer state (weights and momentum) and then steps like the others."""
+a late joiner that gets the outer state (weights and momentum) and then steps like the others, and (two
+strategies in this process) a peer done with the last outer step serving it to one still behind."""
 
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from potluck.peer.checkpoint import list_checkpoints
+from potluck.peer.diloco import DiLoCoAveraging
+from potluck.peer.swarm import start_dht
 from potluck.peer.tools_cli import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
 from tests.helpers import wait_until
@@ -105,3 +112,97 @@ def test_late_joiner_gets_the_outer_state_and_steps_like_the_others(make_spec, l
     donor = wait_until(lambda: saved_outer_state(tmp_path / "a", joint), 60, "a's checkpoint")
     assert outer_difference(mine, donor) <= 1e-5, late.log()[-3000:]
     assert max(float(m.abs().max()) for m in mine["outer_momentum"]) > 1e-3  # momentum is really in play
+
+
+class _Quiet:
+    def averaging_round(self, *args) -> None: ...
+
+    def state_download(self, *args) -> None: ...
+
+
+# a peer whose last round failed, in its own process (two progress trackers in one process would share
+# its signing key, so one record): it publishes its record at outer step 0, then on "go" steps until it
+# has caught up to outer step 1, saves its weights and leaves as run-peer does
+_BEHIND = """
+import logging, sys, time, torch
+from potluck.peer.diloco import DiLoCoAveraging
+from potluck.peer.swarm import start_dht
+from potluck.protocols.runspec import load_run_spec
+from tests.test_diloco import _Quiet
+logging.basicConfig(level=logging.INFO)  # its log shows how it caught up, should the test fail
+spec, initial, out = load_run_spec(sys.argv[1]), sys.argv[2], sys.argv[3]
+dht = start_dht([initial], ["/ip4/127.0.0.1/tcp/0"], [], None)
+params = list(torch.nn.Linear(8, 8).parameters())
+strategy = DiLoCoAveraging(spec, dht, params, _Quiet())
+strategy.peers_in_run()
+print("published", flush=True)
+sys.stdin.readline()
+deadline = time.monotonic() + 60
+while strategy.global_step < 1 and time.monotonic() < deadline:
+    strategy.step(1)
+    time.sleep(0.1)
+torch.save([p.detach() for p in params], out)
+print("outer step", strategy.global_step, flush=True)
+strategy.settle()
+strategy.shutdown()
+dht.shutdown()
+"""
+
+
+def _published_samples(dht, strategy: DiLoCoAveraging) -> int:
+    tracker = strategy._tracker
+    found = dht.get(tracker.training_progress_key, latest=True)
+    mine = found.value.get(tracker._local_public_key) if found is not None else None
+    return mine.value.get("samples_accumulated", 0) if mine is not None else 0
+
+
+@pytest.mark.timeout(180)
+def test_a_peer_done_with_the_last_outer_step_serves_it_to_a_peer_still_behind(make_spec, tmp_path):
+    """The last round can succeed for one peer and fail for another (part of its average came too late,
+    on a loaded machine). The one behind catches up by download, so the one that finished must not
+    leave before it has: it was the only donor (the other then took the last step alone, other weights)."""
+    spec_path = make_spec(max_global_steps=1, averaging=dict(DILOCO, inner_steps=1))
+    params = list(torch.nn.Linear(8, 8).parameters())
+    sigint = signal.getsignal(signal.SIGINT)  # averagers leave SIGINT ignored (tests/test_averaging.py)
+    dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    done = DiLoCoAveraging(load_run_spec(spec_path), dht, params, _Quiet())
+    signal.signal(signal.SIGINT, sigint)
+    saved = tmp_path / "behind.pt"
+    behind = subprocess.Popen(
+        [sys.executable, "-c", _BEHIND, str(spec_path), str(dht.get_visible_maddrs()[0]), str(saved)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    settled = threading.Event()
+
+    def finish() -> None:  # what run-peer does after its last step
+        done.settle()
+        settled.set()
+        done.shutdown()
+
+    leaver = threading.Thread(target=finish)
+    try:
+        assert behind.stdout.readline().strip() == "published"
+        wait_until(lambda: done.peers_in_run() == 2, 30, "both peers' records in the DHT")
+        # an inner step, published: hivemind's tracker publishes a new outer step only for a peer whose
+        # last published record had samples in it (as a peer that trained to the last step has)
+        done.step(1)
+        wait_until(lambda: _published_samples(dht, done) > 0, 30, "the finished peer's record with samples")
+        final = done.state_dict()  # `done` completed the last round (outer step 1), `behind` did not
+        final.update(outer_step=1, global_weights=[w + 1 for w in final["global_weights"]])
+        done.load_state_dict(final)
+        leaver.start()
+        assert not settled.wait(3), "left while a peer was still behind the last outer step"
+        behind.stdin.write("go\n")
+        behind.stdin.flush()
+        assert behind.stdout.readline().strip() == "outer step 1", "the peer behind did not catch up"
+        assert settled.wait(30), "still waiting after the peer behind caught up"
+        assert behind.wait(timeout=60) == 0
+        for mine, theirs in zip(torch.load(saved), final["global_weights"], strict=True):
+            torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+    finally:
+        behind.kill()
+        if leaver.ident is None:
+            done.shutdown()
+        else:
+            leaver.join(timeout=120)
+        dht.shutdown()
