@@ -299,8 +299,7 @@ class DiLoCoAveraging(AveragingStrategy):
             value=tracker.local_progress.dict(),
             expiration_time=get_dht_time() + tracker.metadata_expiration,
         )
-        found = self._dht.get(tracker.training_progress_key, latest=True)
-        count = len(found.value) if found is not None and isinstance(found.value, dict) else 0
+        count = len(self._published_records())
         if count > tracker.global_progress.num_peers:
             self._refresh_swarm_view()
         return max(count, 1)
@@ -498,15 +497,17 @@ class DiLoCoAveraging(AveragingStrategy):
         done = min(self._inner_in_round, self._inner_steps) * self._samples_unit
         self._tracker.report_local_progress(self._outer_step, done)
 
+    def _published_records(self) -> dict:
+        """The run's progress records in the DHT now (subkey: a peer's public key), this peer's included."""
+        found = self._dht.get(self._tracker.training_progress_key, latest=True)
+        return found.value if found is not None and isinstance(found.value, dict) else {}
+
     def _peers_behind(self) -> int:
-        """Peers whose progress record (read from the DHT now) is at an outer step before this peer's."""
-        tracker = self._tracker
-        found = self._dht.get(tracker.training_progress_key, latest=True)
-        records = found.value if found is not None and isinstance(found.value, dict) else {}
+        """Peers whose progress record is at an outer step before this peer's."""
         epochs = [
             entry.value.get("epoch")
-            for subkey, entry in records.items()
-            if subkey != tracker._local_public_key and isinstance(entry.value, dict)
+            for subkey, entry in self._published_records().items()
+            if subkey != self._tracker._local_public_key and isinstance(entry.value, dict)
         ]
         return sum(isinstance(e, int) and e < self._outer_step for e in epochs)
 
