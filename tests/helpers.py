@@ -1,8 +1,11 @@
-"""Helpers shared by the multi-process tests: wait on a condition, read Prometheus text."""
+"""Helpers shared by the multi-process tests: wait on a condition, read Prometheus text, create hivemind
+averagers in the test process, a peer address nobody serves yet."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -41,3 +44,24 @@ def address_of_a_peer_not_started(tmp_path: Path) -> tuple[str, str, Path]:
     P2P.generate_identity(str(identity))
     listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
     return f"{listen}/p2p/{PeerID.from_identity(identity.read_bytes())}", listen, identity
+
+
+@contextlib.contextmanager
+def sigint_kept():
+    """Create hivemind averagers (and the strategies that hold them) in the test process inside this.
+
+    Creating one leaves SIGINT ignored in the creating process, and processes that pytest starts later
+    would inherit that (tests/test_ops_prometheus.py's Ctrl-C then did nothing)."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+class QuietListener:
+    """An averaging listener that records nothing (tests that read the models instead of the metrics)."""
+
+    def averaging_round(self, *args) -> None: ...
+
+    def state_download(self, *args) -> None: ...

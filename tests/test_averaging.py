@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import signal
 import threading
 
 import pytest
@@ -23,13 +22,7 @@ from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
 from potluck.peer.stages import make_stage
 from potluck.peer.swarm import start_dht
 from potluck.protocols.runspec import load_run_spec
-from tests.helpers import wait_until
-
-
-class _Quiet:
-    def averaging_round(self, *args) -> None: ...
-
-    def state_download(self, *args) -> None: ...
+from tests.helpers import QuietListener, sigint_kept, wait_until
 
 
 @pytest.mark.timeout(120)
@@ -49,12 +42,9 @@ def test_a_swarm_of_one_steps_exactly_as_torch_adamw(make_spec):
     schedule = torch.optim.lr_scheduler.LambdaLR(
         plain, lr_lambda(o.warmup_steps, o.schedule, spec.max_global_steps)
     )
-    # hivemind's averagers leave SIGINT ignored in the creating process, and processes started later by
-    # this pytest process would inherit that (tests/test_ops_prometheus.py's Ctrl-C then did nothing)
-    sigint = signal.getsignal(signal.SIGINT)
-    dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-    strategy = GradientAveraging(spec, dht, trainable_parameters(swarm_model), listener=_Quiet())
-    signal.signal(signal.SIGINT, sigint)
+    with sigint_kept():
+        dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+        strategy = GradientAveraging(spec, dht, trainable_parameters(swarm_model), listener=QuietListener())
     try:
         for _ in range(5):  # global steps
             for _ in range(2):
@@ -89,14 +79,17 @@ def test_a_downloaded_state_is_labelled_with_the_step_its_parameters_hold(make_s
         build_model(spec, torch.device("cpu")),
     )
     stage = make_stage(spec.stage)
-    sigint = signal.getsignal(signal.SIGINT)  # see the test above
-    donor_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-    donor = GradientAveraging(spec, donor_dht, trainable_parameters(donor_model), listener=_Quiet())
-    newcomer_dht = start_dht(
-        [str(a) for a in donor_dht.get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"], [], None
-    )
-    newcomer = GradientAveraging(spec, newcomer_dht, trainable_parameters(newcomer_model), listener=_Quiet())
-    signal.signal(signal.SIGINT, sigint)
+    with sigint_kept():
+        donor_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+        donor = GradientAveraging(
+            spec, donor_dht, trainable_parameters(donor_model), listener=QuietListener()
+        )
+        newcomer_dht = start_dht(
+            [str(a) for a in donor_dht.get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"], [], None
+        )
+        newcomer = GradientAveraging(
+            spec, newcomer_dht, trainable_parameters(newcomer_model), listener=QuietListener()
+        )
     try:
         for _ in range(3):
             stage.loss(donor_model, next(batches)).backward()
@@ -154,16 +147,15 @@ def test_a_busy_donor_sends_the_next_newcomer_to_another_donor(make_spec):
     ))  # fmt: skip
     tokenizer = load_tokenizer(spec.model)
     stage = make_stage(spec.stage)
-    sigint = signal.getsignal(signal.SIGINT)  # see the first test
-    first_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-    initial = [str(a) for a in first_dht.get_visible_maddrs()]
-    dhts = [first_dht] + [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in range(3)]
-    models = [build_model(spec, torch.device("cpu")) for _ in dhts]
-    newest, other, waiting, next_one = (
-        GradientAveraging(spec, dht, trainable_parameters(model), listener=_Quiet())
-        for dht, model in zip(dhts, models, strict=True)
-    )
-    signal.signal(signal.SIGINT, sigint)
+    with sigint_kept():
+        first_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+        initial = [str(a) for a in first_dht.get_visible_maddrs()]
+        dhts = [first_dht] + [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in range(3)]
+        models = [build_model(spec, torch.device("cpu")) for _ in dhts]
+        newest, other, waiting, next_one = (
+            GradientAveraging(spec, dht, trainable_parameters(model), listener=QuietListener())
+            for dht, model in zip(dhts, models, strict=True)
+        )
     try:
         stage.loss(models[0], next(PeerDataStream(spec.data, tokenizer, 16).batches(seed=0))).backward()
         assert newest.step(16)  # the newest donor: global step 1, the other still at 0
@@ -196,18 +188,20 @@ def test_a_busy_donor_sends_the_next_newcomer_to_another_donor(make_spec):
 @contextlib.contextmanager
 def _two_peers(spec):
     """Two GradientAveraging peers of ``spec`` in this process, on one loopback DHT."""
-    sigint = signal.getsignal(signal.SIGINT)  # see the first test
-    first_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-    second_dht = start_dht(
-        [str(a) for a in first_dht.get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"], [], None
-    )
-    peers = [
-        GradientAveraging(
-            spec, dht, trainable_parameters(build_model(spec, torch.device("cpu"))), listener=_Quiet()
+    with sigint_kept():
+        first_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+        second_dht = start_dht(
+            [str(a) for a in first_dht.get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"], [], None
         )
-        for dht in (first_dht, second_dht)
-    ]
-    signal.signal(signal.SIGINT, sigint)
+        peers = [
+            GradientAveraging(
+                spec,
+                dht,
+                trainable_parameters(build_model(spec, torch.device("cpu"))),
+                listener=QuietListener(),
+            )
+            for dht in (first_dht, second_dht)
+        ]
     try:
         yield peers
     finally:

@@ -5,7 +5,6 @@ strategies in this process) a peer done with the last outer step serving it to o
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from potluck.peer.diloco import DiLoCoAveraging
 from potluck.peer.swarm import start_dht
 from potluck.peer.tools_cli import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
-from tests.helpers import wait_until
+from tests.helpers import QuietListener, sigint_kept, wait_until
 from tests.test_swarm import checkpoint_at, max_difference, weights
 
 pytestmark = pytest.mark.slow
@@ -114,12 +113,6 @@ def test_late_joiner_gets_the_outer_state_and_steps_like_the_others(make_spec, l
     assert max(float(m.abs().max()) for m in mine["outer_momentum"]) > 1e-3  # momentum is really in play
 
 
-class _Quiet:
-    def averaging_round(self, *args) -> None: ...
-
-    def state_download(self, *args) -> None: ...
-
-
 # a peer whose last round failed, in its own process (two progress trackers in one process would share
 # its signing key, so one record): it publishes its record at outer step 0, then on "go" steps until it
 # has caught up to outer step 1, saves its weights and leaves as run-peer does
@@ -128,12 +121,12 @@ import logging, sys, time, torch
 from potluck.peer.diloco import DiLoCoAveraging
 from potluck.peer.swarm import start_dht
 from potluck.protocols.runspec import load_run_spec
-from tests.test_diloco import _Quiet
+from tests.helpers import QuietListener
 logging.basicConfig(level=logging.INFO)  # its log shows how it caught up, should the test fail
 spec, initial, out = load_run_spec(sys.argv[1]), sys.argv[2], sys.argv[3]
 dht = start_dht([initial], ["/ip4/127.0.0.1/tcp/0"], [], None)
 params = list(torch.nn.Linear(8, 8).parameters())
-strategy = DiLoCoAveraging(spec, dht, params, _Quiet())
+strategy = DiLoCoAveraging(spec, dht, params, QuietListener())
 strategy.peers_in_run()
 print("published", flush=True)
 sys.stdin.readline()
@@ -163,10 +156,9 @@ def test_a_peer_done_with_the_last_outer_step_serves_it_to_a_peer_still_behind(m
     leave before it has: it was the only donor (the other then took the last step alone, other weights)."""
     spec_path = make_spec(max_global_steps=1, averaging=dict(DILOCO, inner_steps=1))
     params = list(torch.nn.Linear(8, 8).parameters())
-    sigint = signal.getsignal(signal.SIGINT)  # averagers leave SIGINT ignored (tests/test_averaging.py)
-    dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-    done = DiLoCoAveraging(load_run_spec(spec_path), dht, params, _Quiet())
-    signal.signal(signal.SIGINT, sigint)
+    with sigint_kept():
+        dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+        done = DiLoCoAveraging(load_run_spec(spec_path), dht, params, QuietListener())
     saved = tmp_path / "behind.pt"
     behind = subprocess.Popen(
         [sys.executable, "-c", _BEHIND, str(spec_path), str(dht.get_visible_maddrs()[0]), str(saved)],

@@ -4,7 +4,6 @@ averagers on a loopback DHT in this process."""
 from __future__ import annotations
 
 import contextlib
-import signal
 from typing import AsyncIterator  # noqa: UP035 (hivemind reads the stream type from typing's alias only)
 
 import pytest
@@ -14,6 +13,7 @@ from hivemind.proto import averaging_pb2
 
 from potluck.peer.rounds import CheckedRounds, received_fraction
 from potluck.peer.swarm import start_dht
+from tests.helpers import sigint_kept
 
 SIZE = 300_000
 """Elements averaged: several of hivemind's parts, so that each peer reduces some (a tiny tensor is one
@@ -41,28 +41,26 @@ _DeadReducer.__name__ = _Averager.__name__  # hivemind names its RPC handlers af
 @contextlib.contextmanager
 def _averagers(*classes_and_values):
     """One averager per (class, value), each averaging one tensor filled with its value."""
-    sigint = signal.getsignal(signal.SIGINT)  # hivemind's averagers leave SIGINT ignored
     dhts, averagers = [], []
     try:
-        for cls, value in classes_and_values:
-            initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
-            dhts.append(start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None))
-            averagers.append(
-                cls(
-                    [torch.full((SIZE,), float(value))],
-                    dhts[-1],
-                    prefix="rounds-test",
-                    min_matchmaking_time=1.0,
-                    request_timeout=0.5,
-                    allreduce_timeout=10.0,
-                    next_chunk_timeout=2.0,
-                    start=True,
+        with sigint_kept():
+            for cls, value in classes_and_values:
+                initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
+                dhts.append(start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None))
+                averagers.append(
+                    cls(
+                        [torch.full((SIZE,), float(value))],
+                        dhts[-1],
+                        prefix="rounds-test",
+                        min_matchmaking_time=1.0,
+                        request_timeout=0.5,
+                        allreduce_timeout=10.0,
+                        next_chunk_timeout=2.0,
+                        start=True,
+                    )
                 )
-            )
-        signal.signal(signal.SIGINT, sigint)
         yield averagers
     finally:
-        signal.signal(signal.SIGINT, sigint)
         for averager in averagers:
             averager.shutdown()
         for dht in reversed(dhts):
