@@ -15,6 +15,9 @@ from potluck.coordinator.collector import Collector, SwarmMetrics
 from potluck.coordinator.store import RunStore
 from potluck.protocols.records import load_or_create_key, public_key_tag, record_validators
 
+REMEMBERED_JOIN_TIMEOUT = 10.0
+"""Seconds a restarted coordinator tries the peers it remembers before it starts a new swarm."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from potluck.coordinator.grpc_service import CoordinatorService, start_grpc_server
     from potluck.coordinator.web import start_web_server, stop_web_server
-    from potluck.peer.swarm import start_dht, visible_addresses
+    from potluck.peer.swarm import JOIN_TIMEOUT, SwarmJoinError, start_dht, visible_addresses
 
     store = RunStore(args.db)
     key = load_or_create_key(args.key_path or args.db.with_suffix(".key"))
@@ -65,10 +68,27 @@ def main(argv: list[str] | None = None) -> int:
     runs = tuple(r.run_id for r in store.list_runs())
     # after a restart, rejoin the swarm through the peers that reported most recently
     remembered = store.recent_peer_addresses()
-    dht = start_dht(
-        [*args.initial_peers, *remembered], args.dht_host_maddrs, args.announce_maddrs, args.identity_path,
-        record_validators=record_validators(key, runs), ensure_bootstrap_success=not remembered,
-    )  # fmt: skip
+
+    def dht_through(initial: list[str], join_timeout: float):
+        return start_dht(
+            initial, args.dht_host_maddrs, args.announce_maddrs, args.identity_path,
+            record_validators=record_validators(key, runs), ensure_bootstrap_success=not remembered,
+            join_timeout=join_timeout,
+        )  # fmt: skip
+
+    try:
+        # peers it only remembers may all be gone (the swarm ended while it was down): try them briefly
+        briefly = remembered and not args.initial_peers
+        dht = dht_through(
+            [*args.initial_peers, *remembered], REMEMBERED_JOIN_TIMEOUT if briefly else JOIN_TIMEOUT
+        )
+    except SwarmJoinError:
+        if args.initial_peers:
+            raise
+        print(
+            "run-coordinator: none of the peers it remembered answered: starting a new swarm", file=sys.stderr
+        )
+        dht = dht_through([], JOIN_TIMEOUT)
     registry = CollectorRegistry()
     collector = Collector(dht, store, key_tag, SwarmMetrics(registry), interval=args.collect_interval)
     service = CoordinatorService(

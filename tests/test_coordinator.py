@@ -15,6 +15,7 @@ from hivemind.dht import DHT
 from hivemind.utils.crypto import RSAPrivateKey
 
 from potluck.coordinator.local_process import LocalCoordinator, free_port
+from potluck.coordinator.store import RunStore
 from potluck.protocols.coordinator_client import CoordinatorClient
 from potluck.protocols.records import (
     PeerReport,
@@ -27,7 +28,7 @@ from potluck.protocols.records import (
     record_validators,
 )
 from tests.browser import capture_page, find_chromium
-from tests.helpers import metric, wait_until
+from tests.helpers import address_of_a_peer_not_started, metric, wait_until
 from tests.test_dashboard import body_attributes, peer_cells
 
 pytestmark = pytest.mark.slow
@@ -178,3 +179,21 @@ def test_forged_announcement_and_report_are_ignored_and_counted(
 def metric_with(text: str, name: str, label: str) -> float:
     match = re.search(rf"^{name}{{[^}}]*{re.escape(label)}[^}}]*}} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.timeout(180)
+def test_a_coordinator_whose_remembered_peers_are_gone_starts_a_new_swarm(coordinator, tmp_path):
+    """Restarted after the whole swarm ended, it finds none of the peers it remembers: it must still come
+    up (and peers can join its new swarm), not die on the first dial nor wait out a minute."""
+    gone, _, _ = address_of_a_peer_not_started(tmp_path)
+    (tmp_path / "coordinator").mkdir()
+    RunStore(tmp_path / "coordinator" / "coordinator.db").remember_peer_addresses(
+        {"gone": [gone]}, time.time()
+    )
+    coord = coordinator()
+    assert "starting a new swarm" in coord.log(), coord.log()[-3000:]
+    assert "(attempt 1)" in coord.log()  # it did try the remembered peer, more than once
+    with CoordinatorClient(coord.address) as client:
+        assert client.list_runs() == []
+    # its new swarm takes peers (hivemind raises if no initial peer answers)
+    DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=coord.dht_addresses()).shutdown()
