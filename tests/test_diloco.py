@@ -133,7 +133,7 @@ sys.stdin.readline()
 deadline = time.monotonic() + 60
 while strategy.global_step < 1 and time.monotonic() < deadline:
     strategy.step(1)
-    time.sleep(0.1)
+    time.sleep(0.1)  # the pace of a local step; the loop ends on the condition or the deadline
 torch.save([p.detach() for p in params], out)
 print("outer step", strategy.global_step, flush=True)
 strategy.settle()
