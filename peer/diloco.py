@@ -338,12 +338,14 @@ class DiLoCoAveraging(AveragingStrategy):
         """
         if self._outer_step < self._final_global_step:
             return  # stopped before the end: leave now
-        deadline = time.monotonic() + self._round_deadline + self._load_state_timeout
-        behind = self._peers_behind()
-        if behind:
-            logger.info(f"outer step {self._outer_step} is the last: serving it while {behind} peer(s) "
-                        f"catch up (at most {deadline - time.monotonic():.0f} s)")  # fmt: skip
+        started = time.monotonic()
+        deadline = started + self._round_deadline + self._load_state_timeout
+        behind, said = self._peers_behind(), False
         while behind and time.monotonic() < deadline:
+            if not said and time.monotonic() - started > 2:  # quiet while the others merely publish it
+                said = True
+                logger.info(f"outer step {self._outer_step} is the last: serving it while {behind} peer(s) "
+                            f"catch up (at most {deadline - time.monotonic():.0f} s more)")  # fmt: skip
             time.sleep(0.5)
             behind = self._peers_behind()
         if behind:
