@@ -1,20 +1,20 @@
 """Does a 2-peer swarm train as well as one process that does the same work?
 
 What is measured
-    Two ``run-peer`` processes (``potluck.peer.local_swarm.LocalSwarm`` on loopback, ``--min-peers 2``
+    Two ``run-peer`` processes (``potluck.tools.peer_processes.LocalSwarm`` on loopback, ``--min-peers 2``
     so they start together, one thread each) fine-tune the bundled tiny model on the bundled
     arithmetic task for ``--steps`` global steps (target_batch_size 128, per_peer_batch_size 64,
     lr 3e-3 with 10 warm-up steps, matchmaking_time 0.5 s: the demo's first settings). Then a single
     process with a plain torch loop (AdamW and LR schedule as the swarm's, no hivemind) trains the same model
     from the same initial weights. Both final models are evaluated on the held-out problems with
-    ``potluck.peer.evaluate.evaluate`` (per-token loss on the completions, exact-match accuracy).
+    ``potluck.peer.training.exact_match.evaluate`` (per-token loss on the completions, exact-match accuracy).
 
 What "same global batch" and "same samples" mean here
     A swarm can overshoot ``target_batch_size``: a peer starts the global step once the samples it
     knows of reach the target, and it learns of the other peers' samples through the DHT, at most every
     0.5 s. hivemind alone lets each peer reach the target on its own samples when local steps are
     fast (an effective global batch of about peers x target: 251 for 2 peers and target 128, measured
-    before Potluck's tracker); ``peer/tracker.py`` extrapolates the others' samples between fetches,
+    before Potluck's tracker); ``hivemind_ext/tracker.py`` extrapolates the others' samples between fetches,
     which leaves a smaller overshoot (the first steps, before the peers know each other's rates, and
     timing noise). After N global steps the peers have trained on S >= N x 128 samples, and the
     swarm's effective global batch is S / N.
@@ -66,19 +66,19 @@ import torch
 import yaml
 from workdir import run_in_workdir
 
-from potluck.peer.averaging import lr_lambda
-from potluck.peer.checkpoint import latest_checkpoint
-from potluck.peer.data import PeerDataStream
-from potluck.peer.evaluate import EvalResult, evaluate
-from potluck.peer.local_swarm import LocalSwarm, PeerProcess
-from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
-from potluck.peer.stages import make_stage
-from potluck.peer.strategies import ALONE_LINE
-from potluck.peer.tools_cli import build_assets, evaluate_spec
+from potluck.peer.averaging.choose import ALONE_LINE
+from potluck.peer.averaging.gradient import lr_lambda
+from potluck.peer.training.checkpoint import latest_checkpoint
+from potluck.peer.training.data import PeerDataStream
+from potluck.peer.training.exact_match import EvalResult, evaluate, evaluate_spec
+from potluck.peer.training.model import build_model, load_tokenizer, trainable_parameters
+from potluck.peer.training.stages import make_stage
 from potluck.protocols.runspec import RunSpec, load_run_spec
+from potluck.tools.peer_processes import LocalSwarm, PeerProcess
+from potluck.tools.tiny.assets import build_assets
 
 PEERS = 2
-# NOTE: the demo's settings when the first figures were recorded (peer/demo.py has since moved to
+# NOTE: the demo's settings when the first figures were recorded (tools/demo.py has since moved to
 # batches of 128/256), spelled out so that the recorded figures stay comparable.
 SPEC = {
     "run_id": "bench-convergence",

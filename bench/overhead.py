@@ -4,8 +4,8 @@ What is measured
     Wall-clock time of one local training step (forward, backward, optimizer) in two loops that run
     side by side in this process on the same model weights, the same batches and the same batch size:
 
-    - **swarm**: a 1-peer swarm. A real hivemind DHT (``potluck.peer.swarm.start_dht`` on loopback) and
-      ``potluck.peer.averaging.GradientAveraging`` drive the step exactly as ``peer/trainer.py`` does:
+    - **swarm**: a 1-peer swarm. A real hivemind DHT (``potluck.hivemind_ext.dht.start_dht`` on loopback) and
+      ``potluck.peer.averaging.gradient.GradientAveraging`` drive the step exactly as ``peer/training/loop.py`` does:
       ``loss.backward(); strategy.step(batch_size); strategy.zero_grad()``.
     - **plain**: ``loss.backward(); opt.step(); sched.step(); opt.zero_grad()`` with ``torch.optim.AdamW``
       and the LR schedule that ``GradientAveraging`` builds from the same spec (stepping once per
@@ -84,17 +84,18 @@ import torch
 from hivemind.dht import DHT
 from hivemind.optim import Optimizer
 
-from potluck.peer import averaging
-from potluck.peer.averaging import AveragingStrategy, GradientAveraging, lr_lambda
+from potluck.hivemind_ext.dht import start_dht
+from potluck.peer.averaging import gradient as averaging
+from potluck.peer.averaging.gradient import GradientAveraging, lr_lambda
+from potluck.peer.averaging.strategy import AveragingStrategy
 from potluck.peer.cli import configure_logging
-from potluck.peer.data import PeerDataStream
-from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
-from potluck.peer.stages import make_stage
-from potluck.peer.swarm import start_dht
-from potluck.peer.tiny.model import TinyModelConfig, build_tiny_model
-from potluck.peer.tiny.task import ALPHABET, ArithmeticTask
-from potluck.peer.tools_cli import build_assets
+from potluck.peer.training.data import PeerDataStream
+from potluck.peer.training.model import build_model, load_tokenizer, trainable_parameters
+from potluck.peer.training.stages import make_stage
 from potluck.protocols.runspec import RunSpec, parse_run_spec
+from potluck.tools.tiny.assets import build_assets
+from potluck.tools.tiny.model import TinyModelConfig, build_tiny_model
+from potluck.tools.tiny.task import ALPHABET, ArithmeticTask
 
 LORA = {"kind": "lora", "r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]}
 FOREIGN_LOAD_LIMIT = 0.25
@@ -168,20 +169,20 @@ def make_strategy(case: Case, spec: RunSpec, dht: DHT, model: torch.nn.Module) -
 
     A variant swaps the hivemind optimizer class that GradientAveraging instantiates for a subclass
     that overrides one keyword argument (or mixes in one method), so it follows whatever else
-    peer/averaging.py sets without copying it here.
+    peer/averaging/gradient.py sets without copying it here.
     """
     params = trainable_parameters(model)
     if case.variant is None:
         return GradientAveraging(spec, dht, params, listener=_NullListener())
     mixin, overrides = VARIANTS[case.variant]
-    shipped = averaging._BoundedOptimizer
+    shipped = averaging.BoundedOptimizer
     bases = (mixin, shipped) if mixin is not None else (shipped,)
 
     def init(self: Optimizer, **kwargs: Any) -> None:
         shipped.__init__(self, **{**kwargs, **overrides})
 
     variant = type(f"Variant_{case.variant}", bases, {"__init__": init})
-    with mock.patch.object(averaging, "_BoundedOptimizer", variant):
+    with mock.patch.object(averaging, "BoundedOptimizer", variant):
         return GradientAveraging(spec, dht, params, listener=_NullListener())
 
 

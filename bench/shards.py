@@ -41,12 +41,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from potluck.peer.local_swarm import LocalSwarm
-from potluck.peer.shard.remote_model import RemoteCausalLM, open_remote_model
-from potluck.peer.tiny.model import TinyModelConfig, build_tiny_model
-from potluck.peer.tiny.task import ALPHABET, ArithmeticTask
+from potluck.peer.shard.client.remote_model import RemoteCausalLM, open_remote_model
 from potluck.protocols.runspec import load_run_spec
 from potluck.protocols.shards import read_shards
+from potluck.tools.peer_processes import LocalSwarm
+from potluck.tools.tiny.model import TinyModelConfig, build_tiny_model
+from potluck.tools.tiny.task import ALPHABET, ArithmeticTask
 
 
 def _local_step(model, prompt, optimizer, ids, labels):

@@ -46,9 +46,9 @@ from pathlib import Path
 import psutil
 import yaml
 
-from potluck.coordinator.local_process import free_port
-from potluck.peer.local_swarm import LocalSwarm, PeerProcess
-from potluck.peer.tools_cli import build_assets
+from potluck.tools.coordinator_process import free_port
+from potluck.tools.peer_processes import LocalSwarm, PeerProcess
+from potluck.tools.tiny.assets import build_assets
 
 MB = 1024 * 1024
 

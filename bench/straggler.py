@@ -8,7 +8,7 @@ What is measured
     - ``baseline``: ``--fast`` peers (default 2) at full speed;
     - ``straggler``: as many fast peers plus one peer ``--slowdown`` times slower (default 5).
 
-    The straggler is made slow with ``POTLUCK_BENCH_SLOWDOWN`` (``peer/runner.py``): before each local
+    The straggler is made slow with ``POTLUCK_BENCH_SLOWDOWN`` (``peer/roles/trainer.py``): before each local
     batch it idles (factor - 1) x the shortest of its last 10 local steps, as a machine that
     computes that many times slower would. Its published samples/s, which the others' trackers use to
     count its in-flight batch, are therefore the slow machine's.
@@ -51,10 +51,10 @@ from pathlib import Path
 
 import yaml
 
-from potluck.coordinator.local_process import free_port
-from potluck.peer.local_swarm import LocalSwarm
-from potluck.peer.runner import SLOWDOWN_ENV
-from potluck.peer.tools_cli import build_assets
+from potluck.peer.roles.trainer import SLOWDOWN_ENV
+from potluck.tools.coordinator_process import free_port
+from potluck.tools.peer_processes import LocalSwarm
+from potluck.tools.tiny.assets import build_assets
 
 
 def write_spec(workdir: Path, assets: tuple[Path, Path, Path], target: int) -> Path:

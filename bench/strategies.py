@@ -28,7 +28,7 @@ Shaped link (``--link-mbit``)
     tiny model takes seconds at 20 Mbit/s.
 
 Columns
-    ``loss`` is peer 1's held-out loss at the end (``potluck.peer.evaluate``, per-token loss on the
+    ``loss`` is peer 1's held-out loss at the end (``potluck.peer.training.exact_match``, per-token loss on the
     completions); ``vs single`` divides it by its own single-process baseline at equal samples;
     ``vs grad-fp32`` divides it by the ``gradient-none`` row's loss. ``sent/peer`` is the mean over peers
     of the payload bytes a peer sent in averaging rounds (the peers' ``averaging totals`` log line, i.e.
@@ -58,11 +58,12 @@ import yaml
 from convergence import SPEC, PeerSummary, run_swarm, summarize_peer, train_single, weights_max_diff
 from workdir import run_in_workdir
 
-from potluck.peer.checkpoint import latest_checkpoint
-from potluck.peer.local_swarm import LocalSwarm, PeerProcess
-from potluck.peer.strategies import TOTALS_LINE
-from potluck.peer.tools_cli import build_assets, evaluate_spec
+from potluck.peer.averaging.choose import TOTALS_LINE
+from potluck.peer.training.checkpoint import latest_checkpoint
+from potluck.peer.training.exact_match import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
+from potluck.tools.peer_processes import LocalSwarm, PeerProcess
+from potluck.tools.tiny.assets import build_assets
 
 PEERS = 2
 REPO_ROOT = Path(__file__).resolve().parents[1]

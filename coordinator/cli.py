@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from potluck.coordinator.grpc_service import CoordinatorService, start_grpc_server
     from potluck.coordinator.web import start_web_server, stop_web_server
-    from potluck.peer.swarm import JOIN_TIMEOUT, SwarmJoinError, start_dht, visible_addresses
+    from potluck.hivemind_ext.dht import JOIN_TIMEOUT, SwarmJoinError, start_dht, visible_addresses
 
     store = RunStore(args.db)
     key = load_or_create_key(args.key_path or args.db.with_suffix(".key"))

@@ -8,10 +8,10 @@ import sys
 import threading
 from pathlib import Path
 
-from potluck.peer.data import DatasetFormatError
 from potluck.peer.device import DeviceError, resolve_device
-from potluck.peer.discovery import DiscoveryError, find_run_in_dht, join_via_coordinator, read_trusted_key
-from potluck.peer.runner import PeerOptions, run_peer, start_peer_dht
+from potluck.peer.net.discovery import DiscoveryError, find_run_in_dht, join_via_coordinator, read_trusted_key
+from potluck.peer.roles.trainer import PeerOptions, run_peer, start_peer_dht
+from potluck.peer.training.data import DatasetFormatError
 from potluck.protocols.runspec import RunSpec, RunSpecError, load_run_spec
 
 
@@ -156,12 +156,12 @@ def run_shard_role(args: argparse.Namespace, spec: RunSpec | None, options: Peer
     user_errors = (ValueError, OSError) if args.role == "shard" else (ValueError, OSError, RuntimeError)
     try:
         if args.role == "shard":
-            from potluck.peer.shard.runner import parse_blocks, serve_shard
+            from potluck.peer.roles.shard_server import parse_blocks, serve_shard
 
             blocks = parse_blocks(args.blocks) if args.blocks else None
             serve_shard(spec, options, threading.Event(), blocks, args.num_blocks, device=device)
             return 0
-        from potluck.peer.shard.client_runner import train_through_shards
+        from potluck.peer.roles.shard_client import train_through_shards
 
         result = train_through_shards(spec, options, threading.Event())
     except user_errors as e:

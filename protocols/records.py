@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict  # noqa: UP035 (pydantic v1 schemas for hivemind want typing.Dict)
 
-from cryptography.hazmat.primitives import serialization
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic.v1 import BaseModel, StrictFloat, ValidationError, conint, conlist, constr, validator
+
+from potluck.hivemind_ext.keys import load_private_key
+from potluck.hivemind_ext.p2p import node_validators
 
 RUNS_KEY = "potluck_runs"
 MAX_RECORD_BYTES = 64 * 1024
@@ -145,7 +147,7 @@ def run_schema_validator(run_id: str) -> SchemaValidator:
 
 async def _rejections_in_node(_dht, node) -> dict[str, int]:
     total: Counter = Counter()
-    for v in node.protocol.record_validator._validators:
+    for v in node_validators(node):
         total.update(getattr(v, "rejected", {}))
     return dict(total)
 
@@ -164,10 +166,8 @@ def owner_of(subkey: bytes) -> bytes | None:
 
 def load_or_create_key(path: Path) -> RSAPrivateKey:
     """The coordinator's signing key, kept in ``path`` (DER, mode 0600) across restarts."""
-    key = RSAPrivateKey.__new__(RSAPrivateKey)
     if path.exists():
-        key._private_key = serialization.load_der_private_key(path.read_bytes(), password=None)
-        return key
+        return load_private_key(path.read_bytes())
     fresh = RSAPrivateKey()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)

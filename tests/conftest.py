@@ -12,9 +12,9 @@ import psutil
 import pytest
 import yaml
 
-from potluck.coordinator.local_process import LocalCoordinator
-from potluck.peer.local_swarm import LocalSwarm
-from potluck.peer.tools_cli import build_assets
+from potluck.tools.coordinator_process import LocalCoordinator
+from potluck.tools.peer_processes import LocalSwarm
+from potluck.tools.tiny.assets import build_assets
 from tests.netbed.fixture import netbed  # noqa: F401  (the `netbed` fixture: hosts in network namespaces)
 
 _STARTED_GROUPS: set[int] = set()

@@ -38,7 +38,7 @@ def address_of_a_peer_not_started(tmp_path: Path) -> tuple[str, str, Path]:
     identity file). Start it later with that identity and address, or never."""
     from hivemind.p2p import P2P, PeerID
 
-    from potluck.coordinator.local_process import free_port
+    from potluck.tools.coordinator_process import free_port
 
     identity = tmp_path / "not-started.id"
     P2P.generate_identity(str(identity))

@@ -1,7 +1,7 @@
 """The gradient strategy's update rule: a swarm of one is torch's AdamW, step for step.
 
 A real DHT on loopback and ``GradientAveraging`` as run-peer builds it (hivemind's Optimizer with its
-offloaded optimizer, state averager and progress tracker), driven as ``peer/trainer.py`` drives it, against a
+offloaded optimizer, state averager and progress tracker), driven as ``peer/training/loop.py`` drives it, against a
 plain torch loop on the same batches from the same weights. Any difference in the update rule (hivemind's
 virtual first Adam step, a scheduler off by one, a lost or doubled gradient) shows up as differing weights.
 """
@@ -16,11 +16,11 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from potluck.peer.averaging import GradientAveraging, lr_lambda
-from potluck.peer.data import PeerDataStream
-from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
-from potluck.peer.stages import make_stage
-from potluck.peer.swarm import start_dht
+from potluck.hivemind_ext.dht import start_dht
+from potluck.peer.averaging.gradient import GradientAveraging, lr_lambda
+from potluck.peer.training.data import PeerDataStream
+from potluck.peer.training.model import build_model, load_tokenizer, trainable_parameters
+from potluck.peer.training.stages import make_stage
 from potluck.protocols.runspec import load_run_spec
 from tests.helpers import QuietListener, sigint_kept, wait_until
 

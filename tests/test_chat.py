@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from potluck.peer.checkpoint import save_checkpoint
-from potluck.peer.tools_cli import main as potluck_main
+from potluck.peer.training.checkpoint import save_checkpoint
+from potluck.tools.cli import main as potluck_main
 
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:

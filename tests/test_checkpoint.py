@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer
 
-from potluck.peer.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from potluck.peer.training.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 
 
 class _Weights(torch.nn.Module):

@@ -23,11 +23,11 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.compression import quantization as hivemind_quantization
 
-from potluck.peer import codecs
-from potluck.peer.averaging import COMPRESSIONS
-from potluck.peer.data import PeerDataStream
-from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
-from potluck.peer.stages import make_stage
+from potluck.hivemind_ext import codecs
+from potluck.peer.averaging.gradient import COMPRESSIONS
+from potluck.peer.training.data import PeerDataStream
+from potluck.peer.training.model import build_model, load_tokenizer, trainable_parameters
+from potluck.peer.training.stages import make_stage
 from potluck.protocols.runspec import parse_run_spec
 from tests.helpers import wait_until
 

@@ -14,7 +14,6 @@ import pytest
 from hivemind.dht import DHT
 from hivemind.utils.crypto import RSAPrivateKey
 
-from potluck.coordinator.local_process import LocalCoordinator, free_port
 from potluck.coordinator.store import RunStore
 from potluck.protocols.coordinator_client import CoordinatorClient
 from potluck.protocols.records import (
@@ -27,6 +26,7 @@ from potluck.protocols.records import (
     read_reports,
     record_validators,
 )
+from potluck.tools.coordinator_process import LocalCoordinator, free_port
 from tests.browser import capture_page, find_chromium
 from tests.helpers import address_of_a_peer_not_started, metric, wait_until
 from tests.test_dashboard import body_attributes, peer_cells

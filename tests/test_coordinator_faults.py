@@ -14,7 +14,7 @@ import signal
 
 import pytest
 
-from potluck.coordinator.local_process import free_port
+from potluck.tools.coordinator_process import free_port
 from tests.helpers import wait_until
 from tests.test_coordinator import peer_step, publish
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from potluck.peer.data import (
+from potluck.peer.training.data import (
     IGNORE_INDEX,
     DatasetFormatError,
     PeerDataStream,

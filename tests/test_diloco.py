@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from potluck.peer.checkpoint import list_checkpoints
-from potluck.peer.diloco import DiLoCoAveraging
-from potluck.peer.swarm import start_dht
-from potluck.peer.tools_cli import evaluate_spec
+from potluck.hivemind_ext.dht import start_dht
+from potluck.hivemind_ext.tracker import own_subkey, published_records
+from potluck.peer.averaging.diloco import DiLoCoAveraging
+from potluck.peer.training.checkpoint import list_checkpoints
+from potluck.peer.training.exact_match import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
 from tests.helpers import QuietListener, sigint_kept, wait_until
 from tests.test_swarm import checkpoint_at, max_difference, weights
@@ -118,8 +119,8 @@ def test_late_joiner_gets_the_outer_state_and_steps_like_the_others(make_spec, l
 # has caught up to outer step 1, saves its weights and leaves as run-peer does
 _BEHIND = """
 import logging, sys, time, torch
-from potluck.peer.diloco import DiLoCoAveraging
-from potluck.peer.swarm import start_dht
+from potluck.peer.averaging.diloco import DiLoCoAveraging
+from potluck.hivemind_ext.dht import start_dht
 from potluck.protocols.runspec import load_run_spec
 from tests.helpers import QuietListener
 logging.basicConfig(level=logging.INFO)  # its log shows how it caught up, should the test fail
@@ -144,8 +145,7 @@ dht.shutdown()
 
 def _published_samples(dht, strategy: DiLoCoAveraging) -> int:
     tracker = strategy._tracker
-    found = dht.get(tracker.training_progress_key, latest=True)
-    mine = found.value.get(tracker._local_public_key) if found is not None else None
+    mine = published_records(tracker, dht).get(own_subkey(tracker))
     return mine.value.get("samples_accumulated", 0) if mine is not None else 0
 
 

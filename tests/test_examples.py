@@ -18,8 +18,8 @@ def test_example_spec_loads(path):
 
 
 def test_demo_spec_is_valid():
-    from potluck.peer.demo import DEMO_SPEC
     from potluck.protocols.runspec import parse_run_spec
+    from potluck.tools.demo import DEMO_SPEC
 
     assert (
         parse_run_spec(DEMO_SPEC).batch.target_batch_size

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from potluck.peer.checkpoint import list_checkpoints
+from potluck.peer.training.checkpoint import list_checkpoints
 from tests.helpers import metric, wait_until
 from tests.netbed import Host, Link
 

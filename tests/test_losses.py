@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from potluck.peer.stages.losses import (
+from potluck.peer.training.stages.losses import (
     distillation_kl,
     dpo_loss,
     gae_advantages,

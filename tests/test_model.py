@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from potluck.peer.model import build_model, load_tokenizer, trainable_parameters
+from potluck.peer.training.model import build_model, load_tokenizer, trainable_parameters
 from potluck.protocols.runspec import parse_run_spec
 
 ADAPTERS = [

@@ -15,8 +15,8 @@ import pytest
 import torch
 from hivemind.moe.server import get_experts
 
+from potluck.hivemind_ext.dht import start_dht
 from potluck.peer.shard.moe import RemoteMoEClassifier, build_expert, local_mixture
-from potluck.peer.swarm import start_dht
 from potluck.protocols.records import record_validators
 from tests.conftest import _STARTED_GROUPS
 from tests.helpers import wait_until

@@ -28,9 +28,9 @@ import psutil
 import pytest
 import yaml
 
-from potluck.coordinator.local_process import free_port
-from potluck.peer.demo import DEMO_SPEC
-from potluck.peer.swarm_up import COORDINATOR_JOB, PEERS_JOB, render_prometheus_config
+from potluck.tools.coordinator_process import free_port
+from potluck.tools.demo import DEMO_SPEC
+from potluck.tools.swarm import COORDINATOR_JOB, PEERS_JOB, render_prometheus_config
 from tests.conftest import _STARTED_GROUPS
 from tests.helpers import wait_until
 from tests.test_operations import (

@@ -6,10 +6,10 @@ import subprocess
 
 import pytest
 
-from potluck.coordinator.local_process import LocalCoordinator
-from potluck.peer.demo import DEMO_SPEC
-from potluck.peer.swarm_up import main as swarm_main
 from potluck.protocols.coordinator_client import CoordinatorClient
+from potluck.tools.coordinator_process import LocalCoordinator
+from potluck.tools.demo import DEMO_SPEC
+from potluck.tools.swarm import main as swarm_main
 from tests.conftest import _STARTED_GROUPS
 from tests.test_operations import cli
 

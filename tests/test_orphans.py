@@ -12,7 +12,7 @@ import sys
 import psutil
 import pytest
 
-from potluck.coordinator.local_process import free_port
+from potluck.tools.coordinator_process import free_port
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def test_watchdog_kills_what_the_parent_death_signal_cannot_reach(tmp_path):
     script = tmp_path / "tree.py"
     script.write_text(
         "import os, subprocess, threading, time\n"
-        "from potluck.peer.lifeline import bind_children\n"
+        "from potluck.hivemind_ext.lifeline import bind_children\n"
         "bind_children(interval=0.2)\n"
         "subprocess.Popen(['sleep', '600'])\n"
         "def fork():\n"

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from potluck.peer.checkpoint import latest_checkpoint
-from potluck.peer.data import DatasetFormatError
-from potluck.peer.pipeline import load_pipeline
-from potluck.peer.tools_cli import main as potluck_main
+from potluck.peer.training.checkpoint import latest_checkpoint
+from potluck.peer.training.data import DatasetFormatError
 from potluck.protocols.coordinator_client import CoordinatorClient
 from potluck.protocols.runspec import RunSpecError
+from potluck.tools.cli import main as potluck_main
+from potluck.tools.pipeline import load_pipeline
 
 
 def stage(tiny_assets, run_id: str, stage_name: str, data: str, steps: int, **extra) -> dict:

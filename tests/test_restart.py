@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from potluck.peer.checkpoint import list_checkpoints
-from potluck.peer.tools_cli import evaluate_spec
+from potluck.peer.training.checkpoint import list_checkpoints
+from potluck.peer.training.exact_match import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Averaging rounds (peer/rounds.py): a round says when part of the average never arrived. Real hivemind
+"""Averaging rounds (hivemind_ext/rounds.py): a round says when part of the average never arrived. Real hivemind
 averagers on a loopback DHT in this process."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
-from potluck.peer.rounds import CheckedRounds, received_fraction
-from potluck.peer.swarm import start_dht
+from potluck.hivemind_ext.dht import start_dht
+from potluck.hivemind_ext.rounds import CheckedRounds, received_fraction
 from tests.helpers import sigint_kept
 
 SIZE = 300_000

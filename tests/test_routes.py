@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from potluck.peer.swarm import RouteKeeper, SwarmJoinError, start_dht
+from potluck.hivemind_ext.dht import RouteKeeper, SwarmJoinError, start_dht
 from tests.helpers import address_of_a_peer_not_started, wait_until
 
 
@@ -55,7 +55,7 @@ def test_a_node_keeps_trying_its_initial_peer_until_it_answers(tmp_path):
     address, listen, identity = address_of_a_peer_not_started(tmp_path)
     log = tmp_path / "joiner.log"
     code = (
-        "from potluck.peer.swarm import start_dht\n"
+        "from potluck.hivemind_ext.dht import start_dht\n"
         f"dht = start_dht([{address!r}], ['/ip4/127.0.0.1/tcp/0'], [], None)\n"
         "print('joined', flush=True)\n"
         "dht.shutdown()\n"

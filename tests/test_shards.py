@@ -21,7 +21,12 @@ import yaml
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import AutoModelForCausalLM
 
-from potluck.peer.data import (
+from potluck.peer.shard import wire
+from potluck.peer.shard.client.generate import generate_text
+from potluck.peer.shard.client.remote_model import RemoteCausalLM, open_remote_model
+from potluck.peer.shard.client.routing import Hop
+from potluck.peer.shard.server.announce import coverage
+from potluck.peer.training.data import (
     PeerDataStream,
     collate,
     detect_format,
@@ -29,13 +34,8 @@ from potluck.peer.data import (
     split_prompt_completion,
     tokenize_example,
 )
-from potluck.peer.model import load_tokenizer
-from potluck.peer.shard import wire
-from potluck.peer.shard.announce import coverage
-from potluck.peer.shard.generate import generate_text
-from potluck.peer.shard.remote_model import RemoteCausalLM, open_remote_model
-from potluck.peer.shard.routing import Hop
-from potluck.peer.stages.sft import SupervisedFineTuning
+from potluck.peer.training.model import load_tokenizer
+from potluck.peer.training.stages.sft import SupervisedFineTuning
 from potluck.protocols.runspec import load_run_spec
 from potluck.protocols.shards import read_shards
 from tests.conftest import _STARTED_GROUPS, _TrackedSwarm
@@ -257,7 +257,7 @@ def test_generate_cli_through_shards_equals_local(servers, spec_path):
     swarm, _ = servers
     spec = load_run_spec(spec_path)
     local_text, _ = generate_text(spec, "7+5=", max_new_tokens=8)
-    command = [sys.executable, "-m", "potluck.peer.tools_cli", "generate", "--run-spec", str(spec_path),
+    command = [sys.executable, "-m", "potluck.tools.cli", "generate", "--run-spec", str(spec_path),
                "--prompt", "7+5=", "--max-new-tokens", "8", "--remote",
                "--initial-peers", swarm.peers[0].join_address()]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from potluck.peer.shard.blocks import load_block_span, load_client_parts
-from potluck.peer.tiny.model import TinyModelConfig, build_tiny_model
-from potluck.peer.tiny.task import ALPHABET, ArithmeticTask
+from potluck.tools.tiny.model import TinyModelConfig, build_tiny_model
+from potluck.tools.tiny.task import ALPHABET, ArithmeticTask
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from potluck.peer.data import PeerDataStream
-from potluck.peer.model import load_tokenizer
-from potluck.peer.shard.remote_model import open_remote_model
-from potluck.peer.stages.sft import SupervisedFineTuning
+from potluck.peer.shard.client.remote_model import open_remote_model
+from potluck.peer.training.data import PeerDataStream
+from potluck.peer.training.model import load_tokenizer
+from potluck.peer.training.stages.sft import SupervisedFineTuning
 from potluck.protocols.runspec import load_run_spec
 from potluck.protocols.shards import read_shards
 from tests.conftest import _TrackedSwarm

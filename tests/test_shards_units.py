@@ -11,13 +11,13 @@ import pytest
 import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
+from potluck.hivemind_ext.dht import start_dht
 from potluck.peer.shard import wire
-from potluck.peer.shard.announce import choose_span
-from potluck.peer.shard.batching import BatchingExecutor, ServerBusy
 from potluck.peer.shard.blocks import load_block_span
-from potluck.peer.shard.routing import ForgedAnnouncement, Hop, NoRouteError, Router
-from potluck.peer.shard.server import ServerLimits, ShardServicer
-from potluck.peer.swarm import start_dht
+from potluck.peer.shard.client.routing import ForgedAnnouncement, Hop, NoRouteError, Router
+from potluck.peer.shard.server.announce import choose_span
+from potluck.peer.shard.server.batching import BatchingExecutor, ServerBusy
+from potluck.peer.shard.server.service import ServerLimits, ShardServicer
 from potluck.protocols.records import public_key_tag
 from potluck.protocols.shards import (
     SHARD_PROTOCOL_VERSION,

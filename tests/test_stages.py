@@ -13,15 +13,15 @@ import pytest
 import torch
 from prometheus_client import generate_latest
 
-from potluck.peer.checkpoint import save_checkpoint
-from potluck.peer.data import DatasetFormatError, PeerDataStream
-from potluck.peer.metrics import PeerMetrics
-from potluck.peer.stages import make_stage, stage_context
-from potluck.peer.stages.data import check_stage_data, encode_prompt, stage_data
-from potluck.peer.stages.evaluation import answer_probability
-from potluck.peer.stages.losses import pairwise_reward_loss, ppo_clip_fraction
-from potluck.peer.stages.models import VALUE_HEAD_FILE, WeightsNotFoundError, load_frozen_causal_lm
-from potluck.peer.stages.rollout import mask_after_eos
+from potluck.peer.training.checkpoint import save_checkpoint
+from potluck.peer.training.data import DatasetFormatError, PeerDataStream
+from potluck.peer.training.metrics import PeerMetrics
+from potluck.peer.training.stages import make_stage, stage_context
+from potluck.peer.training.stages.data import check_stage_data, encode_prompt, stage_data
+from potluck.peer.training.stages.evaluation import answer_probability
+from potluck.peer.training.stages.losses import pairwise_reward_loss, ppo_clip_fraction
+from potluck.peer.training.stages.models import VALUE_HEAD_FILE, WeightsNotFoundError, load_frozen_causal_lm
+from potluck.peer.training.stages.rollout import mask_after_eos
 from potluck.protocols.runspec import load_run_spec
 
 CPU = torch.device("cpu")

@@ -20,11 +20,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from potluck.peer.checkpoint import latest_checkpoint
-from potluck.peer.data import PeerDataStream
-from potluck.peer.stages import make_stage, stage_context
-from potluck.peer.stages.data import stage_data
-from potluck.peer.stages.evaluation import evaluate_stage
+from potluck.peer.training.checkpoint import latest_checkpoint
+from potluck.peer.training.data import PeerDataStream
+from potluck.peer.training.stages import make_stage, stage_context
+from potluck.peer.training.stages.data import stage_data
+from potluck.peer.training.stages.evaluation import evaluate_stage
 from potluck.protocols.runspec import RunSpec, load_run_spec
 
 # generous: the module fixture trains two models, and 2-core CI machines are often shared

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from potluck.coordinator.local_process import free_port
-from potluck.peer.runner import SLOWDOWN_ENV
+from potluck.peer.roles.trainer import SLOWDOWN_ENV
+from potluck.tools.coordinator_process import free_port
 from tests.helpers import metric, scrape, wait_until
 from tests.test_faults import succeeded_rounds
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from potluck.coordinator.local_process import free_port
-from potluck.peer.checkpoint import list_checkpoints
-from potluck.peer.strategies import ALONE_LINE
-from potluck.peer.tools_cli import evaluate_spec
+from potluck.peer.averaging.choose import ALONE_LINE
+from potluck.peer.training.checkpoint import list_checkpoints
+from potluck.peer.training.exact_match import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
+from potluck.tools.coordinator_process import free_port
 from tests.helpers import metric, scrape, wait_until
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils.performance_ema import PerformanceEMA
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
-from potluck.peer.tracker import SwarmAwareTracker
+from potluck.hivemind_ext.tracker import SwarmAwareTracker
 from tests.helpers import wait_until
 
 TARGET, BATCH, RATE = 128, 64, 640.0  # another peer finishes a batch of 64 every 0.1 s

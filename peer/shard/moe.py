@@ -30,7 +30,7 @@ from hivemind.moe.server.layers.common import FeedforwardBlock
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 from torch import nn
 
-from potluck.peer.swarm import start_dht, visible_addresses
+from potluck.hivemind_ext.dht import start_dht, visible_addresses
 from potluck.protocols.records import record_validators
 
 UID_PREFIX = "expert."

@@ -23,7 +23,7 @@ import socket
 import time
 from collections import deque
 
-from potluck.peer.lifeline import set_parent_death_signal
+from potluck.hivemind_ext.lifeline import set_parent_death_signal
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4  # frames this socket's interface sends (ours among them): not to be forwarded

@@ -1,0 +1,116 @@
+"""hivemind's butterfly all-reduce, changed so that every peer ends with the *same* average under a lossy codec.
+
+In hivemind 1.1.12 the peer that reduces a part sends each sender its own compressed ``average - part of
+that sender``. With a lossy codec (fp16, 8-bit) every peer therefore decodes a slightly different
+average, and state kept from averages (DiLoCo's global weights, its outer momentum) drifts apart from
+round to round (``bench/strategies.py`` measured 1.7e-2 after two uint8 rounds of the tiny model).
+
+Here the reducer compresses the average itself *once* and sends those same bytes to every sender, and
+uses the decoded bytes for its own part too: all peers hold bit-identical averages (the codec's error is
+still there, but it is the same everywhere). The bytes on the wire are unchanged. Without compression the
+result equals hivemind's. Used by ``DiLoCoAveraging``'s averager only (see :func:`use_in_this_process`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import torch
+from hivemind.averaging import allreduce as hivemind_allreduce
+from hivemind.averaging import averager as hivemind_averager
+from hivemind.averaging.partition import BannedException, TensorPartContainer, TensorPartReducer
+from hivemind.compression import CompressionBase, CompressionInfo, deserialize_torch_tensor
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import amap_in_executor
+
+UPSTREAM = {
+    "hivemind.averaging.allreduce.AllReduceRunner.__init__": "597a0c8dbbeabbe3",  # builds the part container and reducer whose classes we swap
+    "hivemind.averaging.allreduce.AllReduceRunner._accumulate_parts_streaming": "6c5a3c7266060303",  # copied, sends the shared encoded average
+    "hivemind.averaging.partition.TensorPartReducer.accumulate_part": "1d64a8bd77052ac4",  # subclassed: returns the average we encode
+    "hivemind.averaging.partition.TensorPartContainer.register_processed_part": "ff5ebad6141c4a88",  # overridden: average value to delta
+    "hivemind.averaging.partition.TensorPartContainer.register_failed_reducer": "89b41b9d7f225968",  # copied: zero deltas for a failed reducer
+    "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group": "c297d8a435ce2b1c",  # looks AllReduceRunner up in its module at each round
+}
+"""The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
+
+
+class _EncodingReducer(TensorPartReducer):
+    """Returns the *decoded compressed* average of each part, and keeps its bytes for every sender."""
+
+    codec: CompressionBase
+    encoded: dict[int, runtime_pb2.Tensor]
+    decoded: dict[int, torch.Tensor]
+
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
+        average = await super().accumulate_part(sender_index, part_index, tensor_part, weight)
+        if part_index not in self.encoded:  # the first sender to get here encodes; no await in between
+            self.encoded[part_index] = self.codec.compress(average, CompressionInfo.from_tensor(average))
+            self.decoded[part_index] = deserialize_torch_tensor(self.encoded[part_index])
+        return self.decoded[part_index]
+
+
+class _AverageValueContainer(TensorPartContainer):
+    """Takes what remote reducers send as the average *value* and turns it into hivemind's delta."""
+
+    local_index: int
+
+    def register_processed_part(self, peer_index: int, part_index: int, part: torch.Tensor):
+        if peer_index != self.local_index:  # our own reduced part arrives as a delta already
+            part = part - self._input_parts_by_peer[peer_index][part_index][0]
+        super().register_processed_part(peer_index, part_index, part)
+
+    def register_failed_reducer(self, peer_index: int):
+        # hivemind registers zero deltas (keep our own part) for parts a failed reducer never sent
+        for part_index in range(
+            self._outputs_registered_by_peer[peer_index], self.num_parts_by_peer[peer_index]
+        ):
+            zeros = torch.zeros_like(self._input_parts_by_peer[peer_index][part_index][0])
+            TensorPartContainer.register_processed_part(self, peer_index, part_index, zeros)
+            self.failed_size += zeros.numel()
+
+
+class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        container, reducer = self.tensor_part_container, self.tensor_part_reducer
+        # NOTE: both are built inside hivemind's __init__; swapping their classes (they only gain methods)
+        # is less code than re-implementing the constructor
+        container.__class__ = _AverageValueContainer
+        container.local_index = self.ordered_peer_ids.index(self.peer_id)
+        reducer.__class__ = _EncodingReducer
+        reducer.codec, reducer.encoded, reducer.decoded = container.compression, {}, {}
+
+    async def _accumulate_parts_streaming(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
+    ):
+        # hivemind 1.1.12's method, sending the shared encoded average instead of a per-sender delta
+        part_index = 0
+        try:
+            async for tensor_part, weight in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight
+                    )
+                except BannedException:
+                    break  # sender was banned, we no longer need to aggregate it
+                encoded = self.tensor_part_reducer.encoded[part_index]
+                part_index += 1
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=encoded)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+def use_in_this_process() -> None:
+    """Make the averagers of this process run :class:`SameAverageAllReduceRunner`.
+
+    Call it in an averager's own process (``DecentralizedAverager.run``): hivemind looks the runner class
+    up in its module at each round, and the change stays inside that process.
+    """
+    hivemind_averager.AllReduceRunner = SameAverageAllReduceRunner

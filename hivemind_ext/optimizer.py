@@ -1,0 +1,391 @@
+"""hivemind's ``Optimizer`` and its averagers, with what Potluck needs changed (each class says what).
+
+Upstream lacks: a bound on state-download retries (hivemind retries forever), rounds that report their
+outcome, donors labelled with the step their parameters hold, state copied between optimizer steps,
+Adam statistics re-shared after a load, a throttle on donor declarations, and catch-up when a peer's
+state rounds show it behind. The strategy that drives it is ``peer/averaging/gradient.py``.
+
+``listener`` is an ``AveragingListener`` (``peer/averaging/strategy.py``); ``deadlines`` a
+``DeadlineWatch`` (``peer/averaging/deadlines.py``): both are passed in, so this folder imports nothing
+of the peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import StepControl
+from hivemind.optim import Optimizer
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from potluck.hivemind_ext.donors import LimitedDonor, other_donors, wait_before_retrying
+from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
+from potluck.hivemind_ext.tracker import SwarmAwareTracker
+
+UPSTREAM = {
+    "hivemind.optim.optimizer.Optimizer._make_state_averager": "59a43eff001c3284",  # its arguments are copied
+    "hivemind.optim.optimizer.Optimizer._make_gradient_averager": "b9a4450197c1e6fb",  # called with our class and request timeout
+    "hivemind.optim.optimizer.Optimizer._make_progress_tracker": "a3fe70a367d732d6",  # replaced: builds our tracker
+    "hivemind.optim.optimizer.Optimizer._maybe_schedule_gradient_averaging": "868f8c36bdaa41e6",  # skipped while alone
+    "hivemind.optim.optimizer.Optimizer._should_load_state_from_peers": "e1af5bdfc8e60b70",  # extended
+    "hivemind.optim.optimizer.Optimizer.load_state_from_peers": "87030a961ecf8f7f",  # re-implemented with a bound
+    "hivemind.optim.optimizer.Optimizer._average_gradients_and_load_into_optimizer": "d95bb5ebc061749e",  # re-implemented to report rounds
+    "hivemind.optim.optimizer.Optimizer._load_averaged_gradients_into_optimizer_": "cdf2fbb98f778b8d",  # called
+    "hivemind.optim.optimizer.Optimizer._load_local_gradients_into_optimizer": "a87c64b6e88bf642",  # called
+    "hivemind.optim.optimizer.Optimizer._tag_along_with_zero_weight": "a3181486ff4e2ac7",  # called
+    "hivemind.optim.state_averager.TrainingStateAverager.get_current_state": "d2ee431a0a4b4074",  # wrapped
+    "hivemind.optim.state_averager.TrainingStateAverager.step": "c68d9335d0ccf55e",  # wrapped
+    "hivemind.optim.state_averager.TrainingStateAverager._update_scheduler": "9b8de2a7b6020122",  # called after a checkpoint load
+    "hivemind.averaging.averager.DecentralizedAverager.state_sharing_priority": "de300bcec1decea5",  # setter throttled
+    "hivemind.averaging.averager.DecentralizedAverager.load_state_from_peers": "973fae40a3d1e16f",  # wrapped
+}
+"""The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
+
+logger = logging.getLogger(__name__)
+
+
+class _ThrottledDeclaration(DecentralizedAverager):
+    """Re-announces this peer as a state donor at most every ``min_declare_interval`` seconds.
+
+    hivemind's optimizer sets each averager's ``state_sharing_priority`` to the new global step after
+    every step, and each change makes the averager store a fresh donor record in the DHT: with fast
+    steps, two DHT stores per global step for a ranking that newcomers read rarely. In between, the
+    priority is only recorded; the next due update (or hivemind's periodic re-declaration) announces it.
+    """
+
+    min_declare_interval = 1.0
+    _declared_at = -math.inf
+
+    @DecentralizedAverager.state_sharing_priority.setter
+    def state_sharing_priority(self, value: float) -> None:
+        now = time.monotonic()
+        if self.client_mode or now - self._declared_at >= self.min_declare_interval:
+            self._declared_at = now
+            DecentralizedAverager.state_sharing_priority.fset(self, value)
+        else:
+            self._state_sharing_priority.value = value
+
+
+class _StepsSeen(DecentralizedAverager):
+    """Notes how far this peer's step was behind the newest step gathered in its state rounds (each peer
+    gathers the step its round is for).
+
+    A peer whose tracker still showed the swarm a step ahead (its view is up to seconds old) kept
+    stepping one step at a time, hivemind's catch-up, while the others went on: on the home-like bed
+    a healed peer stood 2-4 steps behind for half a minute, and every state round averaged its older
+    parameters into the others'. A round that shows another peer two or more steps ahead says so at
+    once. A peer can also stay exactly one step behind for good: it steps in the same rounds as the
+    others, and hivemind's once-per-step check of the swarm's step looks right after the step, when the
+    others' records still hold their previous step, the one this peer has just reached (in CI a healed
+    peer stayed so for the last 50 steps of the run, its parameters 1e-4 to 4e-3 from everyone's). One
+    round at a lag of one can be the moment between two peers' steps, and downloading at each one cost
+    the 2-peer PPO test its learning; two rounds in a row cannot.
+    """
+
+    steps_behind: int = 0
+    """The most global steps this peer was behind the newest peer of a state round, since the optimizer
+    last downloaded the swarm's state for it."""
+    rounds_behind: int = 0
+    """State rounds in a row in which this peer was behind another (0 after a round where it was not)."""
+
+    def step(self, *args, **kwargs):
+        control = super().step(*args, **kwargs)
+        if isinstance(control, StepControl):  # a round in the background (wait=False, or scheduled)
+            control.add_done_callback(self._note_steps)
+        return control
+
+    def _note_steps(self, control: StepControl) -> None:
+        if control.cancelled() or control.exception() is not None:
+            return
+        gathered = group_of(control.result())
+        own = gathered.get(self.peer_id)
+        steps = [s for s in gathered.values() if isinstance(s, int)]
+        if isinstance(own, int) and steps:
+            lag = max(steps) - own
+            self.steps_behind = max(self.steps_behind, lag)
+            self.rounds_behind = self.rounds_behind + 1 if lag > 0 else 0
+
+    def out_of_step(self) -> bool:
+        """Whether the state rounds say this peer should take the swarm's state (then forgets them): it
+        was two or more steps behind in one, or behind in two in a row."""
+        if self.steps_behind > 1 or self.rounds_behind > 1:
+            self.steps_behind = self.rounds_behind = 0
+            return True
+        return False
+
+
+class _DownloadRecorder(DecentralizedAverager):
+    """Remembers what the last state download got (hivemind's optimizer does not say): whether it got
+    anything, the global step it is of and the donor that served it."""
+
+    last_download_ok = False
+    last_download_epoch: int | None = None
+    last_download_donor: str | None = None
+
+    def load_state_from_peers(self, *args, **kwargs):
+        loaded = super().load_state_from_peers(*args, **kwargs)
+        metadata = loaded[0] if loaded is not None and isinstance(loaded[0], dict) else {}
+        self.last_download_ok = loaded is not None
+        self.last_download_epoch = metadata.get("epoch")
+        self.last_download_donor = metadata.get("donor")
+        return loaded
+
+
+class _ObservedStateAverager(
+    TrainingStateAverager,
+    _StepsSeen,
+    _DownloadRecorder,
+    _ThrottledDeclaration,
+    LimitedDonor,
+    CheckedRounds,
+):
+    """MRO: TrainingStateAverager's ``super().load_state_from_peers`` lands in the recorder.
+
+    NOTE: state rounds are not keyed by global step, although a round of step 2 can meet one of step 3
+    on a loaded machine (docs/reliability.md): with the step in the group key, a peer cut off by a
+    partition found nobody, lost the DHT's routing to the others and trained alone for good in 2 of 4
+    runs of tests/test_faults.py."""
+
+    applied_epoch: int | None = None
+    """The global step whose optimizer update the parameters hold; None: as ``local_epoch`` says
+    (after a state download or a checkpoint, before this peer's next step)."""
+
+    def get_current_state(self):
+        # hivemind hands out the live offloaded tensors (.cpu() of a CPU tensor is itself), which are
+        # streamed to the newcomer later while the next optimizer step writes them: a restarted peer
+        # got 8 tensors of global step 12 and 12 of step 13. Copy them between optimizer steps.
+        # hivemind also counts local_epoch up *before* the step's update runs in its executor, so a
+        # download in between was labelled one step ahead of its parameters (a newcomer 3e-3 from
+        # the donors' checkpoint of the step it reported): label what the parameters hold.
+        with self.lock_optimizer:
+            metadata, tensors, infos = super().get_current_state()
+            if self.applied_epoch is not None:
+                metadata["epoch"] = self.applied_epoch
+            metadata["donor"] = str(self.peer_id)
+            return metadata, [t.clone() for t in tensors], infos
+
+    def step(self, *args, optimizer_step: bool = False, **kwargs):
+        # An optimizer step while the last step's state round still runs (hivemind waits for it only
+        # when this step starts a round of its own, not while the last one all-reduces) went wrong
+        # twice: the round had set the "optimizer step done" event on its way, so the step returned
+        # before its update was made (run-peer then checkpointed the parameters of the step before);
+        # and the round's average, taken before the update, was applied after it, undoing it on the
+        # peers whose round ended late. Finish and apply the round first, as if it had been quicker.
+        if optimizer_step and self.pending_updates:
+            super().step(wait_for_delayed_updates=True)
+        return super().step(*args, optimizer_step=optimizer_step, **kwargs)
+
+    def record_applied_epochs(self) -> None:
+        """Note the global step of every optimizer update, inside hivemind's optimizer lock."""
+        step = self.optimizer.step
+
+        def step_and_record(*args, **kwargs):
+            result = step(*args, **kwargs)
+            self.applied_epoch = self.local_epoch  # hivemind waits for this step before the next epoch
+            return result
+
+        self.optimizer.step = step_and_record
+
+    def load_state_from_peers(self, *args, **kwargs):
+        loaded = super().load_state_from_peers(*args, **kwargs)
+        self.share_loaded_statistics()
+        if self.last_download_ok:  # the parameters are the donor's, of the step its metadata says
+            self.applied_epoch = None
+        return loaded
+
+    def share_loaded_statistics(self) -> None:
+        """Put the optimizer's statistics back into the tensors the averaging rounds average, after the
+        optimizer loaded a state (a download, a checkpoint).
+
+        With the optimizer offloaded, hivemind averages the optimizer's own statistic tensors, in shared
+        memory, in the averager's process. ``torch.optim.Optimizer.load_state_dict`` puts *new* tensors
+        in their place, so from a peer's first download on (every peer but the first joins by one) its
+        state rounds averaged buffers its optimizer no longer used: the parameters were averaged, Adam's
+        moments never again. On the bed the NAT peer, after one gradient round it missed, stood 1e-4 to
+        4e-3 from the public peer for the 50 steps that followed, every state round succeeding."""
+        if not self.reuse_tensors:
+            return  # hivemind copies the statistics in and out of its own buffers at every round
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        with self.get_tensors() as averaged:
+            shared = iter(
+                averaged[len(parameters) : len(parameters) * (1 + len(self.opt_keys_for_averaging))]
+            )
+            for key in self.opt_keys_for_averaging:
+                for parameter in parameters:
+                    buffer, loaded = next(shared), self.optimizer.state[parameter][key]
+                    if loaded is not buffer:
+                        buffer.copy_(loaded)
+                        self.optimizer.state[parameter][key] = buffer
+
+
+class _CheckedGradientAverager(GradientAverager, _ThrottledDeclaration, CheckedRounds):
+    """hivemind's gradient averager whose rounds say how much of the average arrived."""
+
+
+class BoundedOptimizer(Optimizer):
+    """hivemind's Optimizer with the two things Potluck needs changed.
+
+    - ``load_state_from_peers`` gives up after ``load_state_attempts`` (hivemind retries forever, so a
+      swarm whose only donor died would hang a newcomer).
+    - every gradient-averaging round is reported to a listener, so its outcome reaches the metrics.
+    """
+
+    def __init__(
+        self,
+        *,
+        listener,
+        load_state_attempts: int,
+        wire_bytes: int,
+        deadlines,
+        request_timeout: float,
+        **kwargs,
+    ):
+        self._listener = listener
+        self._request_timeout = request_timeout
+        self._load_state_attempts = load_state_attempts
+        self._wire_bytes = wire_bytes
+        self._deadlines = deadlines
+        self.last_state_download_ok = False
+        self.last_state_download_epoch: int | None = None
+        self.last_state_download_donor: str | None = None
+        super().__init__(**kwargs)
+        self.state_averager.record_applied_epochs()
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        # Built as the subclass from the start, not swapped in afterwards: the averager's constructor hands
+        # a weak reference to *its* get_current_state to the thread that serves state downloads, so a
+        # class swapped in later never served a download (newcomers got hivemind's mislabelled state).
+        # The arguments are hivemind 1.1.12's Optimizer._make_state_averager's, which names its class.
+        return _ObservedStateAverager(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> SwarmAwareTracker:
+        # hivemind's tracker counts other peers' samples only as of its last DHT fetch, so fast peers
+        # each reach the target alone and global steps overshoot it (see hivemind_ext/tracker.py)
+        return SwarmAwareTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        # Alone, hivemind pre-schedules a matchmaking round every global step only to cancel it at the
+        # step (nobody to average with): 5-6 ms of round trips to the averager process per step in
+        # bench/overhead.py. When a peer appears, the step starts its round without pre-scheduling.
+        if self.tracker.global_progress.num_peers > 1:
+            super()._maybe_schedule_gradient_averaging()
+
+    def _should_load_state_from_peers(self) -> bool:
+        # a client-mode peer more than one step ahead of the public peers (it resumed from a checkpoint
+        # newer than theirs, or stepped on before the tracker held it back) takes their state: they
+        # define the swarm's step, and hivemind would never make either side catch up
+        if self.client_mode and self.tracker.steps_ahead_of_public_peers > 1:
+            return True
+        if self.state_averager.out_of_step():  # once per such round
+            return True
+        return super()._should_load_state_from_peers()
+
+    def _make_gradient_averager(self, factory, **kwargs):
+        # hivemind forwards averager_opts to the state averager only; the gradient averager needs the
+        # same request timeout (shorter than matchmaking, or matchmaking can deadlock)
+        # built as the subclass: its rounds run in the averager's own process, forked at construction
+        return super()._make_gradient_averager(
+            _CheckedGradientAverager, request_timeout=self._request_timeout, **kwargs
+        )
+
+    def load_state_from_peers(self, **kwargs):
+        if self.scheduled_grads is not None and not self.scheduled_grads.done():
+            self._tag_along_with_zero_weight(self.scheduled_grads)
+            self.scheduled_grads = None
+        self.state_averager.step(wait_for_delayed_updates=True)
+        started = time.perf_counter()
+        self.state_averager.last_download_ok = False
+        with self.tracker.pause_updates():
+            # NOTE: hivemind's optimizer downloads the gradient averager's state too, and discards it
+            # (its last averaged gradients, overwritten before every round): a second copy of the model
+            # for nothing, so it is not downloaded here.
+            for attempt in range(1, self._load_state_attempts + 1):
+                try:
+                    self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+                except Exception as e:  # a donor that died or timed out: try again, a bounded number of times
+                    logger.warning(
+                        f"state download attempt {attempt}/{self._load_state_attempts} failed: {e!r}"
+                    )
+                    continue
+                if self.state_averager.last_download_ok or not other_donors(self.dht, self.state_averager):
+                    break
+                if attempt < self._load_state_attempts:
+                    logger.info(f"every donor was busy or failed (attempt {attempt}); trying again")
+                    wait_before_retrying()
+            if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
+                self.state_averager.local_epoch = self.tracker.global_epoch
+            self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+            self.tracker.follow_public_peers()
+            if not self.client_mode:
+                self.state_averager.state_sharing_priority = self.local_epoch
+            if self.use_gradient_averaging:
+                self.grad_averager.reset_accumulated_grads_()
+                if not self.client_mode:
+                    self.grad_averager.state_sharing_priority = self.local_epoch
+        self.last_state_download_ok = self.state_averager.last_download_ok
+        self.last_state_download_epoch = self.state_averager.last_download_epoch
+        self.last_state_download_donor = self.state_averager.last_download_donor
+        self._listener.state_download(self.last_state_download_ok, time.perf_counter() - started)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        averaged = loaded = False
+        group_size = 1
+        started = time.perf_counter()
+        try:
+            if maybe_step_control is not None:
+                gathered = maybe_step_control.result(self.averaging_timeout)
+                group_size = len(group_of(gathered))
+                self._load_averaged_gradients_into_optimizer_()
+                loaded = True
+                # the parts that did not arrive hold this peer's own gradients: its step differs from
+                # the others' there (the next state round evens it out); the round counts as failed
+                averaged = (arrived := received_fraction(gathered)) == 1.0
+                if not averaged:
+                    logger.info(f"gradient averaging: only {arrived:.1%} of the average arrived")
+        except BaseException as e:
+            logger.info(f"gradient averaging failed, stepping with local gradients: {e!r}")
+        if not loaded:
+            self._load_local_gradients_into_optimizer()
+        if maybe_step_control is None:  # hivemind knew of no other peer: a step on local gradients
+            self._listener.averaging_round(True, 1, 0, 0)
+        else:
+            # Butterfly all-reduce: each peer sends (g-1)/g of its tensors to reduce and as much back.
+            share = 2 * self._wire_bytes * (group_size - 1) // max(group_size, 1) if averaged else 0
+            seconds = time.perf_counter() - started  # matchmaking was scheduled ahead: mostly the all-reduce
+            self._listener.averaging_round(averaged, group_size, share, share, seconds)
+            if averaged and group_size > 1:
+                self._deadlines.observe(seconds)
+                # a group always holds a public peer (clients host no part), which takes this step too
+                self.tracker.stepping_with_public_peers()
+
+
+def restore_learning_rate(optimizer: BoundedOptimizer) -> None:
+    """Set the scheduler's learning rate to the optimizer's global step (after a checkpoint load):
+    hivemind updates it only at its next step."""
+    optimizer.state_averager._update_scheduler()

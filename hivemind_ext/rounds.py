@@ -1,0 +1,51 @@
+"""Averaging rounds that say what they really did.
+
+hivemind 1.1.12 counts a round as done although part of the average never arrived: when the peer that
+reduces a part times out, the others keep their *own* values in that part, and only hivemind's log says
+so ("Averaging: received 89.1% results"; with a reducer that died, 0.0 %). A DiLoCo joiner then applied
+an outer step 0.074 away from the others' (tests/test_diloco.py). :class:`CheckedRounds` adds the share
+that arrived to the round's result (:func:`received_fraction`), so callers can count such a round as
+failed. Matchmaking does not look at the step a round is for either: a group key that carries the step
+(:func:`round_bits`, DiLoCo's outer rounds) keeps rounds of different steps apart.
+"""
+
+from __future__ import annotations
+
+from hivemind.averaging import DecentralizedAverager
+
+UPSTREAM = {
+    "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group": "c297d8a435ce2b1c",  # overridden; keeps its runner in _running_groups
+}
+"""The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
+
+ROUND_BITS = 16
+"""Bits of the step in an averager's group key: rounds 2**16 steps apart could meet."""
+PARTIAL = "potluck:received_fraction"
+"""Key added to a round's gathered data when only this fraction of the average arrived."""
+
+
+def round_bits(step: int) -> str:
+    return format(step % 2**ROUND_BITS, f"0{ROUND_BITS}b")
+
+
+def received_fraction(gathered) -> float:
+    """The share of the average that arrived in a round (1.0: all of it)."""
+    return float(gathered.get(PARTIAL, 1.0)) if isinstance(gathered, dict) else 1.0
+
+
+def group_of(gathered) -> dict:
+    """The round's peers and what each gathered (without :data:`PARTIAL`)."""
+    return {peer: data for peer, data in gathered.items() if peer != PARTIAL}
+
+
+class CheckedRounds(DecentralizedAverager):
+    """Adds :data:`PARTIAL` to a round's result when some of the average never arrived."""
+
+    async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
+        running = self._running_groups.get(group_info.group_id)  # hivemind keeps the round's runner here
+        runner = running.result() if running is not None and running.done() else None
+        container = getattr(runner, "tensor_part_container", None)
+        if container is not None and container.failed_size:
+            gathered = {**gathered, PARTIAL: 1.0 - container.failed_size / container.total_size}
+        return gathered

@@ -1,0 +1,283 @@
+"""When the swarm has its target batch: hivemind's progress tracker, counting the other peers' samples
+between DHT fetches.
+
+hivemind's ``ProgressTracker`` decides that a global step is due when the samples it knows of reach
+``target_batch_size``. It learns of other peers' samples only when it fetches their progress records
+from the DHT (at most every ``min_refresh_period``, 0.5 s), and right after a global step it forgets
+them (its estimate of the next step is "never" until the next fetch). With local steps shorter than
+the refresh period each peer therefore reaches the target on its own samples alone, and a swarm of N
+equal peers takes global steps of about N x ``target_batch_size`` samples: fewer optimizer updates for
+the same work than the run asked for (``bench/convergence.py`` measured 251 instead of 128 with 2 peers).
+
+:class:`SwarmAwareTracker` keeps the last fetched record of every other peer and extrapolates its
+samples with the rate that peer published: from its record if the record is already of the current
+global step, else (a record fetched during an earlier step, of a peer still reporting) from the moment
+this peer started the step, since peers leave an all-reduce round together. A global step is due
+when this peer's own samples plus those estimates reach the target (or a peer has begun the next one).
+Peers that have not reported for ``active_within`` seconds are left out, so a peer that died does not
+make the others step early; an estimate that is too low only brings back hivemind's own overshoot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.utils.logging import get_logger
+from hivemind.utils.timed_storage import get_dht_time
+
+UPSTREAM = {
+    "hivemind.optim.progress_tracker.ProgressTracker": "49cf21042bec7978",  # subclassed: _parse_swarm_progress_data, report_local_progress, update_epoch, _progress_reporter
+}
+"""The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
+
+logger = get_logger(__name__)
+
+
+class SwarmAwareTracker(ProgressTracker):
+    active_within: float = 10.0
+    """Seconds since a peer's last progress report after which it no longer counts as training now.
+    Records are fetched every 0.5-10 s and a peer reports after every local step, so a live peer's
+    record is seldom older than that; raise it if averaging rounds routinely take longer."""
+
+    min_report_interval: float = 0.2
+    """Least seconds between two publications of this peer's progress (the latest state is published)."""
+
+    # class-level defaults: ProgressTracker.__init__ parses the swarm once before ours could set them
+    _others: tuple[LocalTrainingProgress, ...] = ()
+    _step_started_at: float = 0.0
+    _local_batch: int = 1
+    _samples_epoch: float = -float("inf")
+    """The last local epoch in which this peer reported samples (the publisher's test of activity)."""
+    public_epoch: int | None = None
+    """The newest global step of the peers that accept connections (None: none has a record), as of
+    the last fetch. hivemind takes the swarm's global step from these peers only."""
+    client_epochs: frozenset[int] = frozenset()
+    """The global steps of the other peers in client mode."""
+    _stepped_with_public_peers_to: int = -1
+    """The global step this peer last reached through a gradient round with public peers."""
+
+    def _parse_swarm_progress_data(self, metadata):
+        progress = super()._parse_swarm_progress_data(metadata)
+        own_id = self.dht.peer_id.to_bytes()
+        others = []
+        if isinstance(metadata, dict):
+            for entry in metadata.values():
+                if entry.value is None:
+                    continue
+                record = LocalTrainingProgress.parse_obj(entry.value)
+                if record.peer_id != own_id:
+                    others.append(record)
+        self._others = tuple(others)
+        public = [record.epoch for record in others if not record.client_mode]
+        if not self.client_mode:
+            public.append(self.local_progress.epoch)
+        self.public_epoch = max(public, default=None)
+        self.client_epochs = frozenset(record.epoch for record in others if record.client_mode)
+        if any(record.samples_per_second <= self.performance_ema.eps for record in others):
+            # a peer that has not finished a batch yet (its rate is unknown): hivemind would wait up to
+            # max_refresh_period before looking again, and overshoot the target until then
+            progress.next_fetch_time = min(progress.next_fetch_time, get_dht_time() + self.min_refresh_period)
+        return progress
+
+    def update_epoch(self, new_epoch: int | None = None) -> int:
+        epoch = super().update_epoch(new_epoch)
+        self._step_started_at = get_dht_time()
+        return epoch
+
+    def report_local_progress(
+        self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True
+    ) -> None:
+        # NOTE: hivemind's own method, except for the activity record used by the publisher below, which
+        # also decides how often records are stored.
+        added = samples_accumulated - self.local_progress.samples_accumulated
+        if update_global_samples and local_epoch == self.local_progress.epoch == self.global_progress.epoch:
+            self.global_progress.samples_accumulated += added
+        if added > 0:
+            self.performance_ema.update(task_size=added)
+            self._local_batch = added
+            self._samples_epoch = local_epoch
+        else:
+            self.performance_ema.reset_timer()
+        self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
+        self.should_report_progress.set()
+
+    async def _progress_reporter(self):
+        # NOTE: hivemind's own loop, except for its test of whether this peer is still training. hivemind
+        # looks at the samples accumulated at the moment the loop wakes, and stops publishing once it has
+        # seen none for two global steps, which is every time when steps are shorter than
+        # min_report_interval (each wake-up then follows a reset). The peer then vanishes from the
+        # others' view of the swarm. Here the test is the epoch of the last batch reported, whenever.
+        # And it stores at most one record per min_report_interval, the latest state when it does:
+        # hivemind stores one per report (every local batch and every global step; 2-3 ms of the DHT
+        # process's CPU per step in bench/overhead.py), while others fetch records at most every
+        # min_refresh_period and extrapolate in between, so most were never read.
+        store_task = None
+        last_report_time = -float("inf")
+        try:
+            while not self.shutdown_triggered.is_set():
+                wait_timeout = max(0.0, last_report_time - get_dht_time() + self.metadata_expiration / 2)
+                await asyncio.get_event_loop().run_in_executor(
+                    None, self.should_report_progress.wait, wait_timeout
+                )
+                self.should_report_progress.clear()
+                await asyncio.sleep(max(0.0, last_report_time + self.min_report_interval - get_dht_time()))
+                local_progress = self.local_progress
+                last_report_time = get_dht_time()
+                if self._samples_epoch >= self.global_epoch - 1:
+                    store_task = asyncio.create_task(
+                        asyncio.wait_for(
+                            self.dht.store(
+                                key=self.training_progress_key,
+                                subkey=self._local_public_key,
+                                value=local_progress.dict(),
+                                expiration_time=last_report_time + self.metadata_expiration,
+                                return_future=True,
+                            ),
+                            timeout=self.metadata_expiration,
+                        )
+                    )
+        finally:
+            logger.log(self.status_loglevel, f"No longer reporting progress for {self.prefix}")
+            if store_task is not None:
+                store_task.cancel()
+
+    def others_samples_estimate(self, now: float | None = None) -> tuple[float, float]:
+        """(samples the other peers have accumulated toward this global step, their samples/s), estimated."""
+        now = get_dht_time() if now is None else now
+        epoch = self.local_progress.epoch
+        samples = rate = 0.0
+        for record in self._others:
+            if now - record.time > self.active_within:
+                continue
+            if record.epoch == epoch:
+                known, since = record.samples_accumulated, record.time
+            elif (
+                record.epoch < epoch
+            ):  # fetched during an earlier step, still reporting: began this one with us
+                known, since = 0, max(self._step_started_at, record.time)
+            else:  # ahead of us: hivemind makes this peer catch up at once
+                continue
+            # Samples arrive a local batch at a time (peers share the spec's per-peer batch size), and
+            # peers that left an all-reduce together reach their batch ends together: count a batch
+            # that is more than half done. Counting only the finished part made both of two equal
+            # peers take a second batch (1.6x the target); counting every started batch would make
+            # fast peers wait in the all-reduce for a straggler's batch.
+            in_flight = max(0.0, now - since) * record.samples_per_second
+            samples += known + round(in_flight / self._local_batch) * self._local_batch
+            rate += record.samples_per_second
+        return samples, rate
+
+    def stepping_with_public_peers(self) -> None:
+        """This peer's gradient round for the step it is taking succeeded with others, a public peer
+        among them: they take the step too. Until the next fetch says so, a client would otherwise
+        hold back as if it had stepped alone, and miss their next round."""
+        self._stepped_with_public_peers_to = self.local_progress.epoch + 1
+
+    def follow_public_peers(self) -> None:
+        """After a client-mode peer took the public peers' state: the swarm's global step is theirs
+        again, as the next fetch will say (until then hivemind would still see this peer's own lead)."""
+        if self.client_mode and self.public_epoch is not None:
+            self.global_progress.epoch = max(self.local_progress.epoch, self.public_epoch)
+
+    @property
+    def steps_ahead_of_public_peers(self) -> int:
+        """How many global steps this peer is ahead of the newest peer that accepts connections."""
+        if self.public_epoch is None:
+            return 0
+        newest = max(self.public_epoch, self._stepped_with_public_peers_to)
+        return max(0, self.local_progress.epoch - newest)
+
+    @property
+    def held_back(self) -> bool:
+        """Whether this client-mode peer waits for the public peers to reach its step.
+
+        hivemind leaves client-mode peers out of the swarm's global step (they cannot serve their
+        state), so a client that stepped past the public peers was never caught up with: on the
+        home-like bed, while the public peers waited for a state round, the NAT peer went on stepping
+        with the others' samples and stayed 3-4 global steps ahead for good, every round mixing steps
+        (peers 1e-2 apart). So a client never leads by more than the step it has just taken, and a
+        public peer catches up with that step as hivemind has it catch up with a public peer's."""
+        return self.client_mode and self.steps_ahead_of_public_peers > 0
+
+    @property
+    def ready_to_update_epoch(self) -> bool:
+        if self.held_back:
+            return False
+        # hivemind's own rule also steps once the ETA it computed at the last fetch has passed; that
+        # ETA extrapolates every peer with a record, including peers that died up to a minute ago
+        if self.global_epoch > self.local_progress.epoch:
+            return True
+        if not self.client_mode and self.local_progress.epoch + 1 in self.client_epochs:
+            # (only one step: a live client is never further ahead, a record left by one that died at
+            # a later step, before a whole swarm restarted from older checkpoints, must not count)
+            return True
+        if self.global_progress.samples_accumulated >= self.target_batch_size:
+            return True
+        others, _ = self.others_samples_estimate()
+        return self.local_progress.samples_accumulated + others >= self.target_batch_size
+
+    @property
+    def estimated_next_update_time(self) -> float:
+        now = get_dht_time()
+        if self.held_back:
+            # not before the public peers catch up: a round pre-scheduled now would join theirs for the
+            # step this peer has already taken, and hold it until it timed out
+            return float("inf")
+        if self.ready_to_update_epoch:
+            return now
+        others, others_rate = self.others_samples_estimate(now)
+        remaining = self.target_batch_size - self.local_progress.samples_accumulated - others
+        rate = self.performance_ema.samples_per_second + others_rate
+        return now + remaining / max(rate, self.performance_ema.eps)
+
+
+class RoundTracker(ProgressTracker):
+    """hivemind's tracker that also counts the peers in the current round (``peers_in_round``): those at
+    the newest outer step and those one step behind, who are finishing the previous round or catching up
+    by download (a DiLoCo joiner would otherwise chase a swarm that never waits for it); peers further
+    behind are not waited for. Upstream lacks any count of peers per step."""
+
+    peers_in_round = 0
+
+    def _parse_swarm_progress_data(self, metadata):
+        progress = super()._parse_swarm_progress_data(metadata)
+        records = metadata.values() if isinstance(metadata, dict) else ()
+        epochs = [entry.value.get("epoch") for entry in records if isinstance(entry.value, dict)]
+        self.peers_in_round = sum(isinstance(e, int) and e >= progress.epoch - 1 for e in epochs)
+        return progress
+
+
+def own_subkey(tracker: ProgressTracker) -> bytes:
+    """The DHT subkey of this peer's progress record (its signing public key)."""
+    return tracker._local_public_key
+
+
+def published_records(tracker: ProgressTracker, dht) -> dict:
+    """The run's progress records in the DHT now (subkey: a peer's public key), this peer's included."""
+    found = dht.get(tracker.training_progress_key, latest=True)
+    return found.value if found is not None and isinstance(found.value, dict) else {}
+
+
+def fetch_soon(tracker: ProgressTracker) -> None:
+    """Make the tracker fetch the swarm's progress now rather than after its refresh period (up to 10 s)."""
+    tracker.global_progress.next_fetch_time = 0.0
+    tracker.global_state_updated.set()
+
+
+def announce_and_count(tracker: ProgressTracker, dht, fetch=fetch_soon) -> int:
+    """Publish this peer's progress record now and return how many peers of the run have one (this one
+    included); ``fetch(tracker)`` runs when that is more than the tracker knows of.
+
+    hivemind's tracker publishes a peer's record only after its first local batch: too late for peers
+    that wait for each other before their first step. This publishes the same signed record."""
+    dht.store(
+        tracker.training_progress_key,
+        subkey=own_subkey(tracker),
+        value=tracker.local_progress.dict(),
+        expiration_time=get_dht_time() + tracker.metadata_expiration,
+    )
+    count = len(published_records(tracker, dht))
+    if count > tracker.global_progress.num_peers:
+        fetch(tracker)
+    return max(count, 1)

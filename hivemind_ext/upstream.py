@@ -1,0 +1,73 @@
+"""What this folder copies, subclasses or patches of hivemind, pinned by the digest of its source.
+
+Every module of ``hivemind_ext`` lists the upstream pieces it depends on in a module-level ``UPSTREAM``
+mapping (dotted name → the first 16 hex digits of the SHA-256 of ``inspect.getsource`` of it, as of
+the supported hivemind version). ``tests/test_hivemind_drift.py`` recomputes every digest: when an
+upgrade changes one of those pieces, the test names it, and whoever upgrades reads that upstream change
+against our copy or patch before updating the digest (``python -m potluck.hivemind_ext.upstream``
+prints the current ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import pkgutil
+
+
+def resolve(dotted: str):
+    """The object a dotted name refers to: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = inspect.getattr_static(obj, name)
+        return obj
+    raise ImportError(f"cannot import any prefix of {dotted!r}")
+
+
+def source_of(obj) -> str:
+    if isinstance(obj, property):
+        return "".join(inspect.getsource(f) for f in (obj.fget, obj.fset) if f is not None)
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    return inspect.getsource(obj)
+
+
+def digest(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def pinned_pieces() -> dict[str, tuple[str, str]]:
+    """Every pinned upstream piece: dotted name → (pinned digest, the hivemind_ext module pinning it)."""
+    import potluck.hivemind_ext as package
+
+    pieces = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, pinned in getattr(module, "UPSTREAM", {}).items():
+            pieces[name] = (pinned, module.__name__)
+    return pieces
+
+
+def drifted(pieces: dict[str, tuple[str, str]], read=lambda name: source_of(resolve(name))) -> list[str]:
+    """One line per piece whose source no longer has its pinned digest (``read`` gives a piece's source)."""
+    lines = []
+    for name, (pinned, module) in sorted(pieces.items()):
+        try:
+            now = digest(read(name))
+        except (ImportError, AttributeError, OSError, TypeError) as e:
+            lines.append(f"{name} (pinned by {module}): gone from the installed hivemind ({e})")
+            continue
+        if now != pinned:
+            lines.append(f"{name} (pinned by {module}): source changed, digest {now} != pinned {pinned}")
+    return lines
+
+
+if __name__ == "__main__":
+    for name, (pinned, module) in sorted(pinned_pieces().items()):
+        print(f"{digest(source_of(resolve(name)))}  {name}  ({module}; pinned {pinned})")

@@ -1,0 +1,84 @@
+"""How a peer combines its work with the swarm's: the interface every averaging strategy implements.
+
+The trainer only calls :class:`AveragingStrategy`: ``step`` after each local backward,
+``load_state_from_peers`` before training. Stages never see it, so another strategy (DiLoCo-style
+local steps, ``diloco.py``) can replace per-step gradient averaging (``gradient.py``) without touching them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class AveragingListener(Protocol):
+    """Receives what the strategy observes; the metrics module implements it."""
+
+    def averaging_round(
+        self,
+        succeeded: bool,
+        group_size: int,
+        bytes_sent: int,
+        bytes_received: int,
+        seconds: float | None = None,
+    ) -> None:
+        """One round ended; ``seconds``: how long it took, for rounds that formed a group."""
+
+    def state_download(self, succeeded: bool, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class SwarmProgress:
+    global_step: int
+    peers: int
+    """Peers that reported progress for this run recently (including this one)."""
+    samples_accumulated: int
+    """Samples the swarm has accumulated toward the next global step."""
+    target_batch_size: int
+    eta_next_step: float
+    """Estimated seconds until the next global step."""
+
+
+class AveragingStrategy(ABC):
+    last_state_donor: str | None = None
+    """The peer id of the donor that served the last state download (when it said)."""
+
+    @property
+    @abstractmethod
+    def global_step(self) -> int: ...
+
+    @abstractmethod
+    def load_state_from_peers(self) -> int | None:
+        """Download the swarm's current state if anybody has it.
+
+        Returns the global step of the downloaded state (the strategy may then count itself one step
+        further, if the swarm moved on during the download), or None if nobody answered in time."""
+
+    @abstractmethod
+    def peers_in_run(self) -> int:
+        """Announce this peer in the run and return how many peers (this one included) are announced."""
+
+    @abstractmethod
+    def step(self, batch_size: int) -> bool:
+        """Account for a local batch whose gradients are in ``.grad``; True if a global step was taken."""
+
+    @abstractmethod
+    def zero_grad(self) -> None: ...
+
+    @abstractmethod
+    def progress(self) -> SwarmProgress: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @abstractmethod
+    def settle(self) -> None:
+        """Finish averaging that still runs in the background and bring its result into the model
+        (before the last checkpoint: there is no next step that would)."""
+
+    @abstractmethod
+    def shutdown(self) -> None: ...

@@ -1,0 +1,222 @@
+"""Build a peer from a run spec and options, train, and shut everything down cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hivemind.dht import DHT
+from hivemind.utils.crypto import RSAPrivateKey
+
+from potluck.hivemind_ext.dht import JOIN_TIMEOUT, RouteKeeper, start_dht, visible_addresses
+from potluck.peer.averaging.choose import make_strategy
+from potluck.peer.averaging.strategy import AveragingStrategy
+from potluck.peer.net.reporter import ReportPublisher
+from potluck.peer.training.checkpoint import latest_checkpoint, save_checkpoint
+from potluck.peer.training.data import PeerDataStream, peer_seed
+from potluck.peer.training.loop import Trainer, TrainResult
+from potluck.peer.training.metrics import PeerMetrics
+from potluck.peer.training.model import trainable_parameters
+from potluck.peer.training.progress import ProgressDisplay
+from potluck.peer.training.stages import make_stage, stage_context
+from potluck.peer.training.stages.data import check_stage_data, stage_data
+from potluck.protocols.records import public_key_tag, record_validators, run_schema_validator
+from potluck.protocols.runspec import RunSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerOptions:
+    """What ``run-peer`` takes besides the run spec: where and how this peer joins and reports."""
+
+    initial_peers: list[str] = field(default_factory=list)
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] = field(default_factory=list)
+    identity_path: Path | None = None
+    client_mode: bool = False
+    join_timeout: float = JOIN_TIMEOUT
+    """Seconds to keep trying to reach ``initial_peers`` before giving up (see ``swarm.start_dht``)."""
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    save_dir: Path | None = None
+    max_steps: int | None = None
+    min_peers: int = 1
+    """Wait until this many peers (this one included) are in the run before the first step."""
+    min_peers_timeout: float = 120.0
+    progress_interval: float = 5.0
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGINT/SIGTERM ask the loop to finish its step and leave; a second signal exits at once.
+
+    Must run after the averagers are created: creating one leaves SIGINT ignored in this process.
+    """
+
+    def handle(signum, frame):
+        if stop.is_set():
+            raise SystemExit(128 + signum)
+        print(
+            f"\nrun-peer: {signal.Signals(signum).name} received, leaving the swarm (again to force)",
+            file=sys.stderr,
+        )
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def wait_for_peers(strategy: AveragingStrategy, count: int, timeout: float, stop: threading.Event) -> None:
+    """Hold the first step until ``count`` peers are online, so a small swarm starts together
+    instead of the first peer racing ahead alone (then the others only download its state)."""
+    if count <= 1:
+        return
+    deadline = time.monotonic() + timeout
+    # wait until the peers are announced *and* hivemind's tracker, which decides global steps, sees them
+    while (online := strategy.peers_in_run()) < count or strategy.progress().peers < count:
+        if stop.is_set():
+            return
+        if time.monotonic() > deadline:
+            print(
+                f"run-peer: only {online}/{count} peers after {timeout:.0f}s; starting anyway",
+                file=sys.stderr,
+            )
+            return
+        stop.wait(0.3)
+    print(f"run-peer: {online} peer(s) online", file=sys.stderr)
+
+
+SLOWDOWN_ENV = "POTLUCK_BENCH_SLOWDOWN"
+"""Bench/test only (bench/straggler.py): a factor > 1 makes this peer a straggler, as if its machine
+were that many times slower. Not a user option: it is not in the CLI and not in the run spec."""
+
+
+def slowed_down(batches, factor: float):
+    """Yield ``batches``, idling (factor - 1) x a local step's compute time before each: the shortest of
+    the last 10 steps, so the time of an all-reduce or of a state download is not multiplied too."""
+    recent: list[float] = []
+    last = None
+    for batch in batches:
+        now = time.perf_counter()
+        if last is not None:
+            recent = [*recent[-9:], now - last]
+            time.sleep((factor - 1) * min(recent))  # the emulated slow machine's extra time
+        last = time.perf_counter()
+        yield batch
+
+
+def start_peer_dht(options: PeerOptions, run_ids: tuple[str, ...] = ()) -> DHT:
+    """This peer's DHT node, with Potluck's record validators (signatures, schemas, sizes) first."""
+    return start_dht(
+        options.initial_peers,
+        options.host_maddrs,
+        options.announce_maddrs,
+        options.identity_path,
+        options.client_mode,
+        # None: sign with the process-wide key, the one hivemind's progress tracker uses too
+        record_validators=record_validators(None, run_ids),
+        join_timeout=options.join_timeout,
+    )
+
+
+def run_peer(
+    spec: RunSpec, options: PeerOptions, device: torch.device, stop: threading.Event, dht: DHT | None = None
+) -> TrainResult:
+    """Train with the swarm until the last global step or ``stop``. ``dht``: an already started node
+    (the peer found the run spec through it); it is shut down here either way."""
+    max_steps = options.max_steps if options.max_steps is not None else spec.max_global_steps
+    check_stage_data(spec)  # fails fast on data without the stage's columns, before loading any model
+    context = stage_context(spec, device, options.save_dir)  # resolves init_from
+    tokenizer = context.tokenizer
+    data = PeerDataStream(spec.data, tokenizer, spec.batch.per_peer_batch_size, stage_data(spec, tokenizer))
+    resume = latest_checkpoint(options.save_dir, spec.run_id) if options.save_dir else None
+    stage = make_stage(spec.stage, context)  # loads the stage's frozen models (reference, teacher, reward)
+    model = stage.build_model(weights_from=str(resume.path) if resume else None)
+    if resume:
+        print(f"run-peer: resuming from {resume.path} (global step {resume.global_step})", file=sys.stderr)
+
+    metrics = PeerMetrics(spec.run_id)
+    if options.metrics_port is not None:
+        metrics.serve(options.metrics_port, options.metrics_host)
+
+    if dht is None:
+        dht = start_peer_dht(options, (spec.run_id,))
+    else:
+        dht.add_validators([run_schema_validator(spec.run_id)])
+    routes = RouteKeeper(dht, [str(a) for a in dht.initial_peers or ()]).start()
+    try:
+        peer_id = str(dht.peer_id)
+        addresses = visible_addresses(dht)
+        print(f"run-peer: peer {peer_id} in run {spec.run_id!r}", file=sys.stderr)
+        if addresses:
+            print(
+                f"run-peer: others can join with --initial-peers {addresses[0]}", file=sys.stderr, flush=True
+            )
+        strategy = make_strategy(spec, dht, trainable_parameters(model), listener=metrics)
+        reporter = ReportPublisher(dht, public_key_tag(RSAPrivateKey.process_wide()), spec.run_id, metrics)
+        try:
+            install_stop_handlers(stop)
+            if resume:
+                strategy.load_state_dict(torch.load(resume.strategy_state_path, weights_only=False))
+            wait_for_peers(strategy, options.min_peers, options.min_peers_timeout, stop)
+            downloaded = strategy.load_state_from_peers()
+            if downloaded is not None:
+                print(
+                    f"run-peer: loaded the swarm's state of global step {downloaded} "
+                    f"from peer {strategy.last_state_donor or '?'} "
+                    f"(continuing at global step {strategy.global_step})",
+                    file=sys.stderr,
+                )
+            reporter.start()
+
+            def save(step: int) -> None:
+                if options.save_dir is not None:
+                    save_checkpoint(
+                        options.save_dir,
+                        spec.run_id,
+                        step,
+                        model,
+                        tokenizer,
+                        strategy.state_dict(),
+                        spec.checkpoint.keep,
+                    )
+
+            def on_global_step(step: int) -> None:
+                if step % spec.checkpoint.save_every == 0:
+                    save(step)
+
+            batches = data.batches(peer_seed(spec.seed, peer_id))
+            slowdown = float(os.environ.get(SLOWDOWN_ENV, "1"))
+            trainer = Trainer(
+                model=model,
+                stage=stage,
+                strategy=strategy,
+                batches=slowed_down(batches, slowdown) if slowdown > 1 else batches,
+                device=device,
+                max_global_steps=max_steps,
+                metrics=metrics,
+                progress=ProgressDisplay(max_steps, interval=options.progress_interval),
+                stop=stop,
+                max_grad_norm=spec.optimizer.max_grad_norm,
+                on_global_step=on_global_step,
+            )
+            result = trainer.run()
+            strategy.settle()
+            save(result.global_step)
+            if metrics.latest_stage:
+                figures = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.latest_stage.items()))
+                print(f"run-peer: {spec.stage} metrics of the last batch: {figures}", file=sys.stderr)
+            return result
+        finally:
+            reporter.stop()
+            strategy.shutdown()
+    finally:
+        routes.stop()
+        dht.shutdown()

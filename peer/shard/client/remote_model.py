@@ -1,0 +1,131 @@
+"""A causal LM whose blocks live on shard servers: embeddings, final norm, head and the trainable
+prompt stay on the client; the blocks are :meth:`ShardClient.blocks` (training) or an inference
+session (generation).
+
+It returns ``.loss``/``.logits`` like a transformers model, so the trainer's stages
+(``stages/sft.py``) compute its loss unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from hivemind.dht import DHT
+from torch import nn
+from torch.nn import functional as F
+
+from potluck.hivemind_ext.dht import start_dht
+from potluck.peer.shard.blocks import ClientParts, load_client_parts, load_config, resolve_model_dir
+from potluck.peer.shard.client.spans import ShardClient
+from potluck.protocols.runspec import RunSpec
+from potluck.protocols.shards import shard_record_validators
+
+
+@dataclass
+class RemoteOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class RemoteCausalLM(nn.Module):
+    """``prompt_tokens`` > 0 adds prompt tuning: that many trainable input embeddings before every
+    sequence (initialised from the embeddings of random vocabulary tokens under ``seed``), the only
+    trainable tensors on the client; the remote blocks stay frozen."""
+
+    def __init__(self, parts: ClientParts, client: ShardClient, prompt_tokens: int = 0, seed: int = 0):
+        super().__init__()
+        self.parts, self.client = parts, client
+        self.prompt: nn.Parameter | None = None
+        if prompt_tokens:
+            generator = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, parts.config.vocab_size, (prompt_tokens,), generator=generator)
+            self.prompt = nn.Parameter(parts.embed_tokens.weight[ids].detach().clone())
+
+    def embed(self, input_ids: torch.Tensor, with_prompt: bool = True) -> torch.Tensor:
+        embeds = self.parts.embed_tokens(input_ids)
+        if with_prompt and self.prompt is not None:
+            embeds = torch.cat([self.prompt.expand(input_ids.shape[0], -1, -1), embeds], dim=1)
+        return embeds
+
+    @property
+    def prompt_length(self) -> int:
+        return 0 if self.prompt is None else self.prompt.shape[0]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.parts.lm_head(self.parts.norm(hidden))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> RemoteOutput:
+        """``attention_mask`` is accepted for the stages' sake and ignored: the blocks apply a causal
+        mask only, which is exact for right padding (real tokens never see the pads after them).
+        TODO: left padding needs the padding mask sent to the servers."""
+        embeds = self.embed(input_ids)
+        if torch.is_grad_enabled() and not embeds.requires_grad:
+            # nothing trainable on the client (a server-side adapter): backward must still reach the servers
+            embeds = embeds.detach().requires_grad_(True)
+        hidden = self.client.blocks(embeds)
+        logits = self.head(hidden)[:, self.prompt_length :]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return RemoteOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Greedy decoding with attention caches on the servers; returns prompt + new tokens.
+        ``on_token`` gets each new token column as it is produced (for streaming output)."""
+        tokens = input_ids
+        with self.client.inference_session(rows=input_ids.shape[0]) as session:
+            hidden = session.step(self.embed(input_ids))
+            for produced in range(1, max_new_tokens + 1):
+                next_token = self.head(hidden[:, -1]).argmax(dim=-1, keepdim=True)
+                tokens = torch.cat([tokens, next_token], dim=1)
+                if on_token is not None:
+                    on_token(next_token)
+                finished = eos_token_id is not None and bool((next_token == eos_token_id).all())
+                full = tokens.shape[1] + self.prompt_length >= self.parts.config.max_position_embeddings
+                if produced == max_new_tokens or finished or full:
+                    break
+                hidden = session.step(self.embed(next_token, with_prompt=False))
+        return tokens
+
+
+def open_remote_model(
+    spec: RunSpec,
+    initial_peers: list[str],
+    prompt_tokens: int = 0,
+    host_maddrs: list[str] | None = None,
+    client_mode: bool = True,
+    **client_options,
+) -> tuple[DHT, RemoteCausalLM]:
+    """Join the swarm (by default as a DHT client: no incoming connections) and build the run's model
+    over its shard servers. Shut the client and the returned DHT down when done. A client that also
+    averages with other clients (``run-peer --role client``) needs ``client_mode=False``: hivemind's
+    state averager cannot share state from a DHT client."""
+    model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
+    config, _ = load_config(model_dir)
+    parts = load_client_parts(model_dir, dtype=getattr(torch, spec.model.dtype))
+    dht = start_dht(
+        initial_peers,
+        host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
+        [],
+        None,
+        client_mode=client_mode,
+        record_validators=shard_record_validators(None, spec.run_id),
+    )
+    client = ShardClient(dht, spec.run_id, config.num_hidden_layers, **client_options)
+    return dht, RemoteCausalLM(parts, client, prompt_tokens=prompt_tokens, seed=spec.seed)

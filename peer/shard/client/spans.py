@@ -1,0 +1,289 @@
+"""Forward, backward and cached inference through remote block spans, with failover.
+
+The client keeps the input it sent to every hop of a route. When a server fails or times out, it is
+banned for a while, the affected span is re-routed (possibly over several replicas) and the kept
+input is replayed there: mid-forward the pass continues from the failed span; mid-backward the
+span's inputs are recomputed on the replicas and its gradient is taken there; mid-generation the
+replica's attention cache is rebuilt from all the inputs that span received so far. Requests the
+server refuses as malformed (``bad_request``) are the caller's bug: they are raised, not retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.dht import DHT
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.serializer import MSGPackSerializer
+
+from potluck.hivemind_ext.p2p import connect
+from potluck.peer.shard import wire
+from potluck.peer.shard.client.routing import ForgedAnnouncement, Hop, Router
+from potluck.peer.shard.metrics import ShardClientMetrics
+from potluck.peer.shard.server.service import ShardServicer
+from potluck.protocols.shards import SHARD_PROTOCOL_VERSION, ShardAnnouncement
+
+logger = logging.getLogger(__name__)
+
+
+class ServerFailure(RuntimeError):
+    """A server failed, timed out or was busy: the client bans it and fails over."""
+
+
+class TooManyFailures(RuntimeError):
+    """Failover gave up after ``max_failovers`` attempts within one call."""
+
+
+class ShardClient:
+    """Tune ``request_timeout`` to the slowest request you expect (a dead server costs at most this
+    per attempt), ``max_failovers`` to how many replicas one call may try, ``route_spread`` (see
+    :class:`Router`) above 0 to spread load over replicas."""
+
+    def __init__(
+        self,
+        dht: DHT,
+        run_id: str,
+        num_blocks: int,
+        request_timeout: float = 30.0,
+        max_failovers: int = 8,
+        ban_seconds: float = 60.0,
+        route_spread: float = 0.0,
+    ):
+        self.num_blocks, self.request_timeout, self.max_failovers = num_blocks, request_timeout, max_failovers
+        self.p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
+        self.router = Router(dht, run_id, ban_seconds=ban_seconds, probe=self._probe, spread=route_spread)
+        self.metrics = ShardClientMetrics()
+        self._dialed: set[str] = set()
+
+    # -- transport ---------------------------------------------------------------------------------
+    async def _stub(self, peer_id: str):
+        peer = PeerID.from_base58(peer_id)
+        if peer_id not in self._dialed:
+            # the DHT may not have met this server yet: dial the addresses it announced
+            # (suppressed: a stale or malformed address in a record must not make the server unreachable)
+            with contextlib.suppress(Exception):
+                addresses = [Multiaddr(a) for a in self.router.address_of(peer_id)]
+                if addresses:
+                    await connect(self.p2p, peer, addresses)
+            self._dialed.add(peer_id)
+        return ShardServicer.get_stub(self.p2p, peer)
+
+    async def _call_async(self, peer_id: str, method: str, message):
+        stub = await self._stub(peer_id)
+        return await getattr(stub, f"rpc_{method}")(message, timeout=self.request_timeout)
+
+    def _probe(self, peer_id: str, announcement: ShardAnnouncement) -> float:
+        started = time.perf_counter()
+        reply = RemoteExpertWorker.run_coroutine(
+            self._call_async(peer_id, "info", runtime_pb2.ExpertUID(uid=announcement.run_id))
+        )
+        info = MSGPackSerializer.loads(reply.serialized_info)
+        served = tuple(info.get(k) for k in ("run_id", "start", "end", "version"))
+        claimed = (announcement.run_id, announcement.start, announcement.end, SHARD_PROTOCOL_VERSION)
+        if served != claimed:
+            # NOTE: anyone may announce another server's peer id: the claim is dropped, the server is not
+            raise ForgedAnnouncement(f"server {peer_id} serves {served} but the announcement says {claimed}")
+        return time.perf_counter() - started
+
+    def call(self, hop: Hop, method: str, tensors: list[torch.Tensor], **metadata) -> list[torch.Tensor]:
+        """One request to one server; :class:`ServerFailure` (after banning it) if it did not answer,
+        or answered with anything but one tensor shaped like the first one it was sent."""
+        started = time.perf_counter()
+        self.metrics.requests += 1
+        message = wire.request(tensors, start=hop.start, end=hop.end, **metadata)
+        try:
+            reply = RemoteExpertWorker.run_coroutine(self._call_async(hop.peer_id, method, message))
+            result = wire.unpack_response(reply)
+            _check_result(result, tensors[0])
+        except wire.RemoteError as e:
+            if e.kind == wire.BAD_REQUEST:
+                raise
+            self._failed(hop, started, e)
+        except Exception as e:  # noqa: BLE001 (connection refused, reset, timeout: all mean failover)
+            self._failed(hop, started, e)
+        self.router.observe_latency(hop.peer_id, time.perf_counter() - started)
+        return result
+
+    def _failed(self, hop: Hop, started: float, error: BaseException):
+        self.metrics.failures += 1
+        self.metrics.bans += 1
+        self.metrics.retry_seconds += time.perf_counter() - started
+        self.router.ban(hop.peer_id)
+        logger.warning(f"shard server {hop} failed: {error!r}; failing over")
+        raise ServerFailure(f"{hop}: {error}") from error
+
+    def _reroute(self, start: int, end: int, attempt: int) -> list[Hop]:
+        if attempt > self.max_failovers:
+            raise TooManyFailures(f"blocks {start}:{end}: gave up after {self.max_failovers} failovers")
+        started = time.perf_counter()
+        self.metrics.replays += 1
+        self.metrics.route_changes += 1
+        route = self.router.route(start, end)
+        self.metrics.retry_seconds += time.perf_counter() - started
+        return route
+
+    # -- training ----------------------------------------------------------------------------------
+    def forward(
+        self, hidden: torch.Tensor, start: int = 0, end: int | None = None, position_offset: int = 0
+    ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+        """Blocks ``start:end`` on ``hidden``; returns the output and the (hop, input) pairs to keep."""
+        end = self.num_blocks if end is None else end
+        kept: list[tuple[Hop, torch.Tensor]] = []
+        route, block, attempt = self.router.route(start, end), start, 0
+        while block < end:
+            hop = route[0]
+            try:
+                output = self.call(hop, "forward", [hidden], position_offset=position_offset)[0]
+            except ServerFailure:
+                attempt += 1
+                route = self._reroute(block, end, attempt)
+                continue
+            kept.append((hop, hidden))
+            hidden, block, route = output, hop.end, route[1:]
+        return hidden, kept
+
+    def backward(
+        self,
+        kept: list[tuple[Hop, torch.Tensor]],
+        grad_output: torch.Tensor,
+        position_offset: int = 0,
+        attempt: int = 0,
+    ) -> torch.Tensor:
+        """The gradient w.r.t. the first kept input, given the gradient w.r.t. the last hop's output."""
+        for hop, hidden in reversed(kept):
+            try:
+                grad_output = self.call(
+                    hop, "backward", [hidden, grad_output], position_offset=position_offset
+                )[0]
+            except ServerFailure:
+                route = self._reroute(hop.start, hop.end, attempt + 1)
+                if len(route) == 1:
+                    replica = [(route[0], hidden)]
+                else:  # recompute the inputs of the span's inner hops on the replicas
+                    replica = self.forward(hidden, hop.start, hop.end, position_offset)[1]
+                grad_output = self.backward(replica, grad_output, position_offset, attempt + 1)
+        return grad_output
+
+    def blocks(self, hidden: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+        """All remote blocks as a differentiable function of ``hidden``."""
+        return _RemoteBlocks.apply(hidden, self, position_offset)
+
+    def inference_session(self, rows: int = 1) -> InferenceSession:
+        return InferenceSession(self, rows)
+
+    def adapter_state(self, peer_id: str, start: int, end: int) -> tuple[list[torch.Tensor], int]:
+        """A server's span adapter (tensors sorted by name) and how many steps it has taken."""
+        message = wire.request([], start=start, end=end)
+        reply = RemoteExpertWorker.run_coroutine(self._call_async(peer_id, "adapter_state", message))
+        return wire.unpack_response(reply), int(wire.metadata_of(reply).get("steps", 0))
+
+    def shutdown(self) -> None:
+        """Close this client's connection to the p2p daemon (before the DHT that runs it)."""
+        with contextlib.suppress(Exception):
+            RemoteExpertWorker.run_coroutine(self.p2p.shutdown())
+
+
+def _check_result(result: list[torch.Tensor], sent: torch.Tensor) -> None:
+    """Every shard method maps hidden states to hidden states (or their gradient) of the same shape:
+    anything else would surface later as a confusing error of the *next* server."""
+    if len(result) != 1 or result[0].shape != sent.shape or result[0].dtype != sent.dtype:
+        got = [(tuple(t.shape), t.dtype) for t in result]
+        raise wire.RemoteError(
+            f"malformed response {got}, expected {tuple(sent.shape)} {sent.dtype}", wire.INTERNAL
+        )
+
+
+class _RemoteBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, client: ShardClient, position_offset: int):
+        output, kept = client.forward(hidden.detach(), position_offset=position_offset)
+        ctx.client, ctx.kept, ctx.position_offset = client, kept, position_offset
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad = ctx.client.backward(ctx.kept, grad_output.contiguous(), ctx.position_offset)
+        return grad, None, None
+
+
+# -- inference ---------------------------------------------------------------------------------------
+@dataclass
+class _SessionHop:
+    hop: Hop
+    session: str = field(default_factory=lambda: uuid.uuid4().hex)
+    history: list[torch.Tensor] = field(default_factory=list)
+    """Every input this hop received, in order: what rebuilds its cache on a replica."""
+
+
+class InferenceSession:
+    """Token-by-token passes through all blocks with attention caches on the servers."""
+
+    def __init__(self, client: ShardClient, rows: int):
+        self.client, self.rows = client, rows
+        self.position = 0
+        self.hops: list[_SessionHop] = []
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` ``[rows, new tokens, hidden_size]`` → the last block's output for them."""
+        if not self.hops:
+            self.hops = [_SessionHop(hop) for hop in self.client.router.route(0, self.client.num_blocks)]
+        index, attempt = 0, 0
+        while index < len(self.hops):
+            current = self.hops[index]
+            try:
+                output = self._send(current, hidden, self.position)
+            except ServerFailure:
+                while True:
+                    attempt += 1
+                    try:
+                        self.hops[index : index + 1] = self._rebuild(current, attempt)
+                        break
+                    except ServerFailure:
+                        continue
+                continue
+            current.history.append(hidden)
+            hidden, index = output, index + 1
+        self.position += hidden.shape[1]
+        return hidden
+
+    def _send(self, target: _SessionHop, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        return self.client.call(
+            target.hop, "inference", [hidden], position_offset=position, session=target.session
+        )[0]
+
+    def _rebuild(self, failed: _SessionHop, attempt: int) -> list[_SessionHop]:
+        """Replica hops for the failed hop's span, their caches filled with its whole history."""
+        replicas = [
+            _SessionHop(hop) for hop in self.client._reroute(failed.hop.start, failed.hop.end, attempt)
+        ]
+        if failed.history:
+            hidden = torch.cat(failed.history, dim=1)
+            for replica in replicas:
+                output = self._send(replica, hidden, 0)
+                replica.history.append(hidden)
+                hidden = output
+        return replicas
+
+    def close(self) -> None:
+        for target in self.hops:
+            with contextlib.suppress(Exception):
+                RemoteExpertWorker.run_coroutine(
+                    self.client._call_async(
+                        target.hop.peer_id, "close_session", wire.request([], session=target.session)
+                    )
+                )
+        self.hops = []
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,323 @@
+"""Serve a span of blocks over hivemind's p2p layer: forward, backward and cached inference.
+
+Every request is validated before it reaches the model (tensor count and declared sizes before
+decoding, then dtype, shape, finite values, the sub-span and positions it names); a bad one gets a
+``bad_request`` error naming the field, and the server goes on serving others. Memory is bounded by
+hivemind's 4 MiB message limit, the request limits, the compute queue (:mod:`batching`) and the
+attention-cache budget of inference sessions (tests/test_shards.py floods a server to check it).
+
+Backward is stateless, as in Petals: the client sends the span's inputs with the output gradient and
+the server recomputes the forward pass with autograd, so a replica that never saw the forward pass can
+serve the backward pass just as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+from transformers.cache_utils import DynamicCache
+
+from potluck.peer.shard import wire
+from potluck.peer.shard.blocks import BlockSpan
+from potluck.peer.shard.metrics import ShardServerMetrics
+from potluck.peer.shard.server.adapters import SpanAdapter
+from potluck.peer.shard.server.batching import BatchingExecutor, ServerBusy
+from potluck.protocols.shards import SHARD_PROTOCOL_VERSION
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request or session may ask of this server; raise them on a big GPU, lower them when
+    the server runs out of memory."""
+
+    max_rows: int = 256
+    """Sequences per request."""
+    max_request_tokens: int = 16384
+    """Rows × tokens per request (also bounds the payload: hivemind's unary messages are ≤ 4 MiB)."""
+    max_batch_tokens: int = 16384
+    """Rows × tokens of one computed batch after merging concurrent requests."""
+    max_queue: int = 64
+    """Requests waiting for the compute thread; more are refused as ``busy``."""
+    max_sessions: int = 64
+    max_cache_tokens: int = 65536
+    """Rows × tokens over all open inference sessions (the attention caches' memory)."""
+    session_ttl: float = 300.0
+    """An inference session idle this long is closed and its cache freed."""
+
+
+@dataclass
+class _Session:
+    cache: DynamicCache
+    blocks: tuple[int, int]
+    rows: int
+    tokens: int = 0
+    pending: int = 0
+    """Tokens of the step now computing: reserved in the cache budget, and > 0 refuses a concurrent
+    step of the same session (it would run against a cache of the wrong length)."""
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+class ShardServicer(ServicerBase):
+    """The RPC handlers of a block-span server (registered on a replica of the DHT's p2p daemon)."""
+
+    def __init__(
+        self,
+        span: BlockSpan,
+        run_id: str,
+        limits: ServerLimits,
+        metrics: ShardServerMetrics | None = None,
+        adapter: SpanAdapter | None = None,
+    ):
+        self.span, self.run_id, self.limits, self.adapter = span, run_id, limits, adapter
+        # the adapter's lock, held for every pass: averaging rewrites the adapter between passes
+        self._guard = adapter.lock if adapter is not None else contextlib.nullcontext()
+        self.dtype = next(span.parameters()).dtype
+        self.device = next(span.parameters()).device
+        self.metrics = metrics or ShardServerMetrics(run_id, span.start, span.end)
+        self.executor = BatchingExecutor(limits.max_batch_tokens, limits.max_queue)
+        self.executor.on_batch = self.metrics.observe_batch
+        self.sessions: dict[tuple[str, str], _Session] = {}
+
+    # -- handlers ----------------------------------------------------------------------------------
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        self.metrics.requests.labels(self.run_id, "info").inc()
+        info = {
+            "run_id": self.run_id,
+            "start": self.span.start,
+            "end": self.span.end,
+            "hidden_size": self.span.hidden_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "version": SHARD_PROTOCOL_VERSION,
+        }
+        return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
+
+    async def rpc_forward(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        return await self._handle("forward", request, self._forward)
+
+    async def rpc_backward(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        return await self._handle("backward", request, self._backward)
+
+    async def rpc_inference(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        return await self._handle("inference", request, lambda r: self._inference(r, str(context.remote_id)))
+
+    async def rpc_close_session(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        try:
+            meta = wire.metadata_of(request)
+        except wire.RemoteError as e:
+            return wire.error_response(f"close_session: {e}", wire.BAD_REQUEST)
+        self._drop_session((str(context.remote_id), str(meta.get("session"))))
+        return wire.response([])
+
+    async def rpc_adapter_state(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """The served adapter's tensors (sorted by name) and its step count: for checks and tests."""
+        if self.adapter is None:
+            return wire.error_response("adapter_state: this server holds no adapter", wire.BAD_REQUEST)
+        return wire.response(self.adapter.tensors(), steps=self.adapter.steps)
+
+    async def _handle(self, method: str, request, handler) -> runtime_pb2.ExpertResponse:
+        started = time.perf_counter()
+        self.metrics.requests.labels(self.run_id, method).inc()
+        try:
+            return wire.response(await handler(request))
+        except (_BadRequest, wire.RemoteError) as e:
+            kind, message = wire.BAD_REQUEST, str(e)
+        except ServerBusy as e:
+            kind, message = wire.BUSY, str(e)
+        except Exception as e:  # noqa: BLE001 (reported to the client, which fails over)
+            logger.exception(f"{method} failed")
+            kind, message = wire.INTERNAL, f"{type(e).__name__}: {e}"
+        finally:
+            self.metrics.latency.labels(self.run_id, method).observe(time.perf_counter() - started)
+        self.metrics.failures.labels(self.run_id, method, kind).inc()
+        return wire.error_response(f"{method}: {message}", kind)
+
+    # -- computations ------------------------------------------------------------------------------
+    async def _forward(self, request) -> list[torch.Tensor]:
+        meta, (hidden,) = self._parse(request, ["hidden"])
+        blocks, offset = meta["blocks"], meta["position_offset"]
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            with self._guard, torch.inference_mode():
+                return [self.span(inputs[0].to(self.device), offset, blocks=blocks).cpu()]
+
+        return await self.executor.submit([hidden], run, key=("forward", blocks, offset, hidden.shape[1]))
+
+    async def _backward(self, request) -> list[torch.Tensor]:
+        meta, (hidden, grad_output) = self._parse(request, ["hidden", "grad_output"])
+        if grad_output.shape != hidden.shape:
+            raise _BadRequest(f"grad_output: shape {tuple(grad_output.shape)} differs from hidden's")
+        blocks, offset = meta["blocks"], meta["position_offset"]
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            with self._guard, torch.enable_grad():
+                leaf = inputs[0].to(self.device).requires_grad_(True)
+                output = self.span(leaf, offset, blocks=blocks)
+                grad_output = inputs[1].to(self.device)
+                if self.adapter is None:
+                    (grad_input,) = torch.autograd.grad(output, leaf, grad_output)
+                    return [grad_input.cpu()]
+                # a served adapter learns from every backward pass that goes through it
+                output.backward(grad_output)
+                self.adapter.step()
+                return [leaf.grad.cpu()]
+
+        key = ("backward", blocks, offset, hidden.shape[1])
+        return await self.executor.submit([hidden, grad_output], run, key=key)
+
+    async def _inference(self, request, client: str) -> list[torch.Tensor]:
+        meta, (hidden,) = self._parse(request, ["hidden"])
+        session_id = meta.get("session")
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= 64:
+            raise _BadRequest("session: expected a string id of 1 to 64 characters")
+        self._evict_idle()
+        key = (client, session_id)
+        session = self.sessions.get(key)
+        rows, tokens, offset = hidden.shape[0], hidden.shape[1], meta["position_offset"]
+        if session is None:
+            if offset != 0:
+                raise _BadRequest(f"position_offset: a new session starts at 0, not {offset}")
+            if len(self.sessions) >= self.limits.max_sessions:
+                raise ServerBusy(f"too many inference sessions ({self.limits.max_sessions})")
+            session = _Session(DynamicCache(), meta["blocks"], rows)
+        elif (rows, meta["blocks"]) != (session.rows, session.blocks):
+            raise _BadRequest(f"hidden: rows {rows} and blocks {meta['blocks']} differ from the session's")
+        elif session.pending:
+            raise _BadRequest("session: its previous step is still running (send steps one at a time)")
+        elif offset != session.tokens:  # history and positions out of sync (Petals issue #587)
+            raise _BadRequest(
+                f"position_offset: {offset} does not match the session's {session.tokens} tokens"
+            )
+        if self._cached_tokens() + rows * tokens > self.limits.max_cache_tokens:
+            raise ServerBusy(f"the attention-cache budget ({self.limits.max_cache_tokens} tokens) is full")
+        session.pending = tokens
+        self.sessions[key] = session
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            with self._guard, torch.inference_mode():
+                hidden = inputs[0].to(self.device)
+                return [self.span(hidden, offset, cache=session.cache, blocks=session.blocks).cpu()]
+
+        try:
+            (output,) = await self.executor.submit([hidden], run)
+        except Exception:
+            self._drop_session(key)  # a cache half-updated by a failed step is useless
+            raise
+        session.tokens, session.pending = session.tokens + tokens, 0
+        session.last_used = time.monotonic()
+        self.metrics.sessions.labels(self.run_id).set(len(self.sessions))
+        return [output]
+
+    # -- validation and sessions -------------------------------------------------------------------
+    def _parse(self, request, names: list[str]) -> tuple[dict, list[torch.Tensor]]:
+        meta = wire.metadata_of(request)
+        start, end = meta.get("start"), meta.get("end")
+        if not (isinstance(start, int) and isinstance(end, int)):
+            raise _BadRequest("start/end: expected integers")
+        if not self.span.start <= start < end <= self.span.end:
+            raise _BadRequest(f"start/end: {start}:{end} is not within this server's blocks "
+                              f"{self.span.start}:{self.span.end}")  # fmt: skip
+        offset = meta.get("position_offset", 0)
+        if not isinstance(offset, int) or offset < 0:
+            raise _BadRequest("position_offset: expected a non-negative integer")
+        if len(request.tensors) != len(names):
+            raise _BadRequest(
+                f"tensors: expected {len(names)} ({', '.join(names)}), got {len(request.tensors)}"
+            )
+        # refuse oversized tensors by their declared shape, before decoding allocates them
+        max_elements = self.limits.max_request_tokens * self.span.hidden_size
+        for name, serialized in zip(names, request.tensors, strict=True):
+            if math.prod(serialized.size) > max_elements:
+                raise _BadRequest(f"{name}: shape {tuple(serialized.size)} exceeds this server's limits")
+        try:
+            tensors = wire.tensors_of(request)
+        except Exception as e:  # noqa: BLE001 (malformed tensor bytes are the client's fault)
+            raise _BadRequest(f"tensors: cannot decode ({e})") from None
+        for name, tensor in zip(names, tensors, strict=True):
+            self._check(name, tensor, offset)
+        return {"blocks": (start, end), "position_offset": offset, "session": meta.get("session")}, tensors
+
+    def _check(self, name: str, tensor: torch.Tensor, offset: int) -> None:
+        if tensor.dtype != self.dtype:
+            raise _BadRequest(f"{name}: dtype {tensor.dtype} but this server runs {self.dtype}")
+        if tensor.dim() != 3 or tensor.shape[-1] != self.span.hidden_size or 0 in tensor.shape:
+            raise _BadRequest(
+                f"{name}: shape {tuple(tensor.shape)}, expected (rows, tokens, {self.span.hidden_size})"
+            )
+        rows, tokens = tensor.shape[0], tensor.shape[1]
+        if rows > self.limits.max_rows or rows * tokens > self.limits.max_request_tokens:
+            raise _BadRequest(
+                f"{name}: {rows} rows × {tokens} tokens exceeds this server's limits "
+                f"({self.limits.max_rows} rows, {self.limits.max_request_tokens} rows × tokens)"
+            )
+        max_positions = self.span.config.max_position_embeddings
+        if offset + tokens > max_positions:
+            raise _BadRequest(
+                f"position_offset: {offset} + {tokens} tokens exceeds the model's {max_positions}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise _BadRequest(f"{name}: contains NaN or Inf")
+
+    def _cached_tokens(self) -> int:
+        return sum(s.rows * (s.tokens + s.pending) for s in self.sessions.values())
+
+    def _evict_idle(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, s in self.sessions.items() if now - s.last_used > self.limits.session_ttl]:
+            self._drop_session(key)
+
+    def _drop_session(self, key) -> None:
+        self.sessions.pop(key, None)
+        self.metrics.sessions.labels(self.run_id).set(len(self.sessions))
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+        self.sessions.clear()
+
+
+def measure_throughput(span: BlockSpan, tokens: int = 128, repeats: int = 3) -> float:
+    """Tokens per second through one block (forward), as announced to clients for routing."""
+    weight = next(span.parameters())
+    hidden = torch.randn(1, min(tokens, span.config.max_position_embeddings), span.hidden_size)
+    hidden = hidden.to(weight.device, weight.dtype)
+    with torch.inference_mode():
+        span(hidden)  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            span(hidden)
+        if weight.is_cuda:
+            torch.cuda.synchronize(weight.device)
+    seconds = max(time.perf_counter() - started, 1e-9)
+    return hidden.shape[1] * repeats * (span.end - span.start) / seconds
+
+
+async def serve_on(p2p, servicer: ShardServicer) -> None:
+    await servicer.add_p2p_handlers(p2p)
+
+
+async def stop_serving(p2p, servicer: ShardServicer) -> None:
+    await asyncio.wait_for(servicer.remove_p2p_handlers(p2p), timeout=5)

@@ -1,0 +1,91 @@
+"""Held-out evaluation: mean completion loss and exact-match accuracy of greedy generations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from potluck.peer.training.data import (
+    collate,
+    detect_format,
+    load_rows,
+    split_prompt_completion,
+    tokenize_example,
+)
+from potluck.peer.training.model import build_model, load_tokenizer
+from potluck.protocols.runspec import RunSpec, RunSpecError
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    """Mean per-token cross-entropy on the completions."""
+    accuracy: float
+    """Share of prompts whose greedy completion equals the reference exactly."""
+    examples: int
+
+
+@torch.no_grad()
+def evaluate(
+    model, tokenizer, eval_path: str, max_length: int = 256, limit: int | None = 500, batch_size: int = 64
+) -> EvalResult:
+    rows = load_rows(eval_path)[:limit]
+    fmt = detect_format(rows[0], "auto")
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total_loss, total_tokens, correct = 0.0, 0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = collate([tokenize_example(r, fmt, tokenizer, max_length) for r in chunk], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            reduction="sum",
+            ignore_index=-100,
+        )
+        total_loss += losses.item()
+        total_tokens += int((targets != -100).sum())
+        correct += _count_exact_matches(model, tokenizer, chunk, fmt)
+    model.train(was_training)
+    return EvalResult(
+        loss=total_loss / max(total_tokens, 1), accuracy=correct / len(rows), examples=len(rows)
+    )
+
+
+def _count_exact_matches(model, tokenizer, rows, fmt) -> int:
+    pairs = [split_prompt_completion(r, fmt, tokenizer) for r in rows]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompts = [bos + tokenizer(p, add_special_tokens=False).input_ids for p, _ in pairs]
+    width = max(len(p) for p in prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Left padding, so that every row's next token is generated at the same position.
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    max_new = max(len(tokenizer(c, add_special_tokens=False).input_ids) for _, c in pairs) + 1
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    answers = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+    return sum(
+        answer.strip() == reference.strip() for answer, (_, reference) in zip(answers, pairs, strict=False)
+    )
+
+
+def evaluate_spec(spec: RunSpec, checkpoint: Path | None) -> EvalResult:
+    """Held-out loss and exact match of the spec's model, with ``checkpoint``'s weights if given."""
+    if spec.data.eval_path is None:
+        raise RunSpecError("<spec>", ["data.eval_path: required to evaluate"])
+    torch.manual_seed(spec.seed)
+    tokenizer = load_tokenizer(spec.model)
+    model = build_model(spec, torch.device("cpu"), weights_from=str(checkpoint) if checkpoint else None)
+    return evaluate(model, tokenizer, spec.data.eval_path, max_length=spec.data.max_length)

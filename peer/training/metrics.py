@@ -1,0 +1,201 @@
+"""Prometheus metrics of one peer, served on ``--metrics-port``.
+
+Names follow Prometheus conventions: ``potluck_`` prefix, base units (seconds, bytes), ``_total`` on
+counters. Every series carries the ``run_id`` label and nothing with unbounded cardinality.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STAGE_METRICS = {
+    "reward_mean": "Mean reward of the latest batch (RL: rollouts; rm: scores; dpo: implicit reward margin)",
+    "reward_std": "Standard deviation of the rewards of the latest batch",
+    "kl": "Mean per-token KL of the policy to the frozen reference on the latest batch",
+    "policy_loss": "Clipped policy loss of the latest RL batch",
+    "value_loss": "Clipped value loss of the latest PPO batch",
+    "clip_fraction": "Share of the latest RL batch's completion tokens whose policy ratio was clipped",
+    "pairwise_accuracy": "Share of the latest batch's preference pairs the reward model ranks right",
+    "preference_accuracy": "Share of the latest batch's pairs whose DPO implicit reward prefers the chosen",
+    "teacher_kl": "KL(teacher || student) per completion token of the latest distillation batch",
+    "rollout_tokens_per_second": "Tokens generated per second in the latest rollout",
+    "generation_time_share": "Share of the latest local step spent generating rollouts",
+}
+"""Gauges a stage may set through ``PeerMetrics.stage_step`` (names as in ``Stage.last_metrics``)."""
+
+
+class PeerMetrics:
+    """Implements :class:`potluck.peer.averaging.gradient.AveragingListener` and records training progress."""
+
+    def __init__(self, run_id: str):
+        self.registry = CollectorRegistry()
+        labels = ["run_id"]
+        reg = self.registry
+        self._loss = Gauge(
+            "potluck_loss", "Training loss of this peer's latest local batch", labels, registry=reg
+        )
+        self._global_step = Gauge(
+            "potluck_global_step", "The swarm's global step as seen by this peer", labels, registry=reg
+        )
+        self._samples = Counter("potluck_samples", "Samples this peer has trained on", labels, registry=reg)
+        self._samples_per_second = Gauge(
+            "potluck_samples_per_second",
+            "This peer's training throughput (moving average)",
+            labels,
+            registry=reg,
+        )
+        self._swarm_samples_per_second = Gauge(
+            "potluck_swarm_samples_per_second",
+            "The swarm's throughput: target batch per global step time",
+            labels,
+            registry=reg,
+        )
+        self._peers = Gauge(
+            "potluck_peers", "Peers that recently reported progress in this run", labels, registry=reg
+        )
+        self._rounds = Counter(
+            "potluck_averaging_rounds",
+            "Global steps by how their gradients were averaged: succeeded (with at least one other peer), "
+            "alone (no other peer known or in the group: local gradients only), failed (the round broke)",
+            labels + ["outcome"],
+            registry=reg,
+        )
+        self._sent = Counter(
+            "potluck_averaging_sent_bytes",
+            "Payload bytes this peer sent in averaging rounds (estimated from tensor sizes, codec and group size)",
+            labels,
+            registry=reg,
+        )
+        self._received = Counter(
+            "potluck_averaging_received_bytes",
+            "Payload bytes this peer received in averaging rounds (estimated like the sent bytes)",
+            labels,
+            registry=reg,
+        )
+        self._step_seconds = Histogram(
+            "potluck_step_seconds",
+            "Wall time of one local step: forward, backward and the optimizer's bookkeeping",
+            labels,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=reg,
+        )
+        self._round_seconds = Histogram(
+            "potluck_averaging_round_seconds",
+            "Duration of averaging rounds that formed a group (compare with averaging.averaging_timeout)",
+            labels,
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
+            registry=reg,
+        )
+        self._wait_seconds = Counter(
+            "potluck_averaging_wait_seconds",
+            "Time the training loop was blocked on the swarm (averaging rounds it waited for, state downloads)",
+            labels,
+            registry=reg,
+        )
+        self._compute_seconds = Counter(
+            "potluck_compute_seconds",
+            "Time in local steps not blocked on the swarm: forward, backward, local optimizer",
+            labels,
+            registry=reg,
+        )
+        self._utilisation = Gauge(
+            "potluck_compute_utilisation",
+            "Compute time / wall time since this peer's first local step (1 = never waits on the network)",
+            labels,
+            registry=reg,
+        )
+        self._first_step_at: float | None = None
+        self._compute_total = self._pending_wait = 0.0
+        self._state_downloads = Counter(
+            "potluck_state_downloads",
+            "Attempts to download the swarm's state, by outcome",
+            labels + ["outcome"],
+            registry=reg,
+        )
+        self._state_download_seconds = Histogram(
+            "potluck_state_download_seconds", "Time spent downloading the swarm's state", labels, registry=reg
+        )
+        self._stage_gauges = {
+            name: Gauge(f"potluck_{name}", text, labels, registry=reg) for name, text in STAGE_METRICS.items()
+        }
+        self.latest_stage: dict[str, float] = {}
+        self.run_id = run_id
+        # plain copies of what the signed DHT report carries (prometheus objects are write-mostly)
+        self.latest = {"global_step": 0, "loss": None, "samples_per_second": 0.0, "samples_total": 0,
+                       "averaging_succeeded": 0, "averaging_failed": 0, "averaging_alone": 0,
+                       "bytes_sent": 0, "bytes_received": 0, "compute_utilisation": None}  # fmt: skip
+        for outcome in ("succeeded", "failed"):
+            self._rounds.labels(run_id, outcome)
+            self._state_downloads.labels(run_id, outcome)
+        self._rounds.labels(run_id, "alone")
+
+    def serve(self, port: int, host: str) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    # -- training progress ------------------------------------------------------------------------
+    def local_step(self, loss: float, samples: int, seconds: float, samples_per_second: float) -> None:
+        self._loss.labels(self.run_id).set(loss)
+        self._samples.labels(self.run_id).inc(samples)
+        self._step_seconds.labels(self.run_id).observe(seconds)
+        self._samples_per_second.labels(self.run_id).set(samples_per_second)
+        self.latest.update(loss=loss, samples_per_second=samples_per_second)
+        self.latest["samples_total"] += samples
+        # the strategy reports its waits (communication_wait) from inside the step timed here
+        now = time.monotonic()
+        if self._first_step_at is None:
+            self._first_step_at = now - seconds
+        compute = max(0.0, seconds - self._pending_wait)
+        self._pending_wait = 0.0
+        self._compute_seconds.labels(self.run_id).inc(compute)
+        self._compute_total += compute
+        utilisation = min(1.0, self._compute_total / max(now - self._first_step_at, 1e-9))
+        self._utilisation.labels(self.run_id).set(utilisation)
+        self.latest["compute_utilisation"] = utilisation
+
+    def swarm(self, global_step: int, peers: int, swarm_samples_per_second: float) -> None:
+        self._global_step.labels(self.run_id).set(global_step)
+        self._peers.labels(self.run_id).set(peers)
+        self._swarm_samples_per_second.labels(self.run_id).set(swarm_samples_per_second)
+        self.latest["global_step"] = global_step
+
+    def stage_step(self, values: dict[str, float], step_seconds: float) -> None:
+        """Per-stage figures of the latest local batch (``Stage.last_metrics``); unknown names are ignored."""
+        values = dict(values)
+        if "generation_seconds" in values and step_seconds > 0:
+            values["generation_time_share"] = min(1.0, values["generation_seconds"] / step_seconds)
+        for name, value in values.items():
+            if name in self._stage_gauges:
+                self._stage_gauges[name].labels(self.run_id).set(value)
+        self.latest_stage = values
+
+    # -- AveragingListener ------------------------------------------------------------------------
+    def averaging_round(
+        self,
+        succeeded: bool,
+        group_size: int,
+        bytes_sent: int,
+        bytes_received: int,
+        seconds: float | None = None,
+    ) -> None:
+        # a step taken without another peer is not a success of averaging: a swarm whose peers keep
+        # missing each other trains like separate runs (kept in sync only by state averaging)
+        outcome = "failed" if not succeeded else "alone" if group_size <= 1 else "succeeded"
+        self._rounds.labels(self.run_id, outcome).inc()
+        self.latest[f"averaging_{outcome}"] += 1
+        self._sent.labels(self.run_id).inc(bytes_sent)
+        self._received.labels(self.run_id).inc(bytes_received)
+        self.latest["bytes_sent"] += bytes_sent
+        self.latest["bytes_received"] += bytes_received
+        if seconds is not None and group_size > 1:
+            self._round_seconds.labels(self.run_id).observe(seconds)
+
+    def communication_wait(self, seconds: float) -> None:
+        """The training loop waited ``seconds`` on the swarm (called by strategies, inside a step)."""
+        self._wait_seconds.labels(self.run_id).inc(seconds)
+        self._pending_wait += seconds
+
+    def state_download(self, succeeded: bool, seconds: float) -> None:
+        self._state_downloads.labels(self.run_id, "succeeded" if succeeded else "failed").inc()
+        self._state_download_seconds.labels(self.run_id).observe(seconds)

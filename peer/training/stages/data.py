@@ -1,0 +1,170 @@
+"""What each stage reads from a dataset: the columns it needs, how a row is tokenised, how rows become a batch.
+
+- ``sft`` / ``distill``: TRL's language-modeling formats (``peer/training/data.py``): tokens with labels on the completion.
+- ``rm`` / ``dpo``: preference pairs ``prompt``/``chosen``/``rejected``. A batch stacks the chosen sequences on
+  top of the rejected ones: rows ``0..B-1`` are chosen, ``B..2B-1`` the rejected of the same pairs.
+- ``grpo`` / ``ppo``: prompt-only rows (``prompt``, and ``answer`` for the ``exact_answer`` reward). A batch is the
+  left-padded prompts, ready for ``generate``, plus the answers as strings (they never leave the peer).
+
+A dataset that lacks a stage's columns fails when the data is loaded, before any model or swarm is started, with a
+message that names the missing columns and the stage's expected format (``STAGE_DATA_FORMATS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from potluck.peer.training.data import (
+    IGNORE_INDEX,
+    DatasetFormatError,
+    TokenizedExample,
+    collate,
+    detect_format,
+    load_rows,
+    tokenize_example,
+)
+from potluck.protocols.runspec import EXACT_ANSWER, STAGE_DATA_FORMATS, RunSpec
+
+PREFERENCE_STAGES = ("rm", "dpo")
+PROMPT_STAGES = ("grpo", "ppo")
+
+
+def required_columns(spec: RunSpec) -> tuple[str, ...]:
+    """Columns every row must have for ``spec.stage`` (empty: one of TRL's formats, checked by ``detect_format``)."""
+    if spec.stage in PREFERENCE_STAGES:
+        return ("prompt", "chosen", "rejected")
+    if spec.stage in PROMPT_STAGES:
+        return ("prompt", "answer") if spec.rl.reward == EXACT_ANSWER else ("prompt",)
+    return ()
+
+
+def check_columns(spec: RunSpec, row: dict[str, Any], source: str) -> None:
+    """Raise :class:`DatasetFormatError` naming the columns ``row`` lacks for the run's stage."""
+    needed = required_columns(spec)
+    if not needed:
+        try:
+            detect_format(row, spec.data.format)
+        except DatasetFormatError as e:
+            raise DatasetFormatError(
+                f"{source} does not fit stage {spec.stage!r}: {e}; expected {STAGE_DATA_FORMATS[spec.stage]}"
+            ) from None
+        return
+    missing = [c for c in needed if c not in row]
+    if missing:
+        why = " (rl.reward is exact_answer)" if "answer" in missing else ""
+        raise DatasetFormatError(
+            f"{source} is missing column(s) {missing} needed by stage {spec.stage!r}{why}; row has {sorted(row)}; "
+            f"expected {STAGE_DATA_FORMATS[spec.stage]}"
+        )
+
+
+def check_stage_data(spec: RunSpec) -> None:
+    """Check the first row of the training and held-out data against the stage (cheap: no tokenizer, no model)."""
+    for field, path in (("data.path", spec.data.path), ("data.eval_path", spec.data.eval_path)):
+        if path is None:
+            continue
+        rows = load_rows(path, spec.data.split)
+        if not rows:
+            raise DatasetFormatError(f"{field} {path!r} has no rows")
+        check_columns(spec, rows[0], f"{field} {path!r}")
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def prompt_text(prompt: Any, tokenizer) -> str:
+    """A prompt column as text: a string as is, a conversation (TRL's conversational format) through the chat
+    template with the assistant's turn opened."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return str(prompt)
+
+
+def encode_prompt(prompt: Any, tokenizer) -> list[int]:
+    """BOS + prompt tokens, exactly as SFT's ``tokenize_example`` lays out the prompt."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt_text(prompt, tokenizer), add_special_tokens=False).input_ids
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    chosen: TokenizedExample
+    rejected: TokenizedExample
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    prompt: str
+    prompt_ids: list[int]
+    answer: str | None
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists (so every row's next token is at the same position, as ``generate`` wants)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(s)) + s for s in sequences], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], dtype=torch.long)
+    return input_ids, mask
+
+
+@dataclass(frozen=True)
+class StageData:
+    """How one stage turns rows into batches; given to ``PeerDataStream``."""
+
+    check: Callable[[dict[str, Any], str], None]
+    encode: Callable[[dict[str, Any]], Any]
+    collate: Callable[[list[Any]], dict[str, Any]]
+
+
+def stage_data(spec: RunSpec, tokenizer) -> StageData | None:
+    """The data handling of ``spec.stage``; ``None`` for the language-modeling stages (``PeerDataStream``'s own)."""
+    pad_id = _pad_id(tokenizer)
+    max_length = spec.data.max_length
+
+    def check(row: dict[str, Any], source: str) -> None:
+        check_columns(spec, row, source)
+
+    if spec.stage in PREFERENCE_STAGES:
+
+        def encode_pair(row: dict[str, Any]) -> PreferenceExample:
+            prompt = prompt_text(row["prompt"], tokenizer)
+
+            def side(completion: str) -> TokenizedExample:  # laid out exactly as SFT's prompt/completion rows
+                pair_side = {"prompt": prompt, "completion": str(completion)}
+                return tokenize_example(pair_side, "prompt_completion", tokenizer, max_length)
+
+            return PreferenceExample(chosen=side(row["chosen"]), rejected=side(row["rejected"]))
+
+        def collate_pairs(examples: list[PreferenceExample]) -> dict[str, Any]:
+            return collate([e.chosen for e in examples] + [e.rejected for e in examples], pad_id)
+
+        return StageData(check, encode_pair, collate_pairs)
+
+    if spec.stage in PROMPT_STAGES:
+
+        def encode_prompt_row(row: dict[str, Any]) -> PromptExample:
+            answer = row.get("answer")
+            prompt = prompt_text(row["prompt"], tokenizer)
+            ids = encode_prompt(prompt, tokenizer)[:max_length]
+            return PromptExample(prompt, ids, None if answer is None else str(answer))
+
+        def collate_prompts(examples: list[PromptExample]) -> dict[str, Any]:
+            prompt_ids, prompt_mask = left_pad([e.prompt_ids for e in examples], pad_id)
+            return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                    "prompts": [e.prompt for e in examples], "answers": [e.answer for e in examples]}  # fmt: skip
+
+        return StageData(check, encode_prompt_row, collate_prompts)
+
+    return None  # sft, distill: SFT's formats and collation; the column check is detect_format's
+
+
+def completion_mask(labels: torch.Tensor) -> torch.Tensor:
+    """1 on the positions whose *next* token is a completion token: where the logits that predict it sit."""
+    mask = torch.zeros_like(labels)
+    mask[:, :-1] = (labels[:, 1:] != IGNORE_INDEX).long()
+    return mask

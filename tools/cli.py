@@ -1,0 +1,110 @@
+"""``potluck``: helper commands around a run (building the bundled assets, evaluating, the demo)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from potluck.peer.training.data import DatasetFormatError
+from potluck.peer.training.exact_match import evaluate_spec
+from potluck.protocols.runspec import RunSpecError, load_run_spec
+from potluck.tools.tiny.assets import build_assets
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="potluck", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    tiny = commands.add_parser(
+        "make-tiny-model", help="build the bundled tiny model, tokenizer and task data"
+    )
+    tiny.add_argument("--out", type=Path, required=True)
+    ev = commands.add_parser("evaluate", help="held-out loss and exact-match accuracy of a run's model")
+    ev.add_argument("--run-spec", type=Path, required=True)
+    ev.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder from --save-dir")
+    demo = commands.add_parser("demo", help="a local 2-peer swarm trains the tiny model; before/after table")
+    demo.add_argument("--workdir", type=Path, default=Path(".demo"))
+    demo.add_argument("--peers", type=int, default=2)
+    demo.add_argument("--max-steps", type=int, default=None)
+    gen = commands.add_parser(
+        "generate", help="greedy text from a run's model (--remote: through shard servers)"
+    )
+    gen.add_argument("--run-spec", type=Path, required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--remote", action="store_true", help="run the blocks on the run's shard servers")
+    gen.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="with --remote")
+    commands.add_parser(
+        "run", help="publish, list and show runs at a coordinator (potluck run --help)", add_help=False
+    )
+    commands.add_parser(
+        "swarm", help="the compose swarm as local processes: potluck swarm up --peers N", add_help=False
+    )
+    pipe = commands.add_parser(
+        "pipeline", help="run stages chained by init_from (SFT -> RM -> PPO) as local swarms"
+    )
+    pipe.add_argument("pipeline_file", type=Path)
+    pipe.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="publish each stage there and join it through it (default: local)",
+    )
+    commands.add_parser(
+        "chat", help="answer prompts with a trained checkpoint: potluck chat MODEL_DIR", add_help=False
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        from potluck.coordinator.run_cli import main as run_main
+
+        return run_main(argv[1:])
+    if argv[:1] == ["chat"]:
+        from potluck.tools.chat import main as chat_main
+
+        return chat_main(argv[1:])
+    if argv[:1] == ["swarm"]:
+        from potluck.tools.swarm import main as swarm_main
+
+        return swarm_main(argv[1:])
+    args = parser.parse_args(argv)
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        if args.command == "make-tiny-model":
+            model_dir, train, held_out = build_assets(args.out)
+            print(f"model: {model_dir}\ntrain data: {train}\nheld-out data: {held_out}")
+        elif args.command == "evaluate":
+            result = evaluate_spec(load_run_spec(args.run_spec), args.checkpoint)
+            print(
+                f"held-out loss {result.loss:.4f}  accuracy {result.accuracy:.1%}  ({result.examples} examples)"
+            )
+        elif args.command == "pipeline":
+            from potluck.tools.pipeline import load_pipeline
+
+            load_pipeline(args.pipeline_file, args.coordinator).run()
+        elif args.command == "generate":
+            from potluck.peer.shard.client.generate import generate_text
+
+            if args.remote and not args.initial_peers:
+                print("potluck: generate --remote needs --initial-peers", file=sys.stderr)
+                return 2
+            peers = args.initial_peers if args.remote else None
+            text, counters = generate_text(
+                load_run_spec(args.run_spec), args.prompt, args.max_new_tokens, peers
+            )
+            print(text)
+            if counters:
+                print(f"shard client: {counters}", file=sys.stderr)
+        elif args.command == "demo":
+            from potluck.tools.demo import main as demo_main
+
+            return demo_main(args.workdir, args.peers, args.max_steps)
+    except (RunSpecError, DatasetFormatError, FileNotFoundError) as e:
+        print(f"potluck: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

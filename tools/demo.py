@@ -1,0 +1,115 @@
+"""``potluck demo``: a local swarm of two peers fine-tunes the bundled tiny model on the bundled task.
+
+It builds the model and data (nothing is downloaded), evaluates the model, starts a coordinator,
+publishes the run through it, starts two ``run-peer`` processes that know only the coordinator's
+address, relays their progress, and ends with a before/after table and the dashboard's address.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from potluck.peer.training.checkpoint import latest_checkpoint
+from potluck.peer.training.exact_match import EvalResult, evaluate_spec
+from potluck.protocols.coordinator_client import CoordinatorClient
+from potluck.protocols.runspec import load_run_spec
+from potluck.tools.coordinator_process import LocalCoordinator, free_port
+from potluck.tools.peer_processes import LocalSwarm
+from potluck.tools.tiny.assets import build_assets
+
+DEMO_SPEC = {
+    "run_id": "demo-arithmetic",
+    "model": {"name_or_path": "./tiny-model"},
+    "data": {"path": "./data/train.jsonl", "eval_path": "./data/eval.jsonl", "max_length": 16},
+    "optimizer": {"lr": 0.003, "warmup_steps": 10},
+    # NOTE: one local batch per peer per global step with 2 peers; until the tracker honoured the
+    # target (hivemind_ext/tracker.py), 128/64 gave steps of about 256 samples, and these keep that pace.
+    "batch": {"target_batch_size": 256, "per_peer_batch_size": 128},
+    "max_global_steps": 300,
+    "averaging": {"matchmaking_time": 0.5, "averaging_timeout": 15},
+    "checkpoint": {"save_every": 100, "keep": 1},
+    "seed": 0,
+}
+
+
+def relay(swarm: LocalSwarm, offsets: dict[str, int]) -> None:
+    """Print the peers' progress lines that appeared since the last call, prefixed by peer name."""
+    for peer in swarm.peers:
+        text = peer.log()
+        new, offsets[peer.name] = text[offsets.get(peer.name, 0) :], len(text)
+        for line in new.splitlines():
+            if line.startswith(("step ", "run-peer:")):
+                print(f"[{peer.name}] {line}", flush=True)
+
+
+def print_table(before: EvalResult, after: EvalResult) -> None:
+    print()
+    print(f"{'held-out (' + str(after.examples) + ' problems)':<28}{'before':>10}{'after':>10}")
+    print(f"{'loss (per token)':<28}{before.loss:>10.3f}{after.loss:>10.3f}")
+    print(f"{'exact-match accuracy':<28}{before.accuracy:>10.1%}{after.accuracy:>10.1%}")
+
+
+def main(workdir: Path = Path(".demo"), peers: int = 2, max_steps: int | None = None) -> int:
+    started = time.monotonic()
+    workdir = workdir.resolve()
+    print(f"== building the tiny model and task in {workdir}", flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # a fresh run each time: no resuming from an old demo
+    build_assets(workdir)
+    spec_path = workdir / "run.yaml"
+    spec_dict = dict(DEMO_SPEC, max_global_steps=max_steps or DEMO_SPEC["max_global_steps"])
+    spec_path.write_text(yaml.safe_dump(spec_dict, sort_keys=False))
+    spec = load_run_spec(spec_path)
+    before = evaluate_spec(spec, checkpoint=None)
+    print(f"== before training: held-out loss {before.loss:.3f}, accuracy {before.accuracy:.1%}", flush=True)
+
+    coordinator = LocalCoordinator(workdir / "coordinator", collect_interval=2.0).start()
+    swarm = LocalSwarm(spec_path, workdir / "logs")
+    try:
+        with CoordinatorClient(coordinator.address) as client:
+            client.publish(spec.model_dump_json())  # paths in it are already absolute
+        print(
+            f"== coordinator up, run {spec.run_id!r} published; dashboard: {coordinator.dashboard}",
+            flush=True,
+        )
+        train(swarm, coordinator, workdir, peers)
+    finally:
+        swarm.stop()
+        coordinator.stop()
+    failed = [p for p in swarm.peers if p.process.returncode != 0]
+    for p in failed:
+        print(
+            f"== {p.name} failed (exit {p.process.returncode}); last lines:\n{p.log()[-2000:]}",
+            file=sys.stderr,
+        )
+    if failed:
+        return 1
+
+    checkpoint = latest_checkpoint(workdir / "peer1", spec.run_id)
+    after = evaluate_spec(spec, checkpoint=checkpoint.path)
+    print_table(before, after)
+    print(f"\n== done in {time.monotonic() - started:.0f}s; trained weights: {checkpoint.path}")
+    print(f"== the dashboard was at {coordinator.dashboard}; its history stays in {coordinator.db}")
+    print(f"   (see it again: run-coordinator --db {coordinator.db} --http-port 8080)")
+    return 0 if after.accuracy > before.accuracy else 1
+
+
+def train(swarm: LocalSwarm, coordinator: LocalCoordinator, workdir: Path, peers: int) -> None:
+    """Start the peers with only ``--coordinator`` (it hands out the spec and bootstrap addresses)
+    and relay their progress until they finish."""
+    for i in range(1, peers + 1):
+        port = free_port()
+        args = ["--coordinator", coordinator.address, "--min-peers", str(peers),
+                "--save-dir", str(workdir / f"peer{i}"), "--metrics-port", str(port)]  # fmt: skip
+        peer = swarm.start_peer(f"peer{i}", args, initial_peers=[], use_spec=False)
+        swarm.wait_for_address(peer)
+        print(f"== {peer.name} is up; its metrics: http://127.0.0.1:{port}/metrics", flush=True)
+    offsets: dict[str, int] = {}
+    while any(p.running for p in swarm.peers):
+        relay(swarm, offsets)
+        time.sleep(1.0)
+    relay(swarm, offsets)
