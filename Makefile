@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo swarm test lint format bench clean system-packages
+.PHONY: demo swarm test test-fast lint format bench clean system-packages
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,10 +35,14 @@ system-packages:
 test: $(STAMP) system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The unit tier: no process, no DHT, no daemon (tests/conftest.py enforces it); under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/codespell peer protocols coordinator tests bench docs README.md
+	$(VENV)/bin/codespell peer protocols coordinator hivemind_ext tools tests bench docs README.md
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -20,6 +20,39 @@ from tests.netbed.fixture import netbed  # noqa: F401  (the `netbed` fixture: ho
 _STARTED_GROUPS: set[int] = set()
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Tiers: a test not marked ``unit`` is ``integration`` (it may start DHTs, averagers, servers or
+    processes); ``slow``, ``netns`` and ``gpu`` narrow it further."""
+    for item in items:
+        if item.get_closest_marker("unit") is None:
+            item.add_marker(pytest.mark.integration)
+
+
+class UnitTierViolation(AssertionError):
+    """A ``unit`` test started what only the integration tier may (a process, a DHT, an averager)."""
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_guard(request, monkeypatch) -> None:
+    """Hold ``unit`` tests to their promise: no subprocess, no forked process, no DHT or p2p daemon."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import multiprocessing.process
+    import subprocess
+
+    from hivemind.p2p import P2P
+
+    def refuse(what: str):
+        def refused(*args, **kwargs):
+            raise UnitTierViolation(f"a unit test started {what}: mark it integration instead")
+
+        return refused
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("a subprocess"))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse("a process (a DHT or averager)"))
+    monkeypatch.setattr(P2P, "create", refuse("a p2p daemon"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kill_leftover_processes() -> Iterator[None]:
     """Whatever a test started (peers and their DHT/averager/p2pd children) dies at the end of the session."""
