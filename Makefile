@@ -37,7 +37,7 @@ test: $(STAMP) system-packages
 
 # The unit tier: no process, no DHT, no daemon (tests/conftest.py enforces it); under a minute.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
+	$(PY) -m pytest -m "unit and not integration" -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,10 +22,15 @@ _STARTED_GROUPS: set[int] = set()
 
 def pytest_collection_modifyitems(items) -> None:
     """Tiers: a test not marked ``unit`` is ``integration`` (it may start DHTs, averagers, servers or
-    processes); ``slow``, ``netns`` and ``gpu`` narrow it further."""
+    processes); ``slow``, ``netns`` and ``gpu`` narrow it further. A test marked ``integration`` in a
+    module marked ``unit`` is integration (``make test-fast`` selects ``unit and not integration``)."""
     for item in items:
-        if item.get_closest_marker("unit") is None:
+        if not is_unit(item):
             item.add_marker(pytest.mark.integration)
+
+
+def is_unit(item) -> bool:
+    return item.get_closest_marker("unit") is not None and item.get_closest_marker("integration") is None
 
 
 class UnitTierViolation(AssertionError):
@@ -35,7 +40,7 @@ class UnitTierViolation(AssertionError):
 @pytest.fixture(autouse=True)
 def _unit_tier_guard(request, monkeypatch) -> None:
     """Hold ``unit`` tests to their promise: no subprocess, no forked process, no DHT or p2p daemon."""
-    if request.node.get_closest_marker("unit") is None:
+    if not is_unit(request.node):
         return
     import multiprocessing.process
     import subprocess

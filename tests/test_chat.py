@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from potluck.peer.training.checkpoint import save_checkpoint
 from potluck.tools.cli import main as potluck_main
+
+pytestmark = pytest.mark.unit
 
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
 from potluck.peer.training.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+
+pytestmark = pytest.mark.unit
 
 
 class _Weights(torch.nn.Module):

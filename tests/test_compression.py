@@ -31,6 +31,8 @@ from potluck.peer.training.stages import make_stage
 from potluck.protocols.runspec import parse_run_spec
 from tests.helpers import wait_until
 
+pytestmark = pytest.mark.unit
+
 HALF = 2.0**-11
 
 

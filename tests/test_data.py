@@ -17,6 +17,8 @@ from potluck.peer.training.data import (
 )
 from potluck.protocols.runspec import DataSpec
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_assets):

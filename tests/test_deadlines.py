@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from potluck.peer.averaging.deadlines import DeadlineWatch, check_deadline_fits, round_seconds_at
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_round_moves_twice_the_non_local_share_of_the_tensors():

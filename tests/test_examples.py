@@ -8,6 +8,8 @@ import pytest
 
 from potluck.protocols.runspec import load_run_spec
 
+pytestmark = pytest.mark.unit
+
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from potluck.protocols import generate
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 def _stub_files(folder) -> dict[str, str]:

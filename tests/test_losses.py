@@ -32,6 +32,8 @@ from potluck.peer.training.stages.losses import (
     whiten,
 )
 
+pytestmark = pytest.mark.unit
+
 dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
 reward_trainer = pytest.importorskip("trl.trainer.reward_trainer")
 grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")

@@ -8,6 +8,8 @@ import torch
 from potluck.peer.training.model import build_model, load_tokenizer, trainable_parameters
 from potluck.protocols.runspec import parse_run_spec
 
+pytestmark = pytest.mark.unit
+
 ADAPTERS = [
     {"kind": "none"},
     {"kind": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},

@@ -7,6 +7,8 @@ import yaml
 
 from potluck.protocols.runspec import RunSpecError, load_run_spec, parse_run_spec
 
+pytestmark = pytest.mark.unit
+
 VALID = {
     "run_id": "demo",
     "model": {"name_or_path": "org/model"},

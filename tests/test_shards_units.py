@@ -28,6 +28,8 @@ from potluck.protocols.shards import (
     shards_key,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def _announcement(peer: str, start: int, end: int, throughput: float = 100.0, state: str = "online"):
     return ShardAnnouncement(

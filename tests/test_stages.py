@@ -24,6 +24,8 @@ from potluck.peer.training.stages.models import VALUE_HEAD_FILE, WeightsNotFound
 from potluck.peer.training.stages.rollout import mask_after_eos
 from potluck.protocols.runspec import load_run_spec
 
+pytestmark = pytest.mark.unit
+
 CPU = torch.device("cpu")
 
 
