@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import Counter as Tally
 
@@ -25,6 +24,7 @@ from potluck.protocols.records import (
     rejection_counts,
     run_schema_validator,
 )
+from potluck.runtime.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 MAX_PEER_SERIES = 32
@@ -110,16 +110,15 @@ class Collector:
         self.interval = interval
         self._known_runs: set[str] = set()
         self._rejections_seen: Tally = Tally()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="potluck-collector", daemon=True)
+        # a failed round (DHT hiccup, locked database) is logged; the next one may succeed
+        self._periodic = Periodic(self.collect_once, interval, "potluck-collector", immediately=True)
 
     def start(self) -> Collector:
-        self._thread.start()
+        self._periodic.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 10)
+        self._periodic.stop(grace=10)
 
     def announce(self, run: RunRecord) -> None:
         """Publish (or refresh) the signed announcement of a run; called on publish and every round."""
@@ -227,14 +226,6 @@ class Collector:
             self._rejections_seen[name] = max(self._rejections_seen[name], total)
             if new > 0:
                 self.metrics.rejected.labels(name.split(":")[-1]).inc(new)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.collect_once()
-            except Exception as e:  # the next round may succeed (DHT hiccup, locked database)
-                logger.warning(f"collection round failed: {e!r}")
-            self._stop.wait(self.interval)
 
 
 def _drop_series(gauges, run_id: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -16,6 +15,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from potluck.hivemind_ext.lifeline import bind_children
 from potluck.hivemind_ext.p2p import connect
+from potluck.runtime.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 
@@ -114,30 +114,25 @@ class RouteKeeper:
         self._dht, self._interval = dht, interval
         self._initial = [a for a in initial_peers if "/p2p/" in a]
         self._known: set[bytes] = set()
-        self._stop = threading.Event()
         self.pings = 0
         """Peers pinged because the routing table was empty."""
-        self._thread = threading.Thread(target=self._run, name="potluck-route-keeper", daemon=True)
+        # a tick fails only while the DHT is shutting down: not worth more than a debug line
+        self._periodic = Periodic(self._tick, interval, "potluck-route-keeper", error_level=logging.DEBUG)
 
     def start(self) -> RouteKeeper:
-        self._thread.start()
+        self._periodic.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self._interval + 5)
+        self._periodic.stop()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:  # the coroutine runs in the DHT's process: a module function, pickled with its arguments
-                table, pinged = self._dht.run_coroutine(
-                    partial(_keep_routes, initial=self._initial, known=sorted(self._known))
-                )
-            except Exception as e:  # the DHT is shutting down
-                logger.debug(f"route keeper: {e!r}")
-                continue
-            self._known.update(table)
-            self.pings += pinged
+    def _tick(self) -> None:
+        # the coroutine runs in the DHT's process: a module function, pickled with its arguments
+        table, pinged = self._dht.run_coroutine(
+            partial(_keep_routes, initial=self._initial, known=sorted(self._known))
+        )
+        self._known.update(table)
+        self.pings += pinged
 
 
 async def _keep_routes(dht: DHT, node, initial: list[str], known: list[bytes]) -> tuple[list[bytes], int]:

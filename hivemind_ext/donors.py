@@ -10,9 +10,14 @@ does not share its state). A newcomer that every donor turned away tries again a
 
 from __future__ import annotations
 
+import logging
 import random
 import time
-from typing import AsyncIterator  # noqa: UP035 (hivemind reads the stream type from typing's alias only)
+from collections.abc import Callable
+from typing import (  # noqa: UP035 (hivemind reads the stream type from typing's alias only)
+    AsyncIterator,
+    TypeVar,
+)
 
 from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
@@ -24,6 +29,9 @@ UPSTREAM = {
     "hivemind.averaging.averager.DecentralizedAverager._load_state_from_peers": "fe7b419d01ced5fe",  # takes an empty stream as 'next donor'
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BUSY_RETRY_SECONDS = (0.5, 2.0)
 """A turned-away newcomer waits a random time in this range before trying again: newcomers that arrived
@@ -67,3 +75,38 @@ def other_donors(dht: DHT, averager: DecentralizedAverager) -> int:
 
 def wait_before_retrying() -> None:
     time.sleep(random.uniform(*BUSY_RETRY_SECONDS))
+
+
+def download_with_retries(
+    attempt: Callable[[], T | None],
+    *,
+    attempts: int,
+    donors_left: Callable[[], int],
+    what: str,
+    give_up_without_donors: bool,
+) -> T | None:
+    """Run ``attempt`` (one state download; None: nothing usable arrived) at most ``attempts`` times.
+
+    hivemind's newcomer retries forever, so a swarm whose only donor died would hang it. An attempt that
+    raises (a donor died or timed out) is logged and the next one runs at once; one that got nothing
+    waits a random pause (:func:`wait_before_retrying`) while ``donors_left()`` says other peers offer
+    the state, since they were busy serving other newcomers. With no donor left it gives up when
+    ``give_up_without_donors``, else tries again at once (DiLoCo: its donors' records may not have
+    reached this peer yet). Raise ``attempts`` (``averaging.load_state_attempts``) if joiners give up
+    while donors are merely busy."""
+    for number in range(1, attempts + 1):
+        try:
+            result = attempt()
+        except Exception as e:  # a donor that died or timed out: try again, a bounded number of times
+            logger.warning(f"{what} attempt {number}/{attempts} failed: {e!r}")
+            continue
+        if result is not None:
+            return result
+        if number == attempts:
+            break
+        if donors_left():
+            logger.info(f"{what}: every donor was busy or failed (attempt {number}); trying again")
+            wait_before_retrying()
+        elif give_up_without_donors:
+            break
+    return None

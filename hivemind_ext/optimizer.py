@@ -22,7 +22,7 @@ from hivemind.optim import Optimizer
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from potluck.hivemind_ext.donors import LimitedDonor, other_donors, wait_before_retrying
+from potluck.hivemind_ext.donors import LimitedDonor, download_with_retries, other_donors
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
 from potluck.hivemind_ext.tracker import SwarmAwareTracker
 
@@ -325,19 +325,17 @@ class BoundedOptimizer(Optimizer):
             # NOTE: hivemind's optimizer downloads the gradient averager's state too, and discards it
             # (its last averaged gradients, overwritten before every round): a second copy of the model
             # for nothing, so it is not downloaded here.
-            for attempt in range(1, self._load_state_attempts + 1):
-                try:
-                    self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
-                except Exception as e:  # a donor that died or timed out: try again, a bounded number of times
-                    logger.warning(
-                        f"state download attempt {attempt}/{self._load_state_attempts} failed: {e!r}"
-                    )
-                    continue
-                if self.state_averager.last_download_ok or not other_donors(self.dht, self.state_averager):
-                    break
-                if attempt < self._load_state_attempts:
-                    logger.info(f"every donor was busy or failed (attempt {attempt}); trying again")
-                    wait_before_retrying()
+            def attempt() -> bool | None:
+                self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+                return True if self.state_averager.last_download_ok else None
+
+            download_with_retries(
+                attempt,
+                attempts=self._load_state_attempts,
+                donors_left=lambda: other_donors(self.dht, self.state_averager),
+                what="state download",
+                give_up_without_donors=True,
+            )
             if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
                 self.state_averager.local_epoch = self.tracker.global_epoch
             self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)

@@ -12,14 +12,15 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("hivemind_ext", "protocols", "coordinator", "peer", "tools")
+PACKAGES = ("runtime", "hivemind_ext", "protocols", "coordinator", "peer", "tools")
 """Top-level folders, each the package ``potluck.<folder>``."""
 
 MAY_IMPORT = {
-    "hivemind_ext": {"hivemind_ext"},
-    "protocols": {"protocols", "hivemind_ext"},
-    "coordinator": {"coordinator", "protocols", "hivemind_ext"},
-    "peer": {"peer", "protocols", "hivemind_ext"},
+    "runtime": {"runtime"},
+    "hivemind_ext": {"hivemind_ext", "runtime"},
+    "protocols": {"protocols", "hivemind_ext", "runtime"},
+    "coordinator": {"coordinator", "protocols", "hivemind_ext", "runtime"},
+    "peer": {"peer", "protocols", "hivemind_ext", "runtime"},
     "tools": set(PACKAGES),
 }
 """Which packages each package's modules may import (the coordinator never imports the peer)."""
@@ -34,7 +35,7 @@ INSIDE_PEER = {
 """Inside the peer: prefix → prefixes its modules must not import. Roles (``peer/roles``) compose the
 rest; the shard client may use the server's RPC interface (``ShardServicer``'s stubs), not the reverse."""
 
-SCANNED_FOR_PRIVATE_NAMES = ("protocols", "coordinator", "peer", "tools", "bench")
+SCANNED_FOR_PRIVATE_NAMES = ("runtime", "protocols", "coordinator", "peer", "tools", "bench")
 
 
 def product_modules() -> dict[str, Path]:

@@ -61,7 +61,7 @@ from hivemind.dht import DHT
 from hivemind.utils.timed_storage import get_dht_time
 
 from potluck.hivemind_ext import allreduce as consistent_allreduce
-from potluck.hivemind_ext.donors import LimitedDonor, other_donors, wait_before_retrying
+from potluck.hivemind_ext.donors import LimitedDonor, download_with_retries, other_donors
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, round_bits
 from potluck.hivemind_ext.tracker import RoundTracker, announce_and_count, own_subkey, published_records
 from potluck.peer.averaging.deadlines import DeadlineWatch
@@ -249,20 +249,21 @@ class DiLoCoAveraging(AveragingStrategy):
             self._round.control.cancel()
             self._round = None
         started = time.perf_counter()
-        adopted = None
-        for attempt in range(1, self._load_state_attempts + 1):
-            try:
-                loaded = self._averager.load_state_from_peers(timeout=self._load_state_timeout)
-            except Exception as e:  # a donor that died or timed out: try again, a bounded number of times
-                logger.warning(
-                    f"outer state download attempt {attempt}/{self._load_state_attempts} failed: {e!r}"
-                )
-                continue
-            if loaded is not None and (adopted := self._adopt_downloaded(*loaded)) is not None:
-                self.last_state_donor = loaded[0].get("donor")
-                break
-            if attempt < self._load_state_attempts and other_donors(self._dht, self._averager):
-                wait_before_retrying()  # the donors were busy serving other newcomers, or failed
+
+        def attempt() -> int | None:
+            loaded = self._averager.load_state_from_peers(timeout=self._load_state_timeout)
+            if loaded is None or (adopted := self._adopt_downloaded(*loaded)) is None:
+                return None
+            self.last_state_donor = loaded[0].get("donor")
+            return adopted
+
+        adopted = download_with_retries(
+            attempt,
+            attempts=self._load_state_attempts,
+            donors_left=lambda: other_donors(self._dht, self._averager),
+            what="outer state download",
+            give_up_without_donors=False,
+        )
         seconds = time.perf_counter() - started
         self._listener.state_download(adopted is not None, seconds)
         self._communication_wait(seconds)

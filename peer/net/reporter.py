@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 
 from hivemind.dht import DHT
 
 from potluck.peer.training.metrics import PeerMetrics
 from potluck.protocols.records import PeerReport, publish_report
+from potluck.runtime.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +26,11 @@ class ReportPublisher:
         self.run_id = run_id
         self.metrics = metrics
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="potluck-reporter", daemon=True)
+        # a report is best effort: a failed one is logged and training goes on
+        self._periodic = Periodic(self.publish, interval, "potluck-reporter")
 
     def start(self) -> ReportPublisher:
-        self._thread.start()
+        self._periodic.start()
         return self
 
     def report(self) -> PeerReport:
@@ -51,13 +51,8 @@ class ReportPublisher:
             addresses=self.addresses,
         )
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                publish_report(self.dht, self.key_tag, self.run_id, self.report(), ttl=6 * self.interval)
-            except Exception as e:  # a report is best effort: training must not stop for it
-                logger.warning(f"could not publish the progress report: {e!r}")
+    def publish(self) -> None:
+        publish_report(self.dht, self.key_tag, self.run_id, self.report(), ttl=6 * self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 1)
+        self._periodic.stop(grace=1)

@@ -25,6 +25,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from potluck.peer.shard.blocks import BlockSpan
 from potluck.protocols.runspec import LoraAdapter, RunSpec
+from potluck.runtime.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -83,11 +84,10 @@ class ReplicaAveraging:
             allreduce_timeout=self.timeout,
         )
         self.rounds = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="span-lora-averaging", daemon=True)
+        self._periodic = Periodic(self.average_once, average_every, "span-lora-averaging")
 
     def start(self) -> ReplicaAveraging:
-        self._thread.start()
+        self._periodic.start()
         return self
 
     def average_once(self) -> bool:
@@ -110,11 +110,7 @@ class ReplicaAveraging:
         self.rounds += 1
         return True
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.average_every):
-            self.average_once()
-
     def shutdown(self) -> None:
-        self._stop.set()
+        self._periodic.stopping.set()
         self.averager.shutdown()  # first: a round in progress then fails at once instead of timing out
-        self._thread.join(timeout=5)
+        self._periodic.stop()

@@ -1,0 +1,64 @@
+"""State downloads are bounded: a newcomer never hangs on a swarm whose donors died or are busy."""
+
+from __future__ import annotations
+
+import pytest
+
+from potluck.hivemind_ext import donors
+from potluck.hivemind_ext.donors import download_with_retries
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def no_pause(monkeypatch):
+    monkeypatch.setattr(donors, "BUSY_RETRY_SECONDS", (0.0, 0.0))
+
+
+def attempts_from(*outcomes):
+    """An attempt function that returns (or raises) ``outcomes`` in turn, counting its calls."""
+    calls = []
+
+    def attempt():
+        outcome = outcomes[len(calls)]
+        calls.append(outcome)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return attempt, calls
+
+
+def test_failures_are_retried_until_a_download_arrives():
+    attempt, calls = attempts_from(TimeoutError("donor died"), None, 0)
+    got = download_with_retries(
+        attempt, attempts=5, donors_left=lambda: 1, what="x", give_up_without_donors=True
+    )
+    assert got == 0 and len(calls) == 3  # a state of global step 0 is a result
+
+
+def test_at_most_the_given_attempts():
+    attempt, calls = attempts_from(*[None] * 10)
+    got = download_with_retries(
+        attempt, attempts=3, donors_left=lambda: 2, what="x", give_up_without_donors=True
+    )
+    assert got is None and len(calls) == 3
+
+
+def test_with_no_donor_left_it_gives_up_or_tries_again_as_asked():
+    attempt, calls = attempts_from(*[None] * 10)
+    assert (
+        download_with_retries(
+            attempt, attempts=4, donors_left=lambda: 0, what="x", give_up_without_donors=True
+        )
+        is None
+    )
+    assert len(calls) == 1
+    attempt, calls = attempts_from(None, None, 7)
+    assert (
+        download_with_retries(
+            attempt, attempts=4, donors_left=lambda: 0, what="x", give_up_without_donors=False
+        )
+        == 7
+    )
+    assert len(calls) == 3
