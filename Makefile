@@ -42,7 +42,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/codespell runtime peer protocols coordinator hivemind_ext tools tests bench docs README.md
+	$(VENV)/bin/codespell runtime peer protocols coordinator hivemind_ext tools tests bench docs README.md CHANGELOG.md
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
