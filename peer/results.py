@@ -166,7 +166,8 @@ class PeerResults:
 
     # -- what the roles report --------------------------------------------------------------------
     def attach(self, metrics: Any) -> None:
-        """Read loss, samples, local steps and compute utilisation from ``metrics.latest`` (a ``PeerMetrics``)."""
+        """Take the summary's counters (loss, samples, local steps, rounds, bytes, compute utilisation) from
+        ``metrics.latest`` (a ``PeerMetrics``)."""
         self._metrics = metrics
 
     def joined(self, peer_id: str, run_id: str, addresses: list[str]) -> None:
@@ -212,10 +213,6 @@ class PeerResults:
     def _averaging_round(self, succeeded: bool, group_size: int, sent: int, received: int, seconds) -> None:
         outcome = round_outcome(succeeded, group_size)
         with self._lock:
-            counts = self.summary.rounds
-            setattr(counts, outcome, getattr(counts, outcome) + 1)
-            self.summary.bytes_sent += sent
-            self.summary.bytes_received += received
             self._pending_round = {"outcome": outcome, "group_size": group_size}
         self.event("averaging_round", outcome=outcome, group_size=group_size, bytes_sent=sent,
                    bytes_received=received, seconds=seconds)  # fmt: skip
@@ -231,6 +228,11 @@ class PeerResults:
         if not isinstance(latest, dict):
             return
         s = self.summary
+        # the counters Prometheus and the coordinator's reports show, not a second count of the events
+        counts = {o: int(latest.get(f"averaging_{o}", 0)) for o in ("succeeded", "failed", "alone")}
+        s.rounds = RoundCounts(**counts)
+        s.bytes_sent = int(latest.get("bytes_sent", 0))
+        s.bytes_received = int(latest.get("bytes_received", 0))
         s.compute_utilisation = latest.get("compute_utilisation")
         if self._trained:
             return  # the loop's own figures are final
