@@ -44,7 +44,7 @@ How to read it
     (S), ``global_steps`` (N), ``effective_batch`` (S / N) and ``step_matched_loss_ratio``.
     ``weights_max_diff`` is the largest difference between the two peers' final weights: about 0 when
     every averaging round succeeded, larger when rounds failed and peers drifted. ``failed_rounds``
-    counts the rounds the peers logged as failed; ``alone_steps`` the global steps a peer took on its
+    counts the averaging rounds that failed (from each peer's ``--results`` summary); ``alone_steps`` the global steps a peer took on its
     own gradients because it knew of no other peer (state averaging then keeps the weights equal, so
     a swarm whose peers miss each other shows equal weights and the loss of a smaller batch).
 
@@ -54,7 +54,6 @@ Run: ``.venv/bin/python bench/convergence.py`` (a few minutes on 2 CPU cores; ``
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import statistics
 import sys
@@ -66,7 +65,6 @@ import torch
 import yaml
 from workdir import run_in_workdir
 
-from potluck.peer.averaging.choose import ALONE_LINE
 from potluck.peer.averaging.gradient import lr_lambda
 from potluck.peer.training.checkpoint import latest_checkpoint
 from potluck.peer.training.data import PeerDataStream
@@ -89,9 +87,6 @@ SPEC = {
     "averaging": {"matchmaking_time": 0.5, "averaging_timeout": 15},
     "seed": 0,
 }
-FINAL_LINE = re.compile(r"global step (\d+), (\d+) local steps, (\d+) samples")
-FAILED_ROUND = "gradient averaging failed"
-ALONE = re.compile(re.escape(ALONE_LINE) + r" (\d+)")
 
 
 @dataclass(frozen=True)
@@ -101,9 +96,12 @@ class PeerSummary:
     local_steps: int
     samples: int
     failed_rounds: int
-    """Lines in the peer's log saying a gradient-averaging round failed (it then stepped alone)."""
+    """Averaging rounds that failed (the peer then stepped on its own gradients)."""
     alone_steps: int
-    """Global steps the peer took on its own gradients because it knew of no other peer (its last line)."""
+    """Global steps the peer took on its own gradients because it knew of no other peer."""
+    bytes_sent: int
+    compute_utilisation: float
+    """Share of its time spent computing (NaN if it never stepped)."""
 
 
 @dataclass(frozen=True)
@@ -139,15 +137,15 @@ def write_spec(workdir: Path, global_steps: int) -> Path:
 
 
 def summarize_peer(peer: PeerProcess) -> PeerSummary:
-    log = peer.log()
-    finals = FINAL_LINE.findall(log)
-    if not finals:
-        raise RuntimeError(f"peer {peer.name} printed no final line:\n{log[-3000:]}")
-    global_step, local_steps, samples = (int(x) for x in finals[-1])
-    alone = ALONE.findall(log)
+    """From the summary line of the peer's ``--results`` file."""
+    summary = peer.summary()
+    if summary is None:
+        raise RuntimeError(f"peer {peer.name} wrote no summary:\n{peer.log()[-3000:]}")
+    utilisation = summary.compute_utilisation
     return PeerSummary(
-        peer.name, global_step, local_steps, samples, log.count(FAILED_ROUND), int(alone[-1]) if alone else -1
-    )
+        peer.name, summary.global_step, summary.local_steps, summary.samples, summary.rounds.failed,
+        summary.rounds.alone, summary.bytes_sent, float("nan") if utilisation is None else utilisation,
+    )  # fmt: skip
 
 
 def run_swarm(spec_path: Path, workdir: Path, timeout: float) -> list[PeerSummary]:

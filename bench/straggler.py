@@ -8,7 +8,7 @@ What is measured
     - ``baseline``: ``--fast`` peers (default 2) at full speed;
     - ``straggler``: as many fast peers plus one peer ``--slowdown`` times slower (default 5).
 
-    The straggler is made slow with ``POTLUCK_BENCH_SLOWDOWN`` (``peer/roles/trainer.py``): before each local
+    The straggler is made slow by ``bench/slow_peer.py``, a wrapper around run-peer: before each local
     batch it idles (factor - 1) x the shortest of its last 10 local steps, as a machine that
     computes that many times slower would. Its published samples/s, which the others' trackers use to
     count its in-flight batch, are therefore the slow machine's.
@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from slow_peer import slow_peer_entry
 
-from potluck.peer.roles.trainer import SLOWDOWN_ENV
 from potluck.tools.coordinator_process import free_port
 from potluck.tools.peer_processes import LocalSwarm
 from potluck.tools.tiny.assets import build_assets
@@ -109,9 +109,9 @@ def start_swarm(stack: contextlib.ExitStack, spec: Path, workdir: Path, names: l
     ports = {name: free_port() for name in names}
     swarm = stack.enter_context(LocalSwarm(spec, workdir))
     for i, name in enumerate(names):
-        prefix = ["env", f"{SLOWDOWN_ENV}={slowdown}"] if name == "slow" else []
+        entry = {"entry": slow_peer_entry(slowdown)} if name == "slow" else {}
         args = ["--min-peers", str(len(names)), "--metrics-port", str(ports[name])]
-        peer = swarm.start_peer(name, args, initial_peers=[] if i == 0 else None, command_prefix=prefix)
+        peer = swarm.start_peer(name, args, initial_peers=[] if i == 0 else None, **entry)
         if i == 0:
             swarm.wait_for_address(peer, timeout=300)
     return swarm, ports

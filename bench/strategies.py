@@ -47,7 +47,6 @@ Run: ``.venv/bin/python bench/strategies.py`` (a few minutes per case on 2 CPU c
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -58,7 +57,6 @@ import yaml
 from convergence import SPEC, PeerSummary, run_swarm, summarize_peer, train_single, weights_max_diff
 from workdir import run_in_workdir
 
-from potluck.peer.averaging.choose import TOTALS_LINE
 from potluck.peer.training.checkpoint import latest_checkpoint
 from potluck.peer.training.exact_match import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
@@ -67,10 +65,6 @@ from potluck.tools.tiny.assets import build_assets
 
 PEERS = 2
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOTALS = re.compile(
-    re.escape(TOTALS_LINE)
-    + r" rounds (\d+) ok / (\d+) failed, sent (\d+) B, received (\d+) B, compute utilisation (\S+)"
-)
 ALL_CASES = (
     "gradient-none",
     "gradient-uint8",
@@ -108,15 +102,6 @@ def averaging_for(case: str, args: argparse.Namespace) -> tuple[dict, int]:
     return averaging, args.gradient_steps
 
 
-def totals(log: str) -> tuple[int, int, float]:
-    """(bytes sent, failed rounds, compute utilisation) from a peer's ``averaging totals`` line."""
-    found = TOTALS.findall(log)
-    if not found:
-        raise RuntimeError(f"no '{TOTALS_LINE}' line in the peer's log:\n{log[-2000:]}")
-    ok, failed, sent, _received, utilisation = found[-1]
-    return int(sent), int(failed), float(utilisation) if utilisation != "n/a" else float("nan")
-
-
 def run_case(case: str, workdir: Path, args: argparse.Namespace) -> Row:
     averaging, steps = averaging_for(case, args)
     casedir = workdir / case
@@ -137,9 +122,11 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> Row:
     print(f"== {case}: {PEERS} peers, {steps} global steps (logs: {casedir / 'logs'})", file=sys.stderr)
     started = time.monotonic()
     logs_dir = casedir / "logs"
-    if args.reuse and all((logs_dir / f"peer{i}.log").is_file() for i in range(1, PEERS + 1)):
+    if args.reuse and all((logs_dir / f"peer{i}.events.jsonl").is_file() for i in range(1, PEERS + 1)):
         peers: list[PeerSummary] = [
-            summarize_peer(PeerProcess(f"peer{i}", None, logs_dir / f"peer{i}.log"))
+            summarize_peer(
+                PeerProcess(f"peer{i}", None, logs_dir / f"peer{i}.log", logs_dir / f"peer{i}.events.jsonl")
+            )
             for i in range(1, PEERS + 1)
         ]  # a swarm that already ran in this --workdir: evaluate it again
     elif args.link_mbit is None:
@@ -147,8 +134,6 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> Row:
     else:
         peers = run_swarm_shaped(spec_path, casedir, args)
     seconds = time.monotonic() - started
-    logs = [(casedir / "logs" / f"{p.name}.log").read_text(errors="replace") for p in peers]
-    accounts = [totals(log) for log in logs]
     checkpoints = [latest_checkpoint(casedir / p.name, run_spec.run_id) for p in peers]
     if any(c is None or c.global_step != steps for c in checkpoints):
         raise RuntimeError(f"{case}: expected final checkpoints at step {steps}, found {checkpoints}")
@@ -164,9 +149,9 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> Row:
         samples=samples,
         loss=loss,
         single_loss=sum(single) / len(single),
-        sent_per_peer=sum(a[0] for a in accounts) / len(accounts),
-        failed_rounds=sum(a[1] for a in accounts),
-        utilisation=sum(a[2] for a in accounts) / len(accounts),
+        sent_per_peer=sum(p.bytes_sent for p in peers) / len(peers),
+        failed_rounds=sum(p.failed_rounds for p in peers),
+        utilisation=sum(p.compute_utilisation for p in peers) / len(peers),
         weights_diff=weights_max_diff(run_spec, checkpoints[0].path, checkpoints[1].path),
         seconds=seconds,
     )

@@ -10,32 +10,46 @@ prints the current ones).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
 import pkgutil
 
 
-def resolve(dotted: str):
-    """The object a dotted name refers to: the longest importable module prefix, then attributes."""
+def source_of(dotted: str) -> str:
+    """The installed source of a dotted name (a module-level or nested class or function), read from its
+    module's file: what is on disk, whatever a running process may have patched. A name defined several
+    times in one scope (a property's getter and setter) gives all its definitions, in order."""
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):
         try:
-            obj = importlib.import_module(".".join(parts[:cut]))
+            module = importlib.import_module(".".join(parts[:cut]))
         except ImportError:
             continue
+        text = inspect.getsource(module)
+        scope: list[ast.stmt] = ast.parse(text).body
+        found: list[ast.stmt] = []
         for name in parts[cut:]:
-            obj = inspect.getattr_static(obj, name)
-        return obj
+            found = [
+                node
+                for node in scope
+                if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.name == name
+            ]
+            if not found:
+                raise AttributeError(
+                    f"{'.'.join(parts[:cut])} has no {dotted[len('.'.join(parts[:cut])) + 1 :]}"
+                )
+            scope = found[-1].body
+        return "".join(_segment(text, node) for node in found)
     raise ImportError(f"cannot import any prefix of {dotted!r}")
 
 
-def source_of(obj) -> str:
-    if isinstance(obj, property):
-        return "".join(inspect.getsource(f) for f in (obj.fget, obj.fset) if f is not None)
-    if isinstance(obj, (staticmethod, classmethod)):
-        obj = obj.__func__
-    return inspect.getsource(obj)
+def _segment(text: str, node: ast.stmt) -> str:
+    first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[first - 1 : node.end_lineno])
 
 
 def digest(source: str) -> str:
@@ -54,7 +68,7 @@ def pinned_pieces() -> dict[str, tuple[str, str]]:
     return pieces
 
 
-def drifted(pieces: dict[str, tuple[str, str]], read=lambda name: source_of(resolve(name))) -> list[str]:
+def drifted(pieces: dict[str, tuple[str, str]], read=source_of) -> list[str]:
     """One line per piece whose source no longer has its pinned digest (``read`` gives a piece's source)."""
     lines = []
     for name, (pinned, module) in sorted(pieces.items()):
@@ -70,4 +84,4 @@ def drifted(pieces: dict[str, tuple[str, str]], read=lambda name: source_of(reso
 
 if __name__ == "__main__":
     for name, (pinned, module) in sorted(pinned_pieces().items()):
-        print(f"{digest(source_of(resolve(name)))}  {name}  ({module}; pinned {pinned})")
+        print(f"{digest(source_of(name))}  {name}  ({module}; pinned {pinned})")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from potluck.peer.device import DeviceError, resolve_device
 from potluck.peer.net.discovery import DiscoveryError, find_run_in_dht, join_via_coordinator, read_trusted_key
+from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, run_peer, start_peer_dht
 from potluck.peer.training.data import DatasetFormatError
 from potluck.protocols.runspec import RunSpec, RunSpecError, load_run_spec
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=PeerOptions.join_timeout,
         help="seconds to keep trying to reach --initial-peers before giving up",
     )
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write what this peer does as JSON Lines here (events, then a summary line; see peer/results.py)",
+    )
     p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     p.add_argument("-v", "--verbose", action="store_true", help="show hivemind's own log messages")
     shard = p.add_argument_group("roles: layer shards (peer/shard/)")
@@ -147,11 +155,19 @@ def configure_logging(verbose: bool) -> None:
     transformers_logging.disable_progress_bar()
 
 
-def run_shard_role(args: argparse.Namespace, spec: RunSpec | None, options: PeerOptions, device) -> int:
+def user_error(message: object, results: PeerResults) -> int:
+    """One line for the user, the same reason in the summary; exit status 2."""
+    print(f"run-peer: {message}", file=sys.stderr)
+    results.failed(message if isinstance(message, BaseException) else str(message))
+    return 2
+
+
+def run_shard_role(
+    args: argparse.Namespace, spec: RunSpec | None, options: PeerOptions, device, results: PeerResults
+) -> int:
     """``--role shard`` serves blocks until stopped; ``--role client`` trains through the servers."""
     if spec is None:
-        print(f"run-peer: --role {args.role} needs --run-spec or --coordinator", file=sys.stderr)
-        return 2
+        return user_error(f"--role {args.role} needs --run-spec or --coordinator", results)
     # a client also reports, in one line, a missing route or failover giving up (RuntimeErrors)
     user_errors = (ValueError, OSError) if args.role == "shard" else (ValueError, OSError, RuntimeError)
     try:
@@ -159,14 +175,15 @@ def run_shard_role(args: argparse.Namespace, spec: RunSpec | None, options: Peer
             from potluck.peer.roles.shard_server import parse_blocks, serve_shard
 
             blocks = parse_blocks(args.blocks) if args.blocks else None
-            serve_shard(spec, options, threading.Event(), blocks, args.num_blocks, device=device)
+            serve_shard(
+                spec, options, threading.Event(), blocks, args.num_blocks, device=device, results=results
+            )
             return 0
         from potluck.peer.roles.shard_client import train_through_shards
 
-        result = train_through_shards(spec, options, threading.Event())
+        result = train_through_shards(spec, options, threading.Event(), results=results)
     except user_errors as e:
-        print(f"run-peer: {e}", file=sys.stderr)
-        return 2
+        return user_error(e, results)
     print(f"run-peer: trained through shards: global step {result.global_step}, "
           f"last loss {result.last_loss:.4f}", file=sys.stderr)  # fmt: skip
     return 0
@@ -174,24 +191,26 @@ def run_shard_role(args: argparse.Namespace, spec: RunSpec | None, options: Peer
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with PeerResults(args.results, role=args.role) as results:  # the summary is written however we leave
+        return run_role(args, results)
+
+
+def run_role(args: argparse.Namespace, results: PeerResults) -> int:
     if not (args.run_spec or args.coordinator or (args.run and args.coordinator_key and args.initial_peers)):
-        print("run-peer: say which run: --run-spec FILE, --coordinator HOST:PORT, or --initial-peers "
-              "with --run and --coordinator-key", file=sys.stderr)  # fmt: skip
-        return 2
+        return user_error("say which run: --run-spec FILE, --coordinator HOST:PORT, or --initial-peers "
+                          "with --run and --coordinator-key", results)  # fmt: skip
     try:
         device = resolve_device(args.gpu)
         spec = load_run_spec(args.run_spec) if args.run_spec else None
     except (DeviceError, RunSpecError) as e:
-        print(f"run-peer: {e}", file=sys.stderr)
-        return 2
+        return user_error(e, results)
     configure_logging(args.verbose)
     initial_peers = list(args.initial_peers)
     if spec is None and args.coordinator:
         try:
             joined = join_via_coordinator(args.coordinator, args.run)
         except (DiscoveryError, RunSpecError) as e:
-            print(f"run-peer: {e}", file=sys.stderr)
-            return 2
+            return user_error(e, results)
         spec, initial_peers = joined.spec, initial_peers + joined.initial_peers
         print(
             f"run-peer: joined run {spec.run_id!r} through the coordinator at {args.coordinator}",
@@ -213,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         progress_interval=args.progress_interval,
     )
     if args.role != "trainer":
-        return run_shard_role(args, spec, options, device)
+        return run_shard_role(args, spec, options, device, results)
     try:
         if spec is None:  # read the run from its signed announcement in the DHT
             dht = start_peer_dht(options, (args.run,))
@@ -222,12 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             except BaseException:
                 dht.shutdown()
                 raise
-            result = run_peer(spec, options, device, stop=threading.Event(), dht=dht)
+            result = run_peer(spec, options, device, stop=threading.Event(), dht=dht, results=results)
         else:
-            result = run_peer(spec, options, device, stop=threading.Event())
+            result = run_peer(spec, options, device, stop=threading.Event(), results=results)
     except (DatasetFormatError, DiscoveryError, RunSpecError, FileNotFoundError, OSError) as e:
-        print(f"run-peer: {e}", file=sys.stderr)
-        return 2
+        return user_error(e, results)
     why = "stopped by signal" if result.stopped_by_signal else "reached the last global step"
     print(
         f"run-peer: {why}: global step {result.global_step}, {result.local_steps} local steps, "

@@ -61,7 +61,7 @@ def test_help_lists_the_documented_flags():
     result = run_peer("--help")
     assert result.returncode == 0
     for flag in ("--run-spec", "--initial-peers", "--gpu", "--host-maddrs", "--announce-maddrs", "--identity-path",
-                 "--metrics-port", "--save-dir", "--max-steps"):  # fmt: skip
+                 "--metrics-port", "--save-dir", "--max-steps", "--results"):  # fmt: skip
         assert flag in result.stdout
 
 

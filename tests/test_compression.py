@@ -154,6 +154,7 @@ def _compress_with_the_quantile_codec() -> None:
     COMPRESSIONS["quantile_8bit"]().compress(tensor, CompressionInfo.from_tensor(tensor))
 
 
+@pytest.mark.integration  # starts a process
 def test_a_process_forked_after_quantile_compression_can_compress_too():
     """Averagers are forked from the peer's process; the quantile codec's thread pool must work there
     even when the parent used it first (without a fresh pool the child waits forever)."""

@@ -4,7 +4,6 @@ strategies in this process) a peer done with the last outer step serving it to o
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import threading
@@ -25,10 +24,11 @@ from tests.test_swarm import checkpoint_at, max_difference, weights
 pytestmark = pytest.mark.slow
 
 DILOCO = {"strategy": "diloco", "inner_steps": 10, "matchmaking_time": 0.5, "averaging_timeout": 15}
-AVERAGED = re.compile(r"outer step (\d+): averaged pseudo-gradients of (\d+) peers")
-RETRIED = re.compile(r"outer round \d+ (?:failed, training on: .*|still running after .*)")
-TOTALS = re.compile(r"averaging totals: rounds (\d+) ok / (\d+) failed, sent (\d+) B, received (\d+) B, "
-                    r"compute utilisation (\S+)")  # fmt: skip
+
+
+def averaged_by(group_size: int) -> dict:
+    """A ``global_step`` event's ``round`` when the step was an all-reduce of ``group_size`` peers."""
+    return {"outcome": "succeeded", "group_size": group_size}
 
 
 def outer_state(checkpoint_dir: Path) -> dict[str, list[torch.Tensor]]:
@@ -61,9 +61,9 @@ def test_two_peers_share_global_weights_and_loss_falls(make_spec, local_swarm, t
 
     # every outer step was an all-reduce of both peers, and left them with the same outer state
     for peer in (first, second):
-        rounds = AVERAGED.findall(peer.log())
-        assert [int(s) for s, _ in rounds] == list(range(1, steps + 1)), peer.log()[-3000:]
-        assert {int(g) for _, g in rounds} == {2}
+        taken = peer.events("global_step")
+        assert [e["global_step"] for e in taken] == list(range(1, steps + 1)), peer.log()[-3000:]
+        assert all(e["round"] == averaged_by(2) for e in taken), taken
     for step in range(1, steps + 1):
         a, b = (outer_state(checkpoint_at(tmp_path / name, step)) for name in ("a", "b"))
         assert outer_difference(a, b) <= 1e-5
@@ -73,13 +73,14 @@ def test_two_peers_share_global_weights_and_loss_falls(make_spec, local_swarm, t
     # accounting: per round each of 2 peers sends half its 8-bit pseudo-gradient and half the average
     numel = sum(t.numel() for t in final_a.values())
     for peer in (first, second):
-        ok, failed, sent, received, utilisation = TOTALS.search(peer.log()).groups()
+        summary = peer.summary()
         # a round that found no group in time (the other peer not ready yet on a loaded machine) failed and
-        # was retried: the totals count it, and say why in the log (a peer of one fresh-clone run counted 6)
-        retried = RETRIED.findall(peer.log())
-        assert (int(ok), int(failed)) == (steps, len(retried)), retried
-        assert steps * numel <= int(sent) == int(received) <= steps * numel * 1.1
-        assert 0 < float(utilisation) <= 1
+        # was retried: the totals count it, and so does the event stream (a peer of one fresh-clone run
+        # counted 6; the log says why)
+        retried = [e for e in peer.events("averaging_round") if e["outcome"] == "failed"]
+        assert (summary.rounds.succeeded, summary.rounds.failed) == (steps, len(retried)), retried
+        assert steps * numel <= summary.bytes_sent == summary.bytes_received <= steps * numel * 1.1
+        assert 0 < summary.compute_utilisation <= 1
 
     spec = load_run_spec(spec_path)
     before = evaluate_spec(spec, checkpoint=None)
@@ -98,13 +99,13 @@ def test_late_joiner_gets_the_outer_state_and_steps_like_the_others(make_spec, l
     wait_until(lambda: any(c.global_step >= 2 for c in list_checkpoints(tmp_path / "a")), 180, "outer step 2")
 
     late = swarm.start_peer("late", ["--save-dir", str(tmp_path / "late")])
-    downloaded = wait_until(
-        lambda: re.search(r"loaded the swarm's state of global step (\d+)", late.log()), 120, "the download"
-    )
-    assert int(downloaded.group(1)) >= 2, late.log()[-3000:]
+    (downloaded, *_) = wait_until(lambda: late.events("state_loaded"), 120, "the download")
+    assert downloaded["global_step"] >= 2, late.log()[-3000:]
     # its first outer step that it took by averaging with the others (not by downloading again)
     joint = wait_until(
-        lambda: next((int(s) for s, g in AVERAGED.findall(late.log()) if int(g) == 3), None),
+        lambda: next(
+            (e["global_step"] for e in late.events("global_step") if e["round"] == averaged_by(3)), None
+        ),
         120,
         "an outer step averaged by all three peers",
     )

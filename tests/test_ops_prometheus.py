@@ -85,6 +85,8 @@ def swarm(tmp_path_factory) -> Iterator[Swarm]:
 
         def both_peers_up():
             assert process.poll() is None, f"swarm up exited with {process.returncode}:\n{swarm.log()}"
+            # NOTE: `potluck swarm up`'s own console is what this tests; it hands out these addresses (the
+            # dashboard's, each peer's /metrics) and its peers' --results files do not hold them
             return len(re.findall(r"== peer\d+ is up", swarm.log())) == 2
 
         wait_until(both_peers_up, 180, "potluck swarm up to start a coordinator and 2 peers")

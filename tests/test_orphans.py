@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -34,11 +33,6 @@ def alive(processes: list[psutil.Process]) -> list[str]:
     return names
 
 
-def peer_id(log: str) -> str | None:
-    found = re.findall(r"run-peer: peer (\S+) in run", log)
-    return found[-1] if found else None
-
-
 @pytest.mark.timeout(300)
 def test_kill_9_leaves_no_helper_processes_and_the_peer_restarts_in_place(make_spec, local_swarm, tmp_path):
     spec_path = make_spec(
@@ -51,7 +45,7 @@ def test_kill_9_leaves_no_helper_processes_and_the_peer_restarts_in_place(make_s
     mine = ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--identity-path", str(tmp_path / "b.id")]
     victim = swarm.start_peer("b", ["--min-peers", "2", *mine])
     # training together: the DHT, both averagers and p2pd are all running by the first step
-    wait_until(lambda: re.search(r"^step [1-9]", victim.log(), re.MULTILINE), 240, "b's first global step")
+    wait_until(lambda: victim.events("global_step"), 240, "b's first global step")
     helpers = descendants(victim.process.pid)
     commands = [" ".join(p.cmdline()) for p in helpers]
     assert any("p2pd" in c for c in commands), commands
@@ -64,10 +58,11 @@ def test_kill_9_leaves_no_helper_processes_and_the_peer_restarts_in_place(make_s
     again = swarm.start_peer("b-again", ["--min-peers", "2", *mine])
     address = swarm.wait_for_address(again)
     assert f"/tcp/{port}/" in address
-    assert peer_id(again.log()) == peer_id(victim.log()), "--identity-path did not keep the peer id"
+    assert again.peer_id() is not None, again.log()[-3000:]
+    assert again.peer_id() == victim.peer_id(), "--identity-path did not keep the peer id"
     # it listens on its old port and is back in the run: it downloads the state from the peer that stayed
     wait_until(
-        lambda: re.search(r"loaded the swarm's state of global step [1-9]", again.log()),
+        lambda: any(e["global_step"] >= 1 for e in again.events("state_loaded")),
         180,
         "the restarted peer to load the swarm's state",
     )

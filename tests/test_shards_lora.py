@@ -15,7 +15,7 @@ from potluck.protocols.runspec import load_run_spec
 from potluck.protocols.shards import read_shards
 from tests.conftest import _TrackedSwarm
 from tests.helpers import wait_until
-from tests.test_shards import _held_out_loss, _wait_for_line
+from tests.test_shards import _held_out_loss, _wait_for_event
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def lora_swarm(tiny_assets, tmp_path):
         for name in ("span1-a", "span1-b"):
             swarm.start_peer(name, ["--blocks", "1:2"], initial_peers=[address])
         for peer in swarm.peers:
-            _wait_for_line(swarm, peer, r"serving blocks (\d+):(\d+)")
+            _wait_for_event(peer, "serving")
         yield load_run_spec(path), address
     finally:
         swarm.stop(grace=10)

@@ -115,6 +115,7 @@ def test_held_out_data_is_checked_too(stage_spec, tiny_assets):
         check_stage_data(spec)
 
 
+@pytest.mark.integration  # starts a process
 def test_run_peer_refuses_bad_columns_before_starting(stage_spec, tiny_assets, tmp_path):
     """The CLI path: exit code 2 and one line naming the columns, before any model or DHT is started."""
     train, held_out = data_files(tiny_assets)["sft"]

@@ -4,14 +4,18 @@ asserted, by bench/straggler.py (figures in docs/reliability.md)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from potluck.peer.roles.trainer import SLOWDOWN_ENV
 from potluck.tools.coordinator_process import free_port
 from tests.helpers import metric, scrape, wait_until
 from tests.test_faults import succeeded_rounds
 
 pytestmark = pytest.mark.slow
+
+SLOW_PEER = Path(__file__).resolve().parents[1] / "bench" / "slow_peer.py"
+"""run-peer as a machine FACTOR times slower (its first argument)."""
 
 
 def read(port: int) -> str:
@@ -32,7 +36,7 @@ def test_a_straggler_does_not_stop_the_swarm_and_its_samples_count(make_spec, lo
             name,
             ["--min-peers", "3", "--metrics-port", str(port)],
             initial_peers=[] if i == 0 else None,
-            command_prefix=["env", f"{SLOWDOWN_ENV}=5"] if name == "slow" else [],
+            **({"entry": (str(SLOW_PEER), "5")} if name == "slow" else {}),
         )
         if i == 0:
             swarm.wait_for_address(peer, timeout=240)

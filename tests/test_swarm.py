@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from potluck.peer.averaging.choose import ALONE_LINE
 from potluck.peer.training.checkpoint import list_checkpoints
 from potluck.peer.training.exact_match import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
@@ -71,8 +69,8 @@ def test_two_peers_end_equal_and_loss_falls(device, make_spec, local_swarm, tmp_
     # Equal weights alone do not show that the peers averaged gradients: state averaging keeps peers that
     # step apart equal too (and they then learn like one peer with half the batch). A peer's first
     # step may come before it has fetched the other's progress record.
-    alone = re.findall(re.escape(ALONE_LINE) + r" (\d+)", first.log())
-    assert alone and int(alone[-1]) <= 2, first.log()[-3000:]
+    summary = first.summary()
+    assert summary is not None and summary.rounds.alone <= 2, first.log()[-3000:]
 
     spec = load_run_spec(spec_path)
     before = evaluate_spec(spec, checkpoint=None)
@@ -96,9 +94,9 @@ def test_late_joiner_loads_the_swarms_state_before_its_first_step(make_spec, loc
     # --max-steps 1 is already reached: the newcomer downloads the state, saves it and leaves
     late = swarm.start_peer("late", ["--save-dir", str(tmp_path / "late"), "--max-steps", "1"])
     assert late.process.wait(timeout=180) == 0, late.log()[-3000:]
-    match = re.search(r"loaded the swarm's state of global step (\d+)", late.log())
-    assert match, late.log()[-3000:]
-    downloaded = int(match.group(1))
+    loads = late.summary().state_loads
+    assert loads, late.log()[-3000:]
+    downloaded = loads[0].global_step
     assert downloaded >= 3
     (saved,) = list_checkpoints(tmp_path / "late")
     mine = weights(saved.path)
@@ -126,21 +124,23 @@ def test_restart_resumes_from_its_checkpoint(make_spec, local_swarm, tmp_path):
         "second", ["--save-dir", str(save_dir), "--max-steps", "6", *identity], initial_peers=[]
     )
     assert second.process.wait(timeout=180) == 0, second.log()[-3000:]
-    assert "resuming from" in second.log() and "(global step 4)" in second.log()
+    summary = second.summary()
+    assert summary.resumed_from == 4, summary
     # one peer alone: each local step is a global step, so only the two missing steps were trained
-    assert re.search(r"global step 6, 2 local steps", second.log()), second.log()[-2000:]
+    assert (summary.global_step, summary.local_steps, summary.exit_reason) == (6, 2, "max_steps"), summary
     assert [c.global_step for c in list_checkpoints(save_dir)] == [4, 6]
-    peer_ids = [re.search(r"run-peer: peer (\S+) in run", p.log()).group(1) for p in (first, second)]
-    assert peer_ids[0] == peer_ids[1], "--identity-path did not keep the peer id"
+    assert summary.checkpoint == str(checkpoint_at(save_dir, 6))
+    peer_ids = [p.summary().peer_id for p in (first, second)]
+    assert peer_ids[0] is not None and peer_ids[0] == peer_ids[1], "--identity-path did not keep the peer id"
 
 
 @pytest.mark.timeout(300)
 def test_sigterm_leaves_cleanly_and_saves(make_spec, local_swarm, tmp_path):
     spec_path = make_spec(max_global_steps=100000, batch={"target_batch_size": 64, "per_peer_batch_size": 64})
     swarm = local_swarm(spec_path)
-    peer = swarm.start_peer("solo", ["--save-dir", str(tmp_path / "solo"), "--progress-interval", "0.5"])
-    wait_until(lambda: re.search(r"^step [1-9]", peer.log(), re.MULTILINE), 180, "a few global steps")
+    peer = swarm.start_peer("solo", ["--save-dir", str(tmp_path / "solo")])
+    wait_until(lambda: peer.events("global_step"), 180, "a first global step")
     peer.process.send_signal(signal.SIGTERM)
     assert peer.process.wait(timeout=60) == 0, peer.log()[-3000:]
-    assert "stopped by signal" in peer.log()
+    assert peer.summary().exit_reason == "signal", peer.log()[-3000:]
     assert list_checkpoints(tmp_path / "solo"), "the final checkpoint was not written"

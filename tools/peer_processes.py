@@ -11,8 +11,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from potluck.peer.results import PeerSummary, read_events, read_summary
 
 JOIN_ADDRESS = re.compile(r"--initial-peers (\S+)")
+RUN_PEER = ("-m", "potluck.peer.cli")
+"""What ``python`` runs for a peer by default (``start_peer(entry=...)`` replaces it)."""
 
 
 @dataclass
@@ -20,11 +25,30 @@ class PeerProcess:
     name: str
     process: subprocess.Popen
     log_path: Path
+    results_path: Path | None = None
+    """Its ``--results`` file (JSON Lines, see ``peer/results.py``)."""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The events it wrote so far (only those of ``kind``, if given)."""
+        found = read_events(self.results_path) if self.results_path else []
+        return [e for e in found if kind is None or e["event"] == kind]
+
+    def summary(self) -> PeerSummary | None:
+        """Its summary line, once it left (None while it runs, or if it was killed)."""
+        return read_summary(self.results_path) if self.results_path else None
+
+    def peer_id(self) -> str | None:
+        joined = self.events("joined")
+        return joined[-1]["peer_id"] if joined else None
+
     def join_address(self) -> str | None:
+        if self.results_path is not None:
+            joined = self.events("joined")
+            return joined[-1]["addresses"][0] if joined and joined[-1]["addresses"] else None
+        # NOTE: a process started without --results (none here) has only its log to say it
         match = JOIN_ADDRESS.search(self.log())
         return match.group(1) if match else None
 
@@ -50,16 +74,21 @@ class LocalSwarm:
         initial_peers: list[str] | None = None,
         use_spec: bool = True,
         command_prefix: list[str] = (),
+        entry: tuple[str, ...] = RUN_PEER,
     ) -> PeerProcess:
         """Start ``run-peer``; ``initial_peers`` defaults to the first running peer's address.
         ``use_spec=False`` leaves out ``--run-spec`` (the peer finds its run through ``args``).
-        ``command_prefix`` runs it through another command, e.g. ``ip netns exec HOST`` (tests/netbed)."""
+        ``command_prefix`` runs it through another command, e.g. ``ip netns exec HOST`` (tests/netbed);
+        ``entry`` replaces ``-m potluck.peer.cli`` with another script taking run-peer's flags (bench/slow_peer.py).
+        Its events and summary go to ``<workdir>/<name>.events.jsonl`` (``PeerProcess.events``/``summary``)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if initial_peers is None:
             initial_peers = [a for a in (p.join_address() for p in self.peers if p.running) if a][:1]
+        results_path = self.workdir / f"{name}.events.jsonl"
         command = [
-            *command_prefix, sys.executable, "-m", "potluck.peer.cli",
+            *command_prefix, sys.executable, *entry,
             *(["--run-spec", str(self.spec_path)] if use_spec else []),
+            "--results", str(results_path),
             "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
             "--progress-interval", "5",
             *(["--initial-peers", *initial_peers] if initial_peers else []),
@@ -73,7 +102,7 @@ class LocalSwarm:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        peer = PeerProcess(name, process, log_path)
+        peer = PeerProcess(name, process, log_path, results_path)
         self.peers.append(peer)
         return peer
 

@@ -16,14 +16,12 @@ from potluck.peer.averaging.strategy import AveragingListener, AveragingStrategy
 from potluck.protocols.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
-TOTALS_LINE = "averaging totals:"
-ALONE_LINE = "global steps taken alone (no other peer to average with):"
-"""Start of the line a peer logs when it leaves (``bench/strategies.py`` reads it)."""
 
 
 class _Accounted(AveragingStrategy):
     """A strategy plus what the metrics need from outside it: the time gradient averaging blocks the
-    loop, and this peer's totals logged when it leaves.
+    loop, and this peer's totals logged when it leaves (for its user: scripts read the same counters in
+    the ``--results`` summary, see ``peer/results.py``).
 
     NOTE: hivemind's Optimizer runs the all-reduce and the optimizer step inside ``step()`` on a global
     step without saying how long each took: the whole call counts as waiting on the swarm
@@ -77,11 +75,13 @@ class _Accounted(AveragingStrategy):
         if isinstance(latest, dict) and "bytes_sent" in latest:
             utilisation = latest.get("compute_utilisation")
             logger.info(
-                f"{TOTALS_LINE} rounds {latest['averaging_succeeded']} ok / {latest['averaging_failed']} failed, "
+                f"averaging totals: rounds {latest['averaging_succeeded']} ok / {latest['averaging_failed']} failed, "
                 f"sent {latest['bytes_sent']} B, received {latest['bytes_received']} B, compute utilisation "
                 + (f"{utilisation:.4f}" if utilisation is not None else "n/a")
             )
-            logger.info(f"{ALONE_LINE} {latest.get('averaging_alone', 0)}")
+            logger.info(
+                f"global steps taken alone (no other peer to average with): {latest.get('averaging_alone', 0)}"
+            )
 
 
 def make_strategy(

@@ -12,6 +12,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+def round_outcome(succeeded: bool, group_size: int) -> str:
+    """``succeeded``, ``failed`` (the round broke) or ``alone`` (no other peer known or in the group: local
+    gradients only). A step taken without another peer is not a success of averaging: a swarm whose peers
+    keep missing each other trains like separate runs (kept in sync only by state averaging)."""
+    return "failed" if not succeeded else "alone" if group_size <= 1 else "succeeded"
+
+
 class AveragingListener(Protocol):
     """Receives what the strategy observes; the metrics module implements it."""
 

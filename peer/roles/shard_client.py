@@ -9,8 +9,10 @@ import time
 
 import torch
 
+from potluck.hivemind_ext.dht import visible_addresses
 from potluck.peer.averaging.choose import make_strategy
-from potluck.peer.roles.trainer import PeerOptions, install_stop_handlers
+from potluck.peer.results import PeerResults
+from potluck.peer.roles.trainer import PeerOptions, exit_reason, install_stop_handlers
 from potluck.peer.shard.client.remote_model import RemoteCausalLM, open_remote_model
 from potluck.peer.shard.client.routing import NoRouteError
 from potluck.peer.training.data import PeerDataStream, peer_seed
@@ -36,8 +38,15 @@ def wait_for_route(model: RemoteCausalLM, timeout: float, stop: threading.Event)
 
 
 def train_through_shards(
-    spec: RunSpec, options: PeerOptions, stop: threading.Event, route_timeout: float = 120.0
+    spec: RunSpec,
+    options: PeerOptions,
+    stop: threading.Event,
+    route_timeout: float = 120.0,
+    results: PeerResults | None = None,
 ) -> TrainResult:
+    """Train the run's prompt through the shard servers until its last global step or ``stop``;
+    ``route_timeout``: seconds to wait for servers covering every block. ``results``: see ``--results``."""
+    results = results or PeerResults(None, "client")
     if not isinstance(spec.adapter, PromptTuningAdapter):
         raise ValueError(
             f"adapter.kind: --role client trains only prompt_tuning adapters, got {spec.adapter.kind!r} "
@@ -59,10 +68,14 @@ def train_through_shards(
     if options.metrics_port is not None:
         metrics.serve(options.metrics_port, options.metrics_host)
     try:
+        results.joined(str(dht.peer_id), spec.run_id, visible_addresses(dht))
         wait_for_route(model, route_timeout, stop)
-        print(f"run-peer: client {dht.peer_id} routes through {model.client.router.route(0, model.client.num_blocks)}",
-              file=sys.stderr)  # fmt: skip
-        strategy = make_strategy(spec, dht, [model.prompt], listener=metrics)
+        route = model.client.router.route(0, model.client.num_blocks)
+        print(f"run-peer: client {dht.peer_id} routes through {route}", file=sys.stderr)
+        results.event(
+            "route", hops=[{"peer_id": str(h.peer_id), "start": h.start, "end": h.end} for h in route]
+        )
+        strategy = make_strategy(spec, dht, [model.prompt], listener=results.listener(metrics))
         try:
             install_stop_handlers(stop)  # after the averagers: creating one leaves SIGINT ignored
             trainer = Trainer(
@@ -76,8 +89,16 @@ def train_through_shards(
                 progress=ProgressDisplay(max_steps, interval=options.progress_interval),
                 stop=stop,
                 max_grad_norm=spec.optimizer.max_grad_norm,
+                on_global_step=results.global_step,
             )
             result = trainer.run()
+            results.trained(
+                result.global_step,
+                result.local_steps,
+                result.samples,
+                result.last_loss,
+                exit_reason(result, options),
+            )
             print(f"run-peer: shard client {model.client.metrics.snapshot()}", file=sys.stderr)
             return result
         finally:

@@ -11,6 +11,7 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.crypto import RSAPrivateKey
 
 from potluck.hivemind_ext.dht import start_dht, visible_addresses
+from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, install_stop_handlers
 from potluck.peer.shard.blocks import load_block_span, load_config, resolve_model_dir
 from potluck.peer.shard.metrics import ShardServerMetrics
@@ -49,11 +50,13 @@ def serve_shard(
     announce_interval: float = 5.0,
     average_every: float = 5.0,
     device: torch.device | None = None,
+    results: PeerResults | None = None,
 ) -> None:
     """Serve blocks ``blocks`` of the run's model until ``stop``; without ``blocks``, the
     ``num_blocks`` (default: half the model, at least 1) that the swarm covers worst. A run with a
     ``lora`` adapter trains it here (see :mod:`adapters`), averaged with replicas every
-    ``average_every`` seconds."""
+    ``average_every`` seconds. ``results``: where the events go (``--results``)."""
+    results = results or PeerResults(None, "shard")
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = load_config(model_dir)
     dht = start_dht(
@@ -69,6 +72,7 @@ def serve_shard(
     try:
         addresses = visible_addresses(dht)
         print(f"run-peer: shard server {dht.peer_id} in run {spec.run_id!r}", file=sys.stderr)
+        results.joined(str(dht.peer_id), spec.run_id, addresses)
         if addresses:
             print(
                 f"run-peer: others can join with --initial-peers {addresses[0]}", file=sys.stderr, flush=True
@@ -86,6 +90,8 @@ def serve_shard(
                 file=sys.stderr,
                 flush=True,
             )
+            results.event("blocks_chosen", start=blocks[0], end=blocks[1])
+        results.summary.blocks = list(blocks)
         span = load_block_span(model_dir, *blocks, dtype=getattr(torch, spec.model.dtype))
         span = span.to(device or torch.device("cpu"))
         throughput = measure_throughput(span)
@@ -106,7 +112,9 @@ def serve_shard(
             file=sys.stderr,
             flush=True,
         )
+        results.event("serving", start=blocks[0], end=blocks[1], tokens_per_second=throughput)
         stop.wait()
+        results.summary.exit_reason = "signal"  # nothing else ends serving
     finally:
         if announcer is not None:
             announcer.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -19,6 +18,7 @@ from potluck.hivemind_ext.dht import JOIN_TIMEOUT, RouteKeeper, start_dht, visib
 from potluck.peer.averaging.choose import make_strategy
 from potluck.peer.averaging.strategy import AveragingStrategy
 from potluck.peer.net.reporter import ReportPublisher
+from potluck.peer.results import PeerResults
 from potluck.peer.training.checkpoint import latest_checkpoint, save_checkpoint
 from potluck.peer.training.data import PeerDataStream, peer_seed
 from potluck.peer.training.loop import Trainer, TrainResult
@@ -93,23 +93,11 @@ def wait_for_peers(strategy: AveragingStrategy, count: int, timeout: float, stop
     print(f"run-peer: {online} peer(s) online", file=sys.stderr)
 
 
-SLOWDOWN_ENV = "POTLUCK_BENCH_SLOWDOWN"
-"""Bench/test only (bench/straggler.py): a factor > 1 makes this peer a straggler, as if its machine
-were that many times slower. Not a user option: it is not in the CLI and not in the run spec."""
-
-
-def slowed_down(batches, factor: float):
-    """Yield ``batches``, idling (factor - 1) x a local step's compute time before each: the shortest of
-    the last 10 steps, so the time of an all-reduce or of a state download is not multiplied too."""
-    recent: list[float] = []
-    last = None
-    for batch in batches:
-        now = time.perf_counter()
-        if last is not None:
-            recent = [*recent[-9:], now - last]
-            time.sleep((factor - 1) * min(recent))  # the emulated slow machine's extra time
-        last = time.perf_counter()
-        yield batch
+def exit_reason(result: TrainResult, options: PeerOptions) -> str:
+    """Why training ended: ``signal``, ``max_steps`` (``--max-steps``) or ``finished`` (the spec's last step)."""
+    if result.stopped_by_signal:
+        return "signal"
+    return "max_steps" if options.max_steps is not None else "finished"
 
 
 def start_peer_dht(options: PeerOptions, run_ids: tuple[str, ...] = ()) -> DHT:
@@ -127,10 +115,17 @@ def start_peer_dht(options: PeerOptions, run_ids: tuple[str, ...] = ()) -> DHT:
 
 
 def run_peer(
-    spec: RunSpec, options: PeerOptions, device: torch.device, stop: threading.Event, dht: DHT | None = None
+    spec: RunSpec,
+    options: PeerOptions,
+    device: torch.device,
+    stop: threading.Event,
+    dht: DHT | None = None,
+    results: PeerResults | None = None,
 ) -> TrainResult:
     """Train with the swarm until the last global step or ``stop``. ``dht``: an already started node
-    (the peer found the run spec through it); it is shut down here either way."""
+    (the peer found the run spec through it); it is shut down here either way. ``results``: where the
+    events go (``--results``); the caller writes its summary."""
+    results = results or PeerResults(None, "trainer")
     max_steps = options.max_steps if options.max_steps is not None else spec.max_global_steps
     check_stage_data(spec)  # fails fast on data without the stage's columns, before loading any model
     context = stage_context(spec, device, options.save_dir)  # resolves init_from
@@ -141,6 +136,7 @@ def run_peer(
     model = stage.build_model(weights_from=str(resume.path) if resume else None)
     if resume:
         print(f"run-peer: resuming from {resume.path} (global step {resume.global_step})", file=sys.stderr)
+        results.resumed(resume.global_step, resume.path)
 
     metrics = PeerMetrics(spec.run_id)
     if options.metrics_port is not None:
@@ -155,11 +151,12 @@ def run_peer(
         peer_id = str(dht.peer_id)
         addresses = visible_addresses(dht)
         print(f"run-peer: peer {peer_id} in run {spec.run_id!r}", file=sys.stderr)
+        results.joined(peer_id, spec.run_id, addresses)
         if addresses:
             print(
                 f"run-peer: others can join with --initial-peers {addresses[0]}", file=sys.stderr, flush=True
             )
-        strategy = make_strategy(spec, dht, trainable_parameters(model), listener=metrics)
+        strategy = make_strategy(spec, dht, trainable_parameters(model), listener=results.listener(metrics))
         reporter = ReportPublisher(dht, public_key_tag(RSAPrivateKey.process_wide()), spec.run_id, metrics)
         try:
             install_stop_handlers(stop)
@@ -174,11 +171,12 @@ def run_peer(
                     f"(continuing at global step {strategy.global_step})",
                     file=sys.stderr,
                 )
+                results.state_loaded(downloaded, strategy.last_state_donor, strategy.global_step)
             reporter.start()
 
             def save(step: int) -> None:
                 if options.save_dir is not None:
-                    save_checkpoint(
+                    saved = save_checkpoint(
                         options.save_dir,
                         spec.run_id,
                         step,
@@ -187,18 +185,18 @@ def run_peer(
                         strategy.state_dict(),
                         spec.checkpoint.keep,
                     )
+                    results.checkpoint(step, saved.path)
 
             def on_global_step(step: int) -> None:
+                results.global_step(step)
                 if step % spec.checkpoint.save_every == 0:
                     save(step)
 
-            batches = data.batches(peer_seed(spec.seed, peer_id))
-            slowdown = float(os.environ.get(SLOWDOWN_ENV, "1"))
             trainer = Trainer(
                 model=model,
                 stage=stage,
                 strategy=strategy,
-                batches=slowed_down(batches, slowdown) if slowdown > 1 else batches,
+                batches=data.batches(peer_seed(spec.seed, peer_id)),
                 device=device,
                 max_global_steps=max_steps,
                 metrics=metrics,
@@ -210,6 +208,13 @@ def run_peer(
             result = trainer.run()
             strategy.settle()
             save(result.global_step)
+            results.trained(
+                result.global_step,
+                result.local_steps,
+                result.samples,
+                result.last_loss,
+                exit_reason(result, options),
+            )
             if metrics.latest_stage:
                 figures = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.latest_stage.items()))
                 print(f"run-peer: {spec.stage} metrics of the last batch: {figures}", file=sys.stderr)

@@ -10,6 +10,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from potluck.peer.averaging.strategy import round_outcome
+
 STAGE_METRICS = {
     "reward_mean": "Mean reward of the latest batch (RL: rollouts; rm: scores; dpo: implicit reward margin)",
     "reward_std": "Standard deviation of the rewards of the latest batch",
@@ -123,7 +125,7 @@ class PeerMetrics:
         self.latest_stage: dict[str, float] = {}
         self.run_id = run_id
         # plain copies of what the signed DHT report carries (prometheus objects are write-mostly)
-        self.latest = {"global_step": 0, "loss": None, "samples_per_second": 0.0, "samples_total": 0,
+        self.latest = {"global_step": 0, "loss": None, "samples_per_second": 0.0, "samples_total": 0, "local_steps": 0,
                        "averaging_succeeded": 0, "averaging_failed": 0, "averaging_alone": 0,
                        "bytes_sent": 0, "bytes_received": 0, "compute_utilisation": None}  # fmt: skip
         for outcome in ("succeeded", "failed"):
@@ -142,6 +144,7 @@ class PeerMetrics:
         self._samples_per_second.labels(self.run_id).set(samples_per_second)
         self.latest.update(loss=loss, samples_per_second=samples_per_second)
         self.latest["samples_total"] += samples
+        self.latest["local_steps"] += 1
         # the strategy reports its waits (communication_wait) from inside the step timed here
         now = time.monotonic()
         if self._first_step_at is None:
@@ -179,9 +182,7 @@ class PeerMetrics:
         bytes_received: int,
         seconds: float | None = None,
     ) -> None:
-        # a step taken without another peer is not a success of averaging: a swarm whose peers keep
-        # missing each other trains like separate runs (kept in sync only by state averaging)
-        outcome = "failed" if not succeeded else "alone" if group_size <= 1 else "succeeded"
+        outcome = round_outcome(succeeded, group_size)
         self._rounds.labels(self.run_id, outcome).inc()
         self.latest[f"averaging_{outcome}"] += 1
         self._sent.labels(self.run_id).inc(bytes_sent)
