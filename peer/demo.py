@@ -2,7 +2,8 @@
 
 It builds the model and data (nothing is downloaded), evaluates the model, starts a coordinator,
 publishes the run through it, starts two ``run-peer`` processes that know only the coordinator's
-address, relays their progress, and ends with a before/after table and the dashboard's address.
+address, relays their progress, and ends with a before/after table, three held-out problems with the
+model's answers before and after training, and the dashboard's address.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 
 from potluck.coordinator.local_process import LocalCoordinator, free_port
 from potluck.peer.checkpoint import latest_checkpoint
+from potluck.peer.data import load_rows
 from potluck.peer.evaluate import EvalResult
 from potluck.peer.local_swarm import LocalSwarm
 from potluck.peer.tools_cli import build_assets, evaluate_spec
@@ -52,6 +54,24 @@ def print_table(before: EvalResult, after: EvalResult) -> None:
     print(f"{'held-out (' + str(after.examples) + ' problems)':<28}{'before':>10}{'after':>10}")
     print(f"{'loss (per token)':<28}{before.loss:>10.3f}{after.loss:>10.3f}")
     print(f"{'exact-match accuracy':<28}{before.accuracy:>10.1%}{after.accuracy:>10.1%}")
+
+
+EXAMPLES_SHOWN = 3
+EXAMPLES_TITLE = "held-out problems, answered greedily before and after training:"
+
+
+def print_examples(eval_path: str, before: EvalResult, after: EvalResult) -> None:
+    """Three held-out problems spread over the file (it lists them by first operand), not picked by outcome."""
+    rows = load_rows(eval_path)[: after.examples]
+    picks = [len(rows) * (2 * i + 1) // (2 * EXAMPLES_SHOWN) for i in range(EXAMPLES_SHOWN)]
+    print(f"\n{EXAMPLES_TITLE}")
+    print(f"{'problem':<12}{'expected':>10}{'before':>10}{'after':>10}")
+    for i in picks:
+        row, old, new = rows[i], before.answers[i].strip(), after.answers[i].strip()
+        verdict = "right" if new == row["completion"] else "wrong"
+        print(
+            f"{row['prompt']:<12}{row['completion']:>10}{old or '(none)':>10}{new or '(none)':>10}  {verdict}"
+        )
 
 
 def main(workdir: Path = Path(".demo"), peers: int = 2, max_steps: int | None = None) -> int:
@@ -92,6 +112,7 @@ def main(workdir: Path = Path(".demo"), peers: int = 2, max_steps: int | None = 
     checkpoint = latest_checkpoint(workdir / "peer1", spec.run_id)
     after = evaluate_spec(spec, checkpoint=checkpoint.path)
     print_table(before, after)
+    print_examples(spec.data.eval_path, before, after)
     print(f"\n== done in {time.monotonic() - started:.0f}s; trained weights: {checkpoint.path}")
     print(f"== the dashboard was at {coordinator.dashboard}; its history stays in {coordinator.db}")
     print(f"   (see it again: run-coordinator --db {coordinator.db} --http-port 8080)")
