@@ -20,23 +20,30 @@ from potluck.peer.checkpoint import latest_checkpoint
 from potluck.peer.data import load_rows
 from potluck.peer.evaluate import EvalResult
 from potluck.peer.local_swarm import LocalSwarm
+from potluck.peer.tiny.task import ArithmeticTask
 from potluck.peer.tools_cli import build_assets, evaluate_spec
 from potluck.protocols.coordinator_client import CoordinatorClient
 from potluck.protocols.runspec import load_run_spec
 
+DEMO_TASK = ArithmeticTask(operand_digits=2)
+"""Zero-padded operands (``07+38=``): see ``ArithmeticTask.operand_digits`` for why the demo needs them."""
 DEMO_SPEC = {
     "run_id": "demo-arithmetic",
     "model": {"name_or_path": "./tiny-model"},
     "data": {"path": "./data/train.jsonl", "eval_path": "./data/eval.jsonl", "max_length": 16},
-    "optimizer": {"lr": 0.003, "warmup_steps": 10},
+    # NOTE: measured single-process on this model and task over 4 data orders: at a constant 3e-3 the
+    # held-out accuracy still climbs and swings by ±10 points from step to step at the end; a linear
+    # decay to 0 lets it settle (91-94 % after 250 steps). Higher peak rates (5e-3, 1e-2) learn slower.
+    "optimizer": {"lr": 0.003, "betas": [0.9, 0.98], "warmup_steps": 10, "schedule": "linear",
+                  "max_grad_norm": 1.0},
     # NOTE: one local batch per peer per global step with 2 peers; until the tracker honoured the
     # target (peer/tracker.py), 128/64 gave steps of about 256 samples, and these keep that pace.
     "batch": {"target_batch_size": 256, "per_peer_batch_size": 128},
-    "max_global_steps": 300,
+    "max_global_steps": 250,
     "averaging": {"matchmaking_time": 0.5, "averaging_timeout": 15},
     "checkpoint": {"save_every": 100, "keep": 1},
     "seed": 0,
-}
+}  # fmt: skip
 
 
 def relay(swarm: LocalSwarm, offsets: dict[str, int]) -> None:
@@ -79,7 +86,7 @@ def main(workdir: Path = Path(".demo"), peers: int = 2, max_steps: int | None = 
     workdir = workdir.resolve()
     print(f"== building the tiny model and task in {workdir}", flush=True)
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run each time: no resuming from an old demo
-    build_assets(workdir)
+    build_assets(workdir, DEMO_TASK)
     spec_path = workdir / "run.yaml"
     spec_dict = dict(DEMO_SPEC, max_global_steps=max_steps or DEMO_SPEC["max_global_steps"])
     spec_path.write_text(yaml.safe_dump(spec_dict, sort_keys=False))

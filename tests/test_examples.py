@@ -28,6 +28,14 @@ def test_demo_spec_is_valid():
     )
 
 
+def test_demo_pads_operands_and_holds_out_the_same_problems():
+    from potluck.peer.demo import DEMO_TASK
+    from potluck.peer.tiny.task import ArithmeticTask
+
+    assert DEMO_TASK.example(7, 38) == {"prompt": "07+38=", "completion": "45"}
+    assert DEMO_TASK.problems(held_out=True) == ArithmeticTask().problems(held_out=True)
+
+
 def test_demo_ends_with_three_held_out_problems_before_and_after(tmp_path, capsys):
     from potluck.peer.demo import EXAMPLES_TITLE, print_examples
     from potluck.peer.evaluate import EvalResult
