@@ -27,7 +27,7 @@ import yaml
 from potluck.protocols.coordinator_client import CoordinatorClient, CoordinatorError
 from potluck.protocols.runspec import load_run_spec
 from potluck.tools.coordinator_process import LocalCoordinator
-from potluck.tools.demo import DEMO_SPEC, train
+from potluck.tools.demo import DEMO_SPEC, DEMO_TASK, train
 from potluck.tools.peer_processes import LocalSwarm, PeerProcess
 from potluck.tools.tiny.assets import build_assets
 
@@ -50,7 +50,7 @@ def prepare_demo_run(workdir: Path, max_steps: int | None = None) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir, data_dir = workdir / "tiny-model", workdir / "data"
     if not (model_dir / "config.json").is_file() or not any(data_dir.glob("*.jsonl")):
-        build_assets(workdir)
+        build_assets(workdir, DEMO_TASK)
     spec_path = workdir / "run.yaml"
     spec = dict(DEMO_SPEC, max_global_steps=max_steps or DEMO_SPEC["max_global_steps"])
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -25,6 +25,8 @@ class EvalResult:
     accuracy: float
     """Share of prompts whose greedy completion equals the reference exactly."""
     examples: int
+    answers: tuple[str, ...] = ()
+    """The greedy completion of each evaluated row, in the file's order (the demo shows a few)."""
 
 
 @torch.no_grad()
@@ -36,7 +38,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    total_loss, total_tokens, correct = 0.0, 0, 0
+    total_loss, total_tokens, answers = 0.0, 0, []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = collate([tokenize_example(r, fmt, tokenizer, max_length) for r in chunk], pad_id)
@@ -50,14 +52,20 @@ def evaluate(
         )
         total_loss += losses.item()
         total_tokens += int((targets != -100).sum())
-        correct += _count_exact_matches(model, tokenizer, chunk, fmt)
+        answers += greedy_completions(model, tokenizer, chunk, fmt)
     model.train(was_training)
+    references = [split_prompt_completion(r, fmt, tokenizer)[1] for r in rows]
+    correct = sum(a.strip() == r.strip() for a, r in zip(answers, references, strict=True))
     return EvalResult(
-        loss=total_loss / max(total_tokens, 1), accuracy=correct / len(rows), examples=len(rows)
+        loss=total_loss / max(total_tokens, 1),
+        accuracy=correct / len(rows),
+        examples=len(rows),
+        answers=tuple(answers),
     )
 
 
-def _count_exact_matches(model, tokenizer, rows, fmt) -> int:
+def greedy_completions(model, tokenizer, rows, fmt) -> list[str]:
+    """Each row's prompt completed greedily, up to one token more than its reference completion."""
     pairs = [split_prompt_completion(r, fmt, tokenizer) for r in rows]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompts = [bos + tokenizer(p, add_special_tokens=False).input_ids for p, _ in pairs]
@@ -75,10 +83,7 @@ def _count_exact_matches(model, tokenizer, rows, fmt) -> int:
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    answers = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-    return sum(
-        answer.strip() == reference.strip() for answer, (_, reference) in zip(answers, pairs, strict=False)
-    )
+    return tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
 
 
 def evaluate_spec(spec: RunSpec, checkpoint: Path | None) -> EvalResult:

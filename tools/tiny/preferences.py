@@ -46,10 +46,10 @@ def write_rlhf_data(
     train, held_out = task.problems(held_out=False), task.problems(held_out=True)
 
     def pair(a: int, b: int) -> dict[str, str]:
-        return {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(wrong_sum(a, b, rng))}
+        return {"prompt": task.prompt(a, b), "chosen": str(a + b), "rejected": str(wrong_sum(a, b, rng))}
 
     def prompt(a: int, b: int) -> dict[str, str]:
-        return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+        return {"prompt": task.prompt(a, b), "answer": str(a + b)}
 
     return {
         "preferences_train": _write(out_dir / "preferences_train.jsonl",

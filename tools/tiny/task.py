@@ -23,13 +23,22 @@ class ArithmeticTask:
     learns to a clearly measurable accuracy in a few hundred global steps on a CPU."""
     eval_fraction: float = 0.1
     """Share of distinct problems held out for evaluation."""
+    operand_digits: int = 1
+    """Write operands zero-padded to this many digits: 2 gives ``07+38=``. Then each digit sits at the
+    same distance from ``=`` in every problem, and the tiny model (rotary positions only) learns the
+    units digit far sooner: at lr 3e-3, held-out accuracy after 150 steps was 49-83 % with 2 and 6-41 %
+    with 1 (``7+38=``, which needed about 400 steps for 80-90 %; single process, 3 data
+    orders). The answer is never padded; which problems are held out does not change."""
 
     def is_held_out(self, a: int, b: int) -> bool:
         digest = hashlib.sha256(f"{a}+{b}".encode()).digest()
         return int.from_bytes(digest[:4], "big") / 2**32 < self.eval_fraction
 
+    def prompt(self, a: int, b: int) -> str:
+        return f"{a:0{self.operand_digits}d}+{b:0{self.operand_digits}d}="
+
     def example(self, a: int, b: int) -> dict[str, str]:
-        return {"prompt": f"{a}+{b}=", "completion": str(a + b)}
+        return {"prompt": self.prompt(a, b), "completion": str(a + b)}
 
     def problems(self, held_out: bool) -> list[tuple[int, int]]:
         span = range(self.max_operand + 1)
