@@ -76,9 +76,9 @@ class _StepsSeen(DecentralizedAverager):
 
     A peer whose tracker still showed the swarm a step ahead (its view is up to seconds old) kept
     stepping one step at a time, hivemind's catch-up, while the others went on: on the home-like bed
-    a healed peer stood 2-4 steps behind for half a minute, and every state round averaged its older
-    parameters into the others'. A round that shows another peer two or more steps ahead says so at
-    once. A peer can also stay exactly one step behind for good: it steps in the same rounds as the
+    a healed peer stood 2-4 steps behind for half a minute (its state rounds with the others are not
+    averaged: ``CheckedRounds.same_step_only``). A round that shows another peer two or more steps ahead
+    says so at once. A peer can also stay exactly one step behind for good: it steps in the same rounds as the
     others, and hivemind's once-per-step check of the swarm's step looks right after the step, when the
     others' records still hold their previous step, the one this peer has just reached (in CI a healed
     peer stayed so for the last 50 steps of the run, its parameters 1e-4 to 4e-3 from everyone's). One
@@ -86,34 +86,53 @@ class _StepsSeen(DecentralizedAverager):
     the 2-peer PPO test its learning; two rounds in a row cannot.
     """
 
-    steps_behind: int = 0
-    """The most global steps this peer was behind the newest peer of a state round, since the optimizer
-    last downloaded the swarm's state for it."""
-    rounds_behind: int = 0
-    """State rounds in a row in which this peer was behind another (0 after a round where it was not)."""
+    _steps_behind: int = 0
+    _rounds_behind: int = 0
+    _rounds_to_read: list[StepControl] | None = None
+
+    @property
+    def steps_behind(self) -> int:
+        """The most global steps this peer was behind the newest peer of a state round, since the
+        optimizer last downloaded the swarm's state for it."""
+        self._read_finished_rounds()
+        return self._steps_behind
+
+    @property
+    def rounds_behind(self) -> int:
+        """State rounds in a row in which this peer was behind another (0 after a round where it was not)."""
+        self._read_finished_rounds()
+        return self._rounds_behind
 
     def step(self, *args, **kwargs):
         control = super().step(*args, **kwargs)
         if isinstance(control, StepControl):  # a round in the background (wait=False, or scheduled)
-            control.add_done_callback(self._note_steps)
+            if self._rounds_to_read is None:
+                self._rounds_to_read = []
+            self._rounds_to_read.append(control)
         return control
 
-    def _note_steps(self, control: StepControl) -> None:
-        if control.cancelled() or control.exception() is not None:
-            return
-        gathered = group_of(control.result())
-        own = gathered.get(self.peer_id)
-        steps = [s for s in gathered.values() if isinstance(s, int)]
-        if isinstance(own, int) and steps:
-            lag = max(steps) - own
-            self.steps_behind = max(self.steps_behind, lag)
-            self.rounds_behind = self.rounds_behind + 1 if lag > 0 else 0
+    def _read_finished_rounds(self) -> None:
+        # Read here, in the caller's thread, in the order the rounds ran: a done-callback runs in
+        # hivemind's future thread and can come after the caller already saw the round finish (a
+        # settled peer then asked too early, and did not yet know it was behind).
+        rounds = self._rounds_to_read or []
+        while rounds and rounds[0].done():
+            control = rounds.pop(0)
+            if control.cancelled() or control.exception() is not None:
+                continue
+            gathered = group_of(control.result())
+            own = gathered.get(self.peer_id)
+            steps = [s for s in gathered.values() if isinstance(s, int)]
+            if isinstance(own, int) and steps:
+                lag = max(steps) - own
+                self._steps_behind = max(self._steps_behind, lag)
+                self._rounds_behind = self._rounds_behind + 1 if lag > 0 else 0
 
     def out_of_step(self) -> bool:
         """Whether the state rounds say this peer should take the swarm's state (then forgets them): it
         was two or more steps behind in one, or behind in two in a row."""
         if self.steps_behind > 1 or self.rounds_behind > 1:
-            self.steps_behind = self.rounds_behind = 0
+            self._steps_behind = self._rounds_behind = 0
             return True
         return False
 
@@ -145,10 +164,15 @@ class _ObservedStateAverager(
 ):
     """MRO: TrainingStateAverager's ``super().load_state_from_peers`` lands in the recorder.
 
-    NOTE: state rounds are not keyed by global step, although a round of step 2 can meet one of step 3
-    on a loaded machine (docs/reliability.md): with the step in the group key, a peer cut off by a
+    State rounds are not keyed by global step (with the step in the group key, a peer cut off by a
     partition found nobody, lost the DHT's routing to the others and trained alone for good in 2 of 4
-    runs of tests/test_faults.py."""
+    runs of tests/test_faults.py), yet a round of step 11 meets one of step 12 on a loaded machine: the
+    all-reduce then mixed parameters a whole update apart, and in 2 of 3 runs of the 2-peer swarm test
+    beside two busy loops the peers ended 3e-3 apart although every gradient round had succeeded. Such a
+    group skips its all-reduce (``same_step_only``); what it gathered still shows a peer behind
+    (``_StepsSeen``)."""
+
+    same_step_only = True
 
     applied_epoch: int | None = None
     """The global step whose optimizer update the parameters hold; None: as ``local_epoch`` says

@@ -6,15 +6,20 @@ so ("Averaging: received 89.1% results"; with a reducer that died, 0.0 %). A DiL
 an outer step 0.074 away from the others' (tests/test_diloco.py). :class:`CheckedRounds` adds the share
 that arrived to the round's result (:func:`received_fraction`), so callers can count such a round as
 failed. Matchmaking does not look at the step a round is for either: a group key that carries the step
-(:func:`round_bits`, DiLoCo's outer rounds) keeps rounds of different steps apart.
+(:func:`round_bits`, DiLoCo's outer rounds) keeps rounds of different steps apart; where the key must
+stay fixed (the state rounds), ``same_step_only`` makes a group whose peers gathered different steps
+skip its all-reduce.
 """
 
 from __future__ import annotations
+
+import logging
 
 from hivemind.averaging import DecentralizedAverager
 
 UPSTREAM = {
     "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group": "c297d8a435ce2b1c",  # overridden; keeps its runner in _running_groups
+    "hivemind.averaging.averager.DecentralizedAverager._register_allreduce_group": "5bf43ed9b95db37d",  # a skipped round's runner future is cancelled, so it does not warn
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
 
@@ -38,10 +43,40 @@ def group_of(gathered) -> dict:
     return {peer: data for peer, data in gathered.items() if peer != PARTIAL}
 
 
+logger = logging.getLogger(__name__)
+
+
+def steps_gathered(gathered) -> set[int]:
+    """The distinct steps that a round's peers gathered (peers that gathered no step are left out)."""
+    return {
+        data for data in group_of(gathered).values() if isinstance(data, int) and not isinstance(data, bool)
+    }
+
+
 class CheckedRounds(DecentralizedAverager):
-    """Adds :data:`PARTIAL` to a round's result when some of the average never arrived."""
+    """Adds :data:`PARTIAL` to a round's result when some of the average never arrived.
+
+    With ``same_step_only``, a group whose peers gathered different steps (each gathers the step its
+    round is for) skips the all-reduce: every member sees the same gathered data, so all of them skip,
+    and each keeps its own tensors. The round still returns what was gathered, so the caller sees the
+    other peers' steps."""
+
+    same_step_only = False
 
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        if self.same_step_only:
+            gathered = {
+                peer: self.serializer.loads(data)
+                for peer, (_, _, data) in zip(
+                    group_info.peer_ids, map(self.serializer.loads, group_info.gathered), strict=True
+                )
+            }
+            if len(steps := steps_gathered(gathered)) > 1:
+                logger.info(
+                    f"{type(self).__name__}: a round met peers at steps {sorted(steps)}; each keeps its own tensors"
+                )
+                self._running_groups[group_info.group_id].cancel()  # no runner: nobody sends parts
+                return gathered
         gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
         running = self._running_groups.get(group_info.group_id)  # hivemind keeps the round's runner here
         runner = running.result() if running is not None and running.done() else None

@@ -12,7 +12,7 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
 from potluck.hivemind_ext.dht import start_dht
-from potluck.hivemind_ext.rounds import CheckedRounds, received_fraction
+from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
 from tests.helpers import sigint_kept
 
 SIZE = 300_000
@@ -22,6 +22,10 @@ part, reduced by one peer only)."""
 
 class _Averager(CheckedRounds):
     pass
+
+
+class _SameStep(CheckedRounds):
+    same_step_only = True
 
 
 class _DeadReducer(_Averager):
@@ -93,3 +97,28 @@ def test_a_round_that_lost_part_of_the_average_says_so():
         averaged = torch.isclose(tensor, torch.tensor(2.0))
         assert torch.equal(tensor[~averaged], torch.full_like(tensor[~averaged], 1.0))
         assert averaged.float().mean().item() == pytest.approx(arrived)
+
+
+@pytest.mark.timeout(120)
+def test_a_same_step_round_averages_only_peers_at_one_step():
+    with _averagers((_SameStep, 1.0), (_SameStep, 3.0)) as averagers:
+        # a round of step 11 meeting one of step 12 (the state rounds on a loaded machine): not averaged
+        rounds = [
+            a.step(gather=step, timeout=15.0, wait=False) for a, step in zip(averagers, (11, 12), strict=True)
+        ]
+        outcomes = [_outcome(control) for control in rounds]
+        for outcome in outcomes:
+            assert isinstance(outcome, dict), outcome
+            assert sorted(group_of(outcome).values()) == [11, 12]  # the caller still sees the other's step
+        assert [_tensor(a)[0].item() for a in averagers] == [1.0, 3.0]
+        assert all(
+            torch.equal(_tensor(a), torch.full((SIZE,), v))
+            for a, v in zip(averagers, (1.0, 3.0), strict=True)
+        )
+
+        rounds = [a.step(gather=12, timeout=15.0, wait=False) for a in averagers]
+        outcomes = [_outcome(control) for control in rounds]
+        assert all(isinstance(outcome, dict) and len(group_of(outcome)) == 2 for outcome in outcomes), (
+            outcomes
+        )
+        assert all(torch.allclose(_tensor(a), torch.full((SIZE,), 2.0)) for a in averagers)
