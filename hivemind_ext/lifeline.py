@@ -11,7 +11,7 @@ daemon. Two layers make them follow the peer:
    parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``). The chain peer → DHT → ``p2pd`` therefore dies
    link by link within milliseconds. (uvloop, which the DHT process runs, calls Python's fork hooks
    when it spawns ``p2pd``; the signal survives ``exec``.)
-2. **Watchdog.** A small sidecar process (``python -m potluck.hivemind_ext.lifeline PID``) keeps a snapshot
+2. **Watchdog.** A small sidecar process (this file run as a script, with the peer's PID) keeps a snapshot
    of the peer's descendants, refreshed every ``interval`` seconds, and kills whatever of it
    survives the peer. It covers what the first layer cannot: children forked from other threads
    (the kernel ties the signal to the forking *thread*), spawners that skip fork hooks, and
@@ -44,6 +44,16 @@ QUIET = {"torch_shm_manager"}
 _bound = False
 _watchdog: subprocess.Popen | None = None
 _fork_state = {"from_main_thread": False, "parent": 0}
+SIDECAR = (
+    sys.executable,
+    "-I",  # neither the working directory nor PYTHON* variables change what it imports
+    "-c",
+    "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+    os.path.abspath(__file__),
+)
+"""The watchdog's command line, less its arguments: this file run as a script. Run as
+``potluck.hivemind_ext.lifeline`` it would import the package, and with it hivemind: 1.5 s of CPU at
+every peer start, for a process that needs only psutil."""
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
@@ -102,7 +112,7 @@ def start_watchdog(pid: int, interval: float = 1.0) -> subprocess.Popen:
     it. It runs in its own session, so a signal to the peer's process group does not kill it before
     it has done its job, and it is spawned without the fork hook (it must outlive the peer)."""
     watchdog = subprocess.Popen(
-        [sys.executable, "-m", "potluck.hivemind_ext.lifeline", str(pid), str(interval)],
+        [*SIDECAR, str(pid), str(interval)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         start_new_session=True,
