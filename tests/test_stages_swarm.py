@@ -94,8 +94,11 @@ def stage_settings(stage: str, tiny_assets, warm_start) -> tuple[dict, str, str]
     small = {"target_batch_size": 64, "per_peer_batch_size": 32}
     large = {"target_batch_size": 128, "per_peer_batch_size": 64}
     return {
-        "rm": ({"init_from": warm_start["sft"], "data": preferences, "batch": large,
-                "optimizer": {"lr": 1e-3, "warmup_steps": 5, "schedule": "cosine"}, "max_global_steps": 150},
+        # half the rounds of 150 x 128 pairs at 1e-3, for the same pairs: in-process 0.80 and 0.78 against
+        # 0.75 and 0.78 held-out pairwise accuracy (two data orders each)
+        "rm": ({"init_from": warm_start["sft"], "data": preferences,
+                "batch": {"target_batch_size": 256, "per_peer_batch_size": 128},
+                "optimizer": {"lr": 2e-3, "warmup_steps": 5, "schedule": "cosine"}, "max_global_steps": 75},
                "pairwise_accuracy", "up"),
         "dpo": ({"init_from": warm_start["sft_short"], "data": preferences, "optimizer": {"lr": 1e-3},
                  "batch": small, "max_global_steps": 20}, "preference_accuracy", "up"),
