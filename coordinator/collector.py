@@ -13,7 +13,7 @@ import time
 from collections import Counter as Tally
 
 from hivemind.dht import DHT
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from potluck.coordinator.store import HistoryPoint, PeerReportRow, RunRecord, RunStore
 from potluck.protocols.records import (
@@ -24,6 +24,7 @@ from potluck.protocols.records import (
     rejection_counts,
     run_schema_validator,
 )
+from potluck.runtime.metrics import MetricSet
 from potluck.runtime.periodic import Periodic
 
 logger = logging.getLogger(__name__)
@@ -35,65 +36,44 @@ FRESH_SECONDS = 30.0
 
 class SwarmMetrics:
     def __init__(self, registry: CollectorRegistry):
-        run, peer = ["run_id"], ["run_id", "peer"]
-        self.runs = Gauge(
-            "potluck_runs", "Runs registered at the coordinator, by status", ["status"], registry=registry
+        series = MetricSet(registry)
+        run, peer = ("run_id",), ("run_id", "peer")
+        self.runs = series.gauge("potluck_runs", "Runs registered at the coordinator, by status", "status")
+        self.global_step = series.gauge(
+            "potluck_run_global_step", "Highest global step reported in the run", *run
         )
-        self.global_step = Gauge(
-            "potluck_run_global_step", "Highest global step reported in the run", run, registry=registry
+        self.peers = series.gauge("potluck_run_peers", "Peers with a fresh report in the run", *run)
+        self.loss = series.gauge("potluck_run_loss", "Mean of the peers' latest training loss", *run)
+        self.throughput = series.gauge(
+            "potluck_run_samples_per_second", "Sum of the peers' training throughput", *run
         )
-        self.peers = Gauge(
-            "potluck_run_peers", "Peers with a fresh report in the run", run, registry=registry
+        self.rounds = series.gauge(
+            "potluck_run_averaging_rounds", "Averaging rounds reported by the online peers", *run, "outcome"
         )
-        self.loss = Gauge(
-            "potluck_run_loss", "Mean of the peers' latest training loss", run, registry=registry
-        )
-        self.throughput = Gauge(
-            "potluck_run_samples_per_second", "Sum of the peers' training throughput", run, registry=registry
-        )
-        self.rounds = Gauge(
-            "potluck_run_averaging_rounds",
-            "Averaging rounds reported by the online peers",
-            run + ["outcome"],
-            registry=registry,
-        )
-        self.averaging_bytes = Gauge(
+        self.averaging_bytes = series.gauge(
             "potluck_run_averaging_bytes",
             "Payload bytes the online peers sent / received in averaging rounds so far (sum over peers)",
-            run + ["direction"],
-            registry=registry,
+            *run,
+            "direction",
         )
-        self.utilisation = Gauge(
+        self.utilisation = series.gauge(
             "potluck_run_compute_utilisation",
             "Mean compute utilisation (time computing / wall time) of the online peers that report it",
-            run,
-            registry=registry,
+            *run,
         )
-        self.peer_step = Gauge(
-            "potluck_peer_global_step", "A peer's global step (first peers only)", peer, registry=registry
+        self.peer_step = series.gauge(
+            "potluck_peer_global_step", "A peer's global step (first peers only)", *peer
         )
-        self.peer_loss = Gauge(
-            "potluck_peer_loss", "A peer's latest loss (first peers only)", peer, registry=registry
+        self.peer_loss = series.gauge("potluck_peer_loss", "A peer's latest loss (first peers only)", *peer)
+        self.peer_throughput = series.gauge(
+            "potluck_peer_samples_per_second", "A peer's throughput (first peers only)", *peer
         )
-        self.peer_throughput = Gauge(
-            "potluck_peer_samples_per_second",
-            "A peer's throughput (first peers only)",
-            peer,
-            registry=registry,
+        self.rejected = series.counter(
+            "potluck_dht_records_rejected", "DHT records refused or skipped, by reason", "reason"
         )
-        self.rejected = Counter(
-            "potluck_dht_records_rejected",
-            "DHT records refused or skipped, by reason",
-            ["reason"],
-            registry=registry,
-        )
-        self.collections = Counter(
-            "potluck_collections", "Collection rounds run by the coordinator", registry=registry
-        )
-        self.last_collection = Gauge(
-            "potluck_last_collection_timestamp_seconds",
-            "When the coordinator last read the DHT",
-            registry=registry,
+        self.collections = series.counter("potluck_collections", "Collection rounds run by the coordinator")
+        self.last_collection = series.gauge(
+            "potluck_last_collection_timestamp_seconds", "When the coordinator last read the DHT"
         )
         for reason in ("signature", "schema", "oversized", "untrusted_announcement", "malformed", "unsigned"):
             self.rejected.labels(reason)

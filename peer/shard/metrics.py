@@ -8,47 +8,38 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import start_http_server
+
+from potluck.runtime.metrics import MetricSet
 
 
 class ShardServerMetrics:
     def __init__(self, run_id: str, start: int, end: int):
-        self.registry = reg = CollectorRegistry()
+        run = MetricSet(labels=["run_id"])
+        series = MetricSet(run.registry, labels=["run_id", "method"])  # per request method
+        self.registry = run.registry
         self.run_id = run_id
-        labels = ["run_id", "method"]
-        self.requests = Counter(
-            "potluck_shard_requests", "Requests served by this shard server", labels, registry=reg
-        )
-        self.failures = Counter(
+        self.requests = series.counter("potluck_shard_requests", "Requests served by this shard server")
+        self.failures = series.counter(
             "potluck_shard_request_failures",
             "Requests this server refused or failed, by kind (bad_request, busy, internal)",
-            labels + ["kind"],
-            registry=reg,
+            "kind",
         )
-        self.latency = Histogram(
-            "potluck_shard_request_seconds", "Time from request to response", labels, registry=reg
-        )
-        self.batch_rows = Histogram(
+        self.latency = series.histogram("potluck_shard_request_seconds", "Time from request to response")
+        self.batch_rows = run.histogram(
             "potluck_shard_batch_rows",
             "Rows (sequences) per computed batch, after merging concurrent requests",
-            ["run_id"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-            registry=reg,
         )
-        self.batch_requests = Histogram(
+        self.batch_requests = run.histogram(
             "potluck_shard_batch_requests",
             "Requests merged into one computed batch",
-            ["run_id"],
             buckets=(1, 2, 3, 4, 8, 16),
-            registry=reg,
         )
-        self.sessions = Gauge(
-            "potluck_shard_inference_sessions",
-            "Open inference sessions (attention caches)",
-            ["run_id"],
-            registry=reg,
+        self.sessions = run.gauge(
+            "potluck_shard_inference_sessions", "Open inference sessions (attention caches)"
         )
-        span = Gauge("potluck_shard_span", "The blocks this server holds", ["run_id", "edge"], registry=reg)
+        span = run.gauge("potluck_shard_span", "The blocks this server holds", "edge")
         span.labels(run_id, "start").set(start)
         span.labels(run_id, "end").set(end)
 

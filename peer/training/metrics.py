@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import start_http_server
 
 from potluck.peer.averaging.strategy import round_outcome
+from potluck.runtime.metrics import MetricSet
 
 STAGE_METRICS = {
     "reward_mean": "Mean reward of the latest batch (RL: rollouts; rm: scores; dpo: implicit reward margin)",
@@ -32,95 +33,66 @@ class PeerMetrics:
     """Implements :class:`potluck.peer.averaging.gradient.AveragingListener` and records training progress."""
 
     def __init__(self, run_id: str):
-        self.registry = CollectorRegistry()
-        labels = ["run_id"]
-        reg = self.registry
-        self._loss = Gauge(
-            "potluck_loss", "Training loss of this peer's latest local batch", labels, registry=reg
+        series = MetricSet(labels=["run_id"])
+        self.registry = series.registry
+        self._loss = series.gauge("potluck_loss", "Training loss of this peer's latest local batch")
+        self._global_step = series.gauge(
+            "potluck_global_step", "The swarm's global step as seen by this peer"
         )
-        self._global_step = Gauge(
-            "potluck_global_step", "The swarm's global step as seen by this peer", labels, registry=reg
+        self._samples = series.counter("potluck_samples", "Samples this peer has trained on")
+        self._samples_per_second = series.gauge(
+            "potluck_samples_per_second", "This peer's training throughput (moving average)"
         )
-        self._samples = Counter("potluck_samples", "Samples this peer has trained on", labels, registry=reg)
-        self._samples_per_second = Gauge(
-            "potluck_samples_per_second",
-            "This peer's training throughput (moving average)",
-            labels,
-            registry=reg,
+        self._swarm_samples_per_second = series.gauge(
+            "potluck_swarm_samples_per_second", "The swarm's throughput: target batch per global step time"
         )
-        self._swarm_samples_per_second = Gauge(
-            "potluck_swarm_samples_per_second",
-            "The swarm's throughput: target batch per global step time",
-            labels,
-            registry=reg,
-        )
-        self._peers = Gauge(
-            "potluck_peers", "Peers that recently reported progress in this run", labels, registry=reg
-        )
-        self._rounds = Counter(
+        self._peers = series.gauge("potluck_peers", "Peers that recently reported progress in this run")
+        self._rounds = series.counter(
             "potluck_averaging_rounds",
             "Global steps by how their gradients were averaged: succeeded (with at least one other peer), "
             "alone (no other peer known or in the group: local gradients only), failed (the round broke)",
-            labels + ["outcome"],
-            registry=reg,
+            "outcome",
         )
-        self._sent = Counter(
+        self._sent = series.counter(
             "potluck_averaging_sent_bytes",
             "Payload bytes this peer sent in averaging rounds (estimated from tensor sizes, codec and group size)",
-            labels,
-            registry=reg,
         )
-        self._received = Counter(
+        self._received = series.counter(
             "potluck_averaging_received_bytes",
             "Payload bytes this peer received in averaging rounds (estimated like the sent bytes)",
-            labels,
-            registry=reg,
         )
-        self._step_seconds = Histogram(
+        self._step_seconds = series.histogram(
             "potluck_step_seconds",
             "Wall time of one local step: forward, backward and the optimizer's bookkeeping",
-            labels,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=reg,
         )
-        self._round_seconds = Histogram(
+        self._round_seconds = series.histogram(
             "potluck_averaging_round_seconds",
             "Duration of averaging rounds that formed a group (compare with averaging.averaging_timeout)",
-            labels,
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
-            registry=reg,
         )
-        self._wait_seconds = Counter(
+        self._wait_seconds = series.counter(
             "potluck_averaging_wait_seconds",
             "Time the training loop was blocked on the swarm (averaging rounds it waited for, state downloads)",
-            labels,
-            registry=reg,
         )
-        self._compute_seconds = Counter(
+        self._compute_seconds = series.counter(
             "potluck_compute_seconds",
             "Time in local steps not blocked on the swarm: forward, backward, local optimizer",
-            labels,
-            registry=reg,
         )
-        self._utilisation = Gauge(
+        self._utilisation = series.gauge(
             "potluck_compute_utilisation",
             "Compute time / wall time since this peer's first local step (1 = never waits on the network)",
-            labels,
-            registry=reg,
         )
         self._first_step_at: float | None = None
         self._compute_total = self._pending_wait = 0.0
-        self._state_downloads = Counter(
-            "potluck_state_downloads",
-            "Attempts to download the swarm's state, by outcome",
-            labels + ["outcome"],
-            registry=reg,
+        self._state_downloads = series.counter(
+            "potluck_state_downloads", "Attempts to download the swarm's state, by outcome", "outcome"
         )
-        self._state_download_seconds = Histogram(
-            "potluck_state_download_seconds", "Time spent downloading the swarm's state", labels, registry=reg
+        self._state_download_seconds = series.histogram(
+            "potluck_state_download_seconds", "Time spent downloading the swarm's state"
         )
         self._stage_gauges = {
-            name: Gauge(f"potluck_{name}", text, labels, registry=reg) for name, text in STAGE_METRICS.items()
+            name: series.gauge(f"potluck_{name}", text) for name, text in STAGE_METRICS.items()
         }
         self.latest_stage: dict[str, float] = {}
         self.run_id = run_id
