@@ -142,11 +142,12 @@ class AveragingSpec(_Strict):
     """(diloco) Average in the background while the next inner steps run, and apply the outer step when
     the round completes (keeping the inner steps taken meanwhile), so compute does not wait on the
     network. Set false to wait for each round (exact DiLoCo; useful to compare utilisation)."""
-    matchmaking_time: float = Field(1.0, gt=0)
+    matchmaking_time: float = Field(1.0, ge=0.1, le=60)
     """Seconds a peer waits to gather a group before averaging. Raise it if peers often average alone
     (``potluck_averaging_rounds_total{outcome="failed"}`` grows) on slow or distant links."""
-    averaging_timeout: float = Field(30.0, gt=0)
-    """Seconds before an averaging round is abandoned and the peer steps with its local gradients."""
+    averaging_timeout: float = Field(30.0, ge=1, le=3600)
+    """Seconds before an averaging round is abandoned and the peer steps with its local gradients; at
+    least twice ``matchmaking_time`` (the round's matchmaking counts against it)."""
     load_state_timeout: float = Field(60.0, gt=0)
     """Seconds one attempt to download the swarm's state may take before trying another donor."""
     load_state_attempts: int = Field(3, ge=1)
@@ -159,6 +160,25 @@ class AveragingSpec(_Strict):
     in step. 8-bit codecs send 4x fewer bytes than ``none``; ``bench/strategies.py`` shows the loss cost."""
     average_state_every: int = Field(1, ge=1)
     """Average parameters and optimizer statistics every N global steps, to undo drift from failed rounds."""
+
+    @field_validator("averaging_timeout")
+    @classmethod
+    def _room_for_matchmaking(cls, value: float, info: ValidationInfo) -> float:
+        matchmaking = info.data.get("matchmaking_time")
+        if matchmaking is not None and value < 2 * matchmaking:
+            raise ValueError(
+                f"must be at least twice matchmaking_time ({matchmaking:g} s): a round abandoned while it"
+                " still gathers its group never averages"
+            )
+        return value
+
+    @property
+    def request_timeout(self) -> float:
+        """Seconds one averaging request (matchmaking, a part of the all-reduce) may take: under half
+        the matchmaking time, or hivemind's matchmaking can deadlock (a leader waits on a follower that
+        waits on it). Every averager derives it here: gradient and state rounds, DiLoCo's outer rounds,
+        LoRA replicas of a shard span."""
+        return min(3.0, self.matchmaking_time / 2)
 
     @field_validator("inner_steps", "outer_lr", "nesterov", "outer_momentum", "overlap_communication")
     @classmethod

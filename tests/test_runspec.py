@@ -175,6 +175,30 @@ def test_bad_diloco_settings_are_named(averaging, named, says):
     assert f"{named}:" in message and says in message, message
 
 
+@pytest.mark.parametrize(
+    ("averaging", "named", "says"),
+    [
+        # a round abandoned while it still gathers its group never averages
+        ({"matchmaking_time": 10, "averaging_timeout": 2}, "averaging.averaging_timeout", "twice matchmaking_time"),
+        ({"matchmaking_time": 0.001}, "averaging.matchmaking_time", "greater than or equal to 0.1"),
+        ({"matchmaking_time": 600}, "averaging.matchmaking_time", "less than or equal to 60"),
+        ({"averaging_timeout": 0.5}, "averaging.averaging_timeout", "greater than or equal to 1"),
+    ],
+)  # fmt: skip
+def test_averaging_timings_that_cannot_work_are_named(averaging, named, says):
+    message = problems_of(with_changes(averaging=averaging))
+    assert f"{named}:" in message and says in message, message
+
+
+@pytest.mark.parametrize("matchmaking_time", [0.1, 0.5, 1.0, 6.0, 60.0])
+def test_every_averager_requests_time_out_well_within_matchmaking(matchmaking_time):
+    # hivemind's matchmaking can deadlock when a request may outlast it
+    averaging = parse_run_spec(
+        with_changes(averaging={"matchmaking_time": matchmaking_time, "averaging_timeout": 120})
+    ).averaging
+    assert 0 < averaging.request_timeout <= matchmaking_time / 2
+
+
 def test_plain_outer_sgd_needs_no_momentum():
     spec = with_changes(averaging={"strategy": "diloco", "nesterov": False, "outer_momentum": 0})
     assert parse_run_spec(spec).averaging.outer_momentum == 0

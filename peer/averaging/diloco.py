@@ -160,7 +160,7 @@ class DiLoCoAveraging(AveragingStrategy):
             compression.compress(g, CompressionInfo.from_tensor(g), allow_inplace=False).ByteSize()
             for g in self._global
         )
-        request_timeout = min(3.0, averaging.matchmaking_time / 2)  # below matchmaking, or it can deadlock
+        request_timeout = averaging.request_timeout
         self._averager = _OuterAverager(
             [torch.zeros_like(g) for g in self._global],
             dht,

@@ -132,10 +132,10 @@ class GradientAveraging(AveragingStrategy):
             delay_state_averaging=True,
             # hivemind warns (matchmaking can deadlock) unless requests time out before matchmaking ends
             averager_opts={
-                "request_timeout": min(3.0, averaging.matchmaking_time / 2),
+                "request_timeout": averaging.request_timeout,
                 "donor_slots": averaging.donor_slots,
             },
-            request_timeout=min(3.0, averaging.matchmaking_time / 2),
+            request_timeout=averaging.request_timeout,
             verbose=False,
         )
 

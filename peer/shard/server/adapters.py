@@ -80,7 +80,7 @@ class ReplicaAveraging:
             start=True,
             prefix=f"{spec.run_id}_span{span[0]}-{span[1]}_lora",
             min_matchmaking_time=spec.averaging.matchmaking_time,
-            request_timeout=min(3.0, spec.averaging.matchmaking_time),
+            request_timeout=spec.averaging.request_timeout,
             allreduce_timeout=self.timeout,
         )
         self.rounds = 0
