@@ -45,6 +45,8 @@ def lora_swarm(tiny_assets, tmp_path):
         yield load_run_spec(path), address
     finally:
         swarm.stop(grace=10)
+    # SIGTERM, not the SIGKILL after the grace: a lone replica's averaging round must not hold its exit
+    assert [p.process.returncode for p in swarm.peers] == [0, 0, 0], "a server ignored SIGTERM for 10 s"
 
 
 def test_server_side_lora_trains_through_two_replicas_and_ends_averaged(lora_swarm):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -98,7 +99,9 @@ class ReplicaAveraging:
             for target, value in zip(shared, sent, strict=True):
                 target.copy_(value)
         try:
-            result = self.averager.step(timeout=self.timeout, allow_retries=False)
+            result = self._result_unless_stopping(
+                self.averager.step(timeout=self.timeout, allow_retries=False, wait=False)
+            )
         except Exception as e:  # noqa: BLE001 (a failed round leaves the adapter as it was)
             logger.info(f"span adapter averaging failed: {e!r}")
             return False
@@ -109,6 +112,17 @@ class ReplicaAveraging:
                 parameter.data.add_(averaged - value)
         self.rounds += 1
         return True
+
+    def _result_unless_stopping(self, control):
+        """The round's result, or None once the server stops: the averager, shut down meanwhile, never
+        answers a round it had started (a lone replica's SIGTERM waited out the 15 s join of this thread
+        with its round in matchmaking)."""
+        while True:
+            try:
+                return control.result(timeout=0.5)
+            except FutureTimeout:
+                if self._periodic.stopping.is_set():
+                    return None
 
     def shutdown(self) -> None:
         self._periodic.stopping.set()
