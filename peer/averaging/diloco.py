@@ -177,7 +177,6 @@ class DiLoCoAveraging(AveragingStrategy):
             state_compression=NoCompression(),  # joiners need the exact outer state
             donor_slots=averaging.donor_slots,
         )
-        self._averager.state_sharing_priority = 0
         self._tracker = RoundTracker(
             dht, spec.run_id, self._inner_steps * self._samples_unit, client_mode=dht.client_mode, start=True
         )
@@ -414,7 +413,8 @@ class DiLoCoAveraging(AveragingStrategy):
         with self._tracker.pause_updates():
             self._tracker.update_epoch(outer_step)
         self._report_progress()
-        self._averager.state_sharing_priority = outer_step
+        if not self._averager.client_mode:  # a peer behind NAT serves no state (hivemind refuses it)
+            self._averager.state_sharing_priority = outer_step
 
     def _catch_up(self) -> bool:
         before = self._outer_step
