@@ -23,7 +23,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from potluck.hivemind_ext.donors import LimitedDonor, download_with_retries, other_donors
-from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
+from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, steps_gathered
 from potluck.hivemind_ext.tracker import SwarmAwareTracker
 
 UPSTREAM = {
@@ -120,10 +120,9 @@ class _StepsSeen(DecentralizedAverager):
             control = rounds.pop(0)
             if control.cancelled() or control.exception() is not None:
                 continue
-            gathered = group_of(control.result())
-            own = gathered.get(self.peer_id)
-            steps = [s for s in gathered.values() if isinstance(s, int)]
-            if isinstance(own, int) and steps:
+            gathered = control.result()
+            own = group_of(gathered).get(self.peer_id)
+            if isinstance(own, int) and (steps := steps_gathered(gathered)):
                 lag = max(steps) - own
                 self._steps_behind = max(self._steps_behind, lag)
                 self._rounds_behind = self._rounds_behind + 1 if lag > 0 else 0
