@@ -265,10 +265,14 @@ class BoundedOptimizer(Optimizer):
         wire_bytes: int,
         deadlines,
         request_timeout: float,
+        target_group_size: int | None = None,
         **kwargs,
     ):
         self._listener = listener
-        self._request_timeout = request_timeout
+        self._grad_averager_opts = {
+            "request_timeout": request_timeout,
+            "target_group_size": target_group_size,
+        }
         self._load_state_attempts = load_state_attempts
         self._wire_bytes = wire_bytes
         self._deadlines = deadlines
@@ -331,11 +335,9 @@ class BoundedOptimizer(Optimizer):
 
     def _make_gradient_averager(self, factory, **kwargs):
         # hivemind forwards averager_opts to the state averager only; the gradient averager needs the
-        # same request timeout (shorter than matchmaking, or matchmaking can deadlock)
+        # same request timeout (shorter than matchmaking, or matchmaking can deadlock) and group size
         # built as the subclass: its rounds run in the averager's own process, forked at construction
-        return super()._make_gradient_averager(
-            _CheckedGradientAverager, request_timeout=self._request_timeout, **kwargs
-        )
+        return super()._make_gradient_averager(_CheckedGradientAverager, **self._grad_averager_opts, **kwargs)
 
     def load_state_from_peers(self, **kwargs):
         if self.scheduled_grads is not None and not self.scheduled_grads.done():

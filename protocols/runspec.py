@@ -145,6 +145,11 @@ class AveragingSpec(_Strict):
     matchmaking_time: float = Field(1.0, ge=0.1, le=60)
     """Seconds a peer waits to gather a group before averaging. Raise it if peers often average alone
     (``potluck_averaging_rounds_total{outcome="failed"}`` grows) on slow or distant links."""
+    target_group_size: int | None = Field(None, ge=2)
+    """Start a round as soon as this many peers have joined its group instead of waiting out
+    ``matchmaking_time`` (and never average in larger groups). Set it to the swarm's size when that is
+    known and fixed, as ``potluck demo`` does; left unset, every round waits the full matchmaking time
+    so that peers on slow links still make it into the group."""
     averaging_timeout: float = Field(30.0, ge=1, le=3600)
     """Seconds before an averaging round is abandoned and the peer steps with its local gradients; at
     least twice ``matchmaking_time`` (the round's matchmaking counts against it)."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
+import time
 
 import pytest
 import torch
+from hivemind.averaging import DecentralizedAverager
 from hivemind.p2p import PeerID
 
 from potluck.hivemind_ext.dht import start_dht
@@ -337,3 +339,31 @@ def test_state_rounds_with_a_peer_ahead_make_the_peer_behind_download_the_swarms
         assert behind._optimizer._should_load_state_from_peers() is downloads
         assert not behind._optimizer._should_load_state_from_peers()  # once per such round
         assert not ahead._optimizer._should_load_state_from_peers()
+
+
+@pytest.mark.timeout(120)
+def test_a_full_group_averages_without_waiting_out_the_matchmaking_time(make_spec):
+    """With ``target_group_size`` (a swarm of known size, as the demo's) a round starts the moment its group
+    is full; hivemind's leader otherwise waits out ``matchmaking_time`` for more peers to join. Both kinds
+    of round: gradients, and the state (parameters and Adam statistics)."""
+    matchmaking_time = 10.0
+    spec = load_run_spec(make_spec(
+        averaging={"matchmaking_time": matchmaking_time, "averaging_timeout": 60, "target_group_size": 2}
+    ))  # fmt: skip
+    with _two_peers(spec) as peers:
+        for averager in ("grad_averager", "state_averager"):
+            results: list = [None, None]
+
+            def average(i: int, averager=averager, results=results) -> None:
+                # the averager's own round (TrainingStateAverager.step wraps it in an optimizer step)
+                results[i] = DecentralizedAverager.step(getattr(peers[i]._optimizer, averager), timeout=60)
+
+            rounds = [threading.Thread(target=average, args=(i,)) for i in range(2)]
+            started = time.monotonic()
+            for thread in rounds:
+                thread.start()
+            for thread in rounds:
+                thread.join(timeout=90)
+            took = time.monotonic() - started
+            assert all(isinstance(r, dict) and len(r) == 2 for r in results), f"{averager}: {results}"
+            assert took < matchmaking_time / 2, f"{averager}: {took:.1f} s, it waited for more peers"

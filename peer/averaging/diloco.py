@@ -169,6 +169,7 @@ class DiLoCoAveraging(AveragingStrategy):
             prefix=f"{spec.run_id}_outer_averager",
             initial_group_bits=round_bits(0),
             min_matchmaking_time=averaging.matchmaking_time,
+            target_group_size=averaging.target_group_size,
             request_timeout=request_timeout,
             allreduce_timeout=averaging.averaging_timeout,
             # hivemind falls back to request_timeout (well under a second) per chunk of a state download

@@ -134,8 +134,10 @@ class GradientAveraging(AveragingStrategy):
             averager_opts={
                 "request_timeout": averaging.request_timeout,
                 "donor_slots": averaging.donor_slots,
+                "target_group_size": averaging.target_group_size,
             },
             request_timeout=averaging.request_timeout,
+            target_group_size=averaging.target_group_size,
             verbose=False,
         )
 

@@ -81,6 +81,7 @@ class ReplicaAveraging:
             start=True,
             prefix=f"{spec.run_id}_span{span[0]}-{span[1]}_lora",
             min_matchmaking_time=spec.averaging.matchmaking_time,
+            target_group_size=spec.averaging.target_group_size,
             request_timeout=spec.averaging.request_timeout,
             allreduce_timeout=self.timeout,
         )
