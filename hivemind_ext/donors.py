@@ -6,27 +6,42 @@ donor's uplink then serves them one after another, and its own training waits on
 here serves at most ``donor_slots`` downloads at a time and turns further newcomers away with an
 empty answer, which hivemind's newcomer takes as "try the next donor" (as it does for a peer that
 does not share its state). A newcomer that every donor turned away tries again a little later.
+
+Every download is checked before it is used (:class:`CheckedDownloads`): a donor sends with its state a
+manifest of every tensor (dtype, shape and, when the state travels uncompressed, a digest of its
+bytes); a download that does not match its manifest (a stream cut at a tensor boundary, a corrupted
+or forged tensor) is discarded, counted, and the next donor is tried.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import logging
+import multiprocessing as mp
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import (  # noqa: UP035 (hivemind reads the stream type from typing's alias only)
     AsyncIterator,
     TypeVar,
 )
 
+import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import NoCompression, deserialize_torch_tensor
 from hivemind.dht import DHT
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture
+from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.streaming import combine_from_streaming
+from hivemind.utils.timed_storage import ValueWithExpiration
 
 UPSTREAM = {
     "hivemind.averaging.averager.DecentralizedAverager.rpc_download_state": "fd2f6f19e7d247af",  # overridden to limit concurrent downloads
-    "hivemind.averaging.averager.DecentralizedAverager._load_state_from_peers": "fe7b419d01ced5fe",  # takes an empty stream as 'next donor'
+    "hivemind.averaging.averager.DecentralizedAverager._load_state_from_peers": "fe7b419d01ced5fe",  # copied: checks each download; an empty stream is 'next donor'
+    "hivemind.averaging.averager._background_thread_fetch_current_state": "0bef353cf74912ec",  # calls get_current_state, the bound method of the class
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
 
@@ -110,3 +125,118 @@ def download_with_retries(
         elif give_up_without_donors:
             break
     return None
+
+
+MANIFEST_KEY = "manifest"
+"""The key of the tensor manifest in a state's metadata (a dict, as every averager here sends)."""
+
+
+def tensor_manifest(tensors: Sequence[torch.Tensor], exact: bool) -> list[list]:
+    """[dtype, shape, digest] of each tensor; the digest (BLAKE2b of its bytes, 8 bytes) only when
+    ``exact`` (the state travels uncompressed, so the newcomer must get these very bytes), else b""."""
+    return [[str(t.dtype), list(t.shape), _digest(t) if exact else b""] for t in tensors]
+
+
+def _digest(tensor: torch.Tensor) -> bytes:
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(raw, digest_size=8).digest()
+
+
+def manifest_mismatch(metadata, tensors: Sequence[torch.Tensor]) -> str | None:
+    """Why ``tensors`` are not the state their donor's ``metadata`` describes, or None when they are."""
+    manifest = metadata.get(MANIFEST_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(manifest, list):
+        return "it came without a manifest"
+    if len(manifest) != len(tensors):
+        return f"{len(tensors)} tensors arrived of {len(manifest)}"
+    for i, (entry, tensor) in enumerate(zip(manifest, tensors, strict=True)):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
+            return f"entry {i} of its manifest is malformed"
+        dtype, shape, digest = entry
+        if dtype != str(tensor.dtype) or list(shape) != list(tensor.shape):
+            return f"tensor {i} is {tensor.dtype} {list(tensor.shape)}, the manifest says {dtype} {shape}"
+        if digest and digest != _digest(tensor):
+            return f"tensor {i} differs from what its donor sent (digest)"
+    return None
+
+
+class CheckedDownloads(DecentralizedAverager):
+    """Serves its state with a manifest (``get_current_state`` returns :meth:`with_manifest`) and checks every download against the donor's before using it;
+    one that does not match is discarded (counted in :attr:`discarded_downloads`) and the next donor is
+    tried, as for a donor that failed. A state sent compressed (``state_compression``) is checked for
+    dtypes and shapes only."""
+
+    def __init__(self, *args, **kwargs):
+        self._discarded = mp.Value(ctypes.c_int64, 0)  # counted in the averager's process, read in ours
+        super().__init__(*args, **kwargs)
+
+    @property
+    def discarded_downloads(self) -> int:
+        """Downloads discarded because they did not match their donor's manifest, since start."""
+        return self._discarded.value
+
+    def with_manifest(self, metadata, tensors, infos=None):
+        """The state to serve with its manifest added: a subclass's ``get_current_state`` returns this
+        (outside any lock it holds: digesting a large model's state takes seconds)."""
+        if isinstance(metadata, dict):
+            exact = isinstance(self.state_compression, NoCompression)
+            metadata = {**metadata, MANIFEST_KEY: tensor_manifest(tensors, exact)}
+        return metadata, tensors, infos
+
+    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None):
+        # NOTE: hivemind 1.1.12's loop (pinned above), with two changes: a download is checked against
+        # its donor's manifest before it is returned, and each donor's metadata starts empty (hivemind
+        # keeps the previous donor's, so a donor that failed after its metadata, followed by one that
+        # sent nothing, returned the first one's metadata with no tensors).
+        if timeout is not None:
+            timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        try:
+            key_manager = self._matchmaking.group_key_manager
+            peer_priority, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
+            peer_priority = {
+                PeerID(peer_id): (float(info.value), random.random())  # using randomness as a tie breaker
+                for peer_id, info in peer_priority.items()
+                if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))
+            }
+            if not isinstance(peer_priority, dict) or len(peer_priority) == 0:
+                logger.info(
+                    f"Averager could not load state from peers: peer dict empty or corrupted {peer_priority}"
+                )
+                future.set_result(None)
+                return
+            for peer in sorted(peer_priority.keys(), key=peer_priority.get, reverse=True):
+                if peer == self.peer_id:
+                    continue
+                metadata = None
+                try:
+                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+                    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+                    current_tensor_parts, tensors = [], []
+                    async for message in aiter_with_timeout(stream, timeout=timeout):
+                        if message.metadata:
+                            metadata = self.serializer.loads(message.metadata)
+                        if message.tensor_part.dtype and current_tensor_parts:
+                            # tensor_part.dtype starts the next tensor: wrap up this one
+                            tensors.append(
+                                deserialize_torch_tensor(combine_from_streaming(current_tensor_parts))
+                            )
+                            current_tensor_parts = []
+                        current_tensor_parts.append(message.tensor_part)
+                    if current_tensor_parts:
+                        tensors.append(deserialize_torch_tensor(combine_from_streaming(current_tensor_parts)))
+                    if not metadata:
+                        logger.debug(f"Peer {peer} did not send its state")
+                        continue
+                    problem = manifest_mismatch(metadata, tensors)
+                    if problem is not None:
+                        with self._discarded.get_lock():
+                            self._discarded.value += 1
+                        logger.warning(f"discarded the state downloaded from {peer}: {problem}")
+                        continue
+                    future.set_result((metadata, tensors))
+                    return
+                except Exception as e:
+                    logger.warning(f"Failed to download state from {peer}: {e!r}")
+        finally:
+            if not future.done():
+                future.set_result(None)

@@ -20,9 +20,9 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 from hivemind.optim import Optimizer
 from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
-from potluck.hivemind_ext.donors import LimitedDonor, download_with_retries, other_donors
+from potluck.hivemind_ext.donors import CheckedDownloads, LimitedDonor, download_with_retries, other_donors
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, steps_gathered
 from potluck.hivemind_ext.tracker import SwarmAwareTracker
 
@@ -42,6 +42,8 @@ UPSTREAM = {
     "hivemind.optim.state_averager.TrainingStateAverager._update_scheduler": "9b8de2a7b6020122",  # called after a checkpoint load
     "hivemind.averaging.averager.DecentralizedAverager.state_sharing_priority": "de300bcec1decea5",  # setter throttled
     "hivemind.averaging.averager.DecentralizedAverager.load_state_from_peers": "973fae40a3d1e16f",  # wrapped
+    "hivemind.optim.state_averager.TrainingStateAverager.load_state_from_peers": "e4d647a9ea78cde8",  # applies what the wrapper lets through, in dump_optimizer_state's order
+    "hivemind.optim.state_averager.dump_optimizer_state": "b79c35110b89e6b1",  # called: the order of the statistics
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
 
@@ -147,13 +149,21 @@ class _DownloadRecorder(DecentralizedAverager):
     def load_state_from_peers(self, *args, **kwargs):
         loaded = super().load_state_from_peers(*args, **kwargs)
         metadata = loaded[0] if loaded is not None and isinstance(loaded[0], dict) else {}
+        if loaded is not None and (problem := self.unusable(metadata, loaded[1])) is not None:
+            logger.warning(f"not using the state downloaded from {metadata.get('donor')}: {problem}")
+            loaded = None  # hivemind's caller then applies nothing
         self.last_download_ok = loaded is not None
-        self.last_download_epoch = metadata.get("epoch")
+        self.last_download_epoch = metadata.get("epoch") if loaded is not None else None
         self.last_download_donor = metadata.get("donor")
         return loaded
 
+    def unusable(self, metadata: dict, tensors) -> str | None:
+        """Why a download that matched its donor's manifest still cannot be used here (None: it can)."""
+        return None
+
 
 class _ObservedStateAverager(
+    CheckedDownloads,
     TrainingStateAverager,
     _StepsSeen,
     _DownloadRecorder,
@@ -189,7 +199,8 @@ class _ObservedStateAverager(
             if self.applied_epoch is not None:
                 metadata["epoch"] = self.applied_epoch
             metadata["donor"] = str(self.peer_id)
-            return metadata, [t.clone() for t in tensors], infos
+            tensors = [t.clone() for t in tensors]
+        return self.with_manifest(metadata, tensors, infos)
 
     def step(self, *args, optimizer_step: bool = False, **kwargs):
         # An optimizer step while the last step's state round still runs (hivemind waits for it only
@@ -212,6 +223,19 @@ class _ObservedStateAverager(
             return result
 
         self.optimizer.step = step_and_record
+
+    def unusable(self, metadata: dict, tensors) -> str | None:
+        # hivemind applies the tensors unchecked: copy_ broadcasts a tensor of another shape into a
+        # parameter, and Adam's statistics are loaded whatever their shape (the next step then fails).
+        # A donor of another model (a misconfigured or forged peer) is refused here.
+        own = [p for group in self.optimizer.param_groups for p in group["params"]]
+        own += [*self.extra_tensors, *dump_optimizer_state(self.optimizer)[1]]
+        if len(tensors) != len(own):
+            return f"{len(tensors)} tensors, this peer's state has {len(own)}"
+        for i, (theirs, mine) in enumerate(zip(tensors, own, strict=True)):
+            if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+                return f"tensor {i} is {theirs.dtype} {list(theirs.shape)}, here {mine.dtype} {list(mine.shape)}"
+        return None
 
     def load_state_from_peers(self, *args, **kwargs):
         loaded = super().load_state_from_peers(*args, **kwargs)
@@ -344,7 +368,7 @@ class BoundedOptimizer(Optimizer):
             self._tag_along_with_zero_weight(self.scheduled_grads)
             self.scheduled_grads = None
         self.state_averager.step(wait_for_delayed_updates=True)
-        started = time.perf_counter()
+        started, discarded = time.perf_counter(), self.state_averager.discarded_downloads
         self.state_averager.last_download_ok = False
         with self.tracker.pause_updates():
             # NOTE: hivemind's optimizer downloads the gradient averager's state too, and discards it
@@ -374,7 +398,8 @@ class BoundedOptimizer(Optimizer):
         self.last_state_download_ok = self.state_averager.last_download_ok
         self.last_state_download_epoch = self.state_averager.last_download_epoch
         self.last_state_download_donor = self.state_averager.last_download_donor
-        self._listener.state_download(self.last_state_download_ok, time.perf_counter() - started)
+        discarded = self.state_averager.discarded_downloads - discarded
+        self._listener.state_download(self.last_state_download_ok, time.perf_counter() - started, discarded)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         averaged = loaded = False

@@ -9,7 +9,8 @@ a signal, an error. Event kinds (all roles: ``joined`` and ``summary``):
 - ``joined``: ``peer_id``, ``run_id``, ``addresses`` (this peer's DHT node is up; others join through these)
 - ``resumed``: ``global_step``, ``checkpoint`` (weights and optimizer state loaded from ``--save-dir``)
 - ``state_loaded``: ``global_step`` (of the downloaded state), ``donor``, ``continuing_at`` (before training)
-- ``state_download``: ``outcome`` (succeeded / failed), ``seconds``; every attempt, catch-ups included
+- ``state_download``: ``outcome`` (succeeded / failed), ``seconds``, ``discarded`` (downloads that did not
+  match their donor's manifest); every attempt, catch-ups included
 - ``averaging_round``: ``outcome`` (succeeded / failed / alone), ``group_size``, ``bytes_sent``,
   ``bytes_received``, ``seconds``
 - ``global_step``: ``global_step``, ``local_steps``, ``samples``, ``loss``, ``round`` (``outcome`` and
@@ -76,6 +77,8 @@ class PeerSummary:
     state_loads: list[StateLoad] = field(default_factory=list)
     state_downloads_failed: int = 0
     """Download attempts (initial and catch-up) that got no state."""
+    state_downloads_discarded: int = 0
+    """Downloads that did not match their donor's manifest (cut short, corrupted), thrown away unused."""
     resumed_from: int | None = None
     """The global step of the ``--save-dir`` checkpoint this peer resumed from."""
     checkpoint: str | None = None
@@ -217,11 +220,13 @@ class PeerResults:
         self.event("averaging_round", outcome=outcome, group_size=group_size, bytes_sent=sent,
                    bytes_received=received, seconds=seconds)  # fmt: skip
 
-    def _state_download(self, succeeded: bool, seconds: float) -> None:
+    def _state_download(self, succeeded: bool, seconds: float, discarded: int = 0) -> None:
         with self._lock:
             self._pending_round = None  # a step right after a download was not taken by averaging
             self.summary.state_downloads_failed += not succeeded
-        self.event("state_download", outcome="succeeded" if succeeded else "failed", seconds=seconds)
+            self.summary.state_downloads_discarded += discarded
+        self.event("state_download", outcome="succeeded" if succeeded else "failed", seconds=seconds,
+                   discarded=discarded)  # fmt: skip
 
     def _fill_from_metrics(self) -> None:
         latest = getattr(self._metrics, "latest", None)
@@ -263,9 +268,9 @@ class RecordingListener:
         self._metrics.averaging_round(succeeded, group_size, bytes_sent, bytes_received, seconds)
         self._results._averaging_round(succeeded, group_size, bytes_sent, bytes_received, seconds)
 
-    def state_download(self, succeeded: bool, seconds: float) -> None:
-        self._metrics.state_download(succeeded, seconds)
-        self._results._state_download(succeeded, seconds)
+    def state_download(self, succeeded: bool, seconds: float, discarded: int = 0) -> None:
+        self._metrics.state_download(succeeded, seconds, discarded)
+        self._results._state_download(succeeded, seconds, discarded)
 
     def communication_wait(self, seconds: float) -> None:
         self._metrics.communication_wait(seconds)

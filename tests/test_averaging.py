@@ -24,6 +24,8 @@ from potluck.peer.training.data import PeerDataStream
 from potluck.peer.training.model import build_model, load_tokenizer, trainable_parameters
 from potluck.peer.training.stages import make_stage
 from potluck.protocols.runspec import load_run_spec
+from potluck.tools.tiny.model import TinyModelConfig, build_tiny_model
+from potluck.tools.tiny.task import ALPHABET, ArithmeticTask
 from tests.helpers import QuietListener, sigint_kept, wait_until
 
 
@@ -81,18 +83,7 @@ def test_a_downloaded_state_is_labelled_with_the_step_its_parameters_hold(make_s
         build_model(spec, torch.device("cpu")),
     )
     stage = make_stage(spec.stage)
-    with sigint_kept():
-        donor_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-        donor = GradientAveraging(
-            spec, donor_dht, trainable_parameters(donor_model), listener=QuietListener()
-        )
-        newcomer_dht = start_dht(
-            [str(a) for a in donor_dht.get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"], [], None
-        )
-        newcomer = GradientAveraging(
-            spec, newcomer_dht, trainable_parameters(newcomer_model), listener=QuietListener()
-        )
-    try:
+    with _peers((spec, donor_model), (spec, newcomer_model)) as (donor, newcomer):
         for _ in range(3):
             stage.loss(donor_model, next(batches)).backward()
             assert donor.step(16)  # one local batch is a global step
@@ -106,11 +97,6 @@ def test_a_downloaded_state_is_labelled_with_the_step_its_parameters_hold(make_s
             newcomer_model.named_parameters(), donor_model.parameters(), strict=True
         ):
             torch.testing.assert_close(mine, theirs, atol=0, rtol=0, msg=name)
-    finally:
-        for strategy in (newcomer, donor):
-            strategy.shutdown()
-        for dht in (newcomer_dht, donor_dht):
-            dht.shutdown()
 
 
 class _Gate:
@@ -188,29 +174,29 @@ def test_a_busy_donor_sends_the_next_newcomer_to_another_donor(make_spec):
 
 
 @contextlib.contextmanager
-def _two_peers(spec):
-    """Two GradientAveraging peers of ``spec`` in this process, on one loopback DHT."""
+def _peers(*members):
+    """``GradientAveraging`` peers of ``(spec, model)`` pairs in this process, on one loopback DHT; the
+    first one's DHT node is the others' initial peer."""
     with sigint_kept():
-        first_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-        second_dht = start_dht(
-            [str(a) for a in first_dht.get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"], [], None
-        )
+        dhts = [start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)]
+        initial = [str(a) for a in dhts[0].get_visible_maddrs()]
+        dhts += [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in members[1:]]
         peers = [
-            GradientAveraging(
-                spec,
-                dht,
-                trainable_parameters(build_model(spec, torch.device("cpu"))),
-                listener=QuietListener(),
-            )
-            for dht in (first_dht, second_dht)
+            GradientAveraging(spec, dht, trainable_parameters(model), listener=QuietListener())
+            for (spec, model), dht in zip(members, dhts, strict=True)
         ]
     try:
         yield peers
     finally:
-        for peer in peers:
+        for peer in reversed(peers):
             peer.shutdown()
-        for dht in (second_dht, first_dht):
+        for dht in reversed(dhts):
             dht.shutdown()
+
+
+def _two_peers(spec):
+    """Two GradientAveraging peers of ``spec`` in this process, on one loopback DHT."""
+    return _peers(*((spec, build_model(spec, torch.device("cpu"))) for _ in range(2)))
 
 
 def _state_round(*peers: GradientAveraging) -> None:
@@ -367,3 +353,28 @@ def test_a_full_group_averages_without_waiting_out_the_matchmaking_time(make_spe
             took = time.monotonic() - started
             assert all(isinstance(r, dict) and len(r) == 2 for r in results), f"{averager}: {results}"
             assert took < matchmaking_time / 2, f"{averager}: {took:.1f} s, it waited for more peers"
+
+
+@pytest.mark.timeout(120)
+def test_a_state_of_another_model_is_not_applied(make_spec, tmp_path):
+    """hivemind copies downloaded tensors into the parameters unchecked (``copy_`` broadcasts one of
+    another shape) and loads Adam's statistics whatever their shapes: a donor of another model, here a
+    narrower tiny model under the same run id, must leave the newcomer's state as it was."""
+    narrow = build_tiny_model(tmp_path / "narrow", ArithmeticTask().corpus(), ALPHABET,
+                              TinyModelConfig(hidden_size=64, intermediate_size=128))  # fmt: skip
+    donor_spec = load_run_spec(make_spec(model={"name_or_path": str(narrow)}))
+    spec = load_run_spec(make_spec())
+    donor_model, newcomer_model = (
+        build_model(donor_spec, torch.device("cpu")),
+        build_model(spec, torch.device("cpu")),
+    )
+    before = [p.detach().clone() for p in newcomer_model.parameters()]
+    with _peers((donor_spec, donor_model), (spec, newcomer_model)) as (_, newcomer):
+        assert newcomer.load_state_from_peers() is None
+        for mine, earlier in zip(newcomer_model.parameters(), before, strict=True):
+            assert torch.equal(mine, earlier)
+        statistics = newcomer._optimizer.state_averager.optimizer.state.values()
+        assert all(
+            s["exp_avg"].shape == p.shape
+            for s, p in zip(statistics, newcomer_model.parameters(), strict=True)
+        )

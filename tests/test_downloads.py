@@ -1,11 +1,18 @@
-"""State downloads are bounded: a newcomer never hangs on a swarm whose donors died or are busy."""
+"""State downloads are bounded (a newcomer never hangs on a swarm whose donors died or are busy) and
+checked (what arrived is what the donor sent)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from potluck.hivemind_ext import donors
-from potluck.hivemind_ext.donors import download_with_retries
+from potluck.hivemind_ext.donors import (
+    MANIFEST_KEY,
+    download_with_retries,
+    manifest_mismatch,
+    tensor_manifest,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -62,3 +69,21 @@ def test_with_no_donor_left_it_gives_up_or_tries_again_as_asked():
         == 7
     )
     assert len(calls) == 3
+
+
+def test_a_download_must_match_its_donors_manifest():
+    tensors = [torch.arange(6.0).reshape(2, 3), torch.ones(4, dtype=torch.float16)]
+    metadata = {"step": 3, MANIFEST_KEY: tensor_manifest(tensors, exact=True)}
+    assert manifest_mismatch(metadata, [t.clone() for t in tensors]) is None
+    assert manifest_mismatch(metadata, tensors[:1]) == "1 tensors arrived of 2"
+    changed = tensors[0].clone()
+    changed[1, 2] += 1e-6
+    assert "digest" in manifest_mismatch(metadata, [changed, tensors[1]])
+    assert "float32 [6]" in manifest_mismatch(metadata, [tensors[0].reshape(6), tensors[1]])
+    assert manifest_mismatch({"step": 3}, tensors) == "it came without a manifest"
+    assert (
+        manifest_mismatch({MANIFEST_KEY: [["x"], ["y"]]}, tensors) == "entry 0 of its manifest is malformed"
+    )
+    # a state sent through a lossy codec is checked for dtypes and shapes only
+    loose = {MANIFEST_KEY: tensor_manifest(tensors, exact=False)}
+    assert manifest_mismatch(loose, [changed, tensors[1]]) is None

@@ -61,7 +61,7 @@ from hivemind.dht import DHT
 from hivemind.utils.timed_storage import get_dht_time
 
 from potluck.hivemind_ext import allreduce as consistent_allreduce
-from potluck.hivemind_ext.donors import LimitedDonor, download_with_retries, other_donors
+from potluck.hivemind_ext.donors import CheckedDownloads, LimitedDonor, download_with_retries, other_donors
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, round_bits
 from potluck.hivemind_ext.tracker import RoundTracker, announce_and_count, own_subkey, published_records
 from potluck.peer.averaging.deadlines import DeadlineWatch
@@ -74,7 +74,7 @@ GROUP_SEARCH_MATCHMAKING_TIMES = 4
 """A round looks for its group for this many ``matchmaking_time``s (hivemind needs more than one)."""
 
 
-class _OuterAverager(LimitedDonor, CheckedRounds):
+class _OuterAverager(CheckedDownloads, LimitedDonor, CheckedRounds):
     """All-reduces pseudo-gradients; serves the outer state that ``current_state`` returns to joiners."""
 
     def __init__(self, averaged_tensors, dht: DHT, *, current_state, **kwargs):
@@ -82,8 +82,7 @@ class _OuterAverager(LimitedDonor, CheckedRounds):
         super().__init__(averaged_tensors, dht, **kwargs)
 
     def get_current_state(self):
-        metadata, tensors = self._current_state()
-        return metadata, tensors, None
+        return self.with_manifest(*self._current_state())
 
     def run(self):
         # in the averager's own process: every peer decodes the same average (see consistent_allreduce)
@@ -248,7 +247,7 @@ class DiLoCoAveraging(AveragingStrategy):
         if self._round is not None:
             self._round.control.cancel()
             self._round = None
-        started = time.perf_counter()
+        started, discarded = time.perf_counter(), self._averager.discarded_downloads
 
         def attempt() -> int | None:
             loaded = self._averager.load_state_from_peers(timeout=self._load_state_timeout)
@@ -265,7 +264,8 @@ class DiLoCoAveraging(AveragingStrategy):
             give_up_without_donors=False,
         )
         seconds = time.perf_counter() - started
-        self._listener.state_download(adopted is not None, seconds)
+        discarded = self._averager.discarded_downloads - discarded
+        self._listener.state_download(adopted is not None, seconds, discarded)
         self._communication_wait(seconds)
         return adopted
 

@@ -86,7 +86,10 @@ class PeerMetrics:
         self._first_step_at: float | None = None
         self._compute_total = self._pending_wait = 0.0
         self._state_downloads = series.counter(
-            "potluck_state_downloads", "Attempts to download the swarm's state, by outcome", "outcome"
+            "potluck_state_downloads",
+            "Attempts to download the swarm's state, by outcome (discarded: a download that did not match"
+            " its donor's manifest, thrown away before use)",
+            "outcome",
         )
         self._state_download_seconds = series.histogram(
             "potluck_state_download_seconds", "Time spent downloading the swarm's state"
@@ -104,6 +107,7 @@ class PeerMetrics:
             self._rounds.labels(run_id, outcome)
             self._state_downloads.labels(run_id, outcome)
         self._rounds.labels(run_id, "alone")
+        self._state_downloads.labels(run_id, "discarded")
 
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -169,6 +173,7 @@ class PeerMetrics:
         self._wait_seconds.labels(self.run_id).inc(seconds)
         self._pending_wait += seconds
 
-    def state_download(self, succeeded: bool, seconds: float) -> None:
+    def state_download(self, succeeded: bool, seconds: float, discarded: int = 0) -> None:
         self._state_downloads.labels(self.run_id, "succeeded" if succeeded else "failed").inc()
+        self._state_downloads.labels(self.run_id, "discarded").inc(discarded)
         self._state_download_seconds.labels(self.run_id).observe(seconds)
