@@ -15,16 +15,18 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
+from concurrent import futures
 
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.control import StepControl
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.optim import Optimizer
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
 from potluck.hivemind_ext.donors import CheckedDownloads, LimitedDonor, download_with_retries, other_donors
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, steps_gathered
-from potluck.hivemind_ext.tracker import SwarmAwareTracker
+from potluck.hivemind_ext.tracker import SwarmAwareTracker, others_with_records
 
 UPSTREAM = {
     "hivemind.optim.optimizer.Optimizer._make_state_averager": "59a43eff001c3284",  # its arguments are copied
@@ -48,6 +50,11 @@ UPSTREAM = {
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
 
 logger = logging.getLogger(__name__)
+
+ALONE_CHECK_SECONDS = 0.25
+"""While a round looks for its group, how often the tracker's count of peers is looked at."""
+ALONE_RECHECK_SECONDS = 1.0
+"""While a round looks for its group, how often the DHT is read for the other peers' records."""
 
 
 class _ThrottledDeclaration(DecentralizedAverager):
@@ -210,8 +217,24 @@ class _ObservedStateAverager(
         # and the round's average, taken before the update, was applied after it, undoing it on the
         # peers whose round ended late. Finish and apply the round first, as if it had been quicker.
         if optimizer_step and self.pending_updates:
+            self._wait_for_pending_unless_alone()
             super().step(wait_for_delayed_updates=True)
         return super().step(*args, optimizer_step=optimizer_step, **kwargs)
+
+    alone: Callable[[], bool] = staticmethod(lambda: False)
+    """Whether the tracker shows no other peer in the run (set by the optimizer)."""
+
+    def _wait_for_pending_unless_alone(self) -> None:
+        # A state round started just before the other peers left (their withdrawn records not yet
+        # fetched) looks for them until averaging_timeout, and the next optimizer step waits for it:
+        # the peer left behind stood still for 15 s. Cancel such a round once the tracker shows it alone.
+        deadline = time.monotonic() + (self._allreduce_timeout or 30.0)
+        while time.monotonic() < deadline and not all(u.done() for u in self.pending_updates):
+            if self.alone():
+                for control in self._rounds_to_read or []:
+                    if not control.done() and control.stage == AveragingStage.LOOKING_FOR_GROUP:
+                        control.cancel()
+            futures.wait(self.pending_updates, timeout=ALONE_CHECK_SECONDS)
 
     def record_applied_epochs(self) -> None:
         """Note the global step of every optimizer update, inside hivemind's optimizer lock."""
@@ -234,7 +257,9 @@ class _ObservedStateAverager(
             return f"{len(tensors)} tensors, this peer's state has {len(own)}"
         for i, (theirs, mine) in enumerate(zip(tensors, own, strict=True)):
             if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
-                return f"tensor {i} is {theirs.dtype} {list(theirs.shape)}, here {mine.dtype} {list(mine.shape)}"
+                return (
+                    f"tensor {i} is {theirs.dtype} {list(theirs.shape)}, here {mine.dtype} {list(mine.shape)}"
+                )
         return None
 
     def load_state_from_peers(self, *args, **kwargs):
@@ -305,6 +330,7 @@ class BoundedOptimizer(Optimizer):
         self.last_state_download_donor: str | None = None
         super().__init__(**kwargs)
         self.state_averager.record_applied_epochs()
+        self.state_averager.alone = self._alone
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # Built as the subclass from the start, not swapped in afterwards: the averager's constructor hands
@@ -401,13 +427,45 @@ class BoundedOptimizer(Optimizer):
         discarded = self.state_averager.discarded_downloads - discarded
         self._listener.state_download(self.last_state_download_ok, time.perf_counter() - started, discarded)
 
+    def _round_result(self, control: StepControl) -> dict | None:
+        """The round's result, waited for up to ``averaging_timeout``; None when, while it still looks
+        for its group, no other peer of the run has a progress record any more (they left and withdrew
+        them, ``tracker.py``). hivemind waits out the whole timeout for a group that can no longer form."""
+        deadline = time.monotonic() + self.averaging_timeout
+        while True:
+            try:
+                return control.result(timeout=min(ALONE_CHECK_SECONDS, max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                if control.stage == AveragingStage.LOOKING_FOR_GROUP and self._alone() and control.cancel():
+                    logger.info("gradient averaging: every other peer left; stepping alone")
+                    return None
+
+    _alone_checked_at = -math.inf
+    _alone_seen = False
+
+    def _alone(self) -> bool:
+        """Whether the other peers this peer's rounds are for have left: the tracker has seen others, and
+        none has a progress record in the DHT any more (they withdrew theirs; the tracker's own view is
+        frozen during a global step); the DHT is read at most every ``ALONE_RECHECK_SECONDS``. Peers that never had
+        a record (a round started before any was published) are not taken for gone."""
+        if not self.tracker.saw_others:
+            return False
+        if time.monotonic() >= self._alone_checked_at + ALONE_RECHECK_SECONDS:
+            self._alone_checked_at = time.monotonic()
+            self._alone_seen = others_with_records(self.tracker, self.dht) == 0
+        return self._alone_seen
+
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         averaged = loaded = False
         group_size = 1
         started = time.perf_counter()
         try:
-            if maybe_step_control is not None:
-                gathered = maybe_step_control.result(self.averaging_timeout)
+            gathered = None if maybe_step_control is None else self._round_result(maybe_step_control)
+            if gathered is None:
+                maybe_step_control = None  # no round, or every other peer left while it looked for them
+            else:
                 group_size = len(group_of(gathered))
                 self._load_averaged_gradients_into_optimizer_()
                 loaded = True

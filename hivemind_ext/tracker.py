@@ -27,14 +27,46 @@ from hivemind.utils.logging import get_logger
 from hivemind.utils.timed_storage import get_dht_time
 
 UPSTREAM = {
-    "hivemind.optim.progress_tracker.ProgressTracker": "49cf21042bec7978",  # subclassed: _parse_swarm_progress_data, report_local_progress, update_epoch, _progress_reporter
+    "hivemind.optim.progress_tracker.ProgressTracker": "49cf21042bec7978",  # subclassed: _parse_swarm_progress_data, report_local_progress, update_epoch, _progress_reporter, shutdown
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
 
 logger = get_logger(__name__)
 
 
-class SwarmAwareTracker(ProgressTracker):
+WITHDRAWAL_SECONDS = 3.0
+"""How long a leaving peer waits for the withdrawal of its progress record to be stored."""
+
+
+class _AnnouncedLeave(ProgressTracker):
+    """A peer that leaves withdraws its progress record and waits until that is stored (bounded).
+
+    hivemind stores the withdrawal without waiting, and the DHT is shut down right after it, so the
+    withdrawal seldom got out: the peer left behind by a Ctrl-C went on counting the leaver, waited
+    for it in rounds that failed after the whole ``averaging_timeout`` (15 s) and stepped every 15 s,
+    until the leaver's record expired a minute later
+    (``tests/test_swarm.py::test_a_peer_that_leaves_with_ctrl_c_does_not_stall_the_other``)."""
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        # NOTE: hivemind's own shutdown, except that the withdrawal is waited for
+        self.shutdown_triggered.set()
+        self.should_report_progress.set()
+        self.global_state_updated.set()
+        self.shutdown_complete.wait(timeout)
+        withdrawal = self.dht.store(
+            self.training_progress_key,
+            subkey=self._local_public_key,
+            value=None,
+            expiration_time=get_dht_time() + self.metadata_expiration,
+            return_future=True,
+        )
+        try:
+            withdrawal.result(timeout=WITHDRAWAL_SECONDS)
+        except Exception as e:  # the DHT is unreachable: the record expires by itself
+            logger.info(f"could not withdraw this peer's progress record: {e!r}")
+
+
+class SwarmAwareTracker(_AnnouncedLeave):
     active_within: float = 10.0
     """Seconds since a peer's last progress report after which it no longer counts as training now.
     Records are fetched every 0.5-10 s and a peer reports after every local step, so a live peer's
@@ -49,6 +81,8 @@ class SwarmAwareTracker(ProgressTracker):
     _local_batch: int = 1
     _samples_epoch: float = -float("inf")
     """The last local epoch in which this peer reported samples (the publisher's test of activity)."""
+    saw_others: bool = False
+    """Whether a fetch ever found another peer's record (then a round may wait for others that left)."""
     public_epoch: int | None = None
     """The newest global step of the peers that accept connections (None: none has a record), as of
     the last fetch. hivemind takes the swarm's global step from these peers only."""
@@ -69,6 +103,7 @@ class SwarmAwareTracker(ProgressTracker):
                 if record.peer_id != own_id:
                     others.append(record)
         self._others = tuple(others)
+        self.saw_others = self.saw_others or bool(others)
         public = [record.epoch for record in others if not record.client_mode]
         if not self.client_mode:
             public.append(self.local_progress.epoch)
@@ -232,7 +267,7 @@ class SwarmAwareTracker(ProgressTracker):
         return now + remaining / max(rate, self.performance_ema.eps)
 
 
-class RoundTracker(ProgressTracker):
+class RoundTracker(_AnnouncedLeave):
     """hivemind's tracker that also counts the peers in the current round (``peers_in_round``): those at
     the newest outer step and those one step behind, who are finishing the previous round or catching up
     by download (a DiLoCo joiner would otherwise chase a swarm that never waits for it); peers further
@@ -257,6 +292,17 @@ def published_records(tracker: ProgressTracker, dht) -> dict:
     """The run's progress records in the DHT now (subkey: a peer's public key), this peer's included."""
     found = dht.get(tracker.training_progress_key, latest=True)
     return found.value if found is not None and isinstance(found.value, dict) else {}
+
+
+def others_with_records(tracker: ProgressTracker, dht) -> int:
+    """How many other peers of the run have a progress record in the DHT now (read now: the tracker's
+    own view does not change while this peer takes a global step, which holds its lock)."""
+    own = own_subkey(tracker)
+    return sum(
+        1
+        for subkey, entry in published_records(tracker, dht).items()
+        if subkey != own and getattr(entry, "value", None) is not None
+    )
 
 
 def fetch_soon(tracker: ProgressTracker) -> None:

@@ -144,3 +144,29 @@ def test_sigterm_leaves_cleanly_and_saves(make_spec, local_swarm, tmp_path):
     assert peer.process.wait(timeout=60) == 0, peer.log()[-3000:]
     assert peer.summary().exit_reason == "signal", peer.log()[-3000:]
     assert list_checkpoints(tmp_path / "solo"), "the final checkpoint was not written"
+
+
+@pytest.mark.timeout(300)
+def test_a_peer_that_leaves_with_ctrl_c_does_not_stall_the_other(make_spec, local_swarm, tmp_path):
+    """Ctrl-C on one of two peers: the leaver withdraws its progress record, so the peer left behind
+    steps on alone at once. It used to count the leaver until its record expired, and waited for it in
+    rounds that failed after the whole averaging_timeout: one global step per 15 s for a minute."""
+    spec_path = make_spec(max_global_steps=100000)  # averaging_timeout 15 s, matchmaking_time 0.5 s
+    swarm = local_swarm(spec_path)
+    stays = swarm.start_peer("stays", ["--save-dir", str(tmp_path / "stays"), "--min-peers", "2"])
+    swarm.wait_for_address(stays)
+    leaves = swarm.start_peer("leaves", ["--save-dir", str(tmp_path / "leaves"), "--min-peers", "2"])
+    wait_until(lambda: len(leaves.events("global_step")) >= 3, 180, "three global steps together")
+    leaves.process.send_signal(signal.SIGINT)
+    assert leaves.process.wait(timeout=30) == 0, leaves.log()[-3000:]
+    assert leaves.summary().exit_reason == "signal"
+    left_at, log_offset = leaves.events("summary")[-1]["time"], len(stays.log())
+    after = wait_until(
+        lambda: (steps := [e for e in stays.events("global_step") if e["time"] > left_at])[5:] and steps,
+        60,
+        "six global steps of the peer left behind",
+    )
+    assert after[0]["time"] - left_at < 3.0, f"first step {after[0]['time'] - left_at:.1f} s after the leave"
+    rounds = [e for e in stays.events("averaging_round") if e["time"] > left_at]
+    assert all(r["outcome"] == "alone" for r in rounds), rounds
+    assert "Traceback" not in stays.log()[log_offset:], stays.log()[log_offset:][-3000:]
