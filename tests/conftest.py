@@ -12,6 +12,7 @@ import psutil
 import pytest
 import yaml
 
+import potluck.runtime.grpc_fork  # noqa: F401 (this process forks DHTs after gRPC tests: see that module)
 from potluck.tools.coordinator_process import LocalCoordinator
 from potluck.tools.peer_processes import LocalSwarm
 from potluck.tools.tiny.assets import build_assets

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -424,3 +427,15 @@ def test_cli_usage_errors_exit_2(capsys):
     assert run_cli.main(["status", "run-a", "cancelled"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert run_cli.main([]) == 2
+
+
+@pytest.mark.parametrize(
+    "module", ["potluck.protocols.coordinator_client", "potluck.coordinator.grpc_service"]
+)
+def test_grpc_fork_handlers_are_off_wherever_potluck_imports_grpc(module):
+    """Potluck processes fork (hivemind's DHT, averagers) after using gRPC; gRPC's fork handlers once
+    hung a test process inside fork() for 17 minutes (runtime/grpc_fork.py)."""
+    code = f"import os, {module}, grpc; print(os.environ.get('GRPC_ENABLE_FORK_SUPPORT'))"
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "false", out.stderr[-2000:]
