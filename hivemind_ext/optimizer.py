@@ -52,7 +52,7 @@ UPSTREAM = {
 logger = logging.getLogger(__name__)
 
 ALONE_CHECK_SECONDS = 0.25
-"""While a round looks for its group, how often the tracker's count of peers is looked at."""
+"""While a round looks for its group, how often it checks whether the other peers have left."""
 ALONE_RECHECK_SECONDS = 1.0
 """While a round looks for its group, how often the DHT is read for the other peers' records."""
 
@@ -222,12 +222,12 @@ class _ObservedStateAverager(
         return super().step(*args, optimizer_step=optimizer_step, **kwargs)
 
     alone: Callable[[], bool] = staticmethod(lambda: False)
-    """Whether the tracker shows no other peer in the run (set by the optimizer)."""
+    """Whether every other peer of the run has left (set by the optimizer: ``BoundedOptimizer._alone``)."""
 
     def _wait_for_pending_unless_alone(self) -> None:
         # A state round started just before the other peers left (their withdrawn records not yet
         # fetched) looks for them until averaging_timeout, and the next optimizer step waits for it:
-        # the peer left behind stood still for 15 s. Cancel such a round once the tracker shows it alone.
+        # the peer left behind stood still for 15 s. Cancel such a round once they have all left.
         deadline = time.monotonic() + (self._allreduce_timeout or 30.0)
         while time.monotonic() < deadline and not all(u.done() for u in self.pending_updates):
             if self.alone():
@@ -446,10 +446,10 @@ class BoundedOptimizer(Optimizer):
     _alone_seen = False
 
     def _alone(self) -> bool:
-        """Whether the other peers this peer's rounds are for have left: the tracker has seen others, and
-        none has a progress record in the DHT any more (they withdrew theirs; the tracker's own view is
-        frozen during a global step); the DHT is read at most every ``ALONE_RECHECK_SECONDS``. Peers that never had
-        a record (a round started before any was published) are not taken for gone."""
+        """Whether the other peers this peer's rounds are for have left: the tracker has seen others,
+        and none has a progress record in the DHT any more (they withdrew theirs; the tracker's own view
+        is frozen during a global step). The DHT is read at most every ``ALONE_RECHECK_SECONDS``. Peers
+        that never had a record (a round started before any was published) are not taken for gone."""
         if not self.tracker.saw_others:
             return False
         if time.monotonic() >= self._alone_checked_at + ALONE_RECHECK_SECONDS:
