@@ -116,7 +116,11 @@ def test_two_peer_stage_improves_its_held_out_figure(
     stage, tiny_assets, warm_start, make_spec, local_swarm, tmp_path
 ):
     overrides, figure, direction = stage_settings(stage, tiny_assets, warm_start)
-    spec_path = make_spec(run_id=f"swarm-{stage}", stage=stage, **overrides)
+    # a swarm of a fixed 2 peers, as the demo's: each round starts once both are in instead of waiting out
+    # the matchmaking time, and the state is averaged every 10th step (this test is about the stage's
+    # learning; tests/test_swarm.py and tests/test_faults.py run the default rounds)
+    fixed_pair = {"target_group_size": 2, "average_state_every": 10}
+    spec_path = make_spec(run_id=f"swarm-{stage}", stage=stage, averaging=fixed_pair, **overrides)
     spec = load_run_spec(spec_path)
     before = evaluate_stage(spec, spec.init_from or spec.model.name_or_path)
 
