@@ -166,7 +166,7 @@ def test_a_peer_that_leaves_with_ctrl_c_does_not_stall_the_other(make_spec, loca
         60,
         "six global steps of the peer left behind",
     )
-    assert after[0]["time"] - left_at < 3.0, f"first step {after[0]['time'] - left_at:.1f} s after the leave"
+    assert after[0]["time"] - left_at < 5.0, f"first step {after[0]['time'] - left_at:.1f} s after the leave"
     rounds = [e for e in stays.events("averaging_round") if e["time"] > left_at]
     assert all(r["outcome"] == "alone" for r in rounds), rounds
     assert "Traceback" not in stays.log()[log_offset:], stays.log()[log_offset:][-3000:]
