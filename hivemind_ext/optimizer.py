@@ -55,6 +55,9 @@ ALONE_CHECK_SECONDS = 0.25
 """While a round looks for its group, how often it checks whether the other peers have left."""
 ALONE_RECHECK_SECONDS = 1.0
 """While a round looks for its group, how often the DHT is read for the other peers' records."""
+GRADIENT_AVERAGER_OPTS = ("request_timeout", "target_group_size")
+"""The keys of ``averager_opts`` that the gradient averager takes too (hivemind gives them to the state
+averager only)."""
 
 
 class _ThrottledDeclaration(DecentralizedAverager):
@@ -221,20 +224,22 @@ class _ObservedStateAverager(
             super().step(wait_for_delayed_updates=True)
         return super().step(*args, optimizer_step=optimizer_step, **kwargs)
 
-    alone: Callable[[], bool] = staticmethod(lambda: False)
+    alone: Callable[[float], bool] = staticmethod(lambda waiting_since: False)
     """Whether every other peer of the run has left (set by the optimizer: ``BoundedOptimizer._alone``)."""
 
     def _wait_for_pending_unless_alone(self) -> None:
         # A state round started just before the other peers left (their withdrawn records not yet
         # fetched) looks for them until averaging_timeout, and the next optimizer step waits for it:
         # the peer left behind stood still for 15 s. Cancel such a round once they have all left.
-        deadline = time.monotonic() + (self._allreduce_timeout or 30.0)
-        while time.monotonic() < deadline and not all(u.done() for u in self.pending_updates):
-            if self.alone():
+        started = time.monotonic()
+        deadline = started + (self._allreduce_timeout or 30.0)
+        while time.monotonic() < deadline:
+            if not futures.wait(self.pending_updates, timeout=ALONE_CHECK_SECONDS).not_done:
+                return
+            if self.alone(started):
                 for control in self._rounds_to_read or []:
                     if not control.done() and control.stage == AveragingStage.LOOKING_FOR_GROUP:
                         control.cancel()
-            futures.wait(self.pending_updates, timeout=ALONE_CHECK_SECONDS)
 
     def record_applied_epochs(self) -> None:
         """Note the global step of every optimizer update, inside hivemind's optimizer lock."""
@@ -313,15 +318,11 @@ class BoundedOptimizer(Optimizer):
         load_state_attempts: int,
         wire_bytes: int,
         deadlines,
-        request_timeout: float,
-        target_group_size: int | None = None,
         **kwargs,
     ):
         self._listener = listener
-        self._grad_averager_opts = {
-            "request_timeout": request_timeout,
-            "target_group_size": target_group_size,
-        }
+        averager_opts = kwargs.get("averager_opts") or {}
+        self._grad_averager_opts = {k: averager_opts[k] for k in GRADIENT_AVERAGER_OPTS if k in averager_opts}
         self._load_state_attempts = load_state_attempts
         self._wire_bytes = wire_bytes
         self._deadlines = deadlines
@@ -385,7 +386,8 @@ class BoundedOptimizer(Optimizer):
 
     def _make_gradient_averager(self, factory, **kwargs):
         # hivemind forwards averager_opts to the state averager only; the gradient averager needs the
-        # same request timeout (shorter than matchmaking, or matchmaking can deadlock) and group size
+        # same request timeout (shorter than matchmaking, or matchmaking can deadlock) and group size:
+        # those of averager_opts (GRADIENT_AVERAGER_OPTS) go to both
         # built as the subclass: its rounds run in the averager's own process, forked at construction
         return super()._make_gradient_averager(_CheckedGradientAverager, **self._grad_averager_opts, **kwargs)
 
@@ -431,26 +433,33 @@ class BoundedOptimizer(Optimizer):
         """The round's result, waited for up to ``averaging_timeout``; None when, while it still looks
         for its group, no other peer of the run has a progress record any more (they left and withdrew
         them, ``tracker.py``). hivemind waits out the whole timeout for a group that can no longer form."""
-        deadline = time.monotonic() + self.averaging_timeout
+        started = time.monotonic()
+        deadline = started + self.averaging_timeout
         while True:
             try:
                 return control.result(timeout=min(ALONE_CHECK_SECONDS, max(0.0, deadline - time.monotonic())))
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     raise
-                if control.stage == AveragingStage.LOOKING_FOR_GROUP and self._alone() and control.cancel():
+                if (
+                    control.stage == AveragingStage.LOOKING_FOR_GROUP
+                    and self._alone(started)
+                    and control.cancel()
+                ):
                     logger.info("gradient averaging: every other peer left; stepping alone")
                     return None
 
     _alone_checked_at = -math.inf
     _alone_seen = False
 
-    def _alone(self) -> bool:
+    def _alone(self, waiting_since: float) -> bool:
         """Whether the other peers this peer's rounds are for have left: the tracker has seen others,
         and none has a progress record in the DHT any more (they withdrew theirs; the tracker's own view
-        is frozen during a global step). The DHT is read at most every ``ALONE_RECHECK_SECONDS``. Peers
-        that never had a record (a round started before any was published) are not taken for gone."""
-        if not self.tracker.saw_others:
+        is frozen during a global step). Asked only of a wait that has outlasted ``matchmaking_time``
+        (a round of live peers has its group by then), so an ordinary round reads no DHT; the DHT is
+        read at most every ``ALONE_RECHECK_SECONDS``. Peers that never had a record (a round started
+        before any was published) are not taken for gone."""
+        if not self.tracker.saw_others or time.monotonic() - waiting_since < self.matchmaking_time:
             return False
         if time.monotonic() >= self._alone_checked_at + ALONE_RECHECK_SECONDS:
             self._alone_checked_at = time.monotonic()

@@ -289,20 +289,17 @@ def own_subkey(tracker: ProgressTracker) -> bytes:
 
 
 def published_records(tracker: ProgressTracker, dht) -> dict:
-    """The run's progress records in the DHT now (subkey: a peer's public key), this peer's included."""
+    """The run's progress records in the DHT now (subkey: a peer's public key), this peer's included;
+    not the withdrawn ones (a peer that left stores None in its place, ``_AnnouncedLeave``)."""
     found = dht.get(tracker.training_progress_key, latest=True)
-    return found.value if found is not None and isinstance(found.value, dict) else {}
+    records = found.value if found is not None and isinstance(found.value, dict) else {}
+    return {subkey: entry for subkey, entry in records.items() if getattr(entry, "value", None) is not None}
 
 
 def others_with_records(tracker: ProgressTracker, dht) -> int:
     """How many other peers of the run have a progress record in the DHT now (read now: the tracker's
     own view does not change while this peer takes a global step, which holds its lock)."""
-    own = own_subkey(tracker)
-    return sum(
-        1
-        for subkey, entry in published_records(tracker, dht).items()
-        if subkey != own and getattr(entry, "value", None) is not None
-    )
+    return len(published_records(tracker, dht).keys() - {own_subkey(tracker)})
 
 
 def fetch_soon(tracker: ProgressTracker) -> None:

@@ -136,8 +136,6 @@ class GradientAveraging(AveragingStrategy):
                 "donor_slots": averaging.donor_slots,
                 "target_group_size": averaging.target_group_size,
             },
-            request_timeout=averaging.request_timeout,
-            target_group_size=averaging.target_group_size,
             verbose=False,
         )
 
