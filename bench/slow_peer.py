@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve()
@@ -25,17 +24,32 @@ def slow_peer_entry(factor: float) -> tuple[str, ...]:
     return (str(SCRIPT), str(factor))
 
 
-def slowed_down(batches: Iterator, factor: float) -> Iterator:
-    """Yield ``batches``, idling (factor - 1) x the shortest of the last 10 local steps before each."""
-    recent: list[float] = []
-    last = None
-    for batch in batches:
+class SlowedDown:
+    """A peer's ``BatchStream`` that idles, before each batch, (factor - 1) x the time the batch's
+    samples took on the shortest of the last 10 local steps (per sample: a peer sizes its batches to
+    its share of a global step, ``hivemind_ext/tracker.py``)."""
+
+    def __init__(self, stream, factor: float):
+        self._stream, self._factor = stream, factor
+        self.batch_size = stream.batch_size
+        self._per_sample: list[float] = []
+        self._last: tuple[float, int] | None = None
+
+    def __iter__(self) -> SlowedDown:
+        return self
+
+    def __next__(self):
+        return self.take(self.batch_size)
+
+    def take(self, size: int):
         now = time.perf_counter()
-        if last is not None:
-            recent = [*recent[-9:], now - last]
-            time.sleep((factor - 1) * min(recent))  # the emulated slow machine's extra time
-        last = time.perf_counter()
-        yield batch
+        if self._last is not None:
+            started, samples = self._last
+            self._per_sample = [*self._per_sample[-9:], (now - started) / samples]
+            time.sleep((self._factor - 1) * min(self._per_sample) * size)  # the slow machine's extra time
+        batch = self._stream.take(size)
+        self._last = (time.perf_counter(), max(1, min(size, self.batch_size)))
+        return batch
 
 
 def main(argv: list[str]) -> int:
@@ -45,8 +59,8 @@ def main(argv: list[str]) -> int:
     factor, run_peer_args = float(argv[0]), argv[1:]
     original = PeerDataStream.batches
 
-    def slow_batches(self, seed: int) -> Iterator:
-        return slowed_down(original(self, seed), factor)
+    def slow_batches(self, seed: int) -> SlowedDown:
+        return SlowedDown(original(self, seed), factor)
 
     PeerDataStream.batches = slow_batches
     return cli.main(run_peer_args)

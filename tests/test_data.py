@@ -85,6 +85,26 @@ def test_stream_covers_the_dataset_before_repeating(tmp_path, tokenizer):
     assert texts == {str(i) for i in range(10)}
 
 
+def test_smaller_batches_take_the_same_rows_in_the_same_order(tmp_path, tokenizer):
+    # a peer whose share of a global step is less than its batch (hivemind_ext/tracker.py) asks for
+    # fewer rows; the rows it did not take come next, so its walk through the data is unchanged
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(10)))
+    stream = PeerDataStream(DataSpec(path=str(path), max_length=8), tokenizer, batch_size=5)
+
+    def texts(batches):
+        return [
+            tokenizer.decode(row, skip_special_tokens=True)
+            for b in batches
+            for row in b["input_ids"].tolist()
+        ]
+
+    whole = stream.batches(seed=3)
+    parts = stream.batches(seed=3)
+    assert texts([next(whole) for _ in range(3)]) == texts([parts.take(n) for n in (2, 3, 1, 4, 5)])
+    assert len(parts.take(99)["input_ids"]) == 5  # never more than the spec's batch
+
+
 def test_empty_and_missing_data_are_clear_errors(tmp_path, tokenizer):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -105,6 +105,71 @@ def test_a_peer_that_has_not_trained_yet_makes_the_tracker_look_again_soon(track
     assert tracker.global_progress.next_fetch_time <= get_dht_time() + tracker.min_refresh_period
 
 
+SLOW = RATE / 100
+"""Rates for the share tests: at ``RATE`` another peer's batch would count as half done (in flight)
+50 ms after its report, within the time a busy machine takes between two lines of a test."""
+
+
+def begin_step_in_a_swarm(
+    tracker: SwarmAwareTracker, own_rate: float, others: list[tuple[float, float]]
+) -> None:
+    """This peer begins global step 6, having just fetched its own record (published at ``own_rate``)
+    and the others' (each ``(rate, reported_ago)``), all of step 6 with nothing accumulated yet."""
+    with tracker.pause_updates():
+        tracker.update_epoch(6)
+    now = get_dht_time()
+    own = tracker.dht.peer_id.to_bytes()
+    records = [(own, own_rate, 0.0)] + [(f"peer-{i}".encode(), r, ago) for i, (r, ago) in enumerate(others)]
+    tracker.global_progress = tracker._parse_swarm_progress_data(
+        {
+            peer_id + b"-key": ValueWithExpiration(
+                LocalTrainingProgress(
+                    peer_id=peer_id,
+                    epoch=6,
+                    samples_accumulated=0,
+                    samples_per_second=rate,
+                    time=now - ago,
+                    client_mode=False,
+                ).dict(),
+                now + 60,
+            )
+            for peer_id, rate, ago in records
+        }
+    )
+
+
+def test_equal_peers_split_the_target_instead_of_each_adding_a_whole_batch(tracker):
+    # 3 peers of batches of 64 against a target of 128 used to put 3 x 64 = 192 into each step
+    begin_step_in_a_swarm(tracker, SLOW, [(SLOW, 0.0), (SLOW, 0.0)])
+    assert tracker.step_share() == 43  # ceil(128 / 3)
+    assert tracker.batch_share(BATCH) == 43
+    tracker.report_local_progress(6, 43)
+    assert tracker.ready_to_update_epoch
+
+
+def test_a_peer_twice_as_fast_takes_twice_the_share_over_whole_and_partial_batches(tracker):
+    begin_step_in_a_swarm(tracker, 2 * SLOW, [(SLOW, 0.0)])
+    assert tracker.step_share() == 86  # ceil(128 * 2 / 3)
+    assert tracker.batch_share(BATCH) == BATCH
+    tracker.report_local_progress(6, BATCH)
+    assert not tracker.ready_to_update_epoch
+    assert tracker.batch_share(BATCH) == 86 - BATCH
+    tracker.report_local_progress(6, 86)
+    assert tracker.ready_to_update_epoch
+
+
+def test_a_peer_that_stopped_reporting_gets_no_share(tracker):
+    # killed, or downloading state: its record looks alive for active_within, but it adds nothing now
+    begin_step_in_a_swarm(tracker, SLOW, [(SLOW, 0.0), (SLOW, SwarmAwareTracker.active_within - 1)])
+    assert tracker.step_share() == TARGET // 2
+
+
+def test_without_known_rates_a_peer_takes_whole_batches_towards_the_whole_target(tracker):
+    begin_step_in_a_swarm(tracker, 0.0, [(SLOW, 0.0)])  # its own record has no rate yet
+    assert tracker.step_share() == TARGET
+    assert tracker.batch_share(BATCH) == BATCH
+
+
 def test_a_client_mode_peer_does_not_step_ahead_of_the_public_peers(client):
     """hivemind takes the swarm's global step from public peers only: a NAT peer that stepped past them
     was never made to catch up and averaged with them at other steps for good (tests/test_faults.py)."""

@@ -54,6 +54,9 @@ class _Accounted(AveragingStrategy):
     def peers_in_run(self) -> int:
         return self.inner.peers_in_run()
 
+    def batch_share(self, full: int) -> int:
+        return self.inner.batch_share(full)
+
     def zero_grad(self) -> None:
         self.inner.zero_grad()
 

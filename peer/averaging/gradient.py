@@ -156,6 +156,9 @@ class GradientAveraging(AveragingStrategy):
         self._optimizer.step(batch_size=batch_size)
         return self._optimizer.local_epoch != before
 
+    def batch_share(self, full: int) -> int:
+        return self._optimizer.tracker.batch_share(full)
+
     def zero_grad(self) -> None:
         self._optimizer.zero_grad(set_to_none=True)
 

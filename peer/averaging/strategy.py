@@ -72,6 +72,11 @@ class AveragingStrategy(ABC):
     def step(self, batch_size: int) -> bool:
         """Account for a local batch whose gradients are in ``.grad``; True if a global step was taken."""
 
+    def batch_share(self, full: int) -> int:
+        """How many samples the next local batch should hold, at most ``full`` (the spec's per-peer
+        batch): less when the swarm needs fewer for its next global step. Default: always ``full``."""
+        return full
+
     @abstractmethod
     def zero_grad(self) -> None: ...
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,15 +130,37 @@ class PeerDataStream:
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
 
-    def batches(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, seed: int) -> BatchStream:
         """Endless batches in the order given by ``seed`` (see :func:`peer_seed`)."""
-        rng = random.Random(seed)
-        order: list[int] = []
-        while True:
-            if len(order) < self.batch_size:
-                fresh = list(range(len(self.examples)))
-                rng.shuffle(fresh)
-                order.extend(fresh)
-            chosen, order = order[: self.batch_size], order[self.batch_size :]
-            examples = [self.examples[i] for i in chosen]
-            yield self._collate(examples) if self._collate else collate(examples, self.pad_token_id)
+        return BatchStream(self, seed)
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        examples = [self.examples[i] for i in indices]
+        return self._collate(examples) if self._collate else collate(examples, self.pad_token_id)
+
+
+class BatchStream:
+    """One peer's walk through its data order: ``next()`` gives a batch of the spec's per-peer size,
+    ``take(n)`` a smaller one. A smaller batch only takes fewer rows off the order: the rest come next,
+    so the order (and which rows an epoch covers) is the same whatever sizes are asked for."""
+
+    def __init__(self, data: PeerDataStream, seed: int):
+        self._data = data
+        self._rng = random.Random(seed)
+        self._order: list[int] = []
+        self.batch_size = data.batch_size
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.take(self.batch_size)
+
+    def take(self, size: int) -> dict[str, torch.Tensor]:
+        size = max(1, min(size, self.batch_size))
+        while len(self._order) < size:
+            fresh = list(range(len(self._data.examples)))
+            self._rng.shuffle(fresh)
+            self._order.extend(fresh)
+        chosen, self._order = self._order[:size], self._order[size:]
+        return self._data.collate(chosen)

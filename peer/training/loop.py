@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from potluck.peer.averaging.strategy import AveragingStrategy
+from potluck.peer.training.data import BatchStream
 from potluck.peer.training.metrics import PeerMetrics
 from potluck.peer.training.progress import ProgressDisplay
 from potluck.peer.training.stages import Stage
@@ -57,7 +58,7 @@ class Trainer:
         model: torch.nn.Module,
         stage: Stage,
         strategy: AveragingStrategy,
-        batches: Iterator[dict[str, torch.Tensor]],
+        batches: BatchStream,
         device: torch.device,
         max_global_steps: int,
         metrics: PeerMetrics,
@@ -87,7 +88,8 @@ class Trainer:
         while self.strategy.global_step < self.max_global_steps and not self.stop.is_set():
             started = time.perf_counter()
             # non-tensor fields (e.g. the answers of RL prompts) stay on the host
-            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in next(self.batches).items()}
+            drawn = self.batches.take(self.strategy.batch_share(self.batches.batch_size))
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in drawn.items()}
             loss = self.stage.loss(self.model, batch)
             loss.backward()
             if self.max_grad_norm is not None:
