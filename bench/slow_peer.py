@@ -20,7 +20,7 @@ SCRIPT = Path(__file__).resolve()
 
 
 def slow_peer_entry(factor: float) -> tuple[str, ...]:
-    """What ``LocalSwarm.start_peer(entry=...)`` runs instead of ``-m potluck.peer.cli``."""
+    """What ``LocalSwarm.start_peer(entry=...)`` runs instead of ``-m potluck.peer.launch``."""
     return (str(SCRIPT), str(factor))
 
 

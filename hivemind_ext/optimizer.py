@@ -55,6 +55,9 @@ ALONE_CHECK_SECONDS = 0.25
 """While a round looks for its group, how often it checks whether the other peers have left."""
 ALONE_RECHECK_SECONDS = 1.0
 """While a round looks for its group, how often the DHT is read for the other peers' records."""
+STOP_GRACE_SECONDS = 2.0
+"""After a stop request (a signal), how long a round or a background state round may still take to end
+by itself before it is abandoned: a peer leaves within seconds even when a partner has hung."""
 GRADIENT_AVERAGER_OPTS = ("request_timeout", "target_group_size")
 """The keys of ``averager_opts`` that the gradient averager takes too (hivemind gives them to the state
 averager only)."""
@@ -172,6 +175,29 @@ class _DownloadRecorder(DecentralizedAverager):
         return None
 
 
+class LeftTheRound(Exception):
+    """This peer is leaving and its gradient round had not ended within ``STOP_GRACE_SECONDS``: the
+    global step is not taken (the peer keeps the state of its last one, the swarm's)."""
+
+
+class StopRequest:
+    """This peer was asked to leave (a signal). Set from a signal handler: it only records the time."""
+
+    def __init__(self) -> None:
+        self._at: float | None = None
+
+    def set(self) -> None:
+        if self._at is None:
+            self._at = time.monotonic()
+
+    def is_set(self) -> bool:
+        return self._at is not None
+
+    def expired(self) -> bool:
+        """Whether the grace for rounds still running has passed (``STOP_GRACE_SECONDS``)."""
+        return self._at is not None and time.monotonic() >= self._at + STOP_GRACE_SECONDS
+
+
 class _ObservedStateAverager(
     CheckedDownloads,
     TrainingStateAverager,
@@ -222,24 +248,39 @@ class _ObservedStateAverager(
         if optimizer_step and self.pending_updates:
             self._wait_for_pending_unless_alone()
             super().step(wait_for_delayed_updates=True)
+        # leaving (settle, shutdown): a round whose partner hung would hold the exit for up to
+        # averaging_timeout; the swarm's next state round evens out whatever this peer misses
+        leaving = kwargs.get("wait_for_delayed_updates") and self.stop.is_set() and self.pending_updates
+        if leaving and not self._wait_for_pending_unless_alone():
+            logger.info("leaving without the result of the last state round (it had not ended)")
+            return None
         return super().step(*args, optimizer_step=optimizer_step, **kwargs)
 
     alone: Callable[[float], bool] = staticmethod(lambda waiting_since: False)
     """Whether every other peer of the run has left (set by the optimizer: ``BoundedOptimizer._alone``)."""
 
-    def _wait_for_pending_unless_alone(self) -> None:
-        # A state round started just before the other peers left (their withdrawn records not yet
-        # fetched) looks for them until averaging_timeout, and the next optimizer step waits for it:
-        # the peer left behind stood still for 15 s. Cancel such a round once they have all left.
+    stop: StopRequest = StopRequest()
+    """Set by the optimizer (``BoundedOptimizer.stop``); this default is never set."""
+
+    def _wait_for_pending_unless_alone(self) -> bool:
+        """Wait for the pending state round, up to ``averaging_timeout``; True if it ended.
+
+        A state round started just before the other peers left (their withdrawn records not yet
+        fetched) looks for them until averaging_timeout, and the next optimizer step waits for it:
+        the peer left behind stood still for 15 s. Such a round is cancelled once they have all left.
+        After a stop request it is given ``STOP_GRACE_SECONDS`` (then False)."""
         started = time.monotonic()
         deadline = started + (self._allreduce_timeout or 30.0)
         while time.monotonic() < deadline:
             if not futures.wait(self.pending_updates, timeout=ALONE_CHECK_SECONDS).not_done:
-                return
-            if self.alone(started):
+                return True
+            if self.alone(started) or self.stop.expired():
                 for control in self._rounds_to_read or []:
                     if not control.done() and control.stage == AveragingStage.LOOKING_FOR_GROUP:
                         control.cancel()
+            if self.stop.expired():
+                return not futures.wait(self.pending_updates, timeout=0).not_done
+        return not futures.wait(self.pending_updates, timeout=0).not_done
 
     def record_applied_epochs(self) -> None:
         """Note the global step of every optimizer update, inside hivemind's optimizer lock."""
@@ -329,9 +370,11 @@ class BoundedOptimizer(Optimizer):
         self.last_state_download_ok = False
         self.last_state_download_epoch: int | None = None
         self.last_state_download_donor: str | None = None
+        self.stop = StopRequest()
         super().__init__(**kwargs)
         self.state_averager.record_applied_epochs()
         self.state_averager.alone = self._alone
+        self.state_averager.stop = self.stop
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # Built as the subclass from the start, not swapped in afterwards: the averager's constructor hands
@@ -432,7 +475,9 @@ class BoundedOptimizer(Optimizer):
     def _round_result(self, control: StepControl) -> dict | None:
         """The round's result, waited for up to ``averaging_timeout``; None when, while it still looks
         for its group, no other peer of the run has a progress record any more (they left and withdrew
-        them, ``tracker.py``). hivemind waits out the whole timeout for a group that can no longer form."""
+        them, ``tracker.py``). hivemind waits out the whole timeout for a group that can no longer form.
+        After a stop request the round gets ``STOP_GRACE_SECONDS``: with a partner that hung (SIGSTOP)
+        a Ctrl-C took 60 s to end the peer (this round's averaging_timeout, then the state round's)."""
         started = time.monotonic()
         deadline = started + self.averaging_timeout
         while True:
@@ -441,6 +486,10 @@ class BoundedOptimizer(Optimizer):
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     raise
+                if self.stop.expired():
+                    if control.stage == AveragingStage.LOOKING_FOR_GROUP:
+                        control.cancel()  # (a running all-reduce cannot be: it ends by itself)
+                    raise LeftTheRound() from None
                 if (
                     control.stage == AveragingStage.LOOKING_FOR_GROUP
                     and self._alone(started)
@@ -483,6 +532,10 @@ class BoundedOptimizer(Optimizer):
                 averaged = (arrived := received_fraction(gathered)) == 1.0
                 if not averaged:
                     logger.info(f"gradient averaging: only {arrived:.1%} of the average arrived")
+        except LeftTheRound:
+            logger.info("gradient averaging: leaving before the round ended; this global step is not taken")
+            self._listener.averaging_round(False, group_size, 0, 0)
+            raise
         except BaseException as e:
             logger.info(f"gradient averaging failed, stepping with local gradients: {e!r}")
         if not loaded:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import address_of_a_peer_not_started
+from potluck.peer.launch import INTERRUPTED
+from tests.helpers import address_of_a_peer_not_started, wait_until
 
 
 def run_peer(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "potluck.peer.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "potluck.peer.launch", *args], capture_output=True, text=True, timeout=120
     )
 
 
@@ -74,3 +77,24 @@ def test_initial_peers_that_never_answer_are_a_clear_error(make_spec, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "none of the initial peers answered" in result.stderr and nobody in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_while_starting_is_one_line(make_spec):
+    """Ctrl-C during the seconds of imports and start-up printed a KeyboardInterrupt traceback from
+    whichever import was running (and inside torch's native code, aborted the process)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "potluck.peer.launch", "--run-spec", str(make_spec())],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        maps = Path(f"/proc/{process.pid}/maps")
+        # torch's library is being loaded: run-peer's handler is in place and it is far from training
+        wait_until(lambda: process.poll() is not None or "libtorch" in maps.read_text(), 60, "torch's import")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == INTERRUPTED, stderr
+    assert "Traceback" not in stderr, stderr

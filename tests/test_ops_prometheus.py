@@ -280,7 +280,7 @@ def test_ctrl_c_stops_the_coordinator_and_every_peer(swarm):
     """Runs last in this module: it ends the shared swarm."""
     assert swarm.process.poll() is None, swarm.log()
     modules = sorted(p.cmdline()[2] for p in swarm.started)
-    assert modules == ["potluck.coordinator.cli", "potluck.peer.cli", "potluck.peer.cli"]
+    assert modules == ["potluck.coordinator.cli", "potluck.peer.launch", "potluck.peer.launch"]
     descendants = psutil.Process(swarm.process.pid).children(recursive=True)  # averagers start late
     swarm.process.send_signal(signal.SIGINT)
     assert swarm.process.wait(timeout=120) == 130, swarm.log()[-3000:]

@@ -49,7 +49,7 @@ def test_kill_9_leaves_no_helper_processes_and_the_peer_restarts_in_place(make_s
     helpers = descendants(victim.process.pid)
     commands = [" ".join(p.cmdline()) for p in helpers]
     assert any("p2pd" in c for c in commands), commands
-    assert sum("potluck.peer.cli" in c for c in commands) >= 3, commands  # DHT + 2 averagers
+    assert sum("potluck.peer.launch" in c for c in commands) >= 3, commands  # DHT + 2 averagers
 
     os.kill(victim.process.pid, signal.SIGKILL)
     victim.process.wait(timeout=10)

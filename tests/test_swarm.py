@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,33 @@ def test_a_peer_that_leaves_with_ctrl_c_does_not_stall_the_other(make_spec, loca
     rounds = [e for e in stays.events("averaging_round") if e["time"] > left_at]
     assert all(r["outcome"] == "alone" for r in rounds), rounds
     assert "Traceback" not in stays.log()[log_offset:], stays.log()[log_offset:][-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_with_a_partner_that_hung_exits_within_seconds(make_spec, local_swarm, tmp_path):
+    """A partner that stops answering (SIGSTOP: a machine that froze) holds a round until
+    averaging_timeout. A peer asked to leave then took 60 s (its gradient round's 30 s, then its state
+    round's); it now gives running rounds 2 s, skips the step whose round had not ended, and leaves
+    with the state of its last global step, saved."""
+    spec_path = make_spec(
+        max_global_steps=100000,
+        averaging={"matchmaking_time": 2, "averaging_timeout": 30, "target_group_size": 2},
+    )
+    swarm = local_swarm(spec_path)
+    leaver = swarm.start_peer("leaver", ["--save-dir", str(tmp_path / "leaver"), "--min-peers", "2"])
+    swarm.wait_for_address(leaver)
+    frozen = swarm.start_peer("frozen", ["--min-peers", "2"])
+    wait_until(lambda: len(frozen.events("global_step")) >= 2, 180, "two global steps together")
+    frozen.process.send_signal(signal.SIGSTOP)  # the main process only: its DHT and averagers still answer
+    try:
+        time.sleep(3)  # the scenario: the partner has been frozen for 3 s, the leaver's round waits on it
+        leaver.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert leaver.process.wait(timeout=30) == 0, leaver.log()[-3000:]
+        assert time.monotonic() - signalled < 10, f"left {time.monotonic() - signalled:.1f} s after SIGTERM"
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+    assert leaver.summary().exit_reason == "signal"
+    assert "Traceback" not in leaver.log(), leaver.log()[-3000:]
+    last_step = leaver.summary().global_step
+    checkpoint_at(tmp_path / "leaver", last_step)

@@ -16,7 +16,7 @@ from typing import Any
 from potluck.peer.results import PeerSummary, read_events, read_summary
 
 JOIN_ADDRESS = re.compile(r"--initial-peers (\S+)")
-RUN_PEER = ("-m", "potluck.peer.cli")
+RUN_PEER = ("-m", "potluck.peer.launch")
 """What ``python`` runs for a peer by default (``start_peer(entry=...)`` replaces it)."""
 
 
@@ -79,7 +79,7 @@ class LocalSwarm:
         """Start ``run-peer``; ``initial_peers`` defaults to the first running peer's address.
         ``use_spec=False`` leaves out ``--run-spec`` (the peer finds its run through ``args``).
         ``command_prefix`` runs it through another command, e.g. ``ip netns exec HOST`` (tests/netbed);
-        ``entry`` replaces ``-m potluck.peer.cli`` with another script taking run-peer's flags (bench/slow_peer.py).
+        ``entry`` replaces ``-m potluck.peer.launch`` with another script taking run-peer's flags (bench/slow_peer.py).
         Its events and summary go to ``<workdir>/<name>.events.jsonl`` (``PeerProcess.events``/``summary``)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if initial_peers is None:

@@ -57,6 +57,9 @@ class _Accounted(AveragingStrategy):
     def batch_share(self, full: int) -> int:
         return self.inner.batch_share(full)
 
+    def request_stop(self) -> None:
+        self.inner.request_stop()
+
     def zero_grad(self) -> None:
         self.inner.zero_grad()
 

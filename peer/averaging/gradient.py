@@ -19,7 +19,7 @@ from hivemind.compression import (
 )
 from hivemind.dht import DHT
 
-from potluck.hivemind_ext.optimizer import BoundedOptimizer, restore_learning_rate
+from potluck.hivemind_ext.optimizer import BoundedOptimizer, LeftTheRound, restore_learning_rate
 from potluck.hivemind_ext.tracker import announce_and_count
 from potluck.peer.averaging.deadlines import DeadlineWatch
 from potluck.peer.averaging.strategy import AveragingListener, AveragingStrategy, SwarmProgress
@@ -153,11 +153,17 @@ class GradientAveraging(AveragingStrategy):
 
     def step(self, batch_size: int) -> bool:
         before = self._optimizer.local_epoch
-        self._optimizer.step(batch_size=batch_size)
+        try:
+            self._optimizer.step(batch_size=batch_size)
+        except LeftTheRound:  # stopping: the step's round had not ended, so the step is not taken
+            return False
         return self._optimizer.local_epoch != before
 
     def batch_share(self, full: int) -> int:
         return self._optimizer.tracker.batch_share(full)
+
+    def request_stop(self) -> None:
+        self._optimizer.stop.set()
 
     def zero_grad(self) -> None:
         self._optimizer.zero_grad(set_to_none=True)

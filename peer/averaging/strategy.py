@@ -77,6 +77,10 @@ class AveragingStrategy(ABC):
         batch): less when the swarm needs fewer for its next global step. Default: always ``full``."""
         return full
 
+    def request_stop(self) -> None:  # noqa: B027 (optional: a strategy may have nothing to cut short)
+        """This peer was asked to leave (called from a signal handler: only note it). Waits on the swarm
+        that are still running end within seconds instead of their timeouts. Default: nothing to cut short."""
+
     @abstractmethod
     def zero_grad(self) -> None: ...
 

@@ -54,8 +54,9 @@ class PeerOptions:
     progress_interval: float = 5.0
 
 
-def install_stop_handlers(stop: threading.Event) -> None:
-    """SIGINT/SIGTERM ask the loop to finish its step and leave; a second signal exits at once.
+def install_stop_handlers(stop: threading.Event, strategy: AveragingStrategy | None = None) -> None:
+    """SIGINT/SIGTERM ask the loop to finish its step and leave, and the strategy to cut short what
+    it waits for on the swarm; a second signal exits at once.
 
     Must run after the averagers are created: creating one leaves SIGINT ignored in this process.
     """
@@ -68,6 +69,8 @@ def install_stop_handlers(stop: threading.Event) -> None:
             file=sys.stderr,
         )
         stop.set()
+        if strategy is not None:
+            strategy.request_stop()
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
@@ -159,11 +162,11 @@ def run_peer(
         strategy = make_strategy(spec, dht, trainable_parameters(model), listener=results.listener(metrics))
         reporter = ReportPublisher(dht, public_key_tag(RSAPrivateKey.process_wide()), spec.run_id, metrics)
         try:
-            install_stop_handlers(stop)
+            install_stop_handlers(stop, strategy)
             if resume:
                 strategy.load_state_dict(torch.load(resume.strategy_state_path, weights_only=False))
             wait_for_peers(strategy, options.min_peers, options.min_peers_timeout, stop)
-            downloaded = strategy.load_state_from_peers()
+            downloaded = None if stop.is_set() else strategy.load_state_from_peers()
             if downloaded is not None:
                 print(
                     f"run-peer: loaded the swarm's state of global step {downloaded} "
