@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import yaml
-from workdir import run_in_workdir
+from workdir import median_min_max, run_in_workdir, runs_parser
 
 from potluck.tools.demo import DEMO_SPEC, DEMO_TASK
 from potluck.tools.peer_processes import LocalSwarm, PeerProcess
@@ -99,21 +99,16 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
         )
     print(f"whole-run ratio over {args.runs} runs, min / median / max: {spread(whole_run)}")
     print(
-        f"samples_ratio={statistics.median(whole_run):.3f} min={min(whole_run):.3f} max={max(whole_run):.3f} "
-        f"peers={args.peers} steps={args.steps} runs={args.runs}"
+        f"{median_min_max('samples_ratio', whole_run)} peers={args.peers} steps={args.steps} runs={args.runs}"
     )
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = runs_parser(__doc__)
     p.add_argument("--peers", type=int, default=3)
     p.add_argument("--steps", type=int, default=60, help="global steps per run")
-    p.add_argument("--runs", type=int, default=3)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
-    p.add_argument(
-        "--workdir", type=Path, default=None, help="keep assets and logs here (default: a temporary folder)"
-    )
     return p.parse_args(argv)
 
 

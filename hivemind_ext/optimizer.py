@@ -535,6 +535,9 @@ class BoundedOptimizer(Optimizer):
         except LeftTheRound:
             logger.info("gradient averaging: leaving before the round ended; this global step is not taken")
             self._listener.averaging_round(False, group_size, 0, 0)
+            # hivemind clears it after the step, which is not taken: its shutdown would cancel or
+            # trigger the round a second time (InvalidStateError: the peer exited with an error)
+            self.scheduled_grads = None
             raise
         except BaseException as e:
             logger.info(f"gradient averaging failed, stepping with local gradients: {e!r}")

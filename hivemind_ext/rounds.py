@@ -20,6 +20,7 @@ from hivemind.averaging import DecentralizedAverager
 UPSTREAM = {
     "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group": "c297d8a435ce2b1c",  # overridden; keeps its runner in _running_groups
     "hivemind.averaging.averager.DecentralizedAverager._register_allreduce_group": "5bf43ed9b95db37d",  # a skipped round's runner future is cancelled, so it does not warn
+    "hivemind.averaging.averager.DecentralizedAverager._shutdown": "f1777b2ac329932a",  # copied: finalizes the runners, not their futures
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
 
@@ -62,6 +63,20 @@ class CheckedRounds(DecentralizedAverager):
     other peers' steps."""
 
     same_step_only = False
+
+    async def _shutdown(self, timeout: float | None) -> None:
+        # NOTE: hivemind's own, except for the running groups: upstream calls finalize() on the future
+        # that holds each group's all-reduce runner and waits on what it returns (finalize returns
+        # None), so an averager shut down with a round still running (a peer leaving on a signal)
+        # printed an AttributeError traceback. Here the runner is finalized (cancelled), or its
+        # future cancelled when it has none yet; nothing is left to wait for.
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        for future in self._running_groups.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().finalize(cancel=True)
+            else:
+                future.cancel()
 
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
         if self.same_step_only:

@@ -39,6 +39,30 @@ WITHDRAWAL_SECONDS = 3.0
 """How long a leaving peer waits for the withdrawal of its progress record to be stored."""
 
 
+def newest_per_peer(metadata):
+    """The run's progress records (subkey: the signing key of the process that stored it) with one
+    record per peer id, its newest: a peer restarted with the same ``--identity-path`` signs with a new
+    process key, and its old record stayed beside the new one until it expired, counted as another
+    peer (5 peers in a 4-peer swarm, issue 16). Withdrawn (None) and unreadable values pass through."""
+    if not isinstance(metadata, dict):
+        return metadata
+    newest: dict[bytes, tuple[float, object]] = {}
+    kept = {}
+    for subkey, entry in metadata.items():
+        value = getattr(entry, "value", None)
+        if not isinstance(value, dict) or not isinstance(value.get("peer_id"), bytes):
+            kept[subkey] = entry
+            continue
+        peer, when = value["peer_id"], value.get("time", 0.0)
+        if peer not in newest or when > newest[peer][0]:
+            newest[peer] = (when, subkey)
+    for subkey, entry in metadata.items():
+        value = getattr(entry, "value", None)
+        if subkey not in kept and newest[value["peer_id"]][1] == subkey:
+            kept[subkey] = entry
+    return kept
+
+
 class _AnnouncedLeave(ProgressTracker):
     """A peer that leaves withdraws its progress record and waits until that is stored (bounded).
 
@@ -100,6 +124,7 @@ class SwarmAwareTracker(_AnnouncedLeave):
     """The global step this peer last reached through a gradient round with public peers."""
 
     def _parse_swarm_progress_data(self, metadata):
+        metadata = newest_per_peer(metadata)
         progress = super()._parse_swarm_progress_data(metadata)
         own_id = self.dht.peer_id.to_bytes()
         others = []
@@ -349,6 +374,7 @@ class RoundTracker(_AnnouncedLeave):
     peers_in_round = 0
 
     def _parse_swarm_progress_data(self, metadata):
+        metadata = newest_per_peer(metadata)
         progress = super()._parse_swarm_progress_data(metadata)
         records = metadata.values() if isinstance(metadata, dict) else ()
         epochs = [entry.value.get("epoch") for entry in records if isinstance(entry.value, dict)]
@@ -365,7 +391,7 @@ def published_records(tracker: ProgressTracker, dht) -> dict:
     """The run's progress records in the DHT now (subkey: a peer's public key), this peer's included;
     not the withdrawn ones (a peer that left stores None in its place, ``_AnnouncedLeave``)."""
     found = dht.get(tracker.training_progress_key, latest=True)
-    records = found.value if found is not None and isinstance(found.value, dict) else {}
+    records = newest_per_peer(found.value) if found is not None and isinstance(found.value, dict) else {}
     return {subkey: entry for subkey, entry in records.items() if getattr(entry, "value", None) is not None}
 
 

@@ -204,6 +204,12 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
         spec = load_run_spec(args.run_spec) if args.run_spec else None
     except (DeviceError, RunSpecError) as e:
         return user_error(e, results)
+    if args.save_dir is not None:
+        # before anything heavy: it was found out at the first checkpoint, after loading and joining
+        try:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return user_error(f"--save-dir {args.save_dir}: cannot create it ({e.strerror})", results)
     configure_logging(args.verbose)
     initial_peers = list(args.initial_peers)
     if spec is None and args.coordinator:

@@ -68,6 +68,15 @@ def test_help_lists_the_documented_flags():
         assert flag in result.stdout
 
 
+def test_a_save_dir_that_cannot_be_created_is_a_clear_error_before_joining(make_spec, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = run_peer("--run-spec", str(make_spec()), "--save-dir", str(tmp_path / "a-file" / "checkpoints"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"run-peer: --save-dir {tmp_path / 'a-file' / 'checkpoints'}: cannot create it (Not a directory)"
+    ]
+
+
 def test_initial_peers_that_never_answer_are_a_clear_error(make_spec, tmp_path):
     nobody, _, _ = address_of_a_peer_not_started(tmp_path)
     result = run_peer(

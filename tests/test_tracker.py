@@ -15,7 +15,7 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils.performance_ema import PerformanceEMA
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
-from potluck.hivemind_ext.tracker import SwarmAwareTracker
+from potluck.hivemind_ext.tracker import SwarmAwareTracker, newest_per_peer
 from tests.helpers import wait_until
 
 TARGET, BATCH, RATE = 128, 64, 640.0  # another peer finishes a batch of 64 every 0.1 s
@@ -168,6 +168,32 @@ def test_without_known_rates_a_peer_takes_whole_batches_towards_the_whole_target
     begin_step_in_a_swarm(tracker, 0.0, [(SLOW, 0.0)])  # its own record has no rate yet
     assert tracker.step_share() == TARGET
     assert tracker.batch_share(BATCH) == BATCH
+
+
+def test_a_restarted_peer_counts_once(tracker):
+    # restarted with the same --identity-path: the same peer id, a new signing key, so a second record
+    # beside the one its first process left (which stays until it expires)
+    now = get_dht_time()
+
+    def record(epoch: int, ago: float) -> dict:
+        return LocalTrainingProgress(
+            peer_id=b"restarted-peer",
+            epoch=epoch,
+            samples_accumulated=0,
+            samples_per_second=RATE,
+            time=now - ago,
+            client_mode=False,
+        ).dict()
+
+    metadata = {
+        b"first-process-key": ValueWithExpiration(record(3, ago=20.0), now + 40),
+        b"second-process-key": ValueWithExpiration(record(5, ago=0.1), now + 60),
+        b"withdrawn-key": ValueWithExpiration(None, now + 60),
+    }
+    assert set(newest_per_peer(metadata)) == {b"second-process-key", b"withdrawn-key"}
+    tracker.global_progress = tracker._parse_swarm_progress_data(metadata)
+    assert [r.epoch for r in tracker._others] == [5]
+    assert tracker.global_progress.num_peers == 1  # the records in the DHT: this one has not published
 
 
 def test_a_client_mode_peer_does_not_step_ahead_of_the_public_peers(client):
