@@ -46,20 +46,14 @@ def newest_per_peer(metadata):
     peer (5 peers in a 4-peer swarm, issue 16). Withdrawn (None) and unreadable values pass through."""
     if not isinstance(metadata, dict):
         return metadata
-    newest: dict[bytes, tuple[float, object]] = {}
-    kept = {}
+    kept, newest = {}, {}  # newest: peer id -> (time, subkey)
     for subkey, entry in metadata.items():
         value = getattr(entry, "value", None)
         if not isinstance(value, dict) or not isinstance(value.get("peer_id"), bytes):
             kept[subkey] = entry
-            continue
-        peer, when = value["peer_id"], value.get("time", 0.0)
-        if peer not in newest or when > newest[peer][0]:
-            newest[peer] = (when, subkey)
-    for subkey, entry in metadata.items():
-        value = getattr(entry, "value", None)
-        if subkey not in kept and newest[value["peer_id"]][1] == subkey:
-            kept[subkey] = entry
+        elif value["peer_id"] not in newest or value.get("time", 0.0) > newest[value["peer_id"]][0]:
+            newest[value["peer_id"]] = (value.get("time", 0.0), subkey)
+    kept.update((subkey, metadata[subkey]) for _, subkey in newest.values())
     return kept
 
 
@@ -217,9 +211,7 @@ class SwarmAwareTracker(_AnnouncedLeave):
 
     def others_samples_estimate(self, now: float | None = None) -> tuple[float, float]:
         """(samples the other peers have accumulated toward this global step, their samples/s), estimated."""
-        return self._others_estimate(get_dht_time() if now is None else now, whole_batches=True)
-
-    def _others_estimate(self, now: float, whole_batches: bool) -> tuple[float, float]:
+        now = get_dht_time() if now is None else now
         epoch = self.local_progress.epoch
         samples = rate = 0.0
         for record in self._others:
@@ -239,9 +231,7 @@ class SwarmAwareTracker(_AnnouncedLeave):
             # peers take a second batch (1.6x the target); counting every started batch would make
             # fast peers wait in the all-reduce for a straggler's batch.
             in_flight = max(0.0, now - since) * record.samples_per_second
-            if whole_batches:
-                in_flight = round(in_flight / self._local_batch) * self._local_batch
-            samples += known + in_flight
+            samples += known + round(in_flight / self._local_batch) * self._local_batch
             rate += record.samples_per_second
         return samples, rate
 
