@@ -26,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-from workdir import median_min_max, run_in_workdir, runs_parser
+from workdir import median_min_max, run_in_workdir, runs_parser, wait_for, write_tiny_spec
 
 from potluck.tools.peer_processes import LocalSwarm
 from potluck.tools.tiny.assets import build_assets
@@ -35,31 +34,11 @@ from potluck.tools.tiny.assets import build_assets
 PEERS = 3
 
 
-def wait_for(condition, timeout: float, what: str):
-    """``condition()``'s first truthy value, polled every 0.2 s for up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"no {what} within {timeout:.0f} s")
-
-
 def write_spec(workdir: Path, args: argparse.Namespace) -> Path:
     averaging = {"matchmaking_time": args.matchmaking_time, "averaging_timeout": 15}
     if args.fixed_size:
         averaging["target_group_size"] = PEERS
-    spec = {
-        "run_id": "bench-kill-one",
-        "model": {"name_or_path": str(workdir / "tiny-model")},
-        "data": {"path": str(workdir / "data" / "train.jsonl"), "max_length": 16},
-        "batch": {"target_batch_size": 96, "per_peer_batch_size": 32},
-        "max_global_steps": 100000,
-        "averaging": averaging,
-    }
-    path = workdir / "run.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+    return write_tiny_spec(workdir / "run.yaml", workdir, "bench-kill-one", 96, 32, averaging)
 
 
 def one_run(spec_path: Path, folder: Path) -> list[tuple[float, list[str]]]:

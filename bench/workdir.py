@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 
 def run_in_workdir(
@@ -38,3 +41,31 @@ def runs_parser(doc: str | None, runs: int = 3) -> argparse.ArgumentParser:
 def median_min_max(name: str, values: list[float], digits: int = 3) -> str:
     """``name=MEDIAN min=MIN max=MAX``: the start of a benchmark's last line."""
     return f"{name}={statistics.median(values):.{digits}f} min={min(values):.{digits}f} max={max(values):.{digits}f}"
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, every: float = 0.2):
+    """``condition()``'s first truthy value, polled every ``every`` seconds for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"no {what} within {timeout:.0f} s")
+
+
+def write_tiny_spec(
+    path: Path, workdir: Path, run_id: str, target: int, batch: int, averaging: dict, **more
+) -> Path:
+    """A run spec for the tiny model and task that ``build_assets(workdir)`` built, written to ``path``:
+    ``target`` samples per global step of batches of ``batch``, never finishing by itself."""
+    spec = {
+        "run_id": run_id,
+        "model": {"name_or_path": str(workdir / "tiny-model")},
+        "data": {"path": str(workdir / "data" / "train.jsonl"), "max_length": 16},
+        "batch": {"target_batch_size": target, "per_peer_batch_size": batch},
+        "max_global_steps": 100000,
+        "averaging": averaging,
+        **more,
+    }
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

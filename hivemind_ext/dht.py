@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -99,23 +101,49 @@ def visible_addresses(dht: DHT) -> list[str]:
     return [str(addr) for addr in dht.get_visible_maddrs()]
 
 
-class RouteKeeper:
-    """Pings the peers this node has known whenever its DHT routing table is empty.
+PING_TIMEOUT = 5.0
+"""Seconds one dial and ping of a lost peer may take (libp2p gives a private address 5 s)."""
 
-    hivemind drops a peer from the routing table once requests to it fail, and bootstraps only at
-    start, so a node cut off for long enough (30 s on the home-like bed) had no route left when the
-    network came back: it found no donor to download the swarm's state from and kept retrying, while
-    the others had dropped it too. A ping re-adds the peer on both sides. The peers pinged are the
-    initial peers and every peer seen in the routing table since start (the libp2p daemon still knows
-    their addresses); while the table holds anyone, hivemind's own lookups repair it.
+RETRY_AT_MOST_EVERY = 10.0
+"""The longest pause between two pings of a peer that keeps not answering (the pause doubles from
+``interval``): after a long partition the two sides find each other within this much of the heal."""
+
+FORGET_AFTER = 600.0
+"""Seconds after which a peer that has answered no ping is taken to have left for good (initial peers
+are never forgotten)."""
+
+
+class RouteKeeper:
+    """Dials back the peers this node has lost from its DHT routing table.
+
+    hivemind drops a peer from the routing table once a request to it fails, and bootstraps only at
+    start: a node cut off for long enough had no route left when the network came back, and the
+    others had dropped it too. Neither side ever asked again: a peer partitioned for 60 s from a
+    4-peer swarm trained alone for good (issue 16), and in a 2-vs-2 split each side keeps its own
+    half in its table, so hivemind's own lookups never cross back either.
+
+    Every ``interval`` seconds this pings, concurrently and each bounded by ``PING_TIMEOUT``, the
+    initial peers and every peer seen in the table since start that is not in it now; a ping re-adds
+    the peer on both sides. A peer that does not answer is pinged less often (the pause doubles up to
+    ``RETRY_AT_MOST_EVERY``) and forgotten after ``FORGET_AFTER`` seconds of silence, unless it is an
+    initial peer. An initial peer is dialled at its address first (the daemon may have dropped an
+    address it has not reached for a while). A tick never waits for the DHT longer than ``interval``
+    plus the ping timeout: a dial that hung inside the daemon once stopped the keeper for good.
     """
 
-    def __init__(self, dht: DHT, initial_peers: Sequence[str], interval: float = 5.0):
+    def __init__(self, dht: DHT, initial_peers: Sequence[str], interval: float = 2.0):
         self._dht, self._interval = dht, interval
-        self._initial = [a for a in initial_peers if "/p2p/" in a]
+        self._initial = {
+            PeerID.from_base58(Multiaddr(a)["p2p"]).to_bytes(): a for a in initial_peers if "/p2p/" in a
+        }
+        self._lost: dict[bytes, _Lost] = {}
         self._known: set[bytes] = set()
         self.pings = 0
-        """Peers pinged because the routing table was empty."""
+        """Pings sent to lost peers."""
+        self.answered = 0
+        """Lost peers that answered (and are back in the routing table)."""
+        self.ticks = 0
+        """Ticks that read the routing table."""
         # a tick fails only while the DHT is shutting down: not worth more than a debug line
         self._periodic = Periodic(self._tick, interval, "potluck-route-keeper", error_level=logging.DEBUG)
 
@@ -126,27 +154,73 @@ class RouteKeeper:
     def stop(self) -> None:
         self._periodic.stop()
 
-    def _tick(self) -> None:
+    def _ask(self, coroutine, extra: float = 0.0):
         # the coroutine runs in the DHT's process: a module function, pickled with its arguments
-        table, pinged = self._dht.run_coroutine(
-            partial(_keep_routes, initial=self._initial, known=sorted(self._known))
-        )
+        return self._dht.run_coroutine(coroutine, return_future=True).result(timeout=self._interval + extra)
+
+    def _tick(self) -> None:
+        own = self._dht.peer_id.to_bytes()
+        table = set(self._ask(_table))
         self._known.update(table)
-        self.pings += pinged
+        self.ticks += 1
+        now = time.monotonic()
+        for peer in table:
+            self._lost.pop(peer, None)
+        missing = (self._known | self._initial.keys()) - table - {own}
+        due = []
+        for peer in missing:
+            lost = self._lost.setdefault(peer, _Lost(since=now, next_try=now))
+            if peer not in self._initial and now - lost.since > FORGET_AFTER:
+                self._known.discard(peer)
+                del self._lost[peer]
+            elif now >= lost.next_try:
+                due.append(peer)
+        if not due:
+            return
+        self.pings += len(due)
+        targets = [(peer, self._initial.get(peer)) for peer in due]
+        answered = set(self._ask(partial(_ping_all, targets=targets), extra=PING_TIMEOUT))
+        self.answered += len(answered)
+        for peer in due:
+            if peer in answered:
+                self._lost.pop(peer, None)
+            else:
+                lost = self._lost[peer]
+                lost.pause = min(2 * lost.pause if lost.pause else self._interval, RETRY_AT_MOST_EVERY)
+                lost.next_try = now + lost.pause
 
 
-async def _keep_routes(dht: DHT, node, initial: list[str], known: list[bytes]) -> tuple[list[bytes], int]:
-    """(the peers in the routing table, how many peers were pinged because it was empty)."""
-    table = node.protocol.routing_table
-    if table.peer_id_to_uid:
-        return [peer.to_bytes() for peer in table.peer_id_to_uid], 0
-    addresses = {PeerID.from_base58(Multiaddr(a)["p2p"]): Multiaddr(a) for a in initial}
-    targets = {*addresses, *(PeerID(raw) for raw in known)} - {node.peer_id}
-    for peer in targets:
-        if peer in addresses:  # the daemon may have dropped an address it has not reached for a while
-            address = addresses[peer]
+@dataclass
+class _Lost:
+    since: float
+    """When the peer was first found missing from the table."""
+    next_try: float
+    pause: float = 0.0
+
+
+async def _table(dht: DHT, node) -> list[bytes]:
+    """The peers in the node's routing table."""
+    return [peer.to_bytes() for peer in node.protocol.routing_table.peer_id_to_uid]
+
+
+async def _ping_all(dht: DHT, node, targets: list[tuple[bytes, str | None]]) -> list[bytes]:
+    """Ping every target (dialled first at its address, if given), all at once; the ones that answered."""
+
+    async def ping(raw: bytes, address: str | None) -> bytes | None:
+        peer = PeerID(raw)
+        if address is not None:
+            maddr = Multiaddr(address)
             with contextlib.suppress(Exception):
-                await connect(node.p2p, peer, [address.decapsulate("/p2p/" + address["p2p"])])
-        if await node.protocol.call_ping(peer, validate=False, strict=False) is not None:
-            logger.info(f"route keeper: {peer} is reachable again")
-    return [peer.to_bytes() for peer in table.peer_id_to_uid], len(targets)
+                await asyncio.wait_for(
+                    connect(node.p2p, peer, [maddr.decapsulate("/p2p/" + maddr["p2p"])]), PING_TIMEOUT
+                )
+        with contextlib.suppress(Exception):
+            if await asyncio.wait_for(
+                node.protocol.call_ping(peer, validate=False, strict=False), PING_TIMEOUT
+            ):
+                logger.info(f"route keeper: {peer} is reachable again")
+                return raw
+        return None
+
+    found = await asyncio.gather(*(ping(raw, address) for raw, address in targets))
+    return [raw for raw in found if raw is not None]

@@ -34,6 +34,8 @@ UPSTREAM = {
     "hivemind.optim.optimizer.Optimizer._make_progress_tracker": "a3fe70a367d732d6",  # replaced: builds our tracker
     "hivemind.optim.optimizer.Optimizer._maybe_schedule_gradient_averaging": "868f8c36bdaa41e6",  # skipped while alone
     "hivemind.optim.optimizer.Optimizer._should_load_state_from_peers": "e1af5bdfc8e60b70",  # extended
+    "hivemind.optim.optimizer.Optimizer._begin_averaging_gradients": "f17d8bb258a0c551",  # wrapped: skipped out of step, alone counted
+    "hivemind.optim.optimizer.Optimizer._update_global_epoch": "03a36523a3fce65e",  # steps on local gradients when no round began
     "hivemind.optim.optimizer.Optimizer.load_state_from_peers": "87030a961ecf8f7f",  # re-implemented with a bound
     "hivemind.optim.optimizer.Optimizer._average_gradients_and_load_into_optimizer": "d95bb5ebc061749e",  # re-implemented to report rounds
     "hivemind.optim.optimizer.Optimizer._load_averaged_gradients_into_optimizer_": "cdf2fbb98f778b8d",  # called
@@ -44,7 +46,7 @@ UPSTREAM = {
     "hivemind.optim.state_averager.TrainingStateAverager._update_scheduler": "9b8de2a7b6020122",  # called after a checkpoint load
     "hivemind.averaging.averager.DecentralizedAverager.state_sharing_priority": "de300bcec1decea5",  # setter throttled
     "hivemind.averaging.averager.DecentralizedAverager.load_state_from_peers": "973fae40a3d1e16f",  # wrapped
-    "hivemind.optim.state_averager.TrainingStateAverager.load_state_from_peers": "e4d647a9ea78cde8",  # applies what the wrapper lets through, in dump_optimizer_state's order
+    "hivemind.optim.state_averager.TrainingStateAverager.load_state_from_peers": "e4d647a9ea78cde8",  # applies what the wrapper lets through, in dump_optimizer_state's order; refuses a state older than local_epoch
     "hivemind.optim.state_averager.dump_optimizer_state": "b79c35110b89e6b1",  # called: the order of the statistics
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
@@ -417,6 +419,21 @@ class BoundedOptimizer(Optimizer):
         if self.tracker.global_progress.num_peers > 1:
             super()._maybe_schedule_gradient_averaging()
 
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        # a peer out of step with the swarm (a minority after a partition, about to take the swarm's
+        # state) averages with nobody: its gradients are for other parameters, a group must not mix them
+        apart = abs(self.local_epoch - self.tracker.global_epoch) > 1
+        if apart:
+            if self.scheduled_grads is not None and not self.scheduled_grads.done():
+                self.scheduled_grads.cancel()
+            self.scheduled_grads = None
+        if not apart and super()._begin_averaging_gradients(grad_scaler):
+            return True
+        # hivemind steps on local gradients here and reported no round at all: a peer alone for good
+        # counted no "alone" round (issue 16); one whose round could not start counts a failed one
+        self._listener.averaging_round(apart or self.tracker.global_progress.num_peers <= 1, 1, 0, 0)
+        return False
+
     def _should_load_state_from_peers(self) -> bool:
         # a client-mode peer more than one step ahead of the public peers (it resumed from a checkpoint
         # newer than theirs, or stepped on before the tracker held it back) takes their state: they
@@ -441,6 +458,16 @@ class BoundedOptimizer(Optimizer):
         self.state_averager.step(wait_for_delayed_updates=True)
         started, discarded = time.perf_counter(), self.state_averager.discarded_downloads
         self.state_averager.last_download_ok = False
+        own_epoch = self.local_epoch
+        if own_epoch > self.tracker.global_epoch:
+            # ahead of the swarm's step (swarm_step, tracker.py): the minority of a partition that stepped
+            # on alone. Its steps do not count; it takes the swarm's state, which hivemind would refuse
+            # as older than its own ("Cowardly refusing")
+            logger.info(
+                f"this peer is at global step {own_epoch}, the swarm at {self.tracker.global_epoch}: "
+                "taking the swarm's state (steps taken apart from it do not count)"
+            )
+            self.state_averager.local_epoch = self.tracker.global_epoch
         with self.tracker.pause_updates():
             # NOTE: hivemind's optimizer downloads the gradient averager's state too, and discards it
             # (its last averaged gradients, overwritten before every round): a second copy of the model
@@ -466,6 +493,8 @@ class BoundedOptimizer(Optimizer):
                 self.grad_averager.reset_accumulated_grads_()
                 if not self.client_mode:
                     self.grad_averager.state_sharing_priority = self.local_epoch
+        if not self.state_averager.last_download_ok and self.local_epoch < own_epoch:
+            self.state_averager.local_epoch = own_epoch  # nothing was taken: tried again at the next step
         self.last_state_download_ok = self.state_averager.last_download_ok
         self.last_state_download_epoch = self.state_averager.last_download_epoch
         self.last_state_download_donor = self.state_averager.last_download_donor

@@ -57,6 +57,30 @@ def newest_per_peer(metadata):
     return kept
 
 
+def swarm_step(epochs: list[int]) -> int:
+    """The swarm's global step, from the steps of its peers (this one's included): the newest step of
+    the largest group of peers whose steps lie within one of each other; of equal groups, the one
+    further on.
+
+    hivemind takes the newest step of any peer. After a partition healed, the peer that had been cut
+    off and stepped on alone (309 global steps against the others' 70, issue 16) was therefore the
+    swarm: the others would all have taken its state, the work of three peers lost to the work of
+    one. With this rule the minority takes the majority's state, and its steps alone do not count as
+    steps of the run; of two equal halves (a 2-vs-2 split), the one that took more steps is kept.
+    Peers a step apart (some have stepped, the others are about to) are one group."""
+    if not epochs:
+        raise ValueError("no steps to choose from")
+    ordered = sorted(epochs)
+    groups, current = [], [ordered[0]]
+    for epoch in ordered[1:]:
+        if epoch - current[-1] > 1:
+            groups.append(current)
+            current = []
+        current.append(epoch)
+    groups.append(current)
+    return max(groups, key=lambda group: (len(group), group[-1]))[-1]
+
+
 class _AnnouncedLeave(ProgressTracker):
     """A peer that leaves withdraws its progress record and waits until that is stored (bounded).
 
@@ -110,8 +134,8 @@ class SwarmAwareTracker(_AnnouncedLeave):
     saw_others: bool = False
     """Whether a fetch ever found another peer's record (then a round may wait for others that left)."""
     public_epoch: int | None = None
-    """The newest global step of the peers that accept connections (None: none has a record), as of
-    the last fetch. hivemind takes the swarm's global step from these peers only."""
+    """The global step of the peers that accept connections (:func:`swarm_step`; None: none has a
+    record), as of the last fetch. hivemind takes the swarm's global step from these peers only."""
     client_epochs: frozenset[int] = frozenset()
     """The global steps of the other peers in client mode."""
     _stepped_with_public_peers_to: int = -1
@@ -137,7 +161,15 @@ class SwarmAwareTracker(_AnnouncedLeave):
         public = [record.epoch for record in others if not record.client_mode]
         if not self.client_mode:
             public.append(self.local_progress.epoch)
-        self.public_epoch = max(public, default=None)
+        self.public_epoch = swarm_step(public) if public else None
+        epoch = swarm_step([self.local_progress.epoch, *(r.epoch for r in others if not r.client_mode)])
+        if epoch != progress.epoch:  # hivemind took the newest step of any peer (see swarm_step)
+            progress.epoch = epoch
+            progress.samples_accumulated = sum(
+                record.samples_accumulated
+                for record in (*others, self.local_progress)
+                if record.epoch == epoch
+            )
         self.client_epochs = frozenset(record.epoch for record in others if record.client_mode)
         if any(record.samples_per_second <= self.performance_ema.eps for record in others):
             # a peer that has not finished a batch yet (its rate is unknown): hivemind would wait up to
@@ -327,6 +359,12 @@ class SwarmAwareTracker(_AnnouncedLeave):
             return False
         # hivemind's own rule also steps once the ETA it computed at the last fetch has passed; that
         # ETA extrapolates every peer with a record, including peers that died up to a minute ago
+        if self.global_epoch > self.local_progress.epoch + 1:
+            # more than a step behind (the minority of a partition, when the fetch that says so lands
+            # between the optimizer's check for a download and this one): hivemind would jump to the
+            # swarm's step with this peer's own parameters, a silent fork. Not stepping sends the next
+            # optimizer step to download the swarm's state instead.
+            return False
         if self.global_epoch > self.local_progress.epoch:
             return True
         if not self.client_mode and self.local_progress.epoch + 1 in self.client_epochs:

@@ -328,6 +328,35 @@ def test_state_rounds_with_a_peer_ahead_make_the_peer_behind_download_the_swarms
 
 
 @pytest.mark.timeout(120)
+def test_a_peer_that_stepped_on_alone_takes_the_older_state_of_the_swarm(make_spec):
+    """After a partition heals, the peer that was cut off has stepped on alone, far ahead of the others,
+    and its tracker says the swarm is at their step (``swarm_step``; tests/test_tracker.py). It takes
+    their state although it is older than its own, which hivemind refuses ("Cowardly refusing")."""
+    spec = load_run_spec(make_spec())
+    models = [build_model(spec, torch.device("cpu")) for _ in range(2)]
+    with torch.no_grad():
+        for parameter in trainable_parameters(models[1]):
+            parameter.add_(1.0)  # where its steps alone took it
+    with _peers(*((spec, model) for model in models)) as (swarm, loner):
+        swarm._optimizer.state_averager.local_epoch = 5
+        swarm._optimizer.state_averager.state_sharing_priority = 5
+        loner._optimizer.state_averager.local_epoch = 40
+        # NOTE: set, not fetched: peers in one process sign their progress records with one process-wide
+        # key, so the DHT keeps one record of the two; the tracker's rule has its own tests
+        with loner._optimizer.tracker.pause_updates():
+            loner._optimizer.tracker.global_progress.epoch = 5
+            loner._optimizer.tracker.fetched_global_progress_this_epoch.set()
+            loner._optimizer._should_check_synchronization_on_update = True  # as after each of its steps
+            assert loner._optimizer._should_load_state_from_peers()
+        assert loner.load_state_from_peers() == 5
+        assert loner.global_step == 5
+        for mine, theirs in zip(
+            trainable_parameters(models[1]), trainable_parameters(models[0]), strict=True
+        ):
+            torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
+@pytest.mark.timeout(120)
 def test_a_full_group_averages_without_waiting_out_the_matchmaking_time(make_spec):
     """With ``target_group_size`` (a swarm of known size, as the demo's) a round starts the moment its group
     is full; hivemind's leader otherwise waits out ``matchmaking_time`` for more peers to join. Both kinds

@@ -55,6 +55,15 @@ def test_partition_cuts_one_host_off_and_heal_restores_it(netbed):
     assert reachable(a, b) and reachable(c, a)
 
 
+def test_split_cuts_two_sides_apart_and_join_restores_them(netbed):
+    a, b, c, d = (netbed.add_host(name) for name in "abcd")
+    netbed.split([a, b], [c, d])
+    assert reachable(a, b) and reachable(d, c), "each side still reaches itself"
+    assert not reachable(a, c) and not reachable(d, b)
+    netbed.join([a, b], [c, d])
+    assert reachable(a, d) and reachable(c, b)
+
+
 def test_a_host_behind_nat_dials_out_but_cannot_be_dialed(netbed):
     public = netbed.add_host("public")
     home = netbed.add_host("home", nat=True)

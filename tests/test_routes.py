@@ -7,8 +7,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from functools import partial
 
 import pytest
+from hivemind.p2p import PeerID
 
 from potluck.hivemind_ext.dht import RouteKeeper, SwarmJoinError, start_dht
 from tests.helpers import address_of_a_peer_not_started, wait_until
@@ -46,6 +48,37 @@ def test_a_node_that_lost_every_route_pings_its_peers_back_into_the_table():
         keeper.stop()
         second.shutdown()
         first.shutdown()
+
+
+async def _forget(dht, node, peer: str) -> None:
+    table = node.protocol.routing_table
+    del table[table.get(peer_id=PeerID.from_base58(peer))]
+
+
+@pytest.mark.timeout(60)
+def test_a_node_pings_back_a_peer_it_lost_while_it_still_has_others(tmp_path):
+    """A 2-vs-2 split: each side keeps its own half in its table, so the table is never empty and
+    hivemind's own lookups never cross back; the peers lost from it are pinged back. A dead initial
+    peer (it never answers) does not hold that up."""
+    dead, _, _ = address_of_a_peer_not_started(tmp_path)
+    first = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    initial = [str(a) for a in first.get_visible_maddrs()]
+    second = start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None)
+    third = start_dht([str(a) for a in second.get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    keeper = RouteKeeper(second, [*initial, dead], interval=0.2).start()
+    try:
+        assert {str(first.peer_id), str(third.peer_id)} <= second.run_coroutine(_routes)
+        wait_until(lambda: keeper.ticks >= 1, 20, "the keeper to read the table once")
+        second.run_coroutine(partial(_forget, peer=str(third.peer_id)))
+        assert str(first.peer_id) in second.run_coroutine(_routes), "the table is not empty"
+        wait_until(
+            lambda: str(third.peer_id) in second.run_coroutine(_routes), 20, "the route to the lost peer"
+        )
+        assert keeper.answered >= 1
+    finally:
+        keeper.stop()
+        for node in (third, second, first):
+            node.shutdown()
 
 
 @pytest.mark.timeout(120)

@@ -15,7 +15,7 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils.performance_ema import PerformanceEMA
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
-from potluck.hivemind_ext.tracker import SwarmAwareTracker, newest_per_peer
+from potluck.hivemind_ext.tracker import SwarmAwareTracker, newest_per_peer, swarm_step
 from tests.helpers import wait_until
 
 TARGET, BATCH, RATE = 128, 64, 640.0  # another peer finishes a batch of 64 every 0.1 s
@@ -287,3 +287,48 @@ def test_a_peer_with_short_steps_keeps_publishing_its_latest_state_at_a_bounded_
         assert len(stores) <= reported_for / tracker.min_report_interval + 2, (len(stores), reported_for)
     finally:
         tracker.shutdown()
+
+
+@pytest.mark.parametrize(
+    "steps, swarm",
+    [
+        ([5], 5),
+        ([5, 6], 6),  # some have stepped, the others are about to: one group
+        ([131, 131, 132, 500], 132),  # the peer cut off stepped on alone: the three are the swarm
+        ([200, 200, 180, 180], 200),  # a 2-vs-2 split: the half further on
+        ([3, 10], 10),
+        ([7, 8, 9, 30, 31], 9),  # a chain a step apart is one group
+    ],
+)
+def test_the_swarms_step_is_the_larger_groups(steps, swarm):
+    assert swarm_step(steps) == swarm
+
+
+def test_a_peer_cut_off_and_far_ahead_is_not_the_swarm(tracker):
+    """hivemind takes the newest step of any peer: three peers at step 5 would all take the state of
+    one that stepped on alone to step 40 while cut off."""
+    now = get_dht_time()
+
+    def record(name: bytes, epoch: int) -> ValueWithExpiration:
+        progress = LocalTrainingProgress(
+            peer_id=name, epoch=epoch, samples_accumulated=BATCH, samples_per_second=RATE,
+            time=now - 0.1, client_mode=False,
+        )  # fmt: skip
+        return ValueWithExpiration(progress.dict(), now + 60)
+
+    tracker.global_progress = tracker._parse_swarm_progress_data(
+        {b"b": record(b"peer-b", 5), b"c": record(b"peer-c", 5), b"loner": record(b"peer-d", 40)}
+    )
+    assert tracker.global_epoch == 5  # not behind: this peer has nothing to download
+    assert tracker.global_progress.samples_accumulated == 3 * BATCH  # b's, c's and this peer's batch
+
+
+def test_a_peer_more_than_a_step_behind_does_not_jump_to_the_swarms_step(tracker):
+    """hivemind steps a peer that is behind straight to the swarm's step, with its own parameters; one
+    step behind is the ordinary moment after the others stepped, more is a fork: it must download."""
+    see_peer(tracker, epoch=6, samples=0, reported_ago=0.1)
+    assert tracker.ready_to_update_epoch  # one behind: it takes the step the others have taken
+    see_peer(tracker, epoch=9, samples=0, reported_ago=0.1)
+    assert tracker.global_epoch == 9
+    tracker.report_local_progress(5, 10 * TARGET)  # even with samples enough for a step of its own
+    assert not tracker.ready_to_update_epoch

@@ -235,6 +235,24 @@ class NetBed:
         for rule in self._partition_rules(host):
             self._in(self.router, "iptables", "-D", *rule)
 
+    def _split_rules(self, side: Sequence[Host], other: Sequence[Host]) -> list[list[str]]:
+        return [
+            ["FORWARD", "-i", a.router_port, "-o", b.router_port, "-j", "DROP"]
+            for x, y in ((side, other), (other, side))
+            for a in x
+            for b in y
+        ]
+
+    def split(self, side: Sequence[Host], other: Sequence[Host]) -> None:
+        """Cut every host of ``side`` off from every host of ``other``; each side still reaches itself."""
+        for rule in self._split_rules(side, other):
+            self._in(self.router, "iptables", "-I", rule[0], "1", *rule[1:])
+
+    def join(self, side: Sequence[Host], other: Sequence[Host]) -> None:
+        """Undo :meth:`split`."""
+        for rule in self._split_rules(side, other):
+            self._in(self.router, "iptables", "-D", *rule)
+
     # -- teardown -------------------------------------------------------------------------------------
 
     def namespaces(self) -> list[str]:
