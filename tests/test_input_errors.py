@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
 from potluck.peer.cli import main as run_peer_main
 from potluck.peer.results import read_summary
@@ -24,6 +25,8 @@ from potluck.protocols.runspec import RunSpecError, load_run_spec
 from potluck.tools.cli import main as potluck_main
 
 pytestmark = pytest.mark.unit
+
+PEER_ID = "12D3KooWBvJQqkDvEdFWu6EZ4HyH8DqZsEyPDHNYzZBrGjjAP8vy"
 
 
 def run_peer(*args: str) -> int:
@@ -57,6 +60,25 @@ def unloadable_model(tiny_assets, tmp_path) -> Path:
 def spec_of(make_spec, unloadable_model):
     """A spec of the tiny task on the unloadable model, with overrides."""
     return lambda **overrides: make_spec(**{"model": {"name_or_path": str(unloadable_model)}, **overrides})
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """``HF_HUB_OFFLINE=1`` with an empty cache, as huggingface_hub and transformers read them (at import, so the
+    test sets what the variables set)."""
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def cache_as_hub_model(model_dir: Path, cache: Path, repo_id: str) -> None:
+    """Lay ``model_dir`` out as the hub cache holds a downloaded ``repo_id`` (copied: nothing is downloaded)."""
+    repo, commit = cache / f"models--{repo_id.replace('/', '--')}", "0123456789abcdef" * 2 + "01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
 
 
 # ------------------------------------------------------------------------------------------------- run spec
@@ -122,3 +144,85 @@ def test_a_row_that_is_not_an_object_or_lacks_a_column_is_found_up_front(make_sp
         DatasetFormatError, match=r"line 4 does not fit stage 'sft'.*missing \['completion'\]"
     ):
         check_stage_data(spec)
+
+
+# ------------------------------------------------------------------------------------------------- addresses
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("garbage", "not a multiaddr: Must begin with /"),
+        ("/ip4/127.0.0.1/tcp/31337", "no /p2p/<peer id> at the end"),
+        ("/ip4/127.0.0.1/tcp/31337/p2p/notapeerid", "'notapeerid' is not a peer id"),
+        (f"/ip4/300.0.0.1/tcp/31337/p2p/{PEER_ID}", "not a multiaddr: base address '300.0.0.1' is not IPv4"),
+    ],
+)
+def test_a_bad_initial_peer_is_named_before_the_model_or_dht_starts(address, problem, spec_of, capsys):
+    line = the_one_line(capsys, run_peer("--run-spec", str(spec_of()), "--initial-peers", address))
+    assert line.startswith(f"run-peer: --initial-peers {address}: {problem}")
+
+
+def test_an_announced_address_needs_its_port(spec_of, capsys):
+    code = run_peer("--run-spec", str(spec_of()), "--announce-maddrs", "/ip4/203.0.113.7/tcp/0")
+    assert the_one_line(capsys, code).startswith(
+        "run-peer: --announce-maddrs /ip4/203.0.113.7/tcp/0: port 0 cannot be announced"
+    )
+
+
+def test_generate_remote_names_a_bad_initial_peer(spec_of, capsys):
+    code = generate("--run-spec", str(spec_of()), "--remote", "--initial-peers", "/ip4/127.0.0.1/tcp/31337")
+    assert the_one_line(capsys, code).startswith(
+        "potluck: --initial-peers /ip4/127.0.0.1/tcp/31337: no /p2p/"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("command", [run_peer, generate], ids=["run-peer", "generate"])
+def test_a_model_folder_that_does_not_exist_is_named(command, make_spec, tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    line = the_one_line(capsys, command("--run-spec", str(make_spec(model={"name_or_path": str(missing)}))))
+    assert line.endswith(f"model.name_or_path: folder {str(missing)!r} does not exist")
+
+
+def test_a_folder_without_a_model_is_named(make_spec, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = the_one_line(capsys, run_peer("--run-spec", str(make_spec(model={"name_or_path": str(empty)}))))
+    assert (
+        line
+        == f"run-peer: model.name_or_path: folder {str(empty)!r} holds no config.json or adapter_config.json"
+    )
+
+
+def test_an_init_from_run_without_a_checkpoint_is_named_before_loading(spec_of, tmp_path, capsys):
+    code = run_peer("--run-spec", str(spec_of(init_from="sft-run")), "--save-dir", str(tmp_path / "save"))
+    assert the_one_line(capsys, code).startswith(
+        "run-peer: init_from: 'sft-run' is neither a model folder nor a run with a checkpoint"
+    )
+
+
+@pytest.mark.parametrize("command", ["run-peer", "generate", "chat"])
+def test_an_uncached_hub_id_while_offline_is_named(command, offline_hub, make_spec, capsys):
+    spec = make_spec(model={"name_or_path": "potluck-test/not-cached"})
+    if command == "run-peer":
+        code, field = run_peer("--run-spec", str(spec)), "model.name_or_path"
+    elif command == "generate":
+        code, field = generate("--run-spec", str(spec)), "model.name_or_path"
+    else:
+        code, field = potluck_main(["chat", "potluck-test/not-cached", "--prompt", "1+1="]), "MODEL_DIR"
+    line = the_one_line(capsys, code)
+    assert (
+        f"{field}: 'potluck-test/not-cached' is not a folder, and as a hub id it is not in the local cache"
+        in line
+    )
+    assert str(offline_hub) in line and "HF_HUB_OFFLINE" in line
+
+
+def test_a_cached_hub_id_still_loads_while_offline(offline_hub, tiny_assets, make_spec, capsys):
+    cache_as_hub_model(tiny_assets["model"], offline_hub, "potluck-test/tiny")
+    assert generate("--run-spec", str(make_spec(model={"name_or_path": "potluck-test/tiny"}))) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and not out.err.strip()
