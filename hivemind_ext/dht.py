@@ -41,6 +41,44 @@ class SwarmJoinError(ConnectionError):
     """None of the initial peers could be reached within the join timeout."""
 
 
+class MultiaddrError(ValueError):
+    """A multiaddr that the node's daemon would refuse; ``str()`` is one line naming it and what is wrong."""
+
+
+def check_multiaddrs(addresses: Sequence[str], what: str, peer: bool = False, port: bool = False) -> None:
+    """Raise :class:`MultiaddrError` for the first of ``addresses`` that does not parse, or that lacks a trailing
+    ``/p2p/<peer id>`` (``peer``: a peer to dial) or has port 0 (``port``: an address to announce). ``what``
+    names them in the message (a flag such as ``--initial-peers``).
+
+    Without it the daemon refused them only once it started, which a peer does after loading its model, and
+    said so in a traceback. NOTE: hivemind's parser is the one checked against; the daemon parses them again
+    with go-multiaddr, which knows a few transports more (e.g. ``webtransport``) that hivemind does not use."""
+    for text in addresses:
+        try:
+            address = Multiaddr(text)
+        except ValueError as e:  # hivemind's StringParseError, one line with the failing protocol
+            problem, protocol = getattr(e, "message", str(e)), getattr(e, "protocol", None)
+            if protocol == "p2p":
+                raise MultiaddrError(f"{what} {text}: {_after(text, '/p2p/')!r} is not a peer id") from None
+            where = f" (at /{protocol})" if protocol else ""
+            raise MultiaddrError(f"{what} {text}: not a multiaddr: {problem}{where}") from None
+        if peer and address.protocols()[-1].name != "p2p":
+            raise MultiaddrError(
+                f"{what} {text}: no /p2p/<peer id> at the end; use the whole address a peer prints "
+                "('others can join with --initial-peers ...')"
+            )
+        if port and any(
+            address.value_for_protocol(p.code) == "0" for p in address.protocols() if p.name in ("tcp", "udp")
+        ):
+            raise MultiaddrError(
+                f"{what} {text}: port 0 cannot be announced; give the port that others reach this peer on"
+            )
+
+
+def _after(text: str, marker: str) -> str:
+    return text.split(marker, 1)[-1].split("/", 1)[0]
+
+
 def start_dht(
     initial_peers: Sequence[str],
     host_maddrs: Sequence[str],

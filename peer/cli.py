@@ -10,10 +10,10 @@ from pathlib import Path
 
 from potluck.peer.device import DeviceError, resolve_device
 from potluck.peer.net.discovery import DiscoveryError, find_run_in_dht, join_via_coordinator, read_trusted_key
+from potluck.peer.preflight import INPUT_ERRORS, check_addresses, check_run_inputs
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, run_peer, start_peer_dht
-from potluck.peer.training.data import DatasetFormatError
-from potluck.protocols.runspec import RunSpec, RunSpecError, load_run_spec
+from potluck.protocols.runspec import RunSpec, load_run_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +202,8 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
     try:
         device = resolve_device(args.gpu)
         spec = load_run_spec(args.run_spec) if args.run_spec else None
-    except (DeviceError, RunSpecError) as e:
+        check_addresses(args.initial_peers, args.host_maddrs, args.announce_maddrs)
+    except (DeviceError, *INPUT_ERRORS) as e:
         return user_error(e, results)
     if args.save_dir is not None:
         # before anything heavy: it was found out at the first checkpoint, after loading and joining
@@ -210,12 +211,18 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
             args.save_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return user_error(f"--save-dir {args.save_dir}: cannot create it ({e.strerror})", results)
+    if spec is not None:
+        try:  # the models and data on this machine, before any of them loads (peer/preflight.py)
+            check_run_inputs(spec, args.role, args.save_dir)
+        except INPUT_ERRORS as e:
+            return user_error(e, results)
     configure_logging(args.verbose)
     initial_peers = list(args.initial_peers)
     if spec is None and args.coordinator:
         try:
             joined = join_via_coordinator(args.coordinator, args.run)
-        except (DiscoveryError, RunSpecError) as e:
+            check_run_inputs(joined.spec, args.role, args.save_dir)
+        except (DiscoveryError, *INPUT_ERRORS) as e:
             return user_error(e, results)
         spec, initial_peers = joined.spec, initial_peers + joined.initial_peers
         print(
@@ -244,13 +251,14 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
             dht = start_peer_dht(options, (args.run,))
             try:
                 spec = find_run_in_dht(dht, args.run, read_trusted_key(args.coordinator_key))
+                check_run_inputs(spec, args.role, args.save_dir)
             except BaseException:
                 dht.shutdown()
                 raise
             result = run_peer(spec, options, device, stop=threading.Event(), dht=dht, results=results)
         else:
             result = run_peer(spec, options, device, stop=threading.Event(), results=results)
-    except (DatasetFormatError, DiscoveryError, RunSpecError, FileNotFoundError, OSError) as e:
+    except (*INPUT_ERRORS, DiscoveryError, OSError) as e:
         return user_error(e, results)
     why = "stopped by signal" if result.stopped_by_signal else "reached the last global step"
     print(

@@ -365,7 +365,10 @@ class RunSpecError(ValueError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        super().__init__(f"invalid run spec {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:  # one line, as every other input error of the commands
+            super().__init__(f"invalid run spec {source}: {problems[0]}")
+        else:
+            super().__init__(f"invalid run spec {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _field_path(loc: tuple) -> str:
@@ -405,13 +408,28 @@ def parse_run_spec(raw: Any, source: str = "<spec>") -> RunSpec:
         raise RunSpecError(source, [_describe(err) for err in e.errors()]) from None
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text spans several lines and quotes
+    the offending line)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def load_run_spec(path: str | Path) -> RunSpec:
     """Load and validate a YAML run spec; relative paths in it are resolved against its folder."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise RunSpecError(str(path), [f"cannot read the file: {e.strerror}"]) from None
+    except UnicodeDecodeError as e:  # a binary file, or a text file in another encoding
+        raise RunSpecError(
+            str(path),
+            [f"not a YAML text file: byte 0x{e.object[e.start]:02x} at offset {e.start} is not UTF-8"],
+        ) from None
     except yaml.YAMLError as e:
+        raise RunSpecError(str(path), [f"not valid YAML: {_yaml_problem(e)}"]) from None
+    except (ValueError, RecursionError) as e:  # PyYAML on an impossible date ("2001-13-45"), on deep nesting
         raise RunSpecError(str(path), [f"not valid YAML: {e}"]) from None
     return parse_run_spec(raw, str(path)).resolve_paths(path.parent)

@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from potluck.peer.training.data import DatasetFormatError
+from potluck.peer.preflight import INPUT_ERRORS, check_addresses
 from potluck.peer.training.exact_match import evaluate_spec
-from potluck.protocols.runspec import RunSpecError, load_run_spec
+from potluck.peer.training.model import check_model_spec
+from potluck.protocols.runspec import RunSpec, load_run_spec
 from potluck.tools.tiny.assets import build_assets
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir, train, held_out = build_assets(args.out)
             print(f"model: {model_dir}\ntrain data: {train}\nheld-out data: {held_out}")
         elif args.command == "evaluate":
-            result = evaluate_spec(load_run_spec(args.run_spec), args.checkpoint)
+            result = evaluate_spec(load_spec_checked(args.run_spec), args.checkpoint)
             print(
                 f"held-out loss {result.loss:.4f}  accuracy {result.accuracy:.1%}  ({result.examples} examples)"
             )
@@ -89,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.remote and not args.initial_peers:
                 print("potluck: generate --remote needs --initial-peers", file=sys.stderr)
                 return 2
+            spec = load_spec_checked(args.run_spec)
+            check_addresses(args.initial_peers)
             peers = args.initial_peers if args.remote else None
-            text, counters = generate_text(
-                load_run_spec(args.run_spec), args.prompt, args.max_new_tokens, peers
-            )
+            text, counters = generate_text(spec, args.prompt, args.max_new_tokens, peers)
             print(text)
             if counters:
                 print(f"shard client: {counters}", file=sys.stderr)
@@ -100,10 +101,17 @@ def main(argv: list[str] | None = None) -> int:
             from potluck.tools.demo import main as demo_main
 
             return demo_main(args.workdir, args.peers, args.max_steps)
-    except (RunSpecError, DatasetFormatError, FileNotFoundError) as e:
+    except INPUT_ERRORS as e:
         print(f"potluck: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def load_spec_checked(path: Path) -> RunSpec:
+    """The run spec at ``path``, whose model and tokenizer can be loaded from here (before one loads)."""
+    spec = load_run_spec(path)
+    check_model_spec(spec.model)
+    return spec
 
 
 if __name__ == "__main__":

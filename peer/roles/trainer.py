@@ -26,7 +26,7 @@ from potluck.peer.training.metrics import PeerMetrics
 from potluck.peer.training.model import trainable_parameters
 from potluck.peer.training.progress import ProgressDisplay
 from potluck.peer.training.stages import make_stage, stage_context
-from potluck.peer.training.stages.data import check_stage_data, stage_data
+from potluck.peer.training.stages.data import stage_data
 from potluck.protocols.records import public_key_tag, record_validators, run_schema_validator
 from potluck.protocols.runspec import RunSpec
 
@@ -127,10 +127,10 @@ def run_peer(
 ) -> TrainResult:
     """Train with the swarm until the last global step or ``stop``. ``dht``: an already started node
     (the peer found the run spec through it); it is shut down here either way. ``results``: where the
-    events go (``--results``); the caller writes its summary."""
+    events go (``--results``); the caller writes its summary, and has checked the spec's models and data
+    (``peer/preflight.check_run_inputs``: a bad line or model path fails before anything loads)."""
     results = results or PeerResults(None, "trainer")
     max_steps = options.max_steps if options.max_steps is not None else spec.max_global_steps
-    check_stage_data(spec)  # fails fast on data without the stage's columns, before loading any model
     context = stage_context(spec, device, options.save_dir)  # resolves init_from
     tokenizer = context.tokenizer
     data = PeerDataStream(spec.data, tokenizer, spec.batch.per_peer_batch_size, stage_data(spec, tokenizer))

@@ -28,15 +28,38 @@ class DatasetFormatError(ValueError):
 
 def load_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     """Read a local JSONL file, or a Hugging Face ``datasets`` path, into a list of rows."""
+    return [row for _, row in numbered_rows(path, split)]
+
+
+def numbered_rows(path: str, split: str = "train") -> list[tuple[int | None, dict[str, Any]]]:
+    """The rows of :func:`load_rows`, each with its line in the JSONL file (``None`` for a ``datasets``
+    path). A line that is not a JSON object raises :class:`DatasetFormatError` naming the file and line."""
     local = Path(path)
     if local.suffix in (".jsonl", ".json") or local.exists():
         if not local.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
-        with local.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with local.open("rb") as f:
+            return [
+                (number, _parse_line(raw, path, number)) for number, raw in enumerate(f, 1) if raw.strip()
+            ]
     import datasets  # imported lazily: it is slow to import and only needed for hub datasets
 
-    return list(datasets.load_dataset(path, split=split))
+    return [(None, row) for row in datasets.load_dataset(path, split=split)]
+
+
+def _parse_line(raw: bytes, path: str, number: int) -> dict[str, Any]:
+    where = f"{path!r} line {number}"
+    try:
+        row = json.loads(raw.decode("utf-8").rstrip("\r\n"))
+    except UnicodeDecodeError as e:
+        raise DatasetFormatError(
+            f"{where}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f"{where}: not valid JSON ({e.msg} at column {e.pos + 1})") from None
+    if not isinstance(row, dict):
+        raise DatasetFormatError(f"{where}: expected a JSON object of columns, got {type(row).__name__}")
+    return row
 
 
 def detect_format(row: dict[str, Any], declared: str) -> str:

@@ -24,7 +24,7 @@ from potluck.peer.training.data import (
     TokenizedExample,
     collate,
     detect_format,
-    load_rows,
+    numbered_rows,
     tokenize_example,
 )
 from potluck.protocols.runspec import EXACT_ANSWER, STAGE_DATA_FORMATS, RunSpec
@@ -42,12 +42,13 @@ def required_columns(spec: RunSpec) -> tuple[str, ...]:
     return ()
 
 
-def check_columns(spec: RunSpec, row: dict[str, Any], source: str) -> None:
-    """Raise :class:`DatasetFormatError` naming the columns ``row`` lacks for the run's stage."""
+def check_columns(spec: RunSpec, row: dict[str, Any], source: str, data_format: str | None = None) -> None:
+    """Raise :class:`DatasetFormatError` naming the columns ``row`` lacks for the run's stage (and, for the
+    language-modeling stages, for ``data_format`` when given, else ``data.format``)."""
     needed = required_columns(spec)
     if not needed:
         try:
-            detect_format(row, spec.data.format)
+            detect_format(row, data_format or spec.data.format)
         except DatasetFormatError as e:
             raise DatasetFormatError(
                 f"{source} does not fit stage {spec.stage!r}: {e}; expected {STAGE_DATA_FORMATS[spec.stage]}"
@@ -63,14 +64,26 @@ def check_columns(spec: RunSpec, row: dict[str, Any], source: str) -> None:
 
 
 def check_stage_data(spec: RunSpec) -> None:
-    """Check the first row of the training and held-out data against the stage (cheap: no tokenizer, no model)."""
+    """Check every row of the training and held-out data against the stage (cheap: no tokenizer, no model): each
+    line of a JSONL file is a JSON object with the stage's columns, in the format the first row was taken for.
+    Errors name the field, the file and the line (a bad line was a ``JSONDecodeError`` without either, a row that
+    lacked a column a ``KeyError`` while the data was tokenised)."""
     for field, path in (("data.path", spec.data.path), ("data.eval_path", spec.data.eval_path)):
         if path is None:
             continue
-        rows = load_rows(path, spec.data.split)
+        try:
+            rows = numbered_rows(path, spec.data.split)
+        except DatasetFormatError as e:
+            raise DatasetFormatError(f"{field} {e}") from None
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{field} {path!r}: no such file") from None
         if not rows:
             raise DatasetFormatError(f"{field} {path!r} has no rows")
-        check_columns(spec, rows[0], f"{field} {path!r}")
+        first_format = None
+        for line, row in rows:
+            check_columns(spec, row, f"{field} {path!r}" + (f" line {line}" if line else ""), first_format)
+            if first_format is None and not required_columns(spec):
+                first_format = detect_format(row, spec.data.format)
 
 
 def _pad_id(tokenizer) -> int:

@@ -11,12 +11,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from potluck.peer.training.checkpoint import latest_checkpoint, list_checkpoints
 from potluck.peer.training.data import IGNORE_INDEX
+from potluck.peer.training.model import WeightsNotFoundError, check_model_source, check_model_spec
+from potluck.peer.training.stages.data import PROMPT_STAGES
+from potluck.protocols.runspec import EXACT_ANSWER, RunSpec
 
 VALUE_HEAD_FILE = "value_head.pt"
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """``init_from`` (or a reference, teacher or reward model) names neither a folder nor a run with a checkpoint."""
 
 
 def resolve_weights(reference: str, save_dir: Path | None, field: str) -> str:
@@ -35,11 +34,29 @@ def resolve_weights(reference: str, save_dir: Path | None, field: str) -> str:
         if checkpoint is not None:
             return str(checkpoint.path)
     if "/" in reference and not reference.startswith(("/", ".")):
-        return reference  # a hub id: from_pretrained will say if it does not exist
+        check_model_source(reference, field)  # a hub id: offline, it must be in the local cache
+        return reference
     where = f"in --save-dir {save_dir}" if save_dir is not None else "(no --save-dir given)"
     raise WeightsNotFoundError(
         f"{field}: {reference!r} is neither a model folder nor a run with a checkpoint {where}"
     )
+
+
+def check_stage_models(spec: RunSpec, save_dir: Path | None) -> None:
+    """Every model the run's stage loads can be found from here: the starting weights (``init_from``, else
+    ``model.name_or_path``), the tokenizer, and the reference, reward model and teacher it names. Cheap (no
+    model is read), so a typo in any of them fails before the first one loads."""
+    if spec.init_from is not None:  # it takes the place of model.name_or_path
+        resolve_weights(spec.init_from, save_dir, "init_from")
+    check_model_spec(spec.model, weights=spec.init_from is None)
+    named = [("teacher.path", spec.teacher.path if spec.teacher is not None else None)]
+    if spec.stage in ("dpo", *PROMPT_STAGES):
+        named.append(("reference.path", spec.reference.path))  # None: the starting weights, checked above
+    if spec.stage in PROMPT_STAGES and spec.rl.reward != EXACT_ANSWER:
+        named.append(("rl.reward", spec.rl.reward))
+    for field, reference in named:
+        if reference is not None:
+            resolve_weights(reference, save_dir, field)
 
 
 def is_adapter_folder(path: str) -> bool:

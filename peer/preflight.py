@@ -1,0 +1,52 @@
+"""What the commands check on this machine before anything heavy starts (a model loading, the DHT joining).
+
+A typo in an address, a model path or a data file used to surface seconds in, after the model had loaded, as
+a traceback from libp2p, transformers or json. Each check raises its concern's own error, one line naming the
+flag, field, file or line; the commands report it through their one error path (``run-peer``'s ``user_error``,
+the ``except INPUT_ERRORS`` of ``potluck``) with exit status 2:
+
+- the multiaddrs of ``--initial-peers``, ``--host-maddrs`` and ``--announce-maddrs`` (``hivemind_ext/dht.py``);
+- every model the run loads: a folder holding a model, or a hub id, in the local cache while ``HF_HUB_OFFLINE``
+  is set (``training/model.py``, ``training/stages/models.py``);
+- every line of the data: a JSON object with the stage's columns (``training/stages/data.py``).
+
+The run spec itself is checked as it is read (``protocols/runspec.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from potluck.hivemind_ext.dht import MultiaddrError, check_multiaddrs
+from potluck.peer.training.data import DatasetFormatError
+from potluck.peer.training.model import check_model_spec
+from potluck.peer.training.stages.data import check_stage_data
+from potluck.peer.training.stages.models import check_stage_models
+from potluck.protocols.runspec import RunSpec, RunSpecError
+
+INPUT_ERRORS = (RunSpecError, DatasetFormatError, MultiaddrError, FileNotFoundError)
+"""What the checks raise (``FileNotFoundError``: a data file, or a model, ``WeightsNotFoundError``): a command
+reports these as one line and exits with status 2."""
+
+
+def check_addresses(
+    initial_peers: Sequence[str], host_maddrs: Sequence[str] = (), announce_maddrs: Sequence[str] = ()
+) -> None:
+    """The addresses given on the command line parse; initial peers end in ``/p2p/<peer id>``; announced
+    ones have a port."""
+    check_multiaddrs(initial_peers, "--initial-peers", peer=True)
+    check_multiaddrs(host_maddrs, "--host-maddrs")
+    check_multiaddrs(announce_maddrs, "--announce-maddrs", port=True)
+
+
+def check_run_inputs(spec: RunSpec, role: str = "trainer", save_dir: Path | None = None) -> None:
+    """The models and data that ``role`` reads for ``spec`` are there and well formed. A trainer loads every
+    model of its stage (``init_from`` and run ids resolved in ``save_dir``); a shard server or client loads
+    ``model`` only, and a shard server reads no data."""
+    if role == "trainer":
+        check_stage_models(spec, save_dir)
+    else:
+        check_model_spec(spec.model)
+    if role != "shard":
+        check_stage_data(spec)

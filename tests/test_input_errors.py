@@ -1,0 +1,228 @@
+"""Bad input to ``run-peer``, ``potluck generate`` and ``potluck chat`` is one line naming the culprit, exit status 2,
+before any model loads (issue #18): a binary run spec, a malformed data line, a bad multiaddr, a model folder that
+does not exist, a hub id missing from the cache while offline.
+
+The commands run in this process (the unit tier forbids starting a process, a DHT or a daemon, so an error that came
+only from the DHT would fail the test), on a spec whose model folder holds only a ``config.json``: it passes the
+up-front checks, but loading it fails with another message, so a test that gets the expected line also shows that
+nothing tried to load the model first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+from potluck.peer.cli import main as run_peer_main
+from potluck.peer.results import read_summary
+from potluck.peer.training.data import DatasetFormatError
+from potluck.peer.training.stages.data import check_stage_data
+from potluck.protocols.runspec import RunSpecError, load_run_spec
+from potluck.tools.cli import main as potluck_main
+
+pytestmark = pytest.mark.unit
+
+PEER_ID = "12D3KooWBvJQqkDvEdFWu6EZ4HyH8DqZsEyPDHNYzZBrGjjAP8vy"
+
+
+def run_peer(*args: str) -> int:
+    return run_peer_main([*args, "--host-maddrs", "/ip4/127.0.0.1/tcp/0"])
+
+
+def generate(*args: str) -> int:
+    return potluck_main(["generate", *args, "--prompt", "1+1=", "--max-new-tokens", "2"])
+
+
+def the_one_line(capsys, code: int) -> str:
+    """What the user sees: exit status 2 and exactly one line on stderr, no traceback."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def unloadable_model(tiny_assets, tmp_path) -> Path:
+    """A model folder that passes the checks (it has a config.json) but fails to load (no tokenizer, no weights)."""
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(tiny_assets["model"] / "config.json", folder)
+    return folder
+
+
+@pytest.fixture
+def spec_of(make_spec, unloadable_model):
+    """A spec of the tiny task on the unloadable model, with overrides."""
+    return lambda **overrides: make_spec(**{"model": {"name_or_path": str(unloadable_model)}, **overrides})
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """``HF_HUB_OFFLINE=1`` with an empty cache, as huggingface_hub and transformers read them (at import, so the
+    test sets what the variables set)."""
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def cache_as_hub_model(model_dir: Path, cache: Path, repo_id: str) -> None:
+    """Lay ``model_dir`` out as the hub cache holds a downloaded ``repo_id`` (copied: nothing is downloaded)."""
+    repo, commit = cache / f"models--{repo_id.replace('/', '--')}", "0123456789abcdef" * 2 + "01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+
+
+# ------------------------------------------------------------------------------------------------- run spec
+
+
+@pytest.mark.parametrize("command", [run_peer, generate], ids=["run-peer", "generate"])
+def test_a_binary_run_spec_names_the_file(command, tmp_path, capsys):
+    spec = tmp_path / "run.yaml"
+    spec.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xf9")
+    line = the_one_line(capsys, command("--run-spec", str(spec)))
+    assert line.endswith(f"invalid run spec {spec}: not a YAML text file: byte 0x89 at offset 0 is not UTF-8")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "run_id: x\nmodel: {name_or_path: m\n",
+            "expected ',' or '}', but got '<stream end>' at line 3, column 1",
+        ),
+        ("run_id: x\ncreated: 2001-13-45\n", "month must be in 1..12"),  # PyYAML's ValueError
+    ],
+    ids=["syntax", "bad-date"],
+)
+def test_broken_yaml_is_one_line_with_its_position(text, problem, tmp_path):
+    spec = tmp_path / "run.yaml"
+    spec.write_text(text)
+    with pytest.raises(RunSpecError) as caught:
+        load_run_spec(spec)
+    assert str(caught.value) == f"invalid run spec {spec}: not valid YAML: {problem}"
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def test_a_malformed_data_line_names_the_file_and_line(spec_of, tiny_assets, tmp_path, capsys):
+    rows = tiny_assets["train"].read_text().splitlines()[:4]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join([rows[0], rows[1], "", '{"prompt": "1+1=", "completion": ', *rows[2:]]) + "\n")
+    results = tmp_path / "peer.events.jsonl"
+    code = run_peer("--run-spec", str(spec_of(data={"path": str(data)})), "--results", str(results))
+    line = the_one_line(capsys, code)
+    assert line == f"run-peer: data.path {str(data)!r} line 4: not valid JSON (Expecting value at column 34)"
+    assert "line 4" in read_summary(results).exit_reason  # the summary says why too
+
+
+def test_a_missing_data_file_names_the_field(spec_of, tmp_path, capsys):
+    missing = tmp_path / "nowhere.jsonl"
+    line = the_one_line(capsys, run_peer("--run-spec", str(spec_of(data={"path": str(missing)}))))
+    assert line == f"run-peer: data.path {str(missing)!r}: no such file"
+
+
+def test_a_row_that_is_not_an_object_or_lacks_a_column_is_found_up_front(make_spec, tiny_assets, tmp_path):
+    """Every row is checked, not only the first: a later one used to fail as a KeyError while tokenising."""
+    rows = tiny_assets["train"].read_text().splitlines()[:3]
+    data = tmp_path / "train.jsonl"
+    spec = load_run_spec(make_spec(data={"path": str(data), "eval_path": None}))
+    data.write_text("\n".join([*rows, "[1, 2]"]) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"line 4: expected a JSON object of columns, got list"):
+        check_stage_data(spec)
+    data.write_text("\n".join([*rows, json.dumps({"prompt": "1+1="})]) + "\n")
+    with pytest.raises(
+        DatasetFormatError, match=r"line 4 does not fit stage 'sft'.*missing \['completion'\]"
+    ):
+        check_stage_data(spec)
+
+
+# ------------------------------------------------------------------------------------------------- addresses
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("garbage", "not a multiaddr: Must begin with /"),
+        ("/ip4/127.0.0.1/tcp/31337", "no /p2p/<peer id> at the end"),
+        ("/ip4/127.0.0.1/tcp/31337/p2p/notapeerid", "'notapeerid' is not a peer id"),
+        (f"/ip4/300.0.0.1/tcp/31337/p2p/{PEER_ID}", "not a multiaddr: base address '300.0.0.1' is not IPv4"),
+    ],
+)
+def test_a_bad_initial_peer_is_named_before_the_model_or_dht_starts(address, problem, spec_of, capsys):
+    line = the_one_line(capsys, run_peer("--run-spec", str(spec_of()), "--initial-peers", address))
+    assert line.startswith(f"run-peer: --initial-peers {address}: {problem}")
+
+
+def test_an_announced_address_needs_its_port(spec_of, capsys):
+    code = run_peer("--run-spec", str(spec_of()), "--announce-maddrs", "/ip4/203.0.113.7/tcp/0")
+    assert the_one_line(capsys, code).startswith(
+        "run-peer: --announce-maddrs /ip4/203.0.113.7/tcp/0: port 0 cannot be announced"
+    )
+
+
+def test_generate_remote_names_a_bad_initial_peer(spec_of, capsys):
+    code = generate("--run-spec", str(spec_of()), "--remote", "--initial-peers", "/ip4/127.0.0.1/tcp/31337")
+    assert the_one_line(capsys, code).startswith(
+        "potluck: --initial-peers /ip4/127.0.0.1/tcp/31337: no /p2p/"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("command", [run_peer, generate], ids=["run-peer", "generate"])
+def test_a_model_folder_that_does_not_exist_is_named(command, make_spec, tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    line = the_one_line(capsys, command("--run-spec", str(make_spec(model={"name_or_path": str(missing)}))))
+    assert line.endswith(f"model.name_or_path: folder {str(missing)!r} does not exist")
+
+
+def test_a_folder_without_a_model_is_named(make_spec, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = the_one_line(capsys, run_peer("--run-spec", str(make_spec(model={"name_or_path": str(empty)}))))
+    assert (
+        line
+        == f"run-peer: model.name_or_path: folder {str(empty)!r} holds no config.json or adapter_config.json"
+    )
+
+
+def test_an_init_from_run_without_a_checkpoint_is_named_before_loading(spec_of, tmp_path, capsys):
+    code = run_peer("--run-spec", str(spec_of(init_from="sft-run")), "--save-dir", str(tmp_path / "save"))
+    assert the_one_line(capsys, code).startswith(
+        "run-peer: init_from: 'sft-run' is neither a model folder nor a run with a checkpoint"
+    )
+
+
+@pytest.mark.parametrize("command", ["run-peer", "generate", "chat"])
+def test_an_uncached_hub_id_while_offline_is_named(command, offline_hub, make_spec, capsys):
+    spec = make_spec(model={"name_or_path": "potluck-test/not-cached"})
+    if command == "run-peer":
+        code, field = run_peer("--run-spec", str(spec)), "model.name_or_path"
+    elif command == "generate":
+        code, field = generate("--run-spec", str(spec)), "model.name_or_path"
+    else:
+        code, field = potluck_main(["chat", "potluck-test/not-cached", "--prompt", "1+1="]), "MODEL_DIR"
+    line = the_one_line(capsys, code)
+    assert (
+        f"{field}: 'potluck-test/not-cached' is not a folder, and as a hub id it is not in the local cache"
+        in line
+    )
+    assert str(offline_hub) in line and "HF_HUB_OFFLINE" in line
+
+
+def test_a_cached_hub_id_still_loads_while_offline(offline_hub, tiny_assets, make_spec, capsys):
+    cache_as_hub_model(tiny_assets["model"], offline_hub, "potluck-test/tiny")
+    assert generate("--run-spec", str(make_spec(model={"name_or_path": "potluck-test/tiny"}))) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and not out.err.strip()
