@@ -256,7 +256,7 @@ def test_remote_greedy_generation_equals_local_even_when_a_server_dies(servers, 
 def test_generate_cli_through_shards_equals_local(servers, spec_path):
     swarm, _ = servers
     spec = load_run_spec(spec_path)
-    local_text, _ = generate_text(spec, "7+5=", max_new_tokens=8)
+    local_text = generate_text(spec, "7+5=", max_new_tokens=8).text
     command = [sys.executable, "-m", "potluck.tools.cli", "generate", "--run-spec", str(spec_path),
                "--prompt", "7+5=", "--max-new-tokens", "8", "--remote",
                "--initial-peers", swarm.peers[0].join_address()]  # fmt: skip
