@@ -13,6 +13,7 @@ from potluck.peer.net.discovery import DiscoveryError, find_run_in_dht, join_via
 from potluck.peer.preflight import INPUT_ERRORS, check_addresses, check_run_inputs
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, run_peer, start_peer_dht
+from potluck.peer.training.loop import NonFiniteLossError
 from potluck.protocols.runspec import RunSpec, load_run_spec
 
 
@@ -155,11 +156,12 @@ def configure_logging(verbose: bool) -> None:
     transformers_logging.disable_progress_bar()
 
 
-def user_error(message: object, results: PeerResults) -> int:
-    """One line for the user, the same reason in the summary; exit status 2."""
+def user_error(message: object, results: PeerResults, status: int = 2) -> int:
+    """One line for the user, the same reason in the summary; exit status 2 (bad input), or ``status`` (1: the
+    run failed, e.g. a NaN loss)."""
     print(f"run-peer: {message}", file=sys.stderr)
     results.failed(message if isinstance(message, BaseException) else str(message))
-    return 2
+    return status
 
 
 def run_shard_role(
@@ -184,6 +186,8 @@ def run_shard_role(
         result = train_through_shards(spec, options, threading.Event(), results=results)
     except user_errors as e:
         return user_error(e, results)
+    except NonFiniteLossError as e:
+        return user_error(e, results, status=1)
     print(f"run-peer: trained through shards: global step {result.global_step}, "
           f"last loss {result.last_loss:.4f}", file=sys.stderr)  # fmt: skip
     return 0
@@ -260,6 +264,8 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
             result = run_peer(spec, options, device, stop=threading.Event(), results=results)
     except (*INPUT_ERRORS, DiscoveryError, OSError) as e:
         return user_error(e, results)
+    except NonFiniteLossError as e:  # the peer has left the swarm (run_peer's finally)
+        return user_error(e, results, status=1)
     why = "stopped by signal" if result.stopped_by_signal else "reached the last global step"
     print(
         f"run-peer: {why}: global step {result.global_step}, {result.local_steps} local steps, "

@@ -74,6 +74,8 @@ class PeerSummary:
     bytes_sent: int = 0
     bytes_received: int = 0
     compute_utilisation: float | None = None
+    nonfinite_losses: int = 0
+    """Local batches skipped because their loss was NaN or Inf (``optimizer.max_nonfinite_losses``)."""
     state_loads: list[StateLoad] = field(default_factory=list)
     state_downloads_failed: int = 0
     """Download attempts (initial and catch-up) that got no state."""
@@ -239,6 +241,7 @@ class PeerResults:
         s.bytes_sent = int(latest.get("bytes_sent", 0))
         s.bytes_received = int(latest.get("bytes_received", 0))
         s.compute_utilisation = latest.get("compute_utilisation")
+        s.nonfinite_losses = int(latest.get("nonfinite_losses", 0))
         if self._trained:
             return  # the loop's own figures are final
         s.local_steps = max(s.local_steps, int(latest.get("local_steps", 0)))

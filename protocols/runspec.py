@@ -101,6 +101,10 @@ class OptimizerSpec(_Strict):
     """Learning-rate decay after warm-up, over ``max_global_steps``."""
     max_grad_norm: float | None = Field(None, gt=0)
     """Clip each peer's local gradient to this norm before accumulation; null disables clipping."""
+    max_nonfinite_losses: int = Field(0, ge=0)
+    """Local batches whose loss is NaN or Inf a peer skips (no backward: nothing reaches the swarm) before it
+    stops with an error; 0 stops at the first. Raise it (e.g. 10) for float16 runs whose loss overflows now and
+    then; a peer that stops on every run points at a learning rate that diverges or weights that hold NaN."""
 
 
 class BatchSpec(_Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,6 +81,27 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     model_dir, train, held_out = build_assets(root)
     return {"model": model_dir, "train": train, "eval": held_out}
+
+
+LLAMA3_STYLE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+"""Like Llama 3's: the template itself starts with BOS (and ends each turn with a special token), in the tiny
+tokenizer's alphabet."""
+
+
+@pytest.fixture(scope="session")
+def bos_template_model(tiny_assets, tmp_path_factory) -> Path:
+    """The tiny model with a Llama-3-style tokenizer: its chat template renders the BOS (no download)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("bos-template") / "model"
+    shutil.copytree(tiny_assets["model"], folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = LLAMA3_STYLE_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from potluck.peer.training.data import (
     collate,
     detect_format,
     load_rows,
-    split_prompt_completion,
+    row_turns,
     tokenize_example,
 )
 from potluck.peer.training.model import load_tokenizer
@@ -230,7 +230,7 @@ def test_remote_greedy_generation_equals_local_even_when_a_server_dies(servers, 
     spec, model = remote
     tokenizer = load_tokenizer(spec.model)
     row = load_rows(spec.data.eval_path)[0]
-    prompt, _ = split_prompt_completion(row, detect_format(row, "auto"), tokenizer)
+    prompt, _ = row_turns(row, detect_format(row, "auto"))
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     expected = local_model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0
@@ -256,7 +256,7 @@ def test_remote_greedy_generation_equals_local_even_when_a_server_dies(servers, 
 def test_generate_cli_through_shards_equals_local(servers, spec_path):
     swarm, _ = servers
     spec = load_run_spec(spec_path)
-    local_text, _ = generate_text(spec, "7+5=", max_new_tokens=8)
+    local_text = generate_text(spec, "7+5=", max_new_tokens=8).text
     command = [sys.executable, "-m", "potluck.tools.cli", "generate", "--run-spec", str(spec_path),
                "--prompt", "7+5=", "--max-new-tokens", "8", "--remote",
                "--initial-peers", swarm.peers[0].join_address()]  # fmt: skip

@@ -1,8 +1,10 @@
 """``potluck chat MODEL_DIR``: talk to a trained checkpoint, to see what a stage changed.
 
 ``MODEL_DIR`` is a checkpoint folder, a ``--save-dir`` (its newest checkpoint is used) or any causal-LM folder.
-Prompts are sent as raw text, laid out as the stages train them (BOS + prompt); ``--chat-template`` wraps each
-one in the tokenizer's chat template instead. ``--prompt`` (repeatable) answers and exits, for scripts and tests.
+Prompts are sent as raw text, laid out as the stages train them (one BOS + prompt); ``--chat-template`` sends
+each one as a user turn through the tokenizer's chat template instead (the template's own BOS, none added).
+``potluck generate`` takes the same prompt options (:func:`add_prompt_options`). ``--prompt`` (repeatable)
+answers and exits, for scripts and tests.
 """
 
 from __future__ import annotations
@@ -14,9 +16,28 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from potluck.peer.training.stages.data import encode_prompt, left_pad
+from potluck.peer.training.data import encode_prompt, user_prompt
+from potluck.peer.training.stages.data import left_pad
 from potluck.peer.training.stages.models import load_frozen_causal_lm, resolve_weights
 from potluck.peer.training.stages.rollout import generate_rollouts
+
+
+def add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    """How a prompt reaches the model: the options ``potluck chat`` and ``potluck generate`` share."""
+    parser.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="send the prompt as a user turn through the tokenizer's chat template (instruct models)",
+    )
+    parser.add_argument(
+        "--show-prompt",
+        action="store_true",
+        help="print each prompt's tokens as the model gets them (BOS and chat markup shown) to stderr",
+    )
+
+
+def show_prompt(command: str, prompt: str) -> None:
+    print(f"{command}: prompt tokens {prompt!r}", file=sys.stderr)
 
 
 class Chat:
@@ -33,9 +54,14 @@ class Chat:
         self.temperature = temperature or None  # 0: greedy
         self.chat_template = chat_template
 
-    def answer(self, prompt: str) -> str:
-        text = [{"role": "user", "content": prompt}] if self.chat_template else prompt
-        ids, mask = left_pad([encode_prompt(text, self.tokenizer)], self.tokenizer.pad_token_id)
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return encode_prompt(user_prompt(prompt, self.chat_template), self.tokenizer)
+
+    def answer(self, prompt: str, show: bool = False) -> str:
+        prompt_ids = self.prompt_ids(prompt)
+        if show:
+            show_prompt("potluck chat", self.tokenizer.decode(prompt_ids))
+        ids, mask = left_pad([prompt_ids], self.tokenizer.pad_token_id)
         rollouts = generate_rollouts(
             self.model, self.tokenizer, ids, mask, self.max_new_tokens, self.temperature
         )
@@ -50,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the chat template")
+    add_prompt_options(parser)
     args = parser.parse_args(argv)
     try:
         chat = Chat(args.model_dir, args.max_new_tokens, args.temperature, args.chat_template)
@@ -59,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.prompt:
         for prompt in args.prompt:
-            print(f"{prompt}{chat.answer(prompt)}", flush=True)
+            print(f"{prompt}{chat.answer(prompt, args.show_prompt)}", flush=True)
         return 0
     print(f"potluck chat: {chat.path} (empty line or Ctrl-D to quit)", file=sys.stderr)
     while True:
@@ -69,5 +95,5 @@ def main(argv: list[str] | None = None) -> int:
             break
         if not prompt.strip():
             break
-        print(chat.answer(prompt), flush=True)
+        print(chat.answer(prompt, args.show_prompt), flush=True)
     return 0

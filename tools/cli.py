@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 from potluck.peer.preflight import INPUT_ERRORS, check_addresses
+from potluck.peer.training.data import user_prompt
 from potluck.peer.training.exact_match import evaluate_spec
 from potluck.peer.training.model import check_model_spec
 from potluck.protocols.runspec import RunSpec, load_run_spec
+from potluck.tools.chat import add_prompt_options, show_prompt
 from potluck.tools.tiny.assets import build_assets
 
 
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--remote", action="store_true", help="run the blocks on the run's shard servers")
     gen.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="with --remote")
+    add_prompt_options(gen)
     commands.add_parser(
         "run", help="publish, list and show runs at a coordinator (potluck run --help)", add_help=False
     )
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         "chat", help="answer prompts with a trained checkpoint: potluck chat MODEL_DIR", add_help=False
     )
     argv = sys.argv[1:] if argv is None else argv
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars on stderr, every command
     if argv[:1] == ["run"]:
         from potluck.coordinator.run_cli import main as run_main
 
@@ -67,10 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return swarm_main(argv[1:])
     args = parser.parse_args(argv)
-
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
     try:
         if args.command == "make-tiny-model":
             model_dir, train, held_out = build_assets(args.out)
@@ -93,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             spec = load_spec_checked(args.run_spec)
             check_addresses(args.initial_peers)
             peers = args.initial_peers if args.remote else None
-            text, counters = generate_text(spec, args.prompt, args.max_new_tokens, peers)
-            print(text)
-            if counters:
-                print(f"shard client: {counters}", file=sys.stderr)
+            prompt = user_prompt(args.prompt, args.chat_template)
+            generation = generate_text(spec, prompt, args.max_new_tokens, peers)
+            if args.show_prompt:
+                show_prompt("potluck generate", generation.prompt)
+            print(generation.text)
+            if generation.counters:
+                print(f"shard client: {generation.counters}", file=sys.stderr)
         elif args.command == "demo":
             from potluck.tools.demo import main as demo_main
 

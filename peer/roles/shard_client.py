@@ -89,6 +89,7 @@ def train_through_shards(
                 progress=ProgressDisplay(max_steps, interval=options.progress_interval),
                 stop=stop,
                 max_grad_norm=spec.optimizer.max_grad_norm,
+                max_nonfinite_losses=spec.optimizer.max_nonfinite_losses,
                 on_global_step=results.global_step,
             )
             result = trainer.run()

@@ -206,6 +206,7 @@ def run_peer(
                 progress=ProgressDisplay(max_steps, interval=options.progress_interval),
                 stop=stop,
                 max_grad_norm=spec.optimizer.max_grad_norm,
+                max_nonfinite_losses=spec.optimizer.max_nonfinite_losses,
                 on_global_step=on_global_step,
             )
             result = trainer.run()

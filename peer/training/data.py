@@ -1,14 +1,20 @@
 """Datasets in TRL's formats, tokenised for causal-LM training, and each peer's own stream of them.
 
 Formats (picked by ``data.format`` or, with ``auto``, by the columns of the first row):
-``prompt_completion`` (loss on the completion only), ``messages`` (chat; loss on the last assistant
-turn), ``text`` (loss on every token).
+``prompt_completion`` (loss on the completion only; either may be a conversation, TRL's conversational
+format), ``messages`` (chat; loss on the last assistant turn), ``text`` (loss on every token).
+
+Every format, and the preference and prompt-only rows of the RLHF stages, is laid out by one path,
+:func:`encode_turns`: exactly one BOS, conversations through the chat template once (:func:`encode_prompt`).
+Rows that ``data.max_length`` leaves without a completion token are skipped with a warning; when that is more
+than half of them the data is refused (:func:`check_truncation`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +24,12 @@ import torch
 
 from potluck.protocols.runspec import DataSpec
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
+MAX_DROPPED_SHARE = 0.5
+"""Share of the rows ``data.max_length`` may leave without a completion token (they are skipped with a warning);
+above it the data is refused before any model loads."""
 FORMAT_COLUMNS = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
 
 
@@ -84,27 +95,108 @@ def detect_format(row: dict[str, Any], declared: str) -> str:
 class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
+    prompt_tokens: int = 0
+    """Tokens before the completion (BOS and prompt), before truncation to ``max_length``."""
+
+    @property
+    def has_labels(self) -> bool:
+        """False when truncation left no completion token to train on (its loss would be NaN)."""
+        return any(label != IGNORE_INDEX for label in self.labels)
 
 
-def split_prompt_completion(row: dict[str, Any], fmt: str, tokenizer) -> tuple[str, str]:
-    """Return (prompt text, completion text) for any format; ``text`` rows have an empty prompt."""
+Turn = str | list[dict[str, Any]]
+"""A prompt or completion: plain text, or a conversation (TRL's conversational format: role/content messages)."""
+
+
+def row_turns(row: dict[str, Any], fmt: str) -> tuple[Turn, Turn]:
+    """(prompt, completion) of a row of any language-modeling format; ``text`` rows have an empty prompt."""
     if fmt == "prompt_completion":
         return row["prompt"], row["completion"]
     if fmt == "messages":
-        messages = row["messages"]
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        return prompt, messages[-1]["content"]
+        return row["messages"][:-1], row["messages"][-1:]
     return "", row["text"]
 
 
+def turn_text(turn: Turn) -> str:
+    """A completion as plain text: itself, or the content of its (last) message (exact-match references)."""
+    return turn[-1]["content"] if isinstance(turn, list) else str(turn)
+
+
+def encode_prompt(prompt: Turn, tokenizer) -> list[int]:
+    """The prompt's tokens, with exactly one BOS (when the tokenizer has one): the one layout of every prompt, in
+    training (every stage), evaluation, ``potluck chat`` and ``potluck generate``.
+
+    A conversation goes through the chat template (assistant turn opened) and is tokenized with
+    ``add_special_tokens=False``, as TRL does: the template lays out its own special tokens, BOS included
+    (Llama 3's starts with ``{{ bos_token }}``), and adding the tokenizer's would double it. Plain text gets the
+    tokenizer's BOS in front, unless it already starts with one (text a template rendered earlier)."""
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+
+
+def user_prompt(text: str, chat_template: bool) -> Turn:
+    """What ``potluck chat`` and ``potluck generate`` send the model: the text as is, or (``--chat-template``) one
+    user turn for the chat template (instruct models)."""
+    return [{"role": "user", "content": text}] if chat_template else text
+
+
+def encode_completion(prompt: Turn, completion: Turn, tokenizer) -> list[int]:
+    """The completion's tokens, ending the turn: a conversational completion as the chat template renders it after
+    the prompt (its own end-of-turn token: ``<|eot_id|>`` for Llama 3), plain text followed by EOS. EOS is also
+    added after a template that ends the turn with no special token, or the model would never learn to stop."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not isinstance(completion, list):  # EOS unless the text ends with it already (TRL's rule for text too)
+        ids = tokenizer(completion, add_special_tokens=False).input_ids
+        return ids if eos and ids[-1:] == eos else ids + eos
+    history = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    opened = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(history + completion, tokenize=False)
+    if not whole.startswith(opened):  # a template that renders the last turn apart from the history
+        return tokenizer(turn_text(completion), add_special_tokens=False).input_ids + eos
+    ids = tokenizer(whole[len(opened) :], add_special_tokens=False).input_ids
+    return ids if ids and ids[-1] in tokenizer.all_special_ids else ids + eos
+
+
+def encode_turns(
+    prompt: Turn, completion: Turn, tokenizer, max_length: int | None = None
+) -> TokenizedExample:
+    """Prompt and completion as one training sequence, labels on the completion only, truncated to ``max_length``
+    (the completion is cut first: a prompt longer than ``max_length`` leaves nothing to train on, see
+    ``TokenizedExample.has_labels``)."""
+    prompt_ids = encode_prompt(prompt, tokenizer)
+    completion_ids = encode_completion(prompt, completion, tokenizer)
+    if not prompt and prompt_ids and completion_ids[:1] == prompt_ids:  # a text row that starts with its BOS
+        prompt_ids = []
+    input_ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
+    return TokenizedExample(input_ids, labels, len(prompt_ids))
+
+
 def tokenize_example(row: dict[str, Any], fmt: str, tokenizer, max_length: int) -> TokenizedExample:
-    prompt, completion = split_prompt_completion(row, fmt, tokenizer)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
-    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    input_ids = (bos + prompt_ids + completion_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * (len(bos) + len(prompt_ids)) + completion_ids)[:max_length]
-    return TokenizedExample(input_ids, labels)
+    """A row of any language-modeling format (``FORMAT_COLUMNS``) as tokens and labels."""
+    return encode_turns(*row_turns(row, fmt), tokenizer, max_length)
+
+
+def check_truncation(examples: list, spec: DataSpec) -> None:
+    """Warn (one line) about rows whose labels ``data.max_length`` truncated away; refuse the data
+    (:class:`DatasetFormatError`, exit code 2 in ``run-peer``) when that is more than ``MAX_DROPPED_SHARE`` of it:
+    such a ``max_length`` is a mistake, not a few outliers."""
+    dropped = [e for e in examples if not e.has_labels]
+    longest = max(e.prompt_tokens for e in dropped)
+    where = f"{len(dropped)} of {len(examples)} rows of data.path {spec.path!r}"
+    if len(dropped) > MAX_DROPPED_SHARE * len(examples):
+        raise DatasetFormatError(
+            f"data.max_length={spec.max_length} truncates away every completion token of {where}; raise "
+            f"data.max_length above the longest prompt ({longest} tokens)"
+        )
+    logger.warning(
+        f"data.max_length={spec.max_length} truncates away every completion token of {where}: skipping them "
+        f"(the longest prompt is {longest} tokens)"
+    )
 
 
 def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -143,11 +235,16 @@ class PeerDataStream:
         if stage_data is not None:
             stage_data.check(rows[0], f"data.path {spec.path!r}")
             self.format = "stage"
-            self.examples = [stage_data.encode(r) for r in rows]
+            encoded = [stage_data.encode(r) for r in rows]
             self._collate = stage_data.collate
         else:
             self.format = detect_format(rows[0], spec.format)
-            self.examples = [tokenize_example(r, self.format, tokenizer, spec.max_length) for r in rows]
+            encoded = [tokenize_example(r, self.format, tokenizer, spec.max_length) for r in rows]
+        self.examples = [e for e in encoded if e.has_labels]
+        self.dropped = len(encoded) - len(self.examples)
+        """Rows left out because ``data.max_length`` truncated away every token they would train on."""
+        if self.dropped:
+            check_truncation(encoded, spec)
         self.batch_size = batch_size
         self.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -10,9 +10,11 @@ import torch
 from potluck.peer.training.data import (
     collate,
     detect_format,
+    encode_prompt,
     load_rows,
-    split_prompt_completion,
+    row_turns,
     tokenize_example,
+    turn_text,
 )
 from potluck.peer.training.model import build_model, load_tokenizer
 from potluck.protocols.runspec import RunSpec, RunSpecError
@@ -54,7 +56,7 @@ def evaluate(
         total_tokens += int((targets != -100).sum())
         answers += greedy_completions(model, tokenizer, chunk, fmt)
     model.train(was_training)
-    references = [split_prompt_completion(r, fmt, tokenizer)[1] for r in rows]
+    references = [turn_text(row_turns(r, fmt)[1]) for r in rows]
     correct = sum(a.strip() == r.strip() for a, r in zip(answers, references, strict=True))
     return EvalResult(
         loss=total_loss / max(total_tokens, 1),
@@ -66,15 +68,14 @@ def evaluate(
 
 def greedy_completions(model, tokenizer, rows, fmt) -> list[str]:
     """Each row's prompt completed greedily, up to one token more than its reference completion."""
-    pairs = [split_prompt_completion(r, fmt, tokenizer) for r in rows]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompts = [bos + tokenizer(p, add_special_tokens=False).input_ids for p, _ in pairs]
+    pairs = [row_turns(r, fmt) for r in rows]
+    prompts = [encode_prompt(p, tokenizer) for p, _ in pairs]
     width = max(len(p) for p in prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Left padding, so that every row's next token is generated at the same position.
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    max_new = max(len(tokenizer(c, add_special_tokens=False).input_ids) for _, c in pairs) + 1
+    max_new = max(len(tokenizer(turn_text(c), add_special_tokens=False).input_ids) for _, c in pairs) + 1
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,

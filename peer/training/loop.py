@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,11 @@ from potluck.peer.training.progress import ProgressDisplay
 from potluck.peer.training.stages import Stage
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """More batches had a NaN or Inf loss than ``optimizer.max_nonfinite_losses`` allows: the peer stops
+    (``run-peer`` exits with 1 and this one line) rather than train on, or average, garbage."""
 
 
 @dataclass
@@ -66,6 +72,7 @@ class Trainer:
         stop: threading.Event,
         max_grad_norm: float | None = None,
         on_global_step: Callable[[int], None] | None = None,
+        max_nonfinite_losses: int = 0,
     ):
         self.model = model
         self.stage = stage
@@ -78,7 +85,27 @@ class Trainer:
         self.stop = stop
         self.max_grad_norm = max_grad_norm
         self.on_global_step = on_global_step or (lambda step: None)
+        self.max_nonfinite_losses = max_nonfinite_losses
+        self.nonfinite_losses = 0
+        """Batches skipped because their loss was NaN or Inf."""
         self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def _skip_nonfinite(self, loss: float, local_steps: int) -> None:
+        """Count a batch whose loss is NaN or Inf; past ``max_nonfinite_losses`` of them, stop the peer."""
+        self.nonfinite_losses += 1
+        self.metrics.nonfinite_loss()
+        where = f"at local step {local_steps + 1} (global step {self.strategy.global_step})"
+        if self.nonfinite_losses > self.max_nonfinite_losses:
+            self.strategy.request_stop()  # the peer leaves: rounds still running get seconds, not their timeouts
+            raise NonFiniteLossError(
+                f"the loss is {loss} {where}: stopping, after {self.nonfinite_losses} such batch(es) "
+                f"(optimizer.max_nonfinite_losses is {self.max_nonfinite_losses}); look for a learning rate "
+                "that diverges, weights that hold NaN, or rows with nothing to train on"
+            )
+        logger.warning(
+            f"the loss is {loss} {where}: batch skipped ({self.nonfinite_losses} of "
+            f"optimizer.max_nonfinite_losses={self.max_nonfinite_losses})"
+        )
 
     def run(self) -> TrainResult:
         local_rate, swarm_rate = _RateMeter(), _RateMeter(alpha=0.3)
@@ -91,6 +118,11 @@ class Trainer:
             drawn = self.batches.take(self.strategy.batch_share(self.batches.batch_size))
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in drawn.items()}
             loss = self.stage.loss(self.model, batch)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                # no backward: not one NaN gradient reaches the swarm's average
+                self._skip_nonfinite(loss_value, local_steps)
+                continue
             loss.backward()
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
@@ -99,7 +131,6 @@ class Trainer:
             self.strategy.zero_grad()
             elapsed = time.perf_counter() - started
 
-            loss_value = float(loss.detach())
             local_steps += 1
             samples += batch_size
             local_rate.observe(batch_size, elapsed)

@@ -61,6 +61,10 @@ class PeerMetrics:
             "potluck_averaging_received_bytes",
             "Payload bytes this peer received in averaging rounds (estimated like the sent bytes)",
         )
+        self._nonfinite_losses = series.counter(
+            "potluck_nonfinite_losses",
+            "Local batches skipped because their loss was NaN or Inf (optimizer.max_nonfinite_losses)",
+        )
         self._step_seconds = series.histogram(
             "potluck_step_seconds",
             "Wall time of one local step: forward, backward and the optimizer's bookkeeping",
@@ -102,7 +106,8 @@ class PeerMetrics:
         # plain copies of what the signed DHT report carries (prometheus objects are write-mostly)
         self.latest = {"global_step": 0, "loss": None, "samples_per_second": 0.0, "samples_total": 0, "local_steps": 0,
                        "averaging_succeeded": 0, "averaging_failed": 0, "averaging_alone": 0,
-                       "bytes_sent": 0, "bytes_received": 0, "compute_utilisation": None}  # fmt: skip
+                       "bytes_sent": 0, "bytes_received": 0, "compute_utilisation": None,
+                       "nonfinite_losses": 0}  # fmt: skip
         for outcome in ("succeeded", "failed"):
             self._rounds.labels(run_id, outcome)
             self._state_downloads.labels(run_id, outcome)
@@ -132,6 +137,11 @@ class PeerMetrics:
         utilisation = min(1.0, self._compute_total / max(now - self._first_step_at, 1e-9))
         self._utilisation.labels(self.run_id).set(utilisation)
         self.latest["compute_utilisation"] = utilisation
+
+    def nonfinite_loss(self) -> None:
+        """A local batch was skipped: its loss was NaN or Inf."""
+        self._nonfinite_losses.labels(self.run_id).inc()
+        self.latest["nonfinite_losses"] += 1
 
     def swarm(self, global_step: int, peers: int, swarm_samples_per_second: float) -> None:
         self._global_step.labels(self.run_id).set(global_step)

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from potluck.peer.training.data import Turn, encode_prompt
 from potluck.peer.training.model import load_base_model, load_tokenizer
 from potluck.protocols.runspec import RunSpec
 
 
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    """The greedy continuation (special tokens left out)."""
+    prompt: str
+    """The prompt as the model got it: its tokens decoded with the special ones (BOS, chat markup) shown."""
+    counters: dict = field(default_factory=dict)
+    """Through shards: the client's counters (requests, failures, replays); empty locally."""
+
+
 def generate_text(
-    spec: RunSpec, prompt: str, max_new_tokens: int, initial_peers: list[str] | None = None
-) -> tuple[str, dict]:
-    """The prompt's greedy continuation and, through shards (``initial_peers`` given), the client's
-    counters (requests, failures, replays). Locally the whole model is loaded instead."""
+    spec: RunSpec, prompt: Turn, max_new_tokens: int, initial_peers: list[str] | None = None
+) -> Generation:
+    """The prompt's greedy continuation, through shards when ``initial_peers`` are given (else the whole model is
+    loaded here). ``prompt``: text, or a conversation for the chat template; laid out as the stages train
+    (``encode_prompt``: one BOS)."""
     tokenizer = load_tokenizer(spec.model)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = torch.tensor([encode_prompt(prompt, tokenizer)])
     if initial_peers is None:
         model = load_base_model(spec.model, torch.device("cpu")).eval()
         tokens = model.generate(
@@ -35,4 +49,5 @@ def generate_text(
         finally:
             model.client.shutdown()
             dht.shutdown()
-    return tokenizer.decode(tokens[0, ids.shape[1] :], skip_special_tokens=True), counters
+    text = tokenizer.decode(tokens[0, ids.shape[1] :], skip_special_tokens=True)
+    return Generation(text, tokenizer.decode(ids[0]), counters)

@@ -24,8 +24,9 @@ from potluck.peer.training.data import (
     TokenizedExample,
     collate,
     detect_format,
+    encode_prompt,
+    encode_turns,
     numbered_rows,
-    tokenize_example,
 )
 from potluck.protocols.runspec import EXACT_ANSWER, STAGE_DATA_FORMATS, RunSpec
 
@@ -91,17 +92,11 @@ def _pad_id(tokenizer) -> int:
 
 
 def prompt_text(prompt: Any, tokenizer) -> str:
-    """A prompt column as text: a string as is, a conversation (TRL's conversational format) through the chat
-    template with the assistant's turn opened."""
+    """A prompt column as text (what a reward function sees): a string as is, a conversation through the chat
+    template with the assistant's turn opened. Its tokens are :func:`encode_prompt`'s."""
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return str(prompt)
-
-
-def encode_prompt(prompt: Any, tokenizer) -> list[int]:
-    """BOS + prompt tokens, exactly as SFT's ``tokenize_example`` lays out the prompt."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(prompt_text(prompt, tokenizer), add_special_tokens=False).input_ids
 
 
 @dataclass(frozen=True)
@@ -109,12 +104,24 @@ class PreferenceExample:
     chosen: TokenizedExample
     rejected: TokenizedExample
 
+    @property
+    def has_labels(self) -> bool:
+        """Both sides keep a completion token after truncation (else the pair's log-ratios are empty)."""
+        return self.chosen.has_labels and self.rejected.has_labels
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.chosen.prompt_tokens
+
 
 @dataclass(frozen=True)
 class PromptExample:
     prompt: str
     prompt_ids: list[int]
     answer: str | None
+    has_labels: bool = True
+    """Prompt-only rows have no labels to lose: the completion is generated."""
+    prompt_tokens: int = 0
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +152,9 @@ def stage_data(spec: RunSpec, tokenizer) -> StageData | None:
     if spec.stage in PREFERENCE_STAGES:
 
         def encode_pair(row: dict[str, Any]) -> PreferenceExample:
-            prompt = prompt_text(row["prompt"], tokenizer)
-
-            def side(completion: str) -> TokenizedExample:  # laid out exactly as SFT's prompt/completion rows
-                pair_side = {"prompt": prompt, "completion": str(completion)}
-                return tokenize_example(pair_side, "prompt_completion", tokenizer, max_length)
+            def side(completion: Any) -> TokenizedExample:  # laid out exactly as SFT's prompt/completion rows
+                text = completion if isinstance(completion, list) else str(completion)
+                return encode_turns(row["prompt"], text, tokenizer, max_length)
 
             return PreferenceExample(chosen=side(row["chosen"]), rejected=side(row["rejected"]))
 
@@ -162,9 +167,10 @@ def stage_data(spec: RunSpec, tokenizer) -> StageData | None:
 
         def encode_prompt_row(row: dict[str, Any]) -> PromptExample:
             answer = row.get("answer")
-            prompt = prompt_text(row["prompt"], tokenizer)
-            ids = encode_prompt(prompt, tokenizer)[:max_length]
-            return PromptExample(prompt, ids, None if answer is None else str(answer))
+            ids = encode_prompt(row["prompt"], tokenizer)[:max_length]
+            return PromptExample(
+                prompt_text(row["prompt"], tokenizer), ids, None if answer is None else str(answer)
+            )
 
         def collate_prompts(examples: list[PromptExample]) -> dict[str, Any]:
             prompt_ids, prompt_mask = left_pad([e.prompt_ids for e in examples], pad_id)
