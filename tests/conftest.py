@@ -16,6 +16,8 @@ import potluck.runtime.grpc_fork  # noqa: F401 (this process forks DHTs after gR
 from potluck.tools.coordinator_process import LocalCoordinator
 from potluck.tools.peer_processes import LocalSwarm
 from potluck.tools.tiny.assets import build_assets
+from potluck.tools.tiny.encoder import build_tiny_encoder
+from potluck.tools.tiny.task import ArithmeticTask
 from tests.netbed.fixture import netbed  # noqa: F401  (the `netbed` fixture: hosts in network namespaces)
 
 _STARTED_GROUPS: set[int] = set()
@@ -80,6 +82,13 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     model_dir, train, held_out = build_assets(root)
     return {"model": model_dir, "train": train, "eval": held_out}
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A tiny BERT-style encoder with its own WordPiece tokenizer (``tools/tiny/encoder.py``): a reward-model
+    backbone of another family, and with another tokenizer, than the tiny Llama."""
+    return build_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny-encoder", ArithmeticTask().corpus())
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 - ``sft`` / ``distill``: TRL's language-modeling formats (``peer/training/data.py``): tokens with labels on the completion.
 - ``rm`` / ``dpo``: preference pairs ``prompt``/``chosen``/``rejected``. A batch stacks the chosen sequences on
-  top of the rejected ones: rows ``0..B-1`` are chosen, ``B..2B-1`` the rejected of the same pairs.
+  top of the rejected ones: rows ``0..B-1`` are chosen, ``B..2B-1`` the rejected of the same pairs. ``rm`` lays a
+  sequence out as its reward model's tokenizer frames one (``reward_model_ids``: decoder or encoder).
 - ``grpo`` / ``ppo``: prompt-only rows (``prompt``, and ``answer`` for the ``exact_answer`` reward). A batch is the
   left-padded prompts, ready for ``generate``, plus the answers as strings (they never leave the peer).
 
@@ -91,6 +92,25 @@ def encode_prompt(prompt: Any, tokenizer) -> list[int]:
     return bos + tokenizer(prompt_text(prompt, tokenizer), add_special_tokens=False).input_ids
 
 
+def reward_model_ids(prompt: str, completion: str, tokenizer, max_length: int | None = None) -> list[int]:
+    """A prompt and its completion as a reward model reads them, in the reward model's own tokens (it need not
+    share the policy's tokenizer). transformers' ``*ForSequenceClassification`` score a decoder at the last
+    non-padding token and an encoder at its pooled first token, so:
+
+    - a decoder's tokenizer (it has an EOS): BOS, prompt, completion, EOS, as SFT lays out a row; scored at the EOS;
+    - an encoder's (BERT-style, no EOS): its own framing, ``[CLS] prompt completion [SEP]``; scored at ``[CLS]``.
+    """
+    if tokenizer.eos_token_id is None:
+        return tokenizer(
+            prompt + completion, truncation=max_length is not None, max_length=max_length
+        ).input_ids
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids, completion_ids = (
+        tokenizer(t, add_special_tokens=False).input_ids for t in (prompt, completion)
+    )
+    return (bos + prompt_ids + completion_ids + [tokenizer.eos_token_id])[:max_length]
+
+
 @dataclass(frozen=True)
 class PreferenceExample:
     chosen: TokenizedExample
@@ -134,7 +154,11 @@ def stage_data(spec: RunSpec, tokenizer) -> StageData | None:
         def encode_pair(row: dict[str, Any]) -> PreferenceExample:
             prompt = prompt_text(row["prompt"], tokenizer)
 
-            def side(completion: str) -> TokenizedExample:  # laid out exactly as SFT's prompt/completion rows
+            def side(completion: str) -> TokenizedExample:
+                if spec.stage == "rm":  # a score per sequence: no labels
+                    ids = reward_model_ids(prompt, str(completion), tokenizer, max_length)
+                    return TokenizedExample(ids, [IGNORE_INDEX] * len(ids))
+                # DPO's log-probs of the completion, laid out exactly as SFT's prompt/completion rows
                 pair_side = {"prompt": prompt, "completion": str(completion)}
                 return tokenize_example(pair_side, "prompt_completion", tokenizer, max_length)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from potluck.peer.training.stages.data import reward_model_ids
 from potluck.peer.training.stages.models import load_reward_model, positions, resolve_weights
 from potluck.protocols.runspec import EXACT_ANSWER, RLSpec
 
@@ -109,7 +110,8 @@ class ExactAnswerReward:
 class RewardModelScorer:
     """A trained reward model (any ``AutoModelForSequenceClassification``, e.g. an ``rm`` run's checkpoint) scoring
     prompt + completion. The text is re-tokenized with the reward model's own tokenizer, laid out as the ``rm``
-    stage trained it (BOS, prompt, completion, EOS), so a reward model of another architecture works too."""
+    stage trained it (``reward_model_ids``), so a reward model of another architecture works too, an encoder
+    included."""
 
     def __init__(self, path: str, device: torch.device):
         self.model = load_reward_model(path, device).eval()
@@ -123,15 +125,7 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], answers=None) -> torch.Tensor:
         tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        rows = [
-            bos
-            + tok(p, add_special_tokens=False).input_ids
-            + tok(c, add_special_tokens=False).input_ids
-            + eos
-            for p, c in zip(prompts, completions, strict=True)
-        ]
+        rows = [reward_model_ids(p, c, tok) for p, c in zip(prompts, completions, strict=True)]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         # right padding: the classification head reads the last non-padding token
         width = max(len(r) for r in rows)
