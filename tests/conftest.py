@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 
 import potluck.runtime.grpc_fork  # noqa: F401 (this process forks DHTs after gRPC tests: see that module)
@@ -82,6 +83,16 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     model_dir, train, held_out = build_assets(root)
     return {"model": model_dir, "train": train, "eval": held_out}
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run the test's tiny models on one thread, as each peer does (OMP_NUM_THREADS=1): with two, torch's threads
+    spin-wait on each other's tiny ops, and on a loaded 2-core machine a test of 3-6 s took 40-70 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

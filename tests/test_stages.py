@@ -155,6 +155,7 @@ def test_reward_model_loss_is_bradley_terry_on_chosen_vs_rejected(stage_spec):
     assert model.score.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_reward_model_on_an_encoder_with_its_own_tokenizer(stage_spec, tiny_encoder, tmp_path):
     """A BERT-style backbone (no EOS; transformers scores it at the pooled [CLS]) with its own WordPiece tokenizer
     trains as the rm stage, checkpoints, evaluates, and scores a policy's text as PPO does (re-tokenised)."""
