@@ -1,8 +1,9 @@
 """Checkpoints in ``--save-dir``: ``checkpoint-<global step>/`` folders written atomically.
 
 Each holds the trainable weights (``save_pretrained``: the adapter, or the whole model; a prompt-learning
-adapter's whole prompt encoder too, ``peer/training/model.py``), the tokenizer (so the folder loads on its own), the averaging strategy's state (optimizer statistics and
-global step) and ``trainer_state.json``. A restart with the same ``--save-dir`` resumes from the
+adapter's whole prompt encoder too, ``peer/training/model.py``), the tokenizer (so the folder loads on
+its own), the averaging strategy's state (optimizer statistics and global step) and
+``trainer_state.json``. A restart with the same ``--save-dir`` resumes from the
 newest one whose run id matches.
 """
 

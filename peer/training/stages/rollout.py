@@ -127,7 +127,7 @@ class RewardModelScorer:
         tok = self.tokenizer
         rows = [reward_model_ids(p, c, tok) for p, c in zip(prompts, completions, strict=True)]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        # right padding: the classification head reads the last non-padding token
+        # right padding: a decoder's head reads the last non-padding token, an encoder's the first ([CLS])
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=self.device)
         attention_mask = torch.tensor(
