@@ -54,6 +54,28 @@ class LoraAdapter(_Strict):
     """Module names to wrap (Llama: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)."""
 
 
+class IA3Adapter(_Strict):
+    kind: Literal["ia3"]
+    target_modules: list[str] | None = None
+    """Modules whose activations IA3 rescales; none given: peft's choice for the architecture (Llama: k_proj,
+    v_proj, down_proj). Far fewer tensors to average than LoRA; raise to LoRA if the task underfits."""
+    feedforward_modules: list[str] = []
+    """Those of ``target_modules`` that are feed-forward layers (their input is rescaled, not their output)."""
+
+    @field_validator("feedforward_modules")
+    @classmethod
+    def _feedforward_among_targets(cls, modules: list[str], info: ValidationInfo) -> list[str]:
+        targets = info.data.get("target_modules")
+        if modules and targets is None:
+            raise ValueError(
+                "needs target_modules too (without them peft picks both lists for the architecture)"
+            )
+        outside = [m for m in modules if m not in targets]
+        if outside:
+            raise ValueError(f"must be among target_modules ({targets}); not there: {outside}")
+        return modules
+
+
 class PrefixTuningAdapter(_Strict):
     kind: Literal["prefix"]
     num_virtual_tokens: int = Field(8, ge=1)
@@ -72,10 +94,10 @@ class PromptTuningAdapter(_Strict):
 
 
 AdapterSpec = Annotated[
-    NoAdapter | LoraAdapter | PrefixTuningAdapter | PTuningAdapter | PromptTuningAdapter,
+    NoAdapter | LoraAdapter | IA3Adapter | PrefixTuningAdapter | PTuningAdapter | PromptTuningAdapter,
     Field(discriminator="kind"),
 ]
-ADAPTER_KINDS = ("none", "lora", "prefix", "p_tuning", "prompt_tuning")
+ADAPTER_KINDS = ("none", "lora", "ia3", "prefix", "p_tuning", "prompt_tuning")
 
 
 class DataSpec(_Strict):

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 
 import potluck.runtime.grpc_fork  # noqa: F401 (this process forks DHTs after gRPC tests: see that module)
 from potluck.tools.coordinator_process import LocalCoordinator
 from potluck.tools.peer_processes import LocalSwarm
 from potluck.tools.tiny.assets import build_assets
+from potluck.tools.tiny.encoder import build_tiny_encoder
+from potluck.tools.tiny.task import ArithmeticTask
 from tests.netbed.fixture import netbed  # noqa: F401  (the `netbed` fixture: hosts in network namespaces)
 
 _STARTED_GROUPS: set[int] = set()
@@ -102,6 +105,23 @@ def bos_template_model(tiny_assets, tmp_path_factory) -> Path:
     tokenizer.chat_template = LLAMA3_STYLE_CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run the test's tiny models on one thread, as each peer does (OMP_NUM_THREADS=1): with two, torch's threads
+    spin-wait on each other's tiny ops, and on a loaded 2-core machine a test of 3-6 s took 40-70 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A tiny BERT-style encoder with its own WordPiece tokenizer (``tools/tiny/encoder.py``): a reward-model
+    backbone of another family, and with another tokenizer, than the tiny Llama."""
+    return build_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny-encoder", ArithmeticTask().corpus())
 
 
 @pytest.fixture

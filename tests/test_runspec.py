@@ -76,8 +76,21 @@ def test_unknown_adapter_names_field_and_allowed_values():
     message = problems_of(with_changes(adapter={"kind": "qlora"}))
     assert "adapter.kind" in message
     assert "'qlora'" in message
-    for allowed in ("none", "lora", "prefix", "p_tuning", "prompt_tuning"):
+    for allowed in ("none", "lora", "ia3", "prefix", "p_tuning", "prompt_tuning"):
         assert allowed in message
+
+
+@pytest.mark.parametrize(
+    ("adapter", "named"),
+    [
+        ({"kind": "ia3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]},
+         "adapter.feedforward_modules: must be among target_modules (['k_proj']); not there: ['down_proj']"),
+        ({"kind": "ia3", "feedforward_modules": ["down_proj"]},
+         "adapter.feedforward_modules: needs target_modules too"),
+    ],
+)  # fmt: skip
+def test_ia3_feedforward_modules_outside_its_targets_are_named(adapter, named):
+    assert named in problems_of(with_changes(adapter=adapter))
 
 
 def test_adapter_without_kind_is_named():

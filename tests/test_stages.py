@@ -14,14 +14,14 @@ import torch
 from prometheus_client import generate_latest
 
 from potluck.peer.training.checkpoint import save_checkpoint
-from potluck.peer.training.data import DatasetFormatError, PeerDataStream
+from potluck.peer.training.data import DatasetFormatError, PeerDataStream, load_rows
 from potluck.peer.training.metrics import PeerMetrics
 from potluck.peer.training.stages import make_stage, stage_context
 from potluck.peer.training.stages.data import check_stage_data, encode_prompt, stage_data
-from potluck.peer.training.stages.evaluation import answer_probability
+from potluck.peer.training.stages.evaluation import answer_probability, evaluate_stage, reward_model_accuracy
 from potluck.peer.training.stages.losses import pairwise_reward_loss, ppo_clip_fraction
 from potluck.peer.training.stages.models import VALUE_HEAD_FILE, WeightsNotFoundError, load_frozen_causal_lm
-from potluck.peer.training.stages.rollout import mask_after_eos
+from potluck.peer.training.stages.rollout import RewardModelScorer, mask_after_eos
 from potluck.protocols.runspec import load_run_spec
 
 pytestmark = pytest.mark.unit
@@ -74,6 +74,16 @@ def built(spec):
     stage = make_stage(spec.stage, context)
     torch.manual_seed(0)
     return context, stage, stage.build_model()
+
+
+def fit(stage, model, batch, steps: int, lr: float) -> float:
+    """Train ``model`` on one batch with Adam for ``steps``; the stage's loss on it afterwards."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        stage.loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return stage.loss(model, batch).item()
 
 
 # ------------------------------------------------------------------------------------ data columns (acceptance 6)
@@ -145,17 +155,46 @@ def test_reward_model_loss_is_bradley_terry_on_chosen_vs_rejected(stage_spec):
     assert model.score.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_reward_model_on_an_encoder_with_its_own_tokenizer(stage_spec, tiny_encoder, tmp_path):
+    """A BERT-style backbone (no EOS; transformers scores it at the pooled [CLS]) with its own WordPiece tokenizer
+    trains as the rm stage, checkpoints, evaluates, and scores a policy's text as PPO does (re-tokenised)."""
+    spec = stage_spec("rm", model={"name_or_path": str(tiny_encoder)})
+    context, stage, model = built(spec)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    batch = first_batch(spec, context)
+    rows = torch.arange(batch["input_ids"].shape[0])
+    last = batch["attention_mask"].sum(-1) - 1
+    assert (batch["input_ids"][:, 0] == context.tokenizer.cls_token_id).all()
+    assert (batch["input_ids"][rows, last] == context.tokenizer.sep_token_id).all()
+
+    first = stage.loss(model, batch).item()
+    assert fit(stage, model, batch, steps=8, lr=1e-2) < 0.5 * first
+
+    checkpoint = save_checkpoint(tmp_path, spec.run_id, 8, model, context.tokenizer, {}, keep=0)
+    model.eval()
+    held_out = load_rows(spec.data.eval_path)
+    with torch.no_grad():
+        expected = reward_model_accuracy(model, context.tokenizer, spec, held_out)
+    assert evaluate_stage(spec, str(checkpoint.path)) == {"pairwise_accuracy": pytest.approx(expected)}
+    # PPO's scorer, given text: the same scores as the trained model on the rm stage's batch, for rows padded
+    # to another width
+    pairs = load_rows(spec.data.path)[:3]
+    scorer = RewardModelScorer(str(checkpoint.path), CPU)
+    scores = scorer([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    stage_rows = stage_data(spec, context.tokenizer)
+    chosen = stage_rows.collate([stage_rows.encode(p) for p in pairs])
+    with torch.no_grad():
+        trained = model(input_ids=chosen["input_ids"], attention_mask=chosen["attention_mask"]).logits[:3, 0]
+    assert torch.allclose(scores, trained, atol=1e-5)
+
+
 def test_dpo_starts_at_log2_and_learns_the_preferences(stage_spec):
     spec = stage_spec("dpo", dpo={"beta": 0.5})
     context, stage, model = built(spec)
     batch = first_batch(spec, context)
     assert math.isclose(stage.loss(model, batch).item(), math.log(2), abs_tol=1e-5)  # policy == reference
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(8):
-        stage.loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert stage.loss(model, batch).item() < math.log(2) - 0.1
+    assert fit(stage, model, batch, steps=8, lr=3e-3) < math.log(2) - 0.1
     assert stage.last_metrics["preference_accuracy"] > 0.5
     assert all(not p.requires_grad for p in stage.reference.parameters())
 
@@ -294,12 +333,7 @@ def test_distill_lowers_the_kl_to_the_teacher(stage_spec, tmp_path):
     context, stage, model = built(spec)
     batch = first_batch(spec, context)
     first = stage.loss(model, batch).item()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(6):
-        stage.loss(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert stage.loss(model, batch).item() < 0.7 * first
+    assert fit(stage, model, batch, steps=6, lr=3e-3) < 0.7 * first
 
 
 def test_ppo_checkpoint_is_a_causal_lm_and_resumes_its_value_head(stage_spec, tmp_path):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from potluck.peer.training.checkpoint import list_checkpoints
 from potluck.peer.training.exact_match import evaluate_spec
+from potluck.peer.training.model import PROMPT_ENCODER_FILE, build_model
 from potluck.protocols.runspec import load_run_spec
 from potluck.tools.coordinator_process import free_port
 from tests.helpers import metric, scrape, wait_until
@@ -201,3 +202,48 @@ def test_sigterm_with_a_partner_that_hung_exits_within_seconds(make_spec, local_
     assert "Traceback" not in leaver.log(), leaver.log()[-3000:]
     last_step = leaver.summary().global_step
     checkpoint_at(tmp_path / "leaver", last_step)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("one_torch_thread")  # the evaluations in this process
+def test_two_peers_train_a_p_tuning_adapter_and_a_restarted_peer_resumes_it(make_spec, local_swarm, tmp_path):
+    """The hardest of the prompt-learning adapters in a real swarm: P-tuning's virtual tokens come out of an MLP,
+    and the MLP is what the peers average. Both peers end with the same prompt encoder, the held-out loss falls,
+    and a restarted peer resumes the encoder from its checkpoint (tests/test_model.py covers every adapter
+    kind's checkpoint, resume, evaluation and generation in one process)."""
+    steps = 4
+    spec_path = make_spec(
+        adapter={"kind": "p_tuning", "num_virtual_tokens": 4, "encoder_hidden_size": 32},
+        optimizer={"lr": 0.01},
+        averaging={"target_group_size": 2},  # a fixed pair: each round starts once both are in
+        max_global_steps=steps,
+    )
+    swarm = local_swarm(spec_path)
+    identity = ["--identity-path", str(tmp_path / "a.id")]
+    first = swarm.start_peer("a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2", *identity])
+    swarm.wait_for_address(first)
+    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"])
+    assert swarm.wait_all(timeout=240) == [0, 0], first.log()[-3000:]
+
+    encoders = [load_file(checkpoint_at(tmp_path / name, steps) / PROMPT_ENCODER_FILE) for name in ("a", "b")]
+    assert any(name.startswith("mlp_head.") for name in encoders[0])
+    assert max_difference(*encoders) <= 1e-5
+    assert first.summary().rounds.alone <= 2, first.log()[-3000:]  # the gradients were averaged
+    spec = load_run_spec(spec_path)
+    before = evaluate_spec(spec, checkpoint=None)
+    after = evaluate_spec(spec, checkpoint=checkpoint_at(tmp_path / "a", steps))
+    assert after.loss < before.loss - 0.05, (before, after)
+
+    again = swarm.start_peer(
+        "a-again",
+        ["--save-dir", str(tmp_path / "a"), "--max-steps", str(steps + 1), *identity],
+        initial_peers=[],
+    )
+    assert again.process.wait(timeout=180) == 0, again.log()[-3000:]
+    summary = again.summary()
+    # alone, a global step takes two local batches (target 128, 64 a batch)
+    assert (summary.resumed_from, summary.global_step, summary.local_steps) == (steps, steps + 1, 2), summary
+    resumed = load_file(checkpoint_at(tmp_path / "a", steps + 1) / PROMPT_ENCODER_FILE)
+    # one more step from the saved encoder: near it, not back at a fresh initialisation
+    fresh = build_model(spec, torch.device("cpu")).prompt_encoder["default"].state_dict()
+    assert max_difference(resumed, encoders[0]) < max_difference(encoders[0], fresh)

@@ -1,8 +1,9 @@
 """Checkpoints in ``--save-dir``: ``checkpoint-<global step>/`` folders written atomically.
 
-Each holds the trainable weights (``save_pretrained``: the adapter, or the whole model), the
-tokenizer (so the folder loads on its own), the averaging strategy's state (optimizer statistics and
-global step) and ``trainer_state.json``. A restart with the same ``--save-dir`` resumes from the
+Each holds the trainable weights (``save_pretrained``: the adapter, or the whole model; a prompt-learning
+adapter's whole prompt encoder too, ``peer/training/model.py``), the tokenizer (so the folder loads on
+its own), the averaging strategy's state (optimizer statistics and global step) and
+``trainer_state.json``. A restart with the same ``--save-dir`` resumes from the
 newest one whose run id matches.
 """
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from potluck.peer.training.model import save_weights
 
 logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
@@ -61,7 +64,7 @@ def save_checkpoint(
     final = save_dir / f"{PREFIX}{global_step:07d}"
     staging = save_dir / f".staging-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    save_weights(model, staging)
     tokenizer.save_pretrained(staging)
     torch.save(strategy_state, staging / "strategy_state.pt")
     (staging / "trainer_state.json").write_text(

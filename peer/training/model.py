@@ -1,24 +1,43 @@
-"""Load the run's model and tokenizer (hub id or local folder) and wrap it with the run's adapter."""
+"""Load the run's model and tokenizer (hub id or local folder), wrap it with the run's adapter, and save it.
+
+Every adapter kind trains, checkpoints, resumes, evaluates and generates the same way for the rest of the peer:
+
+- LoRA and IA3 add weights inside the model's layers: a checkpoint is peft's adapter folder, resumed with
+  ``PeftModel.from_pretrained(is_trainable=True)``.
+- Prefix tuning, P-tuning and prompt tuning (peft's *prompt learning*) learn virtual tokens. peft's adapter file
+  holds only the tokens' final embeddings, which is what inference loads; peft refuses to make such a checkpoint
+  trainable, and for P-tuning the MLP that produces the embeddings is not in it. So a checkpoint also holds the
+  prompt encoder's whole state (``PROMPT_ENCODER_FILE``), and resuming builds the adapter afresh and loads it.
+- Prompt tuning and P-tuning put their virtual tokens in front of the input, so the model's logits and hidden
+  states have that many extra leading positions; ``adapt_prompt_learning`` drops them, so that position ``t`` of
+  every output belongs to input token ``t`` whatever the adapter (prefix tuning's tokens are past keys and values
+  and add no positions), and works around peft's generation under transformers 5.
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import (
+    IA3Config,
     LoraConfig,
     PeftModel,
+    PeftType,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
     TaskType,
     get_peft_model,
 )
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from potluck.protocols.runspec import (
+    IA3Adapter,
     LoraAdapter,
     ModelSpec,
     NoAdapter,
@@ -27,6 +46,9 @@ from potluck.protocols.runspec import (
     PTuningAdapter,
     RunSpec,
 )
+
+PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
+"""In a prompt-learning checkpoint: every tensor of the prompt encoder (P-tuning's MLP included), for resuming."""
 
 MODEL_FILES = ("config.json", "adapter_config.json")
 """A folder (or hub repository) holds a model when it has one of these (a whole model, a peft adapter)."""
@@ -101,6 +123,14 @@ def peft_config(adapter):
             lora_dropout=adapter.dropout,
             target_modules=adapter.target_modules,
         )
+    if isinstance(adapter, IA3Adapter):
+        targets = {}  # none given: peft's modules for the architecture
+        if adapter.target_modules is not None:
+            targets = {
+                "target_modules": adapter.target_modules,
+                "feedforward_modules": adapter.feedforward_modules,
+            }
+        return IA3Config(task_type=TaskType.CAUSAL_LM, **targets)
     if isinstance(adapter, PrefixTuningAdapter):
         return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapter.num_virtual_tokens)
     if isinstance(adapter, PTuningAdapter):
@@ -130,13 +160,102 @@ def build_model(spec: RunSpec, device: torch.device, weights_from: str | None = 
         model.train()
         return model
     base = load_base_model(spec.model, device)
-    if weights_from:
+    if weights_from and not config.is_prompt_learning:
         model = PeftModel.from_pretrained(base, weights_from, is_trainable=True)
     else:
         torch.manual_seed(spec.seed)
         model = get_peft_model(base, config)
+        if weights_from:
+            load_prompt_encoder(model, Path(weights_from))
     model.train()
-    return model.to(device)
+    return adapt_prompt_learning(model.to(device))
+
+
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a peft model with prefix tuning, P-tuning or prompt tuning."""
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and config.is_prompt_learning
+
+
+def virtual_positions(model: torch.nn.Module) -> int:
+    """Positions that ``model``'s adapter puts before the input in its outputs: prompt tuning's and P-tuning's
+    virtual tokens; 0 for prefix tuning (past keys and values), LoRA, IA3 and a model without adapter."""
+    if not is_prompt_learning(model) or model.active_peft_config.peft_type == PeftType.PREFIX_TUNING:
+        return 0
+    return model.active_peft_config.num_virtual_tokens
+
+
+def adapt_prompt_learning(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a prefix-, P- or prompt-tuned peft model behave like any other model for the stages; returns ``model``
+    (unchanged when it has no such adapter).
+
+    - Its logits and hidden states lose the virtual tokens' positions (module docstring): peft leaves them in (it
+      drops them only from the labels of the loss it computes), and every stage and evaluation reads outputs
+      position by position against ``input_ids``. ``generate`` runs the base model, not this forward.
+    - Its ``generate`` uses the trained virtual tokens (:func:`_generate_with_the_cache_peft_expects`).
+    """
+    if not is_prompt_learning(model):
+        return model
+    count = virtual_positions(model)
+    if count:
+        model.register_forward_hook(partial(_drop_leading_positions, count))
+    _generate_with_the_cache_peft_expects(model)
+    return model
+
+
+def _drop_leading_positions(count: int, module, args, output):
+    output.logits = output.logits[:, count:]
+    if output.get("hidden_states") is not None:
+        output.hidden_states = tuple(h[:, count:] for h in output.hidden_states)
+    return output
+
+
+PEFT_UPSTREAM = {
+    "peft.peft_model.PeftModelForCausalLM.prepare_inputs_for_generation": "2e06741efe257d11",
+}
+"""What :func:`_generate_with_the_cache_peft_expects` works around, pinned by the digest of its source
+(``hivemind_ext/upstream.py``'s scheme; ``tests/test_model.py`` fails naming it when peft changes it)."""
+
+
+def _generate_with_the_cache_peft_expects(model: torch.nn.Module) -> None:
+    """NOTE: peft (0.21) looks for the generation cache under ``past_key_values``; transformers 5 passes it as
+    ``cache``. peft then finds none at every new token, so it feeds prompt tuning's and P-tuning's virtual tokens
+    again before each one, and gives prefix tuning's prefix as ``past_key_values``, which the model ignores when
+    ``cache`` is set: every prompt-learning model generated as if it had not been trained. Renaming the cache back
+    before peft reads it restores what training computes (``tests/test_model.py`` compares ``generate`` with
+    greedy decoding by forward passes). TODO: drop when peft reads ``cache`` (its pinned source changes)."""
+    base_prepare = model.base_model_prepare_inputs_for_generation
+
+    def prepare(*args, **kwargs):
+        inputs = base_prepare(*args, **kwargs)
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = prepare
+
+
+def save_weights(model: torch.nn.Module, folder: Path) -> None:
+    """``save_pretrained`` (what inference, ``init_from`` and ``potluck chat`` load) plus, for prompt learning, the
+    prompt encoder's whole state (``PROMPT_ENCODER_FILE``), which resuming needs."""
+    model.save_pretrained(folder)
+    if is_prompt_learning(model):
+        encoder = model.prompt_encoder[model.active_adapter]
+        tensors = {name: t.detach().contiguous().cpu() for name, t in encoder.state_dict().items()}
+        save_file(tensors, Path(folder) / PROMPT_ENCODER_FILE)
+
+
+def load_prompt_encoder(model: torch.nn.Module, folder: Path) -> None:
+    """Restore the prompt encoder that :func:`save_weights` wrote to ``folder`` into ``model`` (same adapter)."""
+    path = folder / PROMPT_ENCODER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {folder} has no {PROMPT_ENCODER_FILE}: a {model.active_peft_config.peft_type.value} run "
+            "resumes only from a checkpoint written with its prompt encoder"
+        )
+    encoder = model.prompt_encoder[model.active_adapter]
+    device = next(encoder.parameters()).device
+    encoder.load_state_dict({name: t.to(device) for name, t in load_file(path).items()})
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

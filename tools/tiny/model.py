@@ -33,6 +33,17 @@ class TinyModelConfig:
     max_positions: int = 64
     seed: int = 0
 
+    def transformer_sizes(self) -> dict[str, int]:
+        """The sizes under the names every transformers config class uses (Llama's, and BERT's for
+        ``tools/tiny/encoder.py``)."""
+        return {
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "max_position_embeddings": self.max_positions,
+        }
+
 
 def train_tokenizer(corpus: Iterable[str], alphabet: str) -> PreTrainedTokenizerFast:
     """Train a character-level BPE tokenizer (no merges beyond the alphabet) with ``tokenizers``."""
@@ -60,12 +71,8 @@ def build_tiny_model(out_dir: Path, corpus: Iterable[str], alphabet: str, config
     torch.manual_seed(config.seed)
     llama_config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
+        **config.transformer_sizes(),
         num_key_value_heads=config.num_kv_heads,
-        max_position_embeddings=config.max_positions,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

@@ -2,7 +2,8 @@
 
 - ``sft`` / ``distill``: TRL's language-modeling formats (``peer/training/data.py``): tokens with labels on the completion.
 - ``rm`` / ``dpo``: preference pairs ``prompt``/``chosen``/``rejected``. A batch stacks the chosen sequences on
-  top of the rejected ones: rows ``0..B-1`` are chosen, ``B..2B-1`` the rejected of the same pairs.
+  top of the rejected ones: rows ``0..B-1`` are chosen, ``B..2B-1`` the rejected of the same pairs. ``rm`` lays a
+  sequence out as its reward model's tokenizer frames one (``reward_model_example``: decoder or encoder).
 - ``grpo`` / ``ppo``: prompt-only rows (``prompt``, and ``answer`` for the ``exact_answer`` reward). A batch is the
   left-padded prompts, ready for ``generate``, plus the answers as strings (they never leave the peer).
 
@@ -27,6 +28,7 @@ from potluck.peer.training.data import (
     encode_prompt,
     encode_turns,
     numbered_rows,
+    turn_text,
 )
 from potluck.protocols.runspec import EXACT_ANSWER, STAGE_DATA_FORMATS, RunSpec
 
@@ -99,6 +101,28 @@ def prompt_text(prompt: Any, tokenizer) -> str:
     return str(prompt)
 
 
+def reward_model_example(
+    prompt: Any, completion: Any, tokenizer, max_length: int | None = None
+) -> TokenizedExample:
+    """A prompt and its completion as a reward model reads them, in the reward model's own tokens (it need not
+    share the policy's tokenizer). transformers' ``*ForSequenceClassification`` score a decoder at the last
+    non-padding token and an encoder at its pooled first token, so:
+
+    - a decoder's tokenizer (it has an EOS): laid out as SFT lays out a row (``encode_turns``: one BOS, prompt,
+      completion, EOS); scored at the EOS;
+    - an encoder's (BERT-style, no EOS): its own framing, ``[CLS] prompt completion [SEP]``; scored at ``[CLS]``.
+
+    The labels mark the completion's tokens (the score needs none; they tell a truncated-away completion)."""
+    if tokenizer.eos_token_id is not None:
+        return encode_turns(prompt, completion, tokenizer, max_length)
+    prompt = prompt_text(prompt, tokenizer)
+    ids = tokenizer(
+        prompt + turn_text(completion), truncation=max_length is not None, max_length=max_length
+    ).input_ids
+    before = len(tokenizer(prompt).input_ids) - 1  # [CLS] and the prompt (not its [SEP])
+    return TokenizedExample(ids, [IGNORE_INDEX] * before + ids[before:], before)
+
+
 @dataclass(frozen=True)
 class PreferenceExample:
     chosen: TokenizedExample
@@ -152,8 +176,11 @@ def stage_data(spec: RunSpec, tokenizer) -> StageData | None:
     if spec.stage in PREFERENCE_STAGES:
 
         def encode_pair(row: dict[str, Any]) -> PreferenceExample:
-            def side(completion: Any) -> TokenizedExample:  # laid out exactly as SFT's prompt/completion rows
+            def side(completion: Any) -> TokenizedExample:
                 text = completion if isinstance(completion, list) else str(completion)
+                if spec.stage == "rm":  # a score per sequence, in the reward model's framing
+                    return reward_model_example(row["prompt"], text, tokenizer, max_length)
+                # DPO's log-probs of the completion, laid out exactly as SFT's prompt/completion rows
                 return encode_turns(row["prompt"], text, tokenizer, max_length)
 
             return PreferenceExample(chosen=side(row["chosen"]), rejected=side(row["rejected"]))

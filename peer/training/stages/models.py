@@ -11,7 +11,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from potluck.peer.training.checkpoint import latest_checkpoint, list_checkpoints
 from potluck.peer.training.data import IGNORE_INDEX
-from potluck.peer.training.model import WeightsNotFoundError, check_model_source, check_model_spec
+from potluck.peer.training.model import (
+    WeightsNotFoundError,
+    adapt_prompt_learning,
+    check_model_source,
+    check_model_spec,
+    save_weights,
+)
 from potluck.peer.training.stages.data import PROMPT_STAGES
 from potluck.protocols.runspec import EXACT_ANSWER, RunSpec
 
@@ -64,12 +70,18 @@ def is_adapter_folder(path: str) -> bool:
 
 
 def load_frozen_causal_lm(path: str, device: torch.device, dtype: str = "float32") -> torch.nn.Module:
-    """A causal LM for inference only (reference, teacher): eval mode, no gradients. An adapter checkpoint is
-    loaded on its base model and merged."""
+    """A causal LM for inference only (reference, teacher, evaluation, chat): eval mode, no gradients. An adapter
+    checkpoint is loaded on its base model: LoRA and IA3 merged into it; virtual tokens (prefix, P-tuning, prompt
+    tuning), which cannot be merged, kept as a peft model whose outputs line up with its inputs."""
     if is_adapter_folder(path):
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).merge_and_unload()
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = (
+            adapt_prompt_learning(model)
+            if model.active_peft_config.is_prompt_learning
+            else model.merge_and_unload()
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return freeze(model.to(device))
@@ -146,8 +158,8 @@ class ActorCritic(torch.nn.Module):
         )
         return out.logits, self.value_head(out.hidden_states[-1].float()).squeeze(-1)
 
-    def save_pretrained(self, folder, **kwargs) -> None:
-        self.policy.save_pretrained(folder, **kwargs)
+    def save_pretrained(self, folder) -> None:
+        save_weights(self.policy, folder)
         torch.save(self.value_head.state_dict(), Path(folder) / VALUE_HEAD_FILE)
 
     def load_value_head(self, folder: str) -> None:

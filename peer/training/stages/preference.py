@@ -30,8 +30,9 @@ class RewardModeling(PairwiseStage):
 
     The model is an ``AutoModelForSequenceClassification`` with one label: the starting causal LM (usually the SFT
     run, through ``init_from``) with a new score head, or any sequence-classification checkpoint, of any
-    architecture and tokenizer. Metric: ``pairwise_accuracy``; if it stays near 0.5, train longer or lower the lr;
-    if rewards grow without bound, set ``rm.center_rewards_coefficient``."""
+    architecture and tokenizer: a decoder, scored at its last token, or an encoder such as BERT (no EOS), scored at
+    its pooled ``[CLS]`` (``stages/data.py``'s ``reward_model_example``). Metric: ``pairwise_accuracy``; if it stays
+    near 0.5, train longer or lower the lr; if rewards grow without bound, set ``rm.center_rewards_coefficient``."""
 
     def build_model(self, weights_from: str | None = None) -> torch.nn.Module:
         context = self._require_context()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from potluck.peer.training.data import encode_turns
+from potluck.peer.training.stages.data import reward_model_example
 from potluck.peer.training.stages.models import load_reward_model, positions, resolve_weights
 from potluck.protocols.runspec import EXACT_ANSWER, RLSpec
 
@@ -110,8 +110,8 @@ class ExactAnswerReward:
 class RewardModelScorer:
     """A trained reward model (any ``AutoModelForSequenceClassification``, e.g. an ``rm`` run's checkpoint) scoring
     prompt + completion. The text is re-tokenized with the reward model's own tokenizer, laid out as the ``rm``
-    stage trained it (``encode_turns``: one BOS, prompt, completion, EOS), so a reward model of another
-    architecture works too."""
+    stage trained it (``reward_model_example``), so a reward model of another architecture works too, an encoder
+    included."""
 
     def __init__(self, path: str, device: torch.device):
         self.model = load_reward_model(path, device).eval()
@@ -125,9 +125,9 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], answers=None) -> torch.Tensor:
         tok = self.tokenizer
-        rows = [encode_turns(p, c, tok).input_ids for p, c in zip(prompts, completions, strict=True)]
+        rows = [reward_model_example(p, c, tok).input_ids for p, c in zip(prompts, completions, strict=True)]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        # right padding: the classification head reads the last non-padding token
+        # right padding: a decoder's head reads the last non-padding token, an encoder's the first ([CLS])
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=self.device)
         attention_mask = torch.tensor(
