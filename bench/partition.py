@@ -32,11 +32,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-from workdir import median_min_max, run_in_workdir, runs_parser, wait_for, write_tiny_spec
+from workdir import (
+    bit_equal,
+    checkpoints,
+    median_min_max,
+    run_in_workdir,
+    runs_parser,
+    wait_for,
+    write_tiny_spec,
+)
 
-from potluck.peer.training.checkpoint import list_checkpoints
 from potluck.protocols.runspec import AveragingSpec
 from potluck.tools.peer_processes import LocalSwarm, PeerProcess
 from potluck.tools.tiny.assets import build_assets
@@ -58,15 +63,6 @@ def write_spec(workdir: Path, matchmaking_time: float) -> Path:
 def step_at(peer: PeerProcess, moment: float) -> int:
     """The newest global step ``peer`` had reached at unix time ``moment`` (-1: none yet)."""
     return max((e["global_step"] for e in peer.events("global_step") if e["time"] <= moment), default=-1)
-
-
-def checkpoints(save_dir: Path) -> dict[int, Path]:
-    return {c.global_step: c.path for c in list_checkpoints(save_dir)} if save_dir.exists() else {}
-
-
-def bit_equal(paths: list[Path]) -> bool:
-    first, *others = (load_file(p / "model.safetensors") for p in paths)
-    return all(all(torch.equal(first[k], other[k]) for k in first) for other in others)
 
 
 def first_equal_step(save_dirs: list[Path], after: int) -> int | None:

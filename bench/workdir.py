@@ -9,7 +9,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors.torch import load_file
+
+from potluck.peer.training.checkpoint import list_checkpoints
 
 
 def run_in_workdir(
@@ -69,3 +73,14 @@ def write_tiny_spec(
     }
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def checkpoints(save_dir: Path) -> dict[int, Path]:
+    """A peer's ``--save-dir`` checkpoints by global step."""
+    return {c.global_step: c.path for c in list_checkpoints(save_dir)} if save_dir.exists() else {}
+
+
+def bit_equal(paths: list[Path]) -> bool:
+    """Whether the checkpoints at ``paths`` hold the same model weights, to the bit."""
+    first, *others = (load_file(p / "model.safetensors") for p in paths)
+    return all(all(torch.equal(first[k], other[k]) for k in first) for other in others)

@@ -6,9 +6,10 @@ average, and state kept from averages (DiLoCo's global weights, its outer moment
 round to round (``bench/strategies.py`` measured 1.7e-2 after two uint8 rounds of the tiny model).
 
 Here the reducer compresses the average itself *once* and sends those same bytes to every sender, and
-uses the decoded bytes for its own part too: all peers hold bit-identical averages (the codec's error is
-still there, but it is the same everywhere). The bytes on the wire are unchanged. Without compression the
-result equals hivemind's. Used by ``DiLoCoAveraging``'s averager only (see :func:`use_in_this_process`).
+uses the decoded bytes for its own part too; each peer turns the average into the delta hivemind adds
+in float64 (:class:`_AverageValueContainer`): all peers hold bit-identical averages (the codec's error is
+still there, but it is the same everywhere). The bytes on the wire are unchanged. Used by every averager
+of a peer, gradients, state and DiLoCo's (see :func:`use_in_this_process`).
 """
 
 from __future__ import annotations
@@ -52,14 +53,22 @@ class _EncodingReducer(TensorPartReducer):
 
 
 class _AverageValueContainer(TensorPartContainer):
-    """Takes what remote reducers send as the average *value* and turns it into hivemind's delta."""
+    """Takes the average *value* of every part (sent by remote reducers, kept by our own) and turns it into
+    hivemind's delta, which the averager adds to its tensors (``tensor.add_(delta)``).
+
+    The delta is computed in float64: the difference of two float32 values is exact there, and the float32
+    tensor plus it rounds to the average's float32 value exactly. hivemind's float32 delta does not: ``part
+    + (average - part)`` missed the average by an ulp in about 1 value in 2000 (a random test), different
+    on every peer, so peers that took part in one round still ended a step apart in the last bits."""
 
     local_index: int
+    reducer: _EncodingReducer
 
     def register_processed_part(self, peer_index: int, part_index: int, part: torch.Tensor):
-        if peer_index != self.local_index:  # our own reduced part arrives as a delta already
-            part = part - self._input_parts_by_peer[peer_index][part_index][0]
-        super().register_processed_part(peer_index, part_index, part)
+        # our own reduced part arrives as hivemind's float32 delta: its exact average is the reducer's
+        average = self.reducer.decoded[part_index] if peer_index == self.local_index else part
+        own = self._input_parts_by_peer[peer_index][part_index][0]
+        super().register_processed_part(peer_index, part_index, average.double() - own.double())
 
     def register_failed_reducer(self, peer_index: int):
         # hivemind registers zero deltas (keep our own part) for parts a failed reducer never sent
@@ -79,6 +88,7 @@ class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
         # is less code than re-implementing the constructor
         container.__class__ = _AverageValueContainer
         container.local_index = self.ordered_peer_ids.index(self.peer_id)
+        container.reducer = reducer
         reducer.__class__ = _EncodingReducer
         reducer.codec, reducer.encoded, reducer.decoded = container.compression, {}, {}
 
@@ -105,6 +115,15 @@ class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class SameAverages(hivemind_averager.DecentralizedAverager):
+    """An averager whose rounds leave every peer of the group with the same average, to the bit
+    (:class:`SameAverageAllReduceRunner`, switched on in the averager's own process)."""
+
+    def run(self):
+        use_in_this_process()
+        super().run()
 
 
 def use_in_this_process() -> None:

@@ -24,6 +24,7 @@ from hivemind.optim import Optimizer
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
+from potluck.hivemind_ext.allreduce import SameAverages
 from potluck.hivemind_ext.donors import CheckedDownloads, LimitedDonor, download_with_retries, other_donors
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, steps_gathered
 from potluck.hivemind_ext.tracker import SwarmAwareTracker, others_with_records
@@ -208,6 +209,7 @@ class _ObservedStateAverager(
     _ThrottledDeclaration,
     LimitedDonor,
     CheckedRounds,
+    SameAverages,
 ):
     """MRO: TrainingStateAverager's ``super().load_state_from_peers`` lands in the recorder.
 
@@ -342,8 +344,9 @@ class _ObservedStateAverager(
                         self.optimizer.state[parameter][key] = buffer
 
 
-class _CheckedGradientAverager(GradientAverager, _ThrottledDeclaration, CheckedRounds):
-    """hivemind's gradient averager whose rounds say how much of the average arrived."""
+class _CheckedGradientAverager(GradientAverager, _ThrottledDeclaration, CheckedRounds, SameAverages):
+    """hivemind's gradient averager whose rounds say how much of the average arrived, and leave every peer
+    with the same averaged gradients to the bit (``allreduce.py``)."""
 
 
 class BoundedOptimizer(Optimizer):

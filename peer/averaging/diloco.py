@@ -74,7 +74,7 @@ GROUP_SEARCH_MATCHMAKING_TIMES = 4
 """A round looks for its group for this many ``matchmaking_time``s (hivemind needs more than one)."""
 
 
-class _OuterAverager(CheckedDownloads, LimitedDonor, CheckedRounds):
+class _OuterAverager(CheckedDownloads, LimitedDonor, CheckedRounds, consistent_allreduce.SameAverages):
     """All-reduces pseudo-gradients; serves the outer state that ``current_state`` returns to joiners."""
 
     def __init__(self, averaged_tensors, dht: DHT, *, current_state, **kwargs):
@@ -83,11 +83,6 @@ class _OuterAverager(CheckedDownloads, LimitedDonor, CheckedRounds):
 
     def get_current_state(self):
         return self.with_manifest(*self._current_state())
-
-    def run(self):
-        # in the averager's own process: every peer decodes the same average (see consistent_allreduce)
-        consistent_allreduce.use_in_this_process()
-        super().run()
 
 
 @dataclass
