@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo swarm test test-fast lint format bench clean system-packages
+.PHONY: demo swarm test test-fast test-compose images docker-engine lint format bench clean system-packages
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,8 +32,38 @@ system-packages:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "make: tests that need$$missing will skip (install them, or run as root)"; fi; fi
 
+# Everything but the `compose` tests (tests/conftest.py leaves them out unless -m names them).
 test: $(STAMP) system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The images docker-compose.yml runs, built without a container registry (deploy/images.sh says how):
+# potluck:$(VARIANT) and potluck-prometheus:bookworm. VARIANT=cuda for NVIDIA GPUs; BASE_IMAGE=
+# python:3.11-slim-bookworm to build on the official Python image where a registry is reachable.
+VARIANT    ?= cpu
+BASE_IMAGE ?=
+images: $(STAMP) docker-engine
+	PYTHON=$(PY) VARIANT=$(VARIANT) BASE_IMAGE=$(BASE_IMAGE) deploy/images.sh
+
+# Docker's engine, docker-compose and mmdebstrap from Debian, each installed when missing and we may
+# (CI runs as root), and dockerd started when no daemon answers (its log: build/dockerd.log).
+docker-engine:
+	@missing=""; command -v dockerd >/dev/null || missing="$$missing docker.io"; \
+	docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "make: install$$missing (as root) for the images and the compose test"; exit 2; fi; fi
+	@docker info >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "make: no Docker daemon answers: start it (or run as root)"; exit 2; fi; \
+	  mkdir -p build; echo "make: starting dockerd (log: build/dockerd.log)"; \
+	  setsid dockerd >build/dockerd.log 2>&1 </dev/null & \
+	  for i in $$(seq 60); do docker info >/dev/null 2>&1 && exit 0; sleep 1; done; \
+	  echo "make: dockerd did not answer within 60 s (build/dockerd.log)"; exit 2; }
+
+# The compose swarm for real, on the images just built (tests/test_compose.py; minutes; CI runs it after
+# `make test`, which leaves it out).
+test-compose: images
+	$(PY) -m pytest -m compose tests/test_compose.py $(PYTEST_ARGS)
 
 # The unit tier: no process, no DHT, no daemon (tests/conftest.py enforces it); under a minute.
 test-fast: $(STAMP)

@@ -25,13 +25,21 @@ from tests.netbed.fixture import netbed  # noqa: F401  (the `netbed` fixture: ho
 _STARTED_GROUPS: set[int] = set()
 
 
-def pytest_collection_modifyitems(items) -> None:
+def pytest_collection_modifyitems(config, items) -> None:
     """Tiers: a test not marked ``unit`` is ``integration`` (it may start DHTs, averagers, servers or
     processes); ``slow``, ``netns`` and ``gpu`` narrow it further. A test marked ``integration`` in a
-    module marked ``unit`` is integration (``make test-fast`` selects ``unit and not integration``)."""
+    module marked ``unit`` is integration (``make test-fast`` selects ``unit and not integration``).
+
+    ``compose`` tests (the compose swarm in containers, minutes; ``make test-compose``) run only when
+    ``-m`` names them: a plain ``pytest`` or ``make test`` deselects them and says so in its summary."""
     for item in items:
         if not is_unit(item):
             item.add_marker(pytest.mark.integration)
+    if "compose" not in (config.getoption("markexpr") or ""):
+        deselected = [item for item in items if item.get_closest_marker("compose") is not None]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if item.get_closest_marker("compose") is None]
 
 
 def is_unit(item) -> bool:

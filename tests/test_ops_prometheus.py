@@ -161,12 +161,39 @@ def query(url: str, expr: str) -> dict:
     return api(url, "query", query=expr)
 
 
-def concrete(expr: str) -> str:
-    for name, value in sorted(GRAFANA_VARIABLES.items(), key=lambda kv: -len(kv[0])):
+def concrete(expr: str, variables: dict[str, str]) -> str:
+    """A dashboard query as Prometheus takes it: Grafana's ``variables`` filled in, ``label_values`` made PromQL."""
+    for name, value in sorted(variables.items(), key=lambda kv: -len(kv[0])):
         expr = expr.replace(name, value)
     assert "$" not in expr, f"a Grafana variable this test cannot fill in: {expr}"
     label_values = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", expr)
     return f"count by ({label_values[2]}) ({label_values[1]})" if label_values else expr
+
+
+def every_dashboard_query_returns_data(url: str, variables: dict[str, str], timeout: float) -> dict[str, str]:
+    """Run every query of every provisioned dashboard against the Prometheus at ``url`` until each has
+    returned at least one series; each must parse. Returns ``{"dashboard: panel": PromQL}``; fails the
+    test naming the queries still without data after ``timeout`` seconds."""
+    queries = {
+        f"{name}: {title}": concrete(expr, variables)
+        for name, d in dashboards().items()
+        for title, expr in dashboard_queries(d)
+    }
+    pending = dict(queries)
+
+    def all_answered():
+        for what, expr in list(pending.items()):
+            answer = query(url, expr)
+            assert answer["status"] == "success", f"{what}: {expr}: {answer.get('error')}"
+            if answer["data"]["result"]:
+                del pending[what]
+        return not pending
+
+    try:
+        wait_until(all_answered, timeout, "every dashboard query to return data")
+    except TimeoutError:
+        pytest.fail(f"queries with no data after {timeout} s: {json.dumps(pending, indent=1)}")
+    return queries
 
 
 def get(url: str) -> str:
@@ -196,27 +223,9 @@ def test_every_target_is_up(swarm, prometheus):
 
 @pytest.mark.timeout(300)
 def test_every_dashboard_query_returns_data(swarm, prometheus):
-    queries = [
-        (f"{name}: {title}", concrete(expr))
-        for name, d in dashboards().items()
-        for title, expr in dashboard_queries(d)
-    ]
-    pending = dict(queries)
-
-    def all_answered():
-        for what, expr in list(pending.items()):
-            answer = query(prometheus, expr)
-            assert answer["status"] == "success", f"{what}: {expr}: {answer.get('error')}"
-            if answer["data"]["result"]:
-                del pending[what]
-        return not pending
-
-    try:
-        wait_until(all_answered, 120, "every dashboard query to return data")
-    except TimeoutError:
-        pytest.fail(f"queries with no data after 120 s: {json.dumps(pending, indent=1)}")
+    queries = every_dashboard_query_returns_data(prometheus, GRAFANA_VARIABLES, 120)
     # the run selector offers the demo run
-    (variable,) = [e for w, e in queries if "variable run_id" in w]
+    (variable,) = [e for w, e in queries.items() if "variable run_id" in w]
     assert {r["metric"]["run_id"] for r in query(prometheus, variable)["data"]["result"]} == {RUN_ID}
 
 
