@@ -454,7 +454,10 @@ class BoundedOptimizer(Optimizer):
         # built as the subclass: its rounds run in the averager's own process, forked at construction
         return super()._make_gradient_averager(_CheckedGradientAverager, **self._grad_averager_opts, **kwargs)
 
-    def load_state_from_peers(self, **kwargs):
+    def load_state_from_peers(self, keep_newer: bool = False, **kwargs):
+        """Download the swarm's state (bounded, checked). ``keep_newer``: refuse a state older than this
+        peer's own step, as hivemind does (a peer starting from its own checkpoint); otherwise, the
+        optimizer's own catch-up, the newest donor's state is taken whatever its step (see below)."""
         if self.scheduled_grads is not None and not self.scheduled_grads.done():
             self._tag_along_with_zero_weight(self.scheduled_grads)
             self.scheduled_grads = None
@@ -463,14 +466,18 @@ class BoundedOptimizer(Optimizer):
         self.state_averager.last_download_ok = False
         own_epoch = self.local_epoch
         if own_epoch > self.tracker.global_epoch:
-            # ahead of the swarm's step (swarm_step, tracker.py): the minority of a partition that stepped
-            # on alone. Its steps do not count; it takes the swarm's state, which hivemind would refuse
-            # as older than its own ("Cowardly refusing")
             logger.info(
                 f"this peer is at global step {own_epoch}, the swarm at {self.tracker.global_epoch}: "
                 "taking the swarm's state (steps taken apart from it do not count)"
             )
-            self.state_averager.local_epoch = self.tracker.global_epoch
+        # hivemind refuses a state older than this peer's own step ("Cowardly refusing"). A peer downloads
+        # only when it is out of step with the swarm (swarm_step, tracker.py), and the donor is the newest
+        # one listed, so its state is the swarm's whatever its step: the minority of a partition that
+        # stepped on alone takes it (its steps apart do not count), also when the download starts before
+        # its tracker has fetched the others' steps (a peer 4 s back from a 60 s cut was refused, 59 > 26).
+        # The state it serves meanwhile keeps its label (applied_epoch).
+        if not keep_newer:
+            self.state_averager.local_epoch = 0
         with self.tracker.pause_updates():
             # NOTE: hivemind's optimizer downloads the gradient averager's state too, and discards it
             # (its last averaged gradients, overwritten before every round): a second copy of the model

@@ -348,8 +348,8 @@ def test_a_peer_that_stepped_on_alone_takes_the_older_state_of_the_swarm(make_sp
             loner._optimizer.tracker.fetched_global_progress_this_epoch.set()
             loner._optimizer._should_check_synchronization_on_update = True  # as after each of its steps
             assert loner._optimizer._should_load_state_from_peers()
-        assert loner.load_state_from_peers() == 5
-        assert loner.global_step == 5
+        loner._optimizer.load_state_from_peers()  # what the optimizer's step does when it should
+        assert loner._optimizer.last_state_download_ok and loner.global_step == 5
         for mine, theirs in zip(
             trainable_parameters(models[1]), trainable_parameters(models[0]), strict=True
         ):

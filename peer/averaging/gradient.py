@@ -144,7 +144,8 @@ class GradientAveraging(AveragingStrategy):
         return self._optimizer.local_epoch
 
     def load_state_from_peers(self) -> int | None:
-        self._optimizer.load_state_from_peers()
+        # before the first step: a peer resumed from a checkpoint newer than the donors' keeps its own
+        self._optimizer.load_state_from_peers(keep_newer=True)
         self.last_state_donor = self._optimizer.last_state_download_donor
         return self._optimizer.last_state_download_epoch if self._optimizer.last_state_download_ok else None
 
