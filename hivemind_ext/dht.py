@@ -146,6 +146,9 @@ RETRY_AT_MOST_EVERY = 10.0
 """The longest pause between two pings of a peer that keeps not answering (the pause doubles from
 ``interval``): after a long partition the two sides find each other within this much of the heal."""
 
+PINGS_AT_ONCE = 16
+"""Lost peers pinged at the same time (after a large split, every peer has lost many)."""
+
 FORGET_AFTER = 600.0
 """Seconds after which a peer that has answered no ping is taken to have left for good (initial peers
 are never forgotten)."""
@@ -217,15 +220,18 @@ class RouteKeeper:
             return
         self.pings += len(due)
         targets = [(peer, self._initial.get(peer)) for peer in due]
-        answered = set(self._ask(partial(_ping_all, targets=targets), extra=PING_TIMEOUT))
-        self.answered += len(answered)
-        for peer in due:
-            if peer in answered:
-                self._lost.pop(peer, None)
-            else:
-                lost = self._lost[peer]
-                lost.pause = min(2 * lost.pause if lost.pause else self._interval, RETRY_AT_MOST_EVERY)
-                lost.next_try = now + lost.pause
+        answered: set[bytes] = set()
+        try:  # a dial and a ping, each bounded by PING_TIMEOUT
+            answered = set(self._ask(partial(_ping_all, targets=targets), extra=2 * PING_TIMEOUT))
+        finally:
+            self.answered += len(answered)
+            for peer in due:
+                if peer in answered:
+                    self._lost.pop(peer, None)
+                else:
+                    lost = self._lost[peer]
+                    lost.pause = min(2 * lost.pause if lost.pause else self._interval, RETRY_AT_MOST_EVERY)
+                    lost.next_try = now + lost.pause
 
 
 @dataclass
@@ -242,9 +248,15 @@ async def _table(dht: DHT, node) -> list[bytes]:
 
 
 async def _ping_all(dht: DHT, node, targets: list[tuple[bytes, str | None]]) -> list[bytes]:
-    """Ping every target (dialled first at its address, if given), all at once; the ones that answered."""
+    """Ping every target (dialled first at its address, if given), ``PINGS_AT_ONCE`` at a time; the ones that
+    answered."""
+    at_once = asyncio.Semaphore(PINGS_AT_ONCE)
 
     async def ping(raw: bytes, address: str | None) -> bytes | None:
+        async with at_once:
+            return await _ping(raw, address)
+
+    async def _ping(raw: bytes, address: str | None) -> bytes | None:
         peer = PeerID(raw)
         if address is not None:
             maddr = Multiaddr(address)

@@ -168,7 +168,14 @@ class CheckedDownloads(DecentralizedAverager):
 
     def __init__(self, *args, **kwargs):
         self._discarded = mp.Value(ctypes.c_int64, 0)  # counted in the averager's process, read in ours
+        self._newest_step = mp.Value(ctypes.c_int64, -1)  # set in ours, read in the averager's process
         super().__init__(*args, **kwargs)
+
+    def take_steps_up_to(self, step: int | None) -> None:
+        """Skip donors whose state is of a global step after ``step`` (None: take any). A peer catching up
+        with the swarm takes the swarm's state, not that of a donor further on: after a partition, the
+        peers of a minority that stepped on alone list each other first (the newest step first)."""
+        self._newest_step.value = -1 if step is None else step
 
     @property
     def discarded_downloads(self) -> int:
@@ -184,8 +191,9 @@ class CheckedDownloads(DecentralizedAverager):
         return metadata, tensors, infos
 
     async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None):
-        # NOTE: hivemind 1.1.12's loop (pinned above), with two changes: a download is checked against
-        # its donor's manifest before it is returned, and each donor's metadata starts empty (hivemind
+        # NOTE: hivemind 1.1.12's loop (pinned above), with three changes: a download is checked against
+        # its donor's manifest before it is returned, a donor past take_steps_up_to is skipped, and each
+        # donor's metadata starts empty (hivemind
         # keeps the previous donor's, so a donor that failed after its metadata, followed by one that
         # sent nothing, returned the first one's metadata with no tensors).
         if timeout is not None:
@@ -226,6 +234,12 @@ class CheckedDownloads(DecentralizedAverager):
                         tensors.append(deserialize_torch_tensor(combine_from_streaming(current_tensor_parts)))
                     if not metadata:
                         logger.debug(f"Peer {peer} did not send its state")
+                        continue
+                    newest, step = self._newest_step.value, metadata.get("epoch")
+                    if newest >= 0 and isinstance(step, int) and step > newest:
+                        logger.info(
+                            f"skipped the state of {peer}: global step {step}, past the swarm's {newest}"
+                        )
                         continue
                     problem = manifest_mismatch(metadata, tensors)
                     if problem is not None:

@@ -457,7 +457,8 @@ class BoundedOptimizer(Optimizer):
     def load_state_from_peers(self, keep_newer: bool = False, **kwargs):
         """Download the swarm's state (bounded, checked). ``keep_newer``: refuse a state older than this
         peer's own step, as hivemind does (a peer starting from its own checkpoint); otherwise, the
-        optimizer's own catch-up, the newest donor's state is taken whatever its step (see below)."""
+        optimizer's own catch-up, a state within a step of the swarm's is taken whatever this peer's own
+        step (see below)."""
         if self.scheduled_grads is not None and not self.scheduled_grads.done():
             self._tag_along_with_zero_weight(self.scheduled_grads)
             self.scheduled_grads = None
@@ -470,41 +471,48 @@ class BoundedOptimizer(Optimizer):
                 f"this peer is at global step {own_epoch}, the swarm at {self.tracker.global_epoch}: "
                 "taking the swarm's state (steps taken apart from it do not count)"
             )
-        # hivemind refuses a state older than this peer's own step ("Cowardly refusing"). A peer downloads
-        # only when it is out of step with the swarm (swarm_step, tracker.py), and the donor is the newest
-        # one listed, so its state is the swarm's whatever its step: the minority of a partition that
-        # stepped on alone takes it (its steps apart do not count), also when the download starts before
-        # its tracker has fetched the others' steps (a peer 4 s back from a 60 s cut was refused, 59 > 26).
-        # The state it serves meanwhile keeps its label (applied_epoch).
+        # hivemind refuses a state older than this peer's own step ("Cowardly refusing"). A peer catching
+        # up downloads because it is out of step with the swarm (swarm_step, tracker.py), so it takes a
+        # state of the swarm's step, a step either side, whatever its own: the minority of a partition
+        # that stepped on alone takes it (its steps apart do not count). Older (a joiner's random
+        # weights, reached when the newer donors are busy) or newer (the other peers of a minority that
+        # stepped on) is not taken. The state this peer serves meanwhile keeps its label (applied_epoch).
+        swarm = self.tracker.global_epoch
         if not keep_newer:
-            self.state_averager.local_epoch = 0
-        with self.tracker.pause_updates():
-            # NOTE: hivemind's optimizer downloads the gradient averager's state too, and discards it
-            # (its last averaged gradients, overwritten before every round): a second copy of the model
-            # for nothing, so it is not downloaded here.
-            def attempt() -> bool | None:
-                self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
-                return True if self.state_averager.last_download_ok else None
+            self.state_averager.local_epoch = max(0, min(own_epoch, swarm) - 1)
+            self.state_averager.take_steps_up_to(swarm + 1)
+        try:
+            with self.tracker.pause_updates():
+                # NOTE: hivemind's optimizer downloads the gradient averager's state too, and discards it
+                # (its last averaged gradients, overwritten before every round): a second copy of the model
+                # for nothing, so it is not downloaded here.
+                def attempt() -> bool | None:
+                    self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+                    return True if self.state_averager.last_download_ok else None
 
-            download_with_retries(
-                attempt,
-                attempts=self._load_state_attempts,
-                donors_left=lambda: other_donors(self.dht, self.state_averager),
-                what="state download",
-                give_up_without_donors=True,
-            )
-            if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
-                self.state_averager.local_epoch = self.tracker.global_epoch
-            self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
-            self.tracker.follow_public_peers()
-            if not self.client_mode:
-                self.state_averager.state_sharing_priority = self.local_epoch
-            if self.use_gradient_averaging:
-                self.grad_averager.reset_accumulated_grads_()
+                download_with_retries(
+                    attempt,
+                    attempts=self._load_state_attempts,
+                    donors_left=lambda: other_donors(self.dht, self.state_averager),
+                    what="state download",
+                    give_up_without_donors=True,
+                )
+                if not self.state_averager.last_download_ok:
+                    self.state_averager.local_epoch = own_epoch  # nothing was taken: tried again later
+                if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
+                    self.state_averager.local_epoch = self.tracker.global_epoch
+                self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+                self.tracker.follow_public_peers()
                 if not self.client_mode:
-                    self.grad_averager.state_sharing_priority = self.local_epoch
-        if not self.state_averager.last_download_ok and self.local_epoch < own_epoch:
-            self.state_averager.local_epoch = own_epoch  # nothing was taken: tried again at the next step
+                    self.state_averager.state_sharing_priority = self.local_epoch
+                if self.use_gradient_averaging:
+                    self.grad_averager.reset_accumulated_grads_()
+                    if not self.client_mode:
+                        self.grad_averager.state_sharing_priority = self.local_epoch
+        finally:
+            self.state_averager.take_steps_up_to(None)
+            if not self.state_averager.last_download_ok:
+                self.state_averager.local_epoch = own_epoch
         self.last_state_download_ok = self.state_averager.last_download_ok
         self.last_state_download_epoch = self.state_averager.last_download_epoch
         self.last_state_download_donor = self.state_averager.last_download_donor

@@ -57,23 +57,29 @@ def newest_per_peer(metadata):
     return kept
 
 
+SAME_GROUP_STEPS = 2
+"""Peers whose steps lie within this many of the next one's are one group in :func:`swarm_step`: the
+records a peer fetches lag one or two global steps on a fast swarm (0.4-2.6 s, see ``_contributors``)."""
+
+
 def swarm_step(epochs: list[int]) -> int:
     """The swarm's global step, from the steps of its peers (this one's included): the newest step of
-    the largest group of peers whose steps lie within one of each other; of equal groups, the one
-    further on.
+    the largest group of peers whose steps lie within ``SAME_GROUP_STEPS`` of each other; of equal
+    groups, the one further on.
 
     hivemind takes the newest step of any peer. After a partition healed, the peer that had been cut
     off and stepped on alone (309 global steps against the others' 70, issue 16) was therefore the
     swarm: the others would all have taken its state, the work of three peers lost to the work of
     one. With this rule the minority takes the majority's state, and its steps alone do not count as
     steps of the run; of two equal halves (a 2-vs-2 split), the one that took more steps is kept.
-    Peers a step apart (some have stepped, the others are about to) are one group."""
+    Peers a step or two apart (some have stepped, the others are about to, or their records lag) are
+    one group."""
     if not epochs:
         raise ValueError("no steps to choose from")
     ordered = sorted(epochs)
     groups, current = [], [ordered[0]]
     for epoch in ordered[1:]:
-        if epoch - current[-1] > 1:
+        if epoch - current[-1] > SAME_GROUP_STEPS:
             groups.append(current)
             current = []
         current.append(epoch)
@@ -162,7 +168,12 @@ class SwarmAwareTracker(_AnnouncedLeave):
         if not self.client_mode:
             public.append(self.local_progress.epoch)
         self.public_epoch = swarm_step(public) if public else None
-        epoch = swarm_step([self.local_progress.epoch, *(r.epoch for r in others if not r.client_mode)])
+        # (records older than active_within at the fetch do not vote: a peer that died a minute ago
+        # would otherwise make the live ones download the state of its step from donors that are gone)
+        voters = [
+            r.epoch for r in others if not r.client_mode and self._fetched_at - r.time <= self.active_within
+        ]
+        epoch = swarm_step([self.local_progress.epoch, *voters])
         if epoch != progress.epoch:  # hivemind took the newest step of any peer (see swarm_step)
             progress.epoch = epoch
             progress.samples_accumulated = sum(

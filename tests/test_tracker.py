@@ -294,10 +294,12 @@ def test_a_peer_with_short_steps_keeps_publishing_its_latest_state_at_a_bounded_
     [
         ([5], 5),
         ([5, 6], 6),  # some have stepped, the others are about to: one group
+        ([5, 5, 7], 7),  # records that lag two steps (a fast swarm) are still one group
         ([131, 131, 132, 500], 132),  # the peer cut off stepped on alone: the three are the swarm
         ([200, 200, 180, 180], 200),  # a 2-vs-2 split: the half further on
         ([3, 10], 10),
         ([7, 8, 9, 30, 31], 9),  # a chain a step apart is one group
+        ([10, 10, 10, 14], 10),
     ],
 )
 def test_the_swarms_step_is_the_larger_groups(steps, swarm):
