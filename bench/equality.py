@@ -34,10 +34,9 @@ def one_run(spec_path: Path, folder: Path, args: argparse.Namespace) -> dict[str
             peer = swarm.start_peer(name, peer_args, initial_peers=[] if i == 0 else None)
             swarm.wait_for_address(peer)
         codes = swarm.wait_all(timeout=args.timeout)
-        if any(codes):
-            raise RuntimeError(
-                f"exit codes {codes}:\n{swarm.peers[codes.index(next(c for c in codes if c))].log()[-3000:]}"
-            )
+        failed = next((p for p, code in zip(swarm.peers, codes, strict=True) if code), None)
+        if failed is not None:
+            raise RuntimeError(f"exit codes {codes}; {failed.name}:\n{failed.log()[-3000:]}")
         rounds = [e for p in swarm.peers for e in p.events("averaging_round")]
     found = [checkpoints(folder / name) for name in names]
     common = sorted(set.intersection(*(set(f) for f in found)))
@@ -59,10 +58,8 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
         averaging["target_group_size"] = args.peers
     spec_path = write_tiny_spec(
         workdir / "run.yaml", workdir, "bench-equality", 64 * args.peers, 64, averaging,
-        checkpoint={"save_every": 1, "keep": 0},
+        max_global_steps=args.steps, checkpoint={"save_every": 1, "keep": 0},
     )  # fmt: skip
-    spec = spec_path.read_text().replace("max_global_steps: 100000", f"max_global_steps: {args.steps}")
-    spec_path.write_text(spec)
     results = []
     for r in range(1, args.runs + 1):
         folder = workdir / f"run{r}"

@@ -58,16 +58,23 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, every: 
 
 
 def write_tiny_spec(
-    path: Path, workdir: Path, run_id: str, target: int, batch: int, averaging: dict, **more
+    path: Path,
+    workdir: Path,
+    run_id: str,
+    target: int,
+    batch: int,
+    averaging: dict,
+    max_global_steps: int = 100000,
+    **more,
 ) -> Path:
     """A run spec for the tiny model and task that ``build_assets(workdir)`` built, written to ``path``:
-    ``target`` samples per global step of batches of ``batch``, never finishing by itself."""
+    ``target`` samples per global step of batches of ``batch`` (by default never finishing by itself)."""
     spec = {
         "run_id": run_id,
         "model": {"name_or_path": str(workdir / "tiny-model")},
         "data": {"path": str(workdir / "data" / "train.jsonl"), "max_length": 16},
         "batch": {"target_batch_size": target, "per_peer_batch_size": batch},
-        "max_global_steps": 100000,
+        "max_global_steps": max_global_steps,
         "averaging": averaging,
         **more,
     }
