@@ -337,19 +337,19 @@ def test_a_peer_that_stepped_on_alone_takes_the_older_state_of_the_swarm(make_sp
     with torch.no_grad():
         for parameter in trainable_parameters(models[1]):
             parameter.add_(1.0)  # where its steps alone took it
-    with _peers(*((spec, model) for model in models)) as (swarm, loner):
+    with _peers(*((spec, model) for model in models)) as (swarm, stray):
         swarm._optimizer.state_averager.local_epoch = 5
         swarm._optimizer.state_averager.state_sharing_priority = 5
-        loner._optimizer.state_averager.local_epoch = 40
+        stray._optimizer.state_averager.local_epoch = 40
         # NOTE: set, not fetched: peers in one process sign their progress records with one process-wide
         # key, so the DHT keeps one record of the two; the tracker's rule has its own tests
-        with loner._optimizer.tracker.pause_updates():
-            loner._optimizer.tracker.global_progress.epoch = 5
-            loner._optimizer.tracker.fetched_global_progress_this_epoch.set()
-            loner._optimizer._should_check_synchronization_on_update = True  # as after each of its steps
-            assert loner._optimizer._should_load_state_from_peers()
-        loner._optimizer.load_state_from_peers()  # what the optimizer's step does when it should
-        assert loner._optimizer.last_state_download_ok and loner.global_step == 5
+        with stray._optimizer.tracker.pause_updates():
+            stray._optimizer.tracker.global_progress.epoch = 5
+            stray._optimizer.tracker.fetched_global_progress_this_epoch.set()
+            stray._optimizer._should_check_synchronization_on_update = True  # as after each of its steps
+            assert stray._optimizer._should_load_state_from_peers()
+        stray._optimizer.load_state_from_peers()  # what the optimizer's step does when it should
+        assert stray._optimizer.last_state_download_ok and stray.global_step == 5
         for mine, theirs in zip(
             trainable_parameters(models[1]), trainable_parameters(models[0]), strict=True
         ):

@@ -319,7 +319,7 @@ def test_a_peer_cut_off_and_far_ahead_is_not_the_swarm(tracker):
         return ValueWithExpiration(progress.dict(), now + 60)
 
     tracker.global_progress = tracker._parse_swarm_progress_data(
-        {b"b": record(b"peer-b", 5), b"c": record(b"peer-c", 5), b"loner": record(b"peer-d", 40)}
+        {b"b": record(b"peer-b", 5), b"c": record(b"peer-c", 5), b"far": record(b"peer-d", 40)}
     )
     assert tracker.global_epoch == 5  # not behind: this peer has nothing to download
     assert tracker.global_progress.samples_accumulated == 3 * BATCH  # b's, c's and this peer's batch
