@@ -135,7 +135,8 @@ def test_nonfinite_losses_up_to_the_limit_are_skipped_and_counted(tiny_assets, t
 def test_a_peer_whose_loss_is_nan_leaves_the_swarm_and_the_other_trains_on(tiny_assets, make_spec, local_swarm,
                                                                            tmp_path):  # fmt: skip
     """Peer ``b`` holds a corrupted copy of the base model (a NaN in a frozen weight, which the LoRA run never
-    downloads from the swarm): its first loss is NaN. It exits 1 with one line and leaves; ``a`` finishes alone."""
+    downloads from the swarm): its first loss is NaN. It exits 1 with one line and leaves; ``a`` finishes alone.
+    ``b`` lives about a second, so ``a`` may never see it online: ``a``'s wait for two peers is bounded."""
     corrupted = tmp_path / "corrupted-model"
     shutil.copytree(tiny_assets["model"], corrupted)
     weights = load_file(corrupted / "model.safetensors")
@@ -148,8 +149,10 @@ def test_a_peer_whose_loss_is_nan_leaves_the_swarm_and_the_other_trains_on(tiny_
     swarm = local_swarm(make_spec(**run))
     # both start at once (their imports take most of the time): b dials a's address, known in advance
     address, listen, identity = address_of_a_peer_not_started(tmp_path)
+    # a waits a while for b, whose life is short: when a busy machine lets a miss it, a starts alone after 20 s
+    wait_for_b = ["--min-peers", "2", "--min-peers-timeout", "20"]
     healthy = swarm.start_peer(
-        "a", ["--min-peers", "2", "--identity-path", str(identity), "--host-maddrs", listen], initial_peers=[]
+        "a", [*wait_for_b, "--identity-path", str(identity), "--host-maddrs", listen], initial_peers=[]
     )
     nan_spec = make_spec(**run, model={"name_or_path": str(corrupted)})
     broken = swarm.start_peer(
