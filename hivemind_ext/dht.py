@@ -149,6 +149,9 @@ RETRY_AT_MOST_EVERY = 10.0
 PINGS_AT_ONCE = 16
 """Lost peers pinged at the same time (after a large split, every peer has lost many)."""
 
+STOP_WAIT_SECONDS = 0.5
+"""How long ``RouteKeeper.stop`` waits for a tick in progress."""
+
 FORGET_AFTER = 600.0
 """Seconds after which a peer that has answered no ping is taken to have left for good (initial peers
 are never forgotten)."""
@@ -193,7 +196,9 @@ class RouteKeeper:
         return self
 
     def stop(self) -> None:
-        self._periodic.stop()
+        # a tick may be waiting on pings to peers that are gone (PING_TIMEOUT): a leaving peer does not
+        # wait for them (up to 2.7 s of a SIGTERM in tests/test_swarm.py); the DHT stops next
+        self._periodic.stop(wait=STOP_WAIT_SECONDS)
 
     def _ask(self, coroutine, extra: float = 0.0):
         # the coroutine runs in the DHT's process: a module function, pickled with its arguments
@@ -216,7 +221,7 @@ class RouteKeeper:
                 del self._lost[peer]
             elif now >= lost.next_try:
                 due.append(peer)
-        if not due:
+        if not due or self._periodic.stopping.is_set():  # nothing sent to a DHT that is shutting down
             return
         self.pings += len(due)
         targets = [(peer, self._initial.get(peer)) for peer in due]

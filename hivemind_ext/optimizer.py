@@ -280,10 +280,15 @@ class _ObservedStateAverager(
                 return True
             if self.alone(started) or self.stop.expired():
                 for control in self._rounds_to_read or []:
-                    if not control.done() and control.stage == AveragingStage.LOOKING_FOR_GROUP:
+                    # Alone: a round still looking for its group (a round that runs has partners).
+                    # Leaving: any round. hivemind's executor thread waits on the round's result up
+                    # to averaging_timeout, and the interpreter's exit waits on that thread: a peer
+                    # whose partner hung mid-round left 28 s after SIGTERM, its summary long written.
+                    looking = control.stage == AveragingStage.LOOKING_FOR_GROUP
+                    if not control.done() and (looking or self.stop.expired()):
                         control.cancel()
-            if self.stop.expired():
-                return not futures.wait(self.pending_updates, timeout=0).not_done
+            if self.stop.expired():  # the thread sees the cancelled round at once
+                return not futures.wait(self.pending_updates, timeout=ALONE_CHECK_SECONDS).not_done
         return not futures.wait(self.pending_updates, timeout=0).not_done
 
     def record_applied_epochs(self) -> None:

@@ -6,6 +6,9 @@ flag noticed, a typo in the spec path) got a KeyboardInterrupt traceback from wh
 running. The handler set here is replaced by the roles' own (``install_stop_handlers``) once the peer
 can leave the swarm cleanly. SIGTERM before then ends the process at once, without a word (the
 default action); its helper processes follow it (``hivemind_ext/lifeline.py``).
+
+Once the role has returned (its summary, checkpoint and goodbye done), the process ends within
+``EXIT_GRACE_SECONDS`` even if a background thread of a library still waits on something.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
 
 INTERRUPTED = "run-peer: interrupted (SIGINT) while starting; nothing was trained or saved"
+EXIT_GRACE_SECONDS = 3.0
+"""How long a finished peer waits for background threads before it exits without them."""
 
 
 def _interrupted_while_starting(signum, frame) -> None:
@@ -29,7 +36,27 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
     from potluck.peer.cli import main as run_peer_main
 
-    return run_peer_main(argv)
+    return _with_exit_watchdog(run_peer_main(argv))
+
+
+def _with_exit_watchdog(code: int) -> int:
+    """``code``, and a watchdog: if the interpreter has not exited ``EXIT_GRACE_SECONDS`` later, one line
+    naming the threads it waits on, then ``os._exit(code)``.
+
+    The interpreter's exit joins every non-daemon thread, and a library's worker thread (hivemind runs
+    its optimizer updates in a thread pool) can be blocked on an averaging round until its timeout:
+    everything is saved by then, and a volunteer's Ctrl-C must not take half a minute. The watchdog is a
+    daemon thread, so a normal exit ends it."""
+
+    def force_exit() -> None:
+        time.sleep(EXIT_GRACE_SECONDS)
+        waiting = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        print(f"run-peer: exiting without waiting for thread(s) still running: {', '.join(waiting) or '-'}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(code)
+
+    threading.Thread(target=force_exit, name="potluck-exit-watchdog", daemon=True).start()
+    return code
 
 
 if __name__ == "__main__":

@@ -40,11 +40,12 @@ class Periodic:
         self._thread.start()
         return self
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Ask the loop to end and wait for a tick in progress, at most ``interval + grace`` seconds."""
+    def stop(self, grace: float = 5.0, *, wait: float | None = None) -> None:
+        """Ask the loop to end and wait for a tick in progress, at most ``interval + grace`` seconds, or
+        ``wait`` seconds if given (a tick still running then ends on its own, in a daemon thread)."""
         self.stopping.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=self.interval + grace)
+            self._thread.join(timeout=self.interval + grace if wait is None else wait)
 
     def _run(self) -> None:
         if self.immediately:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from potluck.peer.launch import INTERRUPTED
+from potluck.peer.launch import EXIT_GRACE_SECONDS, INTERRUPTED
 from tests.helpers import address_of_a_peer_not_started, wait_until
 
 
@@ -107,3 +109,23 @@ def test_ctrl_c_while_starting_is_one_line(make_spec):
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == INTERRUPTED, stderr
     assert "Traceback" not in stderr, stderr
+
+
+def test_a_finished_peer_exits_although_a_worker_thread_still_waits():
+    """The interpreter's exit waits for non-daemon threads: a hivemind worker thread blocked on an
+    averaging round held a peer that had written its summary for up to the round's timeout. A thread
+    that never ends stands for it here; the process leaves EXIT_GRACE_SECONDS after the role returned,
+    with the role's exit code and a line naming the thread."""
+    script = textwrap.dedent("""
+        import sys, threading
+        from potluck.peer.launch import _with_exit_watchdog
+        threading.Thread(target=threading.Event().wait, name="blocked-on-a-round").start()
+        sys.exit(_with_exit_watchdog(3))
+    """)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert time.monotonic() - started < EXIT_GRACE_SECONDS + 10
+    assert result.stderr.strip().splitlines()[-1] == (
+        "run-peer: exiting without waiting for thread(s) still running: blocked-on-a-round"
+    )
