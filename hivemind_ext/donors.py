@@ -99,6 +99,7 @@ def download_with_retries(
     donors_left: Callable[[], int],
     what: str,
     give_up_without_donors: bool,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> T | None:
     """Run ``attempt`` (one state download; None: nothing usable arrived) at most ``attempts`` times.
 
@@ -108,8 +109,10 @@ def download_with_retries(
     the state, since they were busy serving other newcomers. With no donor left it gives up when
     ``give_up_without_donors``, else tries again at once (DiLoCo: its donors' records may not have
     reached this peer yet). Raise ``attempts`` (``averaging.load_state_attempts``) if joiners give up
-    while donors are merely busy."""
+    while donors are merely busy. Once ``stopping()`` (the peer was asked to leave) it tries no more."""
     for number in range(1, attempts + 1):
+        if stopping():
+            break
         try:
             result = attempt()
         except Exception as e:  # a donor that died or timed out: try again, a bounded number of times
@@ -117,7 +120,7 @@ def download_with_retries(
             continue
         if result is not None:
             return result
-        if number == attempts:
+        if number == attempts or stopping():
             break
         if donors_left():
             logger.info(f"{what}: every donor was busy or failed (attempt {number}); trying again")
@@ -158,6 +161,40 @@ def manifest_mismatch(metadata, tensors: Sequence[torch.Tensor]) -> str | None:
         if digest and digest != _digest(tensor):
             return f"tensor {i} differs from what its donor sent (digest)"
     return None
+
+
+STOP_CHECK_SECONDS = 0.25
+"""While a state download runs, how often it checks whether the peer was asked to leave."""
+
+
+class StoppableDownloads(DecentralizedAverager):
+    """A state download that a stop request ends within ``STOP_CHECK_SECONDS``, with nothing.
+
+    hivemind's download blocks the caller up to its timeout (``load_state_timeout``, 60 s by default,
+    per attempt), and a peer sent SIGTERM while it joined waited it out. The caller here waits in short
+    slices, and once ``stopping()`` cancels the download (the averager's process sees the cancelled
+    future and stops reading) and returns None, as for a download that got nothing. In an averager's
+    MRO this class comes after any class whose ``load_state_from_peers`` applies what was loaded."""
+
+    stopping: Callable[[], bool] = staticmethod(lambda: False)
+    """Whether this peer was asked to leave (set by the averager's owner)."""
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
+        future = super().load_state_from_peers(wait=False, timeout=timeout)
+        if not wait:
+            return future
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = STOP_CHECK_SECONDS if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return future.result(timeout=min(STOP_CHECK_SECONDS, left))
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                if self.stopping():
+                    future.cancel()
+                    logger.info("state download: left unfinished, this peer is leaving")
+                    return None
 
 
 class CheckedDownloads(DecentralizedAverager):
@@ -213,14 +250,19 @@ class CheckedDownloads(DecentralizedAverager):
                 future.set_result(None)
                 return
             for peer in sorted(peer_priority.keys(), key=peer_priority.get, reverse=True):
+                if future.done():  # cancelled: the peer is leaving (StoppableDownloads)
+                    return
                 if peer == self.peer_id:
                     continue
                 metadata = None
                 try:
+                    logger.info(f"state download: from {peer}")
                     stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
                     stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
                     current_tensor_parts, tensors = [], []
                     async for message in aiter_with_timeout(stream, timeout=timeout):
+                        if future.done():
+                            return
                         if message.metadata:
                             metadata = self.serializer.loads(message.metadata)
                         if message.tensor_part.dtype and current_tensor_parts:
@@ -247,7 +289,8 @@ class CheckedDownloads(DecentralizedAverager):
                             self._discarded.value += 1
                         logger.warning(f"discarded the state downloaded from {peer}: {problem}")
                         continue
-                    future.set_result((metadata, tensors))
+                    if not future.done():
+                        future.set_result((metadata, tensors))
                     return
                 except Exception as e:
                     logger.warning(f"Failed to download state from {peer}: {e!r}")

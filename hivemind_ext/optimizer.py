@@ -25,7 +25,13 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
 from potluck.hivemind_ext.allreduce import SameAverages
-from potluck.hivemind_ext.donors import CheckedDownloads, LimitedDonor, download_with_retries, other_donors
+from potluck.hivemind_ext.donors import (
+    CheckedDownloads,
+    LimitedDonor,
+    StoppableDownloads,
+    download_with_retries,
+    other_donors,
+)
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, steps_gathered
 from potluck.hivemind_ext.tracker import SwarmAwareTracker, others_with_records
 
@@ -206,6 +212,7 @@ class _ObservedStateAverager(
     TrainingStateAverager,
     _StepsSeen,
     _DownloadRecorder,
+    StoppableDownloads,
     _ThrottledDeclaration,
     LimitedDonor,
     CheckedRounds,
@@ -385,6 +392,7 @@ class BoundedOptimizer(Optimizer):
         self.state_averager.record_applied_epochs()
         self.state_averager.alone = self._alone
         self.state_averager.stop = self.stop
+        self.state_averager.stopping = self.stop.is_set
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # Built as the subclass from the start, not swapped in afterwards: the averager's constructor hands
@@ -501,6 +509,7 @@ class BoundedOptimizer(Optimizer):
                     donors_left=lambda: other_donors(self.dht, self.state_averager),
                     what="state download",
                     give_up_without_donors=True,
+                    stopping=self.stop.is_set,
                 )
                 if not self.state_averager.last_download_ok:
                     self.state_averager.local_epoch = own_epoch  # nothing was taken: tried again later

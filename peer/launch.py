@@ -7,21 +7,19 @@ running. The handler set here is replaced by the roles' own (``install_stop_hand
 can leave the swarm cleanly. SIGTERM before then ends the process at once, without a word (the
 default action); its helper processes follow it (``hivemind_ext/lifeline.py``).
 
-Once the role has returned (its summary, checkpoint and goodbye done), the process ends within
-``EXIT_GRACE_SECONDS`` even if a background thread of a library still waits on something.
+Once the role has returned (its summary, checkpoint and goodbye done), the process ends at once
+(:func:`exit_now`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
-import threading
-import time
+from typing import NoReturn
 
 INTERRUPTED = "run-peer: interrupted (SIGINT) while starting; nothing was trained or saved"
-EXIT_GRACE_SECONDS = 3.0
-"""How long a finished peer waits for background threads before it exits without them."""
 
 
 def _interrupted_while_starting(signum, frame) -> None:
@@ -36,27 +34,26 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
     from potluck.peer.cli import main as run_peer_main
 
-    return _with_exit_watchdog(run_peer_main(argv))
+    try:
+        code = run_peer_main(argv)
+    except SystemExit as e:  # a second signal ("again to force"): leave as at the end
+        code = e.code if isinstance(e.code, int) else 1
+    exit_now(code)
 
 
-def _with_exit_watchdog(code: int) -> int:
-    """``code``, and a watchdog: if the interpreter has not exited ``EXIT_GRACE_SECONDS`` later, one line
-    naming the threads it waits on, then ``os._exit(code)``.
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once the output is flushed, without the interpreter's teardown.
 
-    The interpreter's exit joins every non-daemon thread, and a library's worker thread (hivemind runs
-    its optimizer updates in a thread pool) can be blocked on an averaging round until its timeout:
-    everything is saved by then, and a volunteer's Ctrl-C must not take half a minute. The watchdog is a
-    daemon thread, so a normal exit ends it."""
-
-    def force_exit() -> None:
-        time.sleep(EXIT_GRACE_SECONDS)
-        waiting = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
-        print(f"run-peer: exiting without waiting for thread(s) still running: {', '.join(waiting) or '-'}",
-              file=sys.stderr, flush=True)  # fmt: skip
-        os._exit(code)
-
-    threading.Thread(target=force_exit, name="potluck-exit-watchdog", daemon=True).start()
-    return code
+    By now the role has saved, written its summary and shut its DHT and averagers down. What the
+    teardown would still do is wait: on every non-daemon thread (hivemind's optimizer thread waited on
+    an abandoned averaging round up to ``averaging_timeout``), then on whatever the finalizers of
+    hivemind's, torch's and the daemon's objects wait on. A peer sent SIGTERM wrote its summary within
+    3 s and took 8 s more to end (load 10 on 2 cores). The helper processes that are left follow the
+    peer by their lifeline (``hivemind_ext/lifeline.py``)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from potluck.peer.launch import EXIT_GRACE_SECONDS, INTERRUPTED
+from potluck.peer.launch import INTERRUPTED
 from tests.helpers import address_of_a_peer_not_started, wait_until
 
 
@@ -112,20 +112,18 @@ def test_ctrl_c_while_starting_is_one_line(make_spec):
 
 
 def test_a_finished_peer_exits_although_a_worker_thread_still_waits():
-    """The interpreter's exit waits for non-daemon threads: a hivemind worker thread blocked on an
-    averaging round held a peer that had written its summary for up to the round's timeout. A thread
-    that never ends stands for it here; the process leaves EXIT_GRACE_SECONDS after the role returned,
-    with the role's exit code and a line naming the thread."""
+    """The interpreter's exit waits on non-daemon threads and on finalizers: a hivemind worker thread
+    blocked on an abandoned averaging round held a peer that had written its summary for up to the
+    round's timeout. A thread that never ends stands for it here; the process leaves at once, with the
+    role's exit code and its output flushed."""
     script = textwrap.dedent("""
         import sys, threading
-        from potluck.peer.launch import _with_exit_watchdog
+        from potluck.peer.launch import exit_now
         threading.Thread(target=threading.Event().wait, name="blocked-on-a-round").start()
-        sys.exit(_with_exit_watchdog(3))
+        print("summary written", file=sys.stderr, end="")
+        exit_now(3)
     """)
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 3, result.stderr
-    assert time.monotonic() - started < EXIT_GRACE_SECONDS + 10
-    assert result.stderr.strip().splitlines()[-1] == (
-        "run-peer: exiting without waiting for thread(s) still running: blocked-on-a-round"
-    )
+    assert (result.returncode, result.stderr) == (3, "summary written")
+    assert time.monotonic() - started < 30  # the import of the package; the exit itself takes no time

@@ -242,3 +242,32 @@ def test_home_swarm_survives_nat_a_partition_a_kill_and_a_restart(netbed, make_s
     mine = steps(dir_b)[latest(dir_b)]
     assert equal_to_the_swarm(mine, [steps(dir_a)[downloaded], steps(dir_c)[downloaded]])
     assert peer_a.running and peer_c.running
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_while_downloading_the_state_over_a_slow_link_exits_within_seconds(netbed, make_spec, local_swarm,
+                                                                                  tmp_path):  # fmt: skip
+    """A newcomer on a 1 Mbit/s link takes half a minute to download the tiny model's state (weights and
+    Adam's statistics, about 4 MB). SIGTERM then waited out the download (up to load_state_timeout per
+    attempt); it now ends the download and the peer leaves within seconds, having trained nothing."""
+    a, slow = (
+        netbed.add_host("a", HOME, seed=1),
+        netbed.add_host("slow", Link(rate_mbit=1, delay_ms=10), seed=2),
+    )
+    swarm = HomeSwarm(local_swarm, home_spec(make_spec), tmp_path)
+    donor = swarm.start(a)
+    swarm.swarm.wait_for_address(donor, timeout=180)
+    wait_until(lambda: donor.events("global_step"), 120, "the donor's first global step")
+    newcomer = swarm.start(slow)
+    wait_until(lambda: "state download: from" in newcomer.log(), 180, "the newcomer's state download")
+    newcomer.process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert newcomer.process.wait(timeout=60) == 0, newcomer.log()[-3000:]
+    assert time.monotonic() - signalled < 10, f"left {time.monotonic() - signalled:.1f} s after SIGTERM"
+    summary = newcomer.summary()
+    assert (summary.exit_reason, summary.local_steps) == ("signal", 0), summary
+    log = newcomer.log()
+    assert "state download: left unfinished, this peer is leaving" in log and "Traceback" not in log, log[
+        -3000:
+    ]
+    assert donor.running

@@ -61,7 +61,14 @@ from hivemind.dht import DHT
 from hivemind.utils.timed_storage import get_dht_time
 
 from potluck.hivemind_ext import allreduce as consistent_allreduce
-from potluck.hivemind_ext.donors import CheckedDownloads, LimitedDonor, download_with_retries, other_donors
+from potluck.hivemind_ext.donors import (
+    CheckedDownloads,
+    LimitedDonor,
+    StoppableDownloads,
+    download_with_retries,
+    other_donors,
+)
+from potluck.hivemind_ext.optimizer import StopRequest
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, round_bits
 from potluck.hivemind_ext.tracker import RoundTracker, announce_and_count, own_subkey, published_records
 from potluck.peer.averaging.deadlines import DeadlineWatch
@@ -74,7 +81,9 @@ GROUP_SEARCH_MATCHMAKING_TIMES = 4
 """A round looks for its group for this many ``matchmaking_time``s (hivemind needs more than one)."""
 
 
-class _OuterAverager(CheckedDownloads, LimitedDonor, CheckedRounds, consistent_allreduce.SameAverages):
+class _OuterAverager(
+    CheckedDownloads, StoppableDownloads, LimitedDonor, CheckedRounds, consistent_allreduce.SameAverages
+):
     """All-reduces pseudo-gradients; serves the outer state that ``current_state`` returns to joiners."""
 
     def __init__(self, averaged_tensors, dht: DHT, *, current_state, **kwargs):
@@ -120,6 +129,7 @@ class DiLoCoAveraging(AveragingStrategy):
         self._final_global_step = final_global_step or spec.max_global_steps
         self._samples_unit = spec.batch.per_peer_batch_size
         self._dht = dht
+        self._stop = StopRequest()
 
         self._inner = torch.optim.AdamW(
             self._params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay
@@ -172,6 +182,7 @@ class DiLoCoAveraging(AveragingStrategy):
             state_compression=NoCompression(),  # joiners need the exact outer state
             donor_slots=averaging.donor_slots,
         )
+        self._averager.stopping = self._stop.is_set
         self._tracker = RoundTracker(
             dht, spec.run_id, self._inner_steps * self._samples_unit, client_mode=dht.client_mode, start=True
         )
@@ -235,6 +246,9 @@ class DiLoCoAveraging(AveragingStrategy):
         self._start_round()
         return False if self._overlap else self._finish_round()
 
+    def request_stop(self) -> None:
+        self._stop.set()  # a state download in progress ends (StoppableDownloads); rounds end as they do
+
     def zero_grad(self) -> None:
         self._inner.zero_grad(set_to_none=True)
 
@@ -257,6 +271,7 @@ class DiLoCoAveraging(AveragingStrategy):
             donors_left=lambda: other_donors(self._dht, self._averager),
             what="outer state download",
             give_up_without_donors=False,
+            stopping=self._stop.is_set,
         )
         seconds = time.perf_counter() - started
         discarded = self._averager.discarded_downloads - discarded
