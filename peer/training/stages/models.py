@@ -148,6 +148,11 @@ class ActorCritic(torch.nn.Module):
     def generate(self, *args, **kwargs):
         return self.policy.generate(*args, **kwargs)
 
+    @property
+    def generation_config(self):
+        """The policy's (where generation stops: ``stop_token_ids``)."""
+        return self.policy.generation_config
+
     def forward(self, input_ids, attention_mask, position_ids=None):
         """``(logits, values)``: values ``(B, T)`` predicted at every position, from the same forward pass."""
         out = self.policy(
