@@ -8,6 +8,8 @@ the ``except INPUT_ERRORS`` of ``potluck``) with exit status 2:
 - the multiaddrs of ``--initial-peers``, ``--host-maddrs`` and ``--announce-maddrs`` (``hivemind_ext/dht.py``);
 - every model the run loads: a folder holding a model, or a hub id, in the local cache while ``HF_HUB_OFFLINE``
   is set (``training/model.py``, ``training/stages/models.py``);
+- a trainer's model is of a kind its stage trains, and has the modules its adapter names, from its config alone
+  (``training/architecture.py``: an encoder for SFT, a LoRA target that GPT-2 does not have);
 - every line of the data: a JSON object with the stage's columns (``training/stages/data.py``).
 
 The run spec itself is checked as it is read (``protocols/runspec.py``).
@@ -19,13 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from potluck.hivemind_ext.dht import MultiaddrError, check_multiaddrs
+from potluck.peer.training.architecture import UnsupportedModelError, check_architecture
 from potluck.peer.training.data import DatasetFormatError
 from potluck.peer.training.model import check_model_spec
 from potluck.peer.training.stages.data import check_stage_data
 from potluck.peer.training.stages.models import check_stage_models
 from potluck.protocols.runspec import RunSpec, RunSpecError
 
-INPUT_ERRORS = (RunSpecError, DatasetFormatError, MultiaddrError, FileNotFoundError)
+INPUT_ERRORS = (RunSpecError, DatasetFormatError, MultiaddrError, FileNotFoundError, UnsupportedModelError)
 """What the checks raise (``FileNotFoundError``: a data file, or a model, ``WeightsNotFoundError``): a command
 reports these as one line and exits with status 2."""
 
@@ -46,6 +49,7 @@ def check_run_inputs(spec: RunSpec, role: str = "trainer", save_dir: Path | None
     ``model`` only, and a shard server reads no data."""
     if role == "trainer":
         check_stage_models(spec, save_dir)
+        check_architecture(spec)
     else:
         check_model_spec(spec.model)
     if role != "shard":

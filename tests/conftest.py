@@ -17,9 +17,10 @@ import yaml
 import potluck.runtime.grpc_fork  # noqa: F401 (this process forks DHTs after gRPC tests: see that module)
 from potluck.tools.coordinator_process import LocalCoordinator
 from potluck.tools.peer_processes import LocalSwarm
-from potluck.tools.tiny.assets import build_assets
+from potluck.tools.tiny.assets import build_assets, write_conversations
 from potluck.tools.tiny.encoder import build_tiny_encoder
-from potluck.tools.tiny.task import ArithmeticTask
+from potluck.tools.tiny.model import TinyModelConfig, build_tiny_model
+from potluck.tools.tiny.task import ALPHABET, ArithmeticTask
 from tests.netbed.fixture import netbed  # noqa: F401  (the `netbed` fixture: hosts in network namespaces)
 
 _STARTED_GROUPS: set[int] = set()
@@ -92,6 +93,30 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     model_dir, train, held_out = build_assets(root)
     return {"model": model_dir, "train": train, "eval": held_out}
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory) -> Callable[[str], Path]:
+    """A tiny model of a family of ``tools/tiny/families.py`` (Qwen2, Qwen3, Mistral, Gemma 3, ...) with its family's
+    tokenizer and chat template: ``family_model("qwen3")``, built on first use (no download) and kept for the
+    session."""
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model(root / family, ArithmeticTask().corpus(), ALPHABET, TinyModelConfig(),
+                                             family)  # fmt: skip
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def chat_data(tiny_assets, tmp_path_factory) -> dict[str, Path]:
+    """The tiny task's files as TRL conversations, the first 1,000 rows of each (``train``, ``eval``,
+    ``preferences_train``, ``prompts_train``...), for a model to read through its chat template."""
+    return write_conversations(tiny_assets["train"].parent, tmp_path_factory.mktemp("chat"), limit=1000)
 
 
 LLAMA3_STYLE_CHAT_TEMPLATE = (

@@ -1,6 +1,6 @@
 """Bad input to ``run-peer``, ``potluck generate`` and ``potluck chat`` is one line naming the culprit, exit status 2,
 before any model loads (issue #18): a binary run spec, a malformed data line, a bad multiaddr, a model folder that
-does not exist, a hub id missing from the cache while offline.
+does not exist, a hub id missing from the cache while offline, a model its stage or adapter cannot train.
 
 The commands run in this process (the unit tier forbids starting a process, a DHT or a daemon, so an error that came
 only from the DHT would fail the test), on a spec whose model folder holds only a ``config.json``: it passes the
@@ -219,6 +219,80 @@ def test_an_uncached_hub_id_while_offline_is_named(command, offline_hub, make_sp
         in line
     )
     assert str(offline_hub) in line and "HF_HUB_OFFLINE" in line
+
+
+def config_only(folder: Path, config) -> Path:
+    """A model folder holding only ``config``'s ``config.json``: the architecture checks read nothing else, and
+    loading it would fail with another message."""
+    config.save_pretrained(folder)
+    return folder
+
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [("bert", "is an encoder; stage 'sft' trains a decoder-only causal LM"), ("t5", "is an encoder-decoder")],
+)
+def test_a_model_that_is_not_a_decoder_is_refused_for_sft(kind, what, make_spec, tmp_path, capsys):
+    from transformers import BertConfig, T5Config
+
+    config = (
+        BertConfig(**TINY) if kind == "bert" else T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2)
+    )
+    folder = config_only(tmp_path / kind, config)
+    line = the_one_line(capsys, run_peer("--run-spec", str(make_spec(model={"name_or_path": str(folder)}))))
+    assert line.startswith(f"run-peer: model.name_or_path {str(folder)!r} (model type {kind!r}) {what}"), line
+
+
+def test_an_encoder_passes_as_a_reward_model(make_spec, tiny_assets, tmp_path, capsys):
+    from transformers import BertConfig
+
+    folder = config_only(tmp_path / "bert", BertConfig(**TINY))
+    pairs = tiny_assets["train"].parent / "preferences_eval.jsonl"
+    spec = make_spec(
+        stage="rm", model={"name_or_path": str(folder)}, data={"path": str(pairs), "eval_path": None}
+    )
+    assert run_peer("--run-spec", str(spec)) != 0  # it got as far as loading the weights, which are not there
+    assert "model type" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("adapter", "what"),
+    [
+        ({"kind": "lora", "r": 4}, "adapter.target_modules: ['q_proj', 'v_proj'] name no module of model type "
+                                   "'gpt2' (GPT2LMHeadModel); its linear layers are c_attn, c_fc, c_proj, lm_head"),
+        ({"kind": "ia3", "target_modules": ["qkv_proj"]}, "adapter.target_modules: ['qkv_proj'] name no module"),
+    ],
+    ids=["lora", "ia3"],
+)  # fmt: skip
+def test_adapter_targets_the_model_does_not_have_are_refused(adapter, what, make_spec, tmp_path, capsys):
+    from transformers import GPT2Config
+
+    folder = config_only(tmp_path / "gpt2", GPT2Config(n_embd=32, n_layer=1, n_head=2))
+    spec = make_spec(model={"name_or_path": str(folder)}, adapter=adapter)
+    assert the_one_line(capsys, run_peer("--run-spec", str(spec))).startswith(f"run-peer: {what}")
+
+
+def test_ia3_without_targets_needs_a_model_type_peft_knows(make_spec, tmp_path, capsys):
+    from transformers import CodeGenConfig
+
+    folder = config_only(tmp_path / "codegen", CodeGenConfig(n_embd=32, n_layer=1, n_head=2, rotary_dim=8))
+    spec = make_spec(model={"name_or_path": str(folder)}, adapter={"kind": "ia3"})
+    line = the_one_line(capsys, run_peer("--run-spec", str(spec)))
+    assert line == ("run-peer: adapter.target_modules: peft has no default IA3 modules for model type 'codegen': "
+                    "name them (with feedforward_modules)")  # fmt: skip
+
+
+def test_a_model_type_transformers_does_not_know_is_named(make_spec, tmp_path, capsys):
+    folder = tmp_path / "unknown"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "no-such-family"}))
+    line = the_one_line(capsys, run_peer("--run-spec", str(make_spec(model={"name_or_path": str(folder)}))))
+    assert line.startswith(f"run-peer: model.name_or_path {str(folder)!r}: ") and "no-such-family" in line, (
+        line
+    )
 
 
 def test_a_cached_hub_id_still_loads_while_offline(offline_hub, tiny_assets, make_spec, capsys):

@@ -292,6 +292,9 @@ def test_completion_mask_stops_after_the_first_eos():
     eos = 2
     ids = torch.tensor([[5, 6, eos, 0, 0], [5, 5, 5, 5, 5], [eos, 7, eos, 0, 0]])
     assert mask_after_eos(ids, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    # any of several stop tokens (Gemma's turns end in <end_of_turn>, 7 here, and its EOS stops too)
+    assert mask_after_eos(ids, [eos, 7]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert mask_after_eos(ids[2:, 1:], [eos, 7]).tolist() == [[1, 0, 0, 0]]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

@@ -146,8 +146,10 @@ def user_prompt(text: str, chat_template: bool) -> Turn:
 
 def encode_completion(prompt: Turn, completion: Turn, tokenizer) -> list[int]:
     """The completion's tokens, ending the turn: a conversational completion as the chat template renders it after
-    the prompt (its own end-of-turn token: ``<|eot_id|>`` for Llama 3), plain text followed by EOS. EOS is also
-    added after a template that ends the turn with no special token, or the model would never learn to stop."""
+    the prompt (its own end-of-turn token: ``<|eot_id|>`` for Llama 3, ``<|im_end|>\\n`` for Qwen's ChatML,
+    ``<end_of_turn>\\n`` for Gemma; what follows that token is kept, as TRL keeps it), plain text followed by EOS.
+    EOS is also added after a template that ends the turn with no special token, or the model would never learn to
+    stop."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if not isinstance(completion, list):  # EOS unless the text ends with it already (TRL's rule for text too)
         ids = tokenizer(completion, add_special_tokens=False).input_ids
@@ -158,7 +160,10 @@ def encode_completion(prompt: Turn, completion: Turn, tokenizer) -> list[int]:
     if not whole.startswith(opened):  # a template that renders the last turn apart from the history
         return tokenizer(turn_text(completion), add_special_tokens=False).input_ids + eos
     ids = tokenizer(whole[len(opened) :], add_special_tokens=False).input_ids
-    return ids if ids and ids[-1] in tokenizer.all_special_ids else ids + eos
+    # a special token anywhere in the rendered turn is the template's own end of turn, even when a newline follows
+    # it (ChatML, Gemma): an EOS after that would teach the model to end every turn twice
+    special = set(tokenizer.all_special_ids)
+    return ids if any(i in special for i in ids) else ids + eos
 
 
 def encode_turns(

@@ -16,7 +16,7 @@ from potluck.peer.training.data import (
     tokenize_example,
     turn_text,
 )
-from potluck.peer.training.model import build_model, load_tokenizer
+from potluck.peer.training.model import build_model, load_tokenizer, stop_token_ids
 from potluck.protocols.runspec import RunSpec, RunSpecError
 
 
@@ -82,7 +82,7 @@ def greedy_completions(model, tokenizer, rows, fmt) -> list[str]:
         max_new_tokens=max_new,
         do_sample=False,
         pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(model, tokenizer),
     )
     return tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
 

@@ -104,6 +104,17 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """The tokens that end a generated completion: the tokenizer's EOS and those of the model's generation config.
+    Instruct checkpoints whose chat turns end in a token other than EOS list it there (Gemma: ``<end_of_turn>``;
+    Llama 3: ``<|eot_id|>``); stopping at EOS alone, a rollout would run on past the end of its turn."""
+    config = getattr(model, "generation_config", None)
+    configured = getattr(config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    ids = [tokenizer.eos_token_id, *configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def load_base_model(spec: ModelSpec, device: torch.device) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
         spec.name_or_path, revision=spec.revision, dtype=getattr(torch, spec.dtype)

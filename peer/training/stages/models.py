@@ -94,8 +94,12 @@ def load_reward_model(path: str, device: torch.device, seed: int | None = None) 
         torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     if model.config.pad_token_id is None:
-        # the head reads the last non-padding token; without a pad id it cannot find it in a padded batch
-        model.config.pad_token_id = AutoTokenizer.from_pretrained(path).pad_token_id
+        # the head reads the last non-padding token; without a pad id it cannot find it in a padded batch. A
+        # tokenizer without a pad token (Mistral's) pads with EOS, as ``load_tokenizer`` makes it: the score is
+        # then read at the token before the EOS, alike in training and scoring
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        pad = tokenizer.pad_token_id
+        model.config.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
     return model.to(device)
 
 
@@ -147,6 +151,11 @@ class ActorCritic(torch.nn.Module):
 
     def generate(self, *args, **kwargs):
         return self.policy.generate(*args, **kwargs)
+
+    @property
+    def generation_config(self):
+        """The policy's (where generation stops: ``stop_token_ids``)."""
+        return self.policy.generation_config
 
     def forward(self, input_ids, attention_mask, position_ids=None):
         """``(logits, values)``: values ``(B, T)`` predicted at every position, from the same forward pass."""

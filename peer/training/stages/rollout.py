@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from potluck.peer.training.model import stop_token_ids
 from potluck.peer.training.stages.data import reward_model_example
 from potluck.peer.training.stages.models import load_reward_model, positions, resolve_weights
 from potluck.protocols.runspec import EXACT_ANSWER, RLSpec
@@ -36,9 +37,10 @@ class Rollouts:
         return int(self.completion_mask.sum())
 
 
-def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 up to and including each row's first EOS (everything when there is none), 0 after it."""
-    is_eos = (completion_ids == eos_token_id).long()
+def mask_after_eos(completion_ids: torch.Tensor, eos_token_ids: int | list[int]) -> torch.Tensor:
+    """1 up to and including each row's first EOS, or first of any of ``eos_token_ids`` (everything when there is
+    none), 0 after it."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device)).long()
     eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before each position
     return (eos_before == 0).long()
 
@@ -52,8 +54,10 @@ def generate_rollouts(
     max_new_tokens: int,
     temperature: float | None,
 ) -> Rollouts:
-    """Sample one completion per row (``temperature=None``: greedy) with the model's KV cache."""
+    """Sample one completion per row (``temperature=None``: greedy) with the model's KV cache, up to the end of
+    its turn (``stop_token_ids``)."""
     started = time.perf_counter()
+    stop = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -65,12 +69,12 @@ def generate_rollouts(
         attention_mask=prompt_mask,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop,
         use_cache=True,
         **sampling,
     )
     width = prompt_ids.shape[1]
-    completion_mask = mask_after_eos(sequences[:, width:], tokenizer.eos_token_id)
+    completion_mask = mask_after_eos(sequences[:, width:], stop)
     completions = tokenizer.batch_decode(
         torch.where(completion_mask.bool(), sequences[:, width:], pad_id), skip_special_tokens=True
     )
