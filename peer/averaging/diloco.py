@@ -235,6 +235,13 @@ class DiLoCoAveraging(AveragingStrategy):
         self._start_round()
         return False if self._overlap else self._finish_round()
 
+    def resume(self) -> None:
+        # (a round in flight needs nothing at a pause: it runs without a trigger and ends by itself)
+        # the wait for the others' inner steps starts again: the pause counted against averaging_timeout,
+        # and the others, paused too, would be given up on at once
+        if self._ready_since is not None:
+            self._ready_since = time.monotonic()
+
     def zero_grad(self) -> None:
         self._inner.zero_grad(set_to_none=True)
 
