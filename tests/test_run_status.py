@@ -43,7 +43,7 @@ def test_a_swarm_pauses_resumes_and_finishes_from_the_coordinator(
         )
         for name in ("a", "b")
     ]
-    wait_until(lambda: all(len(steps_after(p, 0)) >= 2 for p in peers), 180, "two global steps on each peer")
+    wait_until(lambda: all(steps_after(p, 0) for p in peers), 180, "a global step on each peer")
 
     def set_status(status: str) -> float:
         at = time.time()
