@@ -1,14 +1,17 @@
 """The coordinator's DHT side: announce runs (signed) and collect peers' signed reports.
 
-Every ``interval`` seconds it re-announces active runs, reads each run's peer reports, stores them
-and one history point per run in SQLite, and updates the Prometheus gauges. It is never on the
-training data path: if it stops, peers keep training and only the history pauses.
+Every ``interval`` seconds it re-announces active and paused runs (finished ones for
+``FINISHED_ANNOUNCED_SECONDS``: the status in the announcement is how peers learn to hold and to leave),
+reads each run's peer reports, stores them and one history point per run in SQLite, and updates the
+Prometheus gauges. It is never on the training data path: if it stops, peers keep training and only the
+history pauses.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter as Tally
 
@@ -32,6 +35,9 @@ MAX_PEER_SERIES = 32
 """Per-peer series per run are capped (Prometheus label cardinality); the rest show up only in totals."""
 FRESH_SECONDS = 30.0
 """A peer whose newest report is older than this is not counted as online."""
+FINISHED_ANNOUNCED_SECONDS = 600.0
+"""A finished run is still announced (as finished) for this long after it finished, so that its peers
+learn it even if they could not read the DHT for a while then: they save and leave (``peer/training/pause.py``)."""
 
 
 class SwarmMetrics:
@@ -90,6 +96,7 @@ class Collector:
         self.interval = interval
         self._known_runs: set[str] = set()
         self._rejections_seen: Tally = Tally()
+        self._announcing = threading.Lock()
         # a failed round (DHT hiccup, locked database) is logged; the next one may succeed
         self._periodic = Periodic(self.collect_once, interval, "potluck-collector", immediately=True)
 
@@ -101,14 +108,20 @@ class Collector:
         self._periodic.stop(grace=10)
 
     def announce(self, run: RunRecord) -> None:
-        """Publish (or refresh) the signed announcement of a run; called on publish and every round."""
-        if run.run_id not in self._known_runs:
-            self.dht.add_validators([run_schema_validator(run.run_id)])
-            self._known_runs.add(run.run_id)
-        announcement = RunAnnouncement(
-            run_id=run.run_id, spec_json=json.dumps(run.spec), status=run.status, announced_at=time.time()
-        )
-        announce_run(self.dht, self.key_tag, announcement, ttl=max(60.0, 6 * self.interval))
+        """Publish (or refresh) the signed announcement of a run; called on publish, on a status change
+        (a gRPC thread) and every round (this collector's thread)."""
+        with self._announcing:
+            # the status as stored now, not as the round read it: a round that read "active" just before
+            # an operator paused the run would otherwise announce "active" after the "paused", and the
+            # newer announcement is the one peers read (they would resume until the next round)
+            run = self.store.get_run(run.run_id)
+            if run.run_id not in self._known_runs:
+                self.dht.add_validators([run_schema_validator(run.run_id)])
+                self._known_runs.add(run.run_id)
+            announcement = RunAnnouncement(
+                run_id=run.run_id, spec_json=json.dumps(run.spec), status=run.status, announced_at=time.time()
+            )
+            announce_run(self.dht, self.key_tag, announcement, ttl=max(60.0, 6 * self.interval))
 
     def collect_once(self) -> None:
         runs = self.store.list_runs()
@@ -117,6 +130,8 @@ class Collector:
         for run in runs:
             if run.status == "finished":
                 self._forget_run_series(run.run_id)  # a finished run must not keep alerts firing
+                if time.time() - run.updated_at < FINISHED_ANNOUNCED_SECONDS:
+                    self.announce(run)
                 continue
             self.announce(run)
             self._collect_run(run.run_id)

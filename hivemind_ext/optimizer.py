@@ -2,8 +2,9 @@
 
 Upstream lacks: a bound on state-download retries (hivemind retries forever), rounds that report their
 outcome, donors labelled with the step their parameters hold, state copied between optimizer steps,
-Adam statistics re-shared after a load, a throttle on donor declarations, and catch-up when a peer's
-state rounds show it behind. The strategy that drives it is ``peer/averaging/gradient.py``.
+Adam statistics re-shared after a load, a throttle on donor declarations, catch-up when a peer's
+state rounds show it behind, and a way to stop stepping for a while (a paused run) without holding the
+rounds it scheduled ahead. The strategy that drives it is ``peer/averaging/gradient.py``.
 
 ``listener`` is an ``AveragingListener`` (``peer/averaging/strategy.py``); ``deadlines`` a
 ``DeadlineWatch`` (``peer/averaging/deadlines.py``): both are passed in, so this folder imports nothing
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -47,7 +49,8 @@ UPSTREAM = {
     "hivemind.optim.optimizer.Optimizer._average_gradients_and_load_into_optimizer": "d95bb5ebc061749e",  # re-implemented to report rounds
     "hivemind.optim.optimizer.Optimizer._load_averaged_gradients_into_optimizer_": "cdf2fbb98f778b8d",  # called
     "hivemind.optim.optimizer.Optimizer._load_local_gradients_into_optimizer": "a87c64b6e88bf642",  # called
-    "hivemind.optim.optimizer.Optimizer._tag_along_with_zero_weight": "a3181486ff4e2ac7",  # called
+    "hivemind.optim.optimizer.Optimizer._tag_along_with_zero_weight": "a3181486ff4e2ac7",  # called; copied, bounded, in release_scheduled_rounds
+    "hivemind.optim.optimizer.Optimizer.shutdown": "52e41b26128082bc",  # its release of scheduled rounds is copied (release_scheduled_rounds)
     "hivemind.optim.state_averager.TrainingStateAverager.get_current_state": "d2ee431a0a4b4074",  # wrapped
     "hivemind.optim.state_averager.TrainingStateAverager.step": "c68d9335d0ccf55e",  # wrapped
     "hivemind.optim.state_averager.TrainingStateAverager._update_scheduler": "9b8de2a7b6020122",  # called after a checkpoint load
@@ -187,6 +190,15 @@ class _DownloadRecorder(DecentralizedAverager):
 class LeftTheRound(Exception):
     """This peer is leaving and its gradient round had not ended within ``STOP_GRACE_SECONDS``: the
     global step is not taken (the peer keeps the state of its last one, the swarm's)."""
+
+
+class RoundCalledOff(Exception):
+    """The run was paused (or finished) while this peer's gradient round still looked for its group: the
+    global step is not taken, and the round is left to end by itself (``BoundedOptimizer.hold``)."""
+
+    def __init__(self, control: StepControl):
+        super().__init__("the run is on hold")
+        self.control = control
 
 
 class StopRequest:
@@ -388,6 +400,14 @@ class BoundedOptimizer(Optimizer):
         self.last_state_download_epoch: int | None = None
         self.last_state_download_donor: str | None = None
         self.stop = StopRequest()
+        self._released: list[StepControl] = []
+        self.hold = threading.Event()
+        """Set (from any thread) while the run is paused or finished: a gradient round that has not found
+        its group within ``matchmaking_time`` is called off: its step is not taken and this peer's
+        gradients for it are left to the round. Peers learn of a pause a poll apart: one that already holds
+        never comes to the round of one that does not know yet, which waited the whole ``averaging_timeout``
+        for it (15 s in tests/test_run_status.py), then stepped alone, a step apart from the swarm. Called
+        off, both hold at the same step with the same parameters."""
         super().__init__(**kwargs)
         self.state_averager.record_applied_epochs()
         self.state_averager.alone = self._alone
@@ -533,6 +553,48 @@ class BoundedOptimizer(Optimizer):
         discarded = self.state_averager.discarded_downloads - discarded
         self._listener.state_download(self.last_state_download_ok, time.perf_counter() - started, discarded)
 
+    def release_scheduled_rounds(self) -> None:
+        """This peer takes no step for a while, or none again (its run is paused or finished): ``hold``, and
+        release the rounds it scheduled ahead for its next global step. A gradient round whose group forms
+        waits for this peer's trigger, and the others' all-reduce would wait for its part until they
+        dropped it (a failed round for all of them): it is joined with weight 0 (hivemind's own way out of
+        a round it cannot contribute to; it leaves this peer's accumulated gradients for its next step).
+        Not cancelled: a cancel while a partner is joining left that partner's all-reduce without this
+        peer's part (50 % arrived, tests/test_run_status.py). A state round still looking for its group is
+        cancelled, as hivemind's shutdown does (joined with weight 0 it would change this peer's
+        parameters outside a step); one whose group formed is joined with weight 0. What is joined is
+        waited for before the next step (:meth:`wait_for_released_rounds`)."""
+        self.hold.set()
+        for name in ("scheduled_grads", "scheduled_state"):
+            control: StepControl | None = getattr(self, name)
+            setattr(self, name, None)
+            if control is None or control.done():
+                continue
+            looking = control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)
+            if name == "scheduled_state" and looking:
+                control.cancel()
+                continue
+            if not control.triggered:
+                control.weight = 0
+                control.allow_allreduce()
+            self._released.append(control)
+
+    def wait_for_released_rounds(self) -> None:
+        """Wait until the rounds released for a pause or called off (``hold``) have ended: a gradient round
+        does not carry its step, and one still looking for its group would meet the others' next round
+        with this peer's gradients of an older step. Bounded by ``averaging_timeout`` (a round ends by its
+        deadline), cut short after a stop request (then averager shutdown ends them)."""
+        deadline = time.monotonic() + self.averaging_timeout
+        for control in self._released:
+            while not control.done() and time.monotonic() < deadline and not self.stop.expired():
+                try:
+                    control.result(timeout=ALONE_CHECK_SECONDS)
+                except TimeoutError:
+                    continue
+                except BaseException:  # (it found no group, or the others left it): over all the same
+                    break
+        self._released = [control for control in self._released if not control.done()]
+
     def _round_result(self, control: StepControl) -> dict | None:
         """The round's result, waited for up to ``averaging_timeout``; None when, while it still looks
         for its group, no other peer of the run has a progress record any more (they left and withdrew
@@ -551,6 +613,12 @@ class BoundedOptimizer(Optimizer):
                     if control.stage == AveragingStage.LOOKING_FOR_GROUP:
                         control.cancel()  # (a running all-reduce cannot be: it ends by itself)
                     raise LeftTheRound() from None
+                if (
+                    self.hold.is_set()
+                    and control.stage == AveragingStage.LOOKING_FOR_GROUP
+                    and time.monotonic() - started >= self.matchmaking_time
+                ):
+                    raise RoundCalledOff(control) from None
                 if (
                     control.stage == AveragingStage.LOOKING_FOR_GROUP
                     and self._alone(started)
@@ -593,6 +661,17 @@ class BoundedOptimizer(Optimizer):
                 averaged = (arrived := received_fraction(gathered)) == 1.0
                 if not averaged:
                     logger.info(f"gradient averaging: only {arrived:.1%} of the average arrived")
+        except RoundCalledOff as called_off:
+            logger.info("gradient averaging: the run is paused or finished and the round had found no group: "
+                        "this global step is not taken")  # fmt: skip
+            # Not cancelled (see release_scheduled_rounds): it runs on in the averager, and a partner that did
+            # not know of the pause yet may still average with this peer's gradients; its result is not used.
+            self._released.append(called_off.control)
+            self.scheduled_grads = None
+            self.grad_averager.notify_used_averaged_gradients()
+            # as after a state download: the next step's gradients start from zero, on these parameters
+            self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+            raise
         except LeftTheRound:
             logger.info("gradient averaging: leaving before the round ended; this global step is not taken")
             self._listener.averaging_round(False, group_size, 0, 0)

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--coordinator-key",
         metavar="KEY_OR_FILE",
         help="the coordinator's '[owner:...]' public key (or a file with it): only runs "
-        "announced under it are accepted",
+        "announced under it are accepted, and the run's status there (paused, finished) is obeyed "
+        "(with --coordinator: the key it hands out)",
     )
     p.add_argument(
         "--initial-peers",
@@ -207,7 +208,8 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
         device = resolve_device(args.gpu)
         spec = load_run_spec(args.run_spec) if args.run_spec else None
         check_addresses(args.initial_peers, args.host_maddrs, args.announce_maddrs)
-    except (DeviceError, *INPUT_ERRORS) as e:
+        coordinator_key = read_trusted_key(args.coordinator_key) if args.coordinator_key else None
+    except (DeviceError, DiscoveryError, *INPUT_ERRORS) as e:
         return user_error(e, results)
     if args.save_dir is not None:
         # before anything heavy: it was found out at the first checkpoint, after loading and joining
@@ -229,6 +231,7 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
         except (DiscoveryError, *INPUT_ERRORS) as e:
             return user_error(e, results)
         spec, initial_peers = joined.spec, initial_peers + joined.initial_peers
+        coordinator_key = joined.coordinator_key
         print(
             f"run-peer: joined run {spec.run_id!r} through the coordinator at {args.coordinator}",
             file=sys.stderr,
@@ -247,6 +250,7 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
         min_peers=args.min_peers,
         min_peers_timeout=args.min_peers_timeout,
         progress_interval=args.progress_interval,
+        coordinator_key=coordinator_key,
     )
     if args.role != "trainer":
         return run_shard_role(args, spec, options, device, results)
@@ -254,7 +258,7 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
         if spec is None:  # read the run from its signed announcement in the DHT
             dht = start_peer_dht(options, (args.run,))
             try:
-                spec = find_run_in_dht(dht, args.run, read_trusted_key(args.coordinator_key))
+                spec = find_run_in_dht(dht, args.run, coordinator_key)
                 check_run_inputs(spec, args.role, args.save_dir)
             except BaseException:
                 dht.shutdown()
@@ -266,7 +270,13 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
         return user_error(e, results)
     except NonFiniteLossError as e:  # the peer has left the swarm (run_peer's finally)
         return user_error(e, results, status=1)
-    why = "stopped by signal" if result.stopped_by_signal else "reached the last global step"
+    why = (
+        "stopped by signal"
+        if result.stopped_by_signal
+        else "the run is finished at its coordinator"
+        if result.run_finished
+        else "reached the last global step"
+    )
     print(
         f"run-peer: {why}: global step {result.global_step}, {result.local_steps} local steps, "
         f"{result.samples} samples, last loss {result.last_loss:.4f}",

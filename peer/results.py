@@ -17,6 +17,11 @@ a signal, an error. Event kinds (all roles: ``joined`` and ``summary``):
   ``group_size`` of the last averaging round since the previous global step; null if a state download
   came after it or there was none, i.e. the step was not taken by averaging)
 - ``checkpoint``: ``global_step``, ``path``
+- ``run_status``: ``status``, ``global_step`` (the run's status at its coordinator changed and this peer acted:
+  ``paused``: it takes no step until ``active`` again, which carries ``paused_seconds``; ``finished``: it saves
+  and leaves), see ``peer/training/pause.py``
+- ``forged_run_status``: ``key`` (fingerprint of the key it was stored under), ``status``: an announcement of
+  this peer's run not signed by its coordinator, ignored (each one once)
 - ``--role shard``: ``blocks_chosen`` (``start``, ``end``; picked by coverage), ``serving`` (``start``, ``end``,
   ``tokens_per_second``); ``--role client``: ``route`` (``hops``: ``peer_id``, ``start``, ``end``)
 """
@@ -62,7 +67,8 @@ class PeerSummary:
     role: str
     """``trainer``, ``shard`` or ``client``."""
     exit_reason: str = "finished"
-    """``finished`` (the spec's last global step), ``max_steps``, ``signal`` or ``error: <type>: <message>``."""
+    """``finished`` (the spec's last global step), ``run_finished`` (the run was set to finished at its
+    coordinator), ``max_steps``, ``signal`` or ``error: <type>: <message>``."""
     run_id: str | None = None
     peer_id: str | None = None
     global_step: int = 0
@@ -85,6 +91,8 @@ class PeerSummary:
     """The global step of the ``--save-dir`` checkpoint this peer resumed from."""
     checkpoint: str | None = None
     """The last checkpoint written."""
+    forged_status_records: int = 0
+    """Announcements of this run's status under another key than its coordinator's, ignored."""
     blocks: list[int] | None = None
     """``--role shard``: ``[start, end]`` of the span served."""
     seconds: float = 0.0
@@ -191,6 +199,14 @@ class PeerResults:
     def checkpoint(self, global_step: int, path: Path) -> None:
         self.summary.checkpoint = str(path)
         self.event("checkpoint", global_step=global_step, path=str(path))
+
+    def run_status(self, status: str, global_step: int, **values: Any) -> None:
+        self.event("run_status", status=status, global_step=global_step, **values)
+
+    def forged_run_status(self, key: str, status: str) -> None:
+        with self._lock:
+            self.summary.forged_status_records += 1
+        self.event("forged_run_status", key=key, status=status)
 
     def global_step(self, global_step: int) -> None:
         self._fill_from_metrics()

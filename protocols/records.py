@@ -187,6 +187,9 @@ class ReadResult:
 
     records: dict = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
+    untrusted: dict = field(default_factory=dict)
+    """Announcements skipped as ``untrusted_announcement``, as stored: their subkey -> value (a dict
+    every node checked against :class:`RunAnnouncement`)."""
 
 
 def read_announcements(dht: DHT, trusted_key: bytes) -> ReadResult:
@@ -197,6 +200,7 @@ def read_announcements(dht: DHT, trusted_key: bytes) -> ReadResult:
     for subkey, item in entries.items():
         if owner_of(subkey) != trusted_key:
             result.skipped["untrusted_announcement"] += 1
+            result.untrusted[subkey] = item.value
             continue
         try:
             announcement = RunAnnouncement.parse_obj(item.value)
@@ -208,6 +212,33 @@ def read_announcements(dht: DHT, trusted_key: bytes) -> ReadResult:
             continue
         result.records[announcement.run_id] = announcement
     return result
+
+
+@dataclass(frozen=True)
+class RunStatusRead:
+    """One look at a run's status in the DHT (``read_run_status``)."""
+
+    announcement: RunAnnouncement | None
+    """The run's announcement signed by the trusted key; None when there is none now (expired: the
+    coordinator is down or no longer announces the run)."""
+    forged: dict[bytes, RunAnnouncement]
+    """Announcements of the same run id under other keys, by subkey: anyone may store those, and they
+    are not the run's status."""
+
+
+def read_run_status(dht: DHT, run_id: str, trusted_key: bytes) -> RunStatusRead:
+    """The status of ``run_id`` as its coordinator (``trusted_key``) announces it, and the announcements
+    of that run under other keys, which a peer ignores (and counts)."""
+    found = read_announcements(dht, trusted_key)
+    forged = {}
+    for subkey, value in found.untrusted.items():
+        try:
+            announcement = RunAnnouncement.parse_obj(value)
+        except (ValidationError, TypeError):
+            continue  # malformed: every node refuses those already
+        if announcement.run_id == run_id:
+            forged[subkey] = announcement
+    return RunStatusRead(found.records.get(run_id), forged)
 
 
 def read_owned(dht: DHT, key: str, schema: type[BaseModel], check=None) -> ReadResult:

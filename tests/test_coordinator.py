@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +16,7 @@ from hivemind.dht import DHT
 from hivemind.utils.crypto import RSAPrivateKey
 
 from potluck.coordinator.store import RunStore
+from potluck.peer.net.run_status import key_fingerprint
 from potluck.protocols.coordinator_client import CoordinatorClient
 from potluck.protocols.records import (
     PeerReport,
@@ -135,15 +137,24 @@ def test_forged_announcement_and_report_are_ignored_and_counted(
         real = wait_until(lambda: read_reports(intruder, run_id).records, 180, "peer a's report in the DHT")
         (owner, real_report), = real.items()  # fmt: skip
 
-        # 1. a run announcement with the same run id under another key: stored, but nobody trusts it
+        # 1. a run announcement with the same run id under another key: stored, but nobody trusts it; the
+        # running peer ignores the status it claims (finished), counts it, and trains on
         forged_spec = json.dumps({"run_id": run_id, "malicious": True})
         forged = RunAnnouncement(
-            run_id=run_id, spec_json=forged_spec, status="active", announced_at=time.time()
+            run_id=run_id, spec_json=forged_spec, status="finished", announced_at=time.time()
         )
         assert announce_run(intruder, public_key_tag(intruder_key), forged, ttl=120)
         trusted = read_announcements(intruder, coord.key_tag)
         assert json.loads(trusted.records[run_id].spec_json)["max_global_steps"] == 100000
         assert trusted.skipped["untrusted_announcement"] >= 1
+        peer = swarm.peers[0]
+        (seen,) = wait_until(lambda: peer.events("forged_run_status"), 60, "peer a to see the forgery")
+        assert seen["status"] == "finished" and seen["key"] == key_fingerprint(public_key_tag(intruder_key))
+        wait_until(
+            lambda: [e for e in peer.events("global_step") if e["time"] > seen["time"]],
+            60,
+            "a global step of peer a after the forged 'finished'",
+        )
 
         # 2. a report under peer a's subkey: every node refuses it
         fake = real_report.copy(update={"global_step": 10**9, "reported_at": time.time() + 1})
@@ -172,6 +183,24 @@ def test_forged_announcement_and_report_are_ignored_and_counted(
         )
         assert newcomer.process.wait(timeout=180) == 0, newcomer.log()[-3000:]
         assert newcomer.summary().run_id == run_id, newcomer.log()[-3000:]
+
+        # 4. paused by its real coordinator, peer a holds; it still leaves within seconds on SIGTERM
+        paused_at = time.time()
+        with CoordinatorClient(coord.address) as client:
+            client.set_status(run_id, "paused")
+        wait_until(
+            lambda: [
+                e for e in peer.events("run_status") if e["status"] == "paused" and e["time"] >= paused_at
+            ],
+            30,
+            "peer a to hold",
+        )
+        signalled = time.monotonic()
+        peer.process.send_signal(signal.SIGTERM)
+        assert peer.process.wait(timeout=30) == 0
+        assert time.monotonic() - signalled < 10, peer.log()[-3000:]
+        summary = peer.summary()
+        assert summary.exit_reason == "signal" and summary.forged_status_records == 1, summary
     finally:
         intruder.shutdown()
 

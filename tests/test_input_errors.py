@@ -170,6 +170,14 @@ def test_an_announced_address_needs_its_port(spec_of, capsys):
     )
 
 
+def test_a_bad_coordinator_key_is_named_before_the_model_or_dht_starts(spec_of, capsys):
+    # with --run-spec too: the key says whose pause and finish the peer obeys
+    code = run_peer("--run-spec", str(spec_of()), "--coordinator-key", "ssh-rsa AAAA")
+    assert the_one_line(capsys, code) == (
+        "run-peer: --coordinator-key must be '[owner:ssh-rsa ...]' or a file holding it, got 'ssh-rsa AAAA'"
+    )
+
+
 def test_generate_remote_names_a_bad_initial_peer(spec_of, capsys):
     code = generate("--run-spec", str(spec_of()), "--remote", "--initial-peers", "/ip4/127.0.0.1/tcp/31337")
     assert the_one_line(capsys, code).startswith(

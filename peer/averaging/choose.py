@@ -60,6 +60,15 @@ class _Accounted(AveragingStrategy):
     def request_stop(self) -> None:
         self.inner.request_stop()
 
+    def request_hold(self, held: bool) -> None:
+        self.inner.request_hold(held)
+
+    def pause(self) -> None:
+        self.inner.pause()
+
+    def resume(self) -> None:
+        self.inner.resume()
+
     def zero_grad(self) -> None:
         self.inner.zero_grad()
 

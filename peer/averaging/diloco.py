@@ -249,6 +249,13 @@ class DiLoCoAveraging(AveragingStrategy):
     def request_stop(self) -> None:
         self._stop.set()  # a state download in progress ends (StoppableDownloads); rounds end as they do
 
+    def resume(self) -> None:
+        # (a round in flight needs nothing at a pause: it runs without a trigger and ends by itself)
+        # the wait for the others' inner steps starts again: the pause counted against averaging_timeout,
+        # and the others, paused too, would be given up on at once
+        if self._ready_since is not None:
+            self._ready_since = time.monotonic()
+
     def zero_grad(self) -> None:
         self._inner.zero_grad(set_to_none=True)
 

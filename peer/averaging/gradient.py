@@ -19,7 +19,12 @@ from hivemind.compression import (
 )
 from hivemind.dht import DHT
 
-from potluck.hivemind_ext.optimizer import BoundedOptimizer, LeftTheRound, restore_learning_rate
+from potluck.hivemind_ext.optimizer import (
+    BoundedOptimizer,
+    LeftTheRound,
+    RoundCalledOff,
+    restore_learning_rate,
+)
 from potluck.hivemind_ext.tracker import announce_and_count
 from potluck.peer.averaging.deadlines import DeadlineWatch
 from potluck.peer.averaging.strategy import AveragingListener, AveragingStrategy, SwarmProgress
@@ -156,8 +161,8 @@ class GradientAveraging(AveragingStrategy):
         before = self._optimizer.local_epoch
         try:
             self._optimizer.step(batch_size=batch_size)
-        except LeftTheRound:  # stopping: the step's round had not ended, so the step is not taken
-            return False
+        except (LeftTheRound, RoundCalledOff):  # stopping, or holding: the step's round had not ended,
+            return False  # so the step is not taken
         return self._optimizer.local_epoch != before
 
     def batch_share(self, full: int) -> int:
@@ -165,6 +170,22 @@ class GradientAveraging(AveragingStrategy):
 
     def request_stop(self) -> None:
         self._optimizer.stop.set()
+
+    def request_hold(self, held: bool) -> None:
+        if held:
+            self._optimizer.hold.set()
+        else:
+            self._optimizer.hold.clear()
+
+    def pause(self) -> None:
+        self._optimizer.release_scheduled_rounds()
+
+    def resume(self) -> None:
+        self._optimizer.wait_for_released_rounds()
+        self._optimizer.hold.clear()
+        # hivemind's rate is samples over the time since the last batch: the pause would count as one slow
+        # batch, and this peer's share of the next steps (step_share) would shrink for a while
+        self._optimizer.tracker.performance_ema.reset_timer()
 
     def zero_grad(self) -> None:
         self._optimizer.zero_grad(set_to_none=True)
@@ -191,6 +212,7 @@ class GradientAveraging(AveragingStrategy):
         # last average while their optimizer statistics were after it: two peers ended 3e-3 apart.
         # (Checkpoints during the run stay as they were, the state after the step's update: the state a
         # donor serves a newcomer at that step.)
+        self._optimizer.wait_for_released_rounds()  # (a finished run's: leaving, it waits seconds)
         self._optimizer.state_averager.step(wait_for_delayed_updates=True)
 
     def load_state_dict(self, state: dict) -> None:

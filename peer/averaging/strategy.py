@@ -81,6 +81,21 @@ class AveragingStrategy(ABC):
         """This peer was asked to leave (called from a signal handler: only note it). Waits on the swarm
         that are still running end within seconds instead of their timeouts. Default: nothing to cut short."""
 
+    def request_hold(self, held: bool) -> None:  # noqa: B027 (optional: a strategy may never wait long)
+        """The run was paused or finished (``held``), or is active again, at its coordinator (called from
+        the thread that watches the status: only note it). A wait on the swarm that others who already hold
+        would never end is cut short; the training loop pauses at its next local step (:meth:`pause`).
+        Default: nothing to cut short."""
+
+    def pause(self) -> None:  # noqa: B027 (optional: a strategy may have nothing scheduled ahead)
+        """The run is paused (this peer takes no step until :meth:`resume`) or finished (it leaves). Release
+        what waits for its next step (a round scheduled ahead), so that the peers it would have averaged
+        with are not held. Default: nothing to release."""
+
+    def resume(self) -> None:  # noqa: B027 (optional)
+        """The run is active again after :meth:`pause`: the time held must not count as time spent
+        training (throughput estimates, waits for the others). Default: nothing to reset."""
+
     @abstractmethod
     def zero_grad(self) -> None: ...
 

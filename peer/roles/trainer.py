@@ -18,12 +18,14 @@ from potluck.hivemind_ext.dht import JOIN_TIMEOUT, RouteKeeper, start_dht, visib
 from potluck.peer.averaging.choose import make_strategy
 from potluck.peer.averaging.strategy import AveragingStrategy
 from potluck.peer.net.reporter import ReportPublisher
+from potluck.peer.net.run_status import RunStatusWatch
 from potluck.peer.results import PeerResults
 from potluck.peer.training.checkpoint import latest_checkpoint, save_checkpoint
 from potluck.peer.training.data import PeerDataStream, peer_seed
 from potluck.peer.training.loop import Trainer, TrainResult
 from potluck.peer.training.metrics import PeerMetrics
 from potluck.peer.training.model import trainable_parameters
+from potluck.peer.training.pause import RunGate
 from potluck.peer.training.progress import ProgressDisplay
 from potluck.peer.training.stages import make_stage, stage_context
 from potluck.peer.training.stages.data import stage_data
@@ -52,6 +54,10 @@ class PeerOptions:
     """Wait until this many peers (this one included) are in the run before the first step."""
     min_peers_timeout: float = 120.0
     progress_interval: float = 5.0
+    coordinator_key: bytes | None = None
+    """The coordinator whose signed announcements of the run's status this peer obeys (paused: hold,
+    finished: save and leave; ``peer/training/pause.py``); None: no coordinator, the run is active until
+    its last step."""
 
 
 def install_stop_handlers(stop: threading.Event, strategy: AveragingStrategy | None = None) -> None:
@@ -97,9 +103,12 @@ def wait_for_peers(strategy: AveragingStrategy, count: int, timeout: float, stop
 
 
 def exit_reason(result: TrainResult, options: PeerOptions) -> str:
-    """Why training ended: ``signal``, ``max_steps`` (``--max-steps``) or ``finished`` (the spec's last step)."""
+    """Why training ended: ``signal``, ``run_finished`` (set to finished at the coordinator), ``max_steps``
+    (``--max-steps``) or ``finished`` (the spec's last step)."""
     if result.stopped_by_signal:
         return "signal"
+    if result.run_finished:
+        return "run_finished"
     return "max_steps" if options.max_steps is not None else "finished"
 
 
@@ -161,6 +170,19 @@ def run_peer(
             )
         strategy = make_strategy(spec, dht, trainable_parameters(model), listener=results.listener(metrics))
         reporter = ReportPublisher(dht, public_key_tag(RSAPrivateKey.process_wide()), spec.run_id, metrics)
+        watch = None
+        if options.coordinator_key is not None:
+
+            def forged(key: str, status: str) -> None:
+                results.forged_run_status(key, status)
+                metrics.forged_run_status()
+
+            def changed(status: str) -> None:  # a round the others will not come to ends now
+                strategy.request_hold(status != "active")
+
+            watch = RunStatusWatch(
+                dht, spec.run_id, options.coordinator_key, on_change=changed, on_forged=forged
+            ).start()
         try:
             install_stop_handlers(stop, strategy)
             if resume:
@@ -208,6 +230,9 @@ def run_peer(
                 max_grad_norm=spec.optimizer.max_grad_norm,
                 max_nonfinite_losses=spec.optimizer.max_nonfinite_losses,
                 on_global_step=on_global_step,
+                gate=None
+                if watch is None
+                else RunGate(spec.run_id, lambda: watch.status, strategy, results, metrics, stop),
             )
             result = trainer.run()
             strategy.settle()
@@ -224,6 +249,8 @@ def run_peer(
                 print(f"run-peer: {spec.stage} metrics of the last batch: {figures}", file=sys.stderr)
             return result
         finally:
+            if watch is not None:
+                watch.stop()
             reporter.stop()
             strategy.shutdown()
     finally:

@@ -32,6 +32,8 @@ class TrainResult:
     samples: int
     last_loss: float
     stopped_by_signal: bool
+    run_finished: bool = False
+    """The run was set to ``finished`` at its coordinator (``gate``) before the last global step."""
 
 
 class _RateMeter:
@@ -73,6 +75,7 @@ class Trainer:
         max_grad_norm: float | None = None,
         on_global_step: Callable[[int], None] | None = None,
         max_nonfinite_losses: int = 0,
+        gate: Callable[[], str] | None = None,
     ):
         self.model = model
         self.stage = stage
@@ -88,6 +91,10 @@ class Trainer:
         self.max_nonfinite_losses = max_nonfinite_losses
         self.nonfinite_losses = 0
         """Batches skipped because their loss was NaN or Inf."""
+        self.gate = gate
+        """Asked before every local step whether to take it (``peer/training/pause.RunGate``): ``active``
+        (yes), ``finished`` (end the loop), anything else (it held the loop: look at the stop and the
+        step count again)."""
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     def _skip_nonfinite(self, loss: float, local_steps: int) -> None:
@@ -112,7 +119,14 @@ class Trainer:
         local_steps = samples = 0
         loss_value = float("nan")
         last_global_time = time.perf_counter()
+        run_finished = False
         while self.strategy.global_step < self.max_global_steps and not self.stop.is_set():
+            if self.gate is not None and (verdict := self.gate()) != "active":
+                if verdict == "finished":
+                    run_finished = True
+                    break
+                last_global_time = time.perf_counter()  # a pause is no time of the swarm's steps
+                continue
             started = time.perf_counter()
             # non-tensor fields (e.g. the answers of RL prompts) stay on the host
             drawn = self.batches.take(self.strategy.batch_share(self.batches.batch_size))
@@ -160,4 +174,6 @@ class Trainer:
             force=True,
         )
         self.progress.close()
-        return TrainResult(self.strategy.global_step, local_steps, samples, loss_value, self.stop.is_set())
+        return TrainResult(
+            self.strategy.global_step, local_steps, samples, loss_value, self.stop.is_set(), run_finished
+        )

@@ -87,6 +87,13 @@ class PeerMetrics:
             "potluck_compute_utilisation",
             "Compute time / wall time since this peer's first local step (1 = never waits on the network)",
         )
+        self._paused = series.gauge(
+            "potluck_run_paused", "1 while this peer holds because its run is paused at the coordinator"
+        )
+        self._forged_status = series.counter(
+            "potluck_forged_run_status",
+            "Announcements of this run's status under another key than its coordinator's (ignored)",
+        )
         self._first_step_at: float | None = None
         self._compute_total = self._pending_wait = 0.0
         self._state_downloads = series.counter(
@@ -108,6 +115,8 @@ class PeerMetrics:
                        "averaging_succeeded": 0, "averaging_failed": 0, "averaging_alone": 0,
                        "bytes_sent": 0, "bytes_received": 0, "compute_utilisation": None,
                        "nonfinite_losses": 0}  # fmt: skip
+        self._paused.labels(run_id).set(0)
+        self._forged_status.labels(run_id)
         for outcome in ("succeeded", "failed"):
             self._rounds.labels(run_id, outcome)
             self._state_downloads.labels(run_id, outcome)
@@ -158,6 +167,16 @@ class PeerMetrics:
             if name in self._stage_gauges:
                 self._stage_gauges[name].labels(self.run_id).set(value)
         self.latest_stage = values
+
+    def run_paused(self, paused: bool, seconds: float = 0.0) -> None:
+        """The run was paused (``paused``) or the pause has ended after ``seconds``: time held is not wall
+        time of training, so compute utilisation leaves it out."""
+        self._paused.labels(self.run_id).set(int(paused))
+        if not paused and self._first_step_at is not None:
+            self._first_step_at += seconds
+
+    def forged_run_status(self) -> None:
+        self._forged_status.labels(self.run_id).inc()
 
     # -- AveragingListener ------------------------------------------------------------------------
     def averaging_round(
