@@ -26,7 +26,7 @@ What is measured
 How to read it
     A line per kill, one per run, then ``steps_ratio=… last_equal=… …`` with medians, min and max.
 
-Run: ``sudo .venv/bin/python bench/churn.py --runs 1`` (as root; about 2 × 8 minutes on 2 CPU cores).
+Run: ``sudo .venv/bin/python bench/churn.py --runs 1`` (as root; about 20 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
