@@ -34,15 +34,15 @@ from pathlib import Path
 
 from workdir import (
     bit_equal,
-    checkpoints,
+    common_steps,
     median_min_max,
     run_in_workdir,
     runs_parser,
+    step_at,
     wait_for,
-    write_tiny_spec,
+    write_bed_spec,
 )
 
-from potluck.protocols.runspec import AveragingSpec
 from potluck.tools.peer_processes import LocalSwarm, PeerProcess
 from potluck.tools.tiny.assets import build_assets
 
@@ -51,24 +51,14 @@ NAMES = "abcd"
 PORT = 31337
 
 
-def write_spec(workdir: Path, matchmaking_time: float) -> Path:
-    averaging = {"matchmaking_time": matchmaking_time, "averaging_timeout": max(20.0, 2 * matchmaking_time)}
-    AveragingSpec(**averaging)  # the bench runs only settings the spec accepts
-    return write_tiny_spec(
-        workdir / f"run-{matchmaking_time:g}.yaml", workdir, "bench-partition", 256, 64, averaging,
-        checkpoint={"save_every": 1, "keep": 0},
-    )  # fmt: skip
-
-
-def step_at(peer: PeerProcess, moment: float) -> int:
+def peer_step_at(peer: PeerProcess, moment: float) -> int:
     """The newest global step ``peer`` had reached at unix time ``moment`` (-1: none yet)."""
-    return max((e["global_step"] for e in peer.events("global_step") if e["time"] <= moment), default=-1)
+    return step_at(peer.events(), moment)
 
 
 def first_equal_step(save_dirs: list[Path], after: int) -> int | None:
     """The first global step past ``after`` at which every peer's checkpoint is bit-equal."""
-    found = [checkpoints(d) for d in save_dirs]
-    common = sorted(set.intersection(*(set(f) for f in found)))
+    found, common = common_steps(save_dirs)
     return next((s for s in common if s > after and bit_equal([f[s] for f in found])), None)
 
 
@@ -106,11 +96,13 @@ def one_run(spec_path: Path, folder: Path, args: argparse.Namespace) -> dict[str
         healed_at = time.time()
 
         def pace(side: list[int], start: float, end: float) -> float:
-            return max(step_at(peers[i], end) - step_at(peers[i], start) for i in side) / (end - start)
+            return max(peer_step_at(peers[i], end) - peer_step_at(peers[i], start) for i in side) / (
+                end - start
+            )
 
         before = pace([0, 1, 2, 3], cut_at - args.window, cut_at)
         paces = [pace(side, cut_at, healed_at) / before for side in sides]
-        reached = max(step_at(p, healed_at) for p in peers)
+        reached = max(peer_step_at(p, healed_at) for p in peers)
 
         def in_one_group() -> float | None:
             firsts = [
@@ -138,13 +130,13 @@ def one_run(spec_path: Path, folder: Path, args: argparse.Namespace) -> dict[str
             "regroup_s": regroup,
             "equal_after": equal_after,
             "steps_before_heal": reached,
-            "minority_step_at_heal": step_at(peers[3], healed_at),
+            "minority_step_at_heal": peer_step_at(peers[3], healed_at),
         }
 
 
 def run(workdir: Path, args: argparse.Namespace) -> int:
     build_assets(workdir)
-    spec_path = write_spec(workdir, args.matchmaking_time)
+    spec_path = write_bed_spec(workdir, "bench-partition", args.matchmaking_time)
     results = []
     for r in range(1, args.runs + 1):
         found = one_run(spec_path, workdir / f"run{r}-{args.split}-{args.matchmaking_time:g}", args)

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from potluck.peer.training.checkpoint import list_checkpoints
+from potluck.protocols.runspec import AveragingSpec
 
 
 def run_in_workdir(
@@ -80,6 +81,31 @@ def write_tiny_spec(
     }
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def write_bed_spec(workdir: Path, run_id: str, matchmaking_time: float) -> Path:
+    """The spec of the benchmarks on the network test bed: the tiny model, target 256 of batches of 64,
+    a checkpoint at every global step (all kept: bit-equality is judged on them), ``matchmaking_time``
+    as given and ``averaging_timeout`` the smallest the run spec allows, or 20 s."""
+    averaging = {"matchmaking_time": matchmaking_time, "averaging_timeout": max(20.0, 2 * matchmaking_time)}
+    AveragingSpec(**averaging)  # the bench runs only settings the spec accepts
+    return write_tiny_spec(
+        workdir / f"{run_id}-{matchmaking_time:g}.yaml", workdir, run_id, 256, 64, averaging,
+        checkpoint={"save_every": 1, "keep": 0},
+    )  # fmt: skip
+
+
+def step_at(events: list[dict], moment: float) -> int:
+    """The newest global step in ``events`` (a peer's ``--results``) at unix time ``moment`` (-1: none yet)."""
+    return max(
+        (e["global_step"] for e in events if e["event"] == "global_step" and e["time"] <= moment), default=-1
+    )
+
+
+def common_steps(save_dirs: list[Path]) -> tuple[list[dict[int, Path]], list[int]]:
+    """Each peer's checkpoints by global step, and the steps that every one of them has, in order."""
+    found = [checkpoints(d) for d in save_dirs]
+    return found, sorted(set.intersection(*(set(f) for f in found)))
 
 
 def checkpoints(save_dir: Path) -> dict[int, Path]:

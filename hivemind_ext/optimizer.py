@@ -520,6 +520,13 @@ class BoundedOptimizer(Optimizer):
                 # (its last averaged gradients, overwritten before every round): a second copy of the model
                 # for nothing, so it is not downloaded here.
                 def attempt() -> bool | None:
+                    if not keep_newer:
+                        # the swarm moves on while this peer downloads, and its tracker's view does not:
+                        # each attempt reads the swarm's step anew (a slow link never caught up otherwise)
+                        now = self.tracker.swarm_step_now()
+                        self.state_averager.take_steps_up_to(
+                            max(swarm, now if now is not None else swarm) + 1
+                        )
                     self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
                     return True if self.state_averager.last_download_ok else None
 

@@ -87,6 +87,13 @@ def swarm_step(epochs: list[int]) -> int:
     return max(groups, key=lambda group: (len(group), group[-1]))[-1]
 
 
+def voting_steps(others: list[LocalTrainingProgress], now: float, active_within: float) -> list[int]:
+    """The steps of the other peers' records that vote in :func:`swarm_step`: public peers that reported
+    within ``active_within`` seconds of ``now`` (a peer that died a minute ago would otherwise make the
+    live ones download the state of its step from donors that are gone)."""
+    return [r.epoch for r in others if not r.client_mode and now - r.time <= active_within]
+
+
 class _AnnouncedLeave(ProgressTracker):
     """A peer that leaves withdraws its progress record and waits until that is stored (bounded).
 
@@ -168,11 +175,7 @@ class SwarmAwareTracker(_AnnouncedLeave):
         if not self.client_mode:
             public.append(self.local_progress.epoch)
         self.public_epoch = swarm_step(public) if public else None
-        # (records older than active_within at the fetch do not vote: a peer that died a minute ago
-        # would otherwise make the live ones download the state of its step from donors that are gone)
-        voters = [
-            r.epoch for r in others if not r.client_mode and self._fetched_at - r.time <= self.active_within
-        ]
+        voters = voting_steps(others, self._fetched_at, self.active_within)
         epoch = swarm_step([self.local_progress.epoch, *voters])
         if epoch != progress.epoch:  # hivemind took the newest step of any peer (see swarm_step)
             progress.epoch = epoch
@@ -187,6 +190,19 @@ class SwarmAwareTracker(_AnnouncedLeave):
             # max_refresh_period before looking again, and overshoot the target until then
             progress.next_fetch_time = min(progress.next_fetch_time, get_dht_time() + self.min_refresh_period)
         return progress
+
+    def swarm_step_now(self) -> int | None:
+        """The swarm's global step by the rule of a fetch, from the progress records in the DHT now (None:
+        no other peer votes). The tracker's own view stands still while this peer downloads a state
+        (hivemind's ``pause_updates`` holds it): on a 5 Mbit/s link a download takes longer than a global
+        step, and a bound on the donors' step taken from that view fell further behind at every attempt
+        (``bench/churn.py``)."""
+        own_id = self.dht.peer_id.to_bytes()
+        others = [
+            LocalTrainingProgress.parse_obj(e.value) for e in published_records(self, self.dht).values()
+        ]
+        voters = voting_steps([r for r in others if r.peer_id != own_id], get_dht_time(), self.active_within)
+        return swarm_step([self.local_progress.epoch, *voters]) if voters else None
 
     def update_epoch(self, new_epoch: int | None = None) -> int:
         epoch = super().update_epoch(new_epoch)

@@ -19,6 +19,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.p2p import PeerID
 
 from potluck.hivemind_ext.dht import start_dht
+from potluck.hivemind_ext.tracker import announce_and_count
 from potluck.peer.averaging.gradient import GradientAveraging, lr_lambda
 from potluck.peer.training.data import PeerDataStream
 from potluck.peer.training.model import build_model, load_tokenizer, trainable_parameters
@@ -350,6 +351,34 @@ def test_a_peer_that_stepped_on_alone_takes_the_older_state_of_the_swarm(make_sp
             assert stray._optimizer._should_load_state_from_peers()
         stray._optimizer.load_state_from_peers()  # what the optimizer's step does when it should
         assert stray._optimizer.last_state_download_ok and stray.global_step == 5
+        for mine, theirs in zip(
+            trainable_parameters(models[1]), trainable_parameters(models[0]), strict=True
+        ):
+            torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_catching_up_takes_the_state_of_where_the_swarm_is_now(make_spec):
+    """A peer on a slow link downloads for longer than a global step takes, and its tracker's view stands
+    still meanwhile: the swarm's step it knew is behind every donor's by the next attempt. It must judge
+    donors by the swarm's step in the DHT now; with the view it had, the slow peer of ``bench/churn.py``
+    (5 Mbit/s) skipped every donor as "past the swarm's" for the rest of the run."""
+    spec = load_run_spec(make_spec())
+    models = [build_model(spec, torch.device("cpu")) for _ in range(2)]
+    with torch.no_grad():
+        for parameter in trainable_parameters(models[1]):
+            parameter.add_(1.0)  # its own, older state
+    with _peers(*((spec, model) for model in models)) as (swarm, slow):
+        donor = swarm._optimizer
+        donor.state_averager.local_epoch = 9
+        donor.state_averager.state_sharing_priority = 9
+        donor.tracker.report_local_progress(local_epoch=9, samples_accumulated=0)
+        announce_and_count(donor.tracker, donor.dht)  # the swarm's record in the DHT: step 9
+        slow._optimizer.state_averager.local_epoch = 5
+        with slow._optimizer.tracker.pause_updates():
+            slow._optimizer.tracker.global_progress.epoch = 6  # its view, from before its last download
+        slow._optimizer.load_state_from_peers()  # the optimizer's catch-up
+        assert slow._optimizer.last_state_download_ok and slow.global_step == 9
         for mine, theirs in zip(
             trainable_parameters(models[1]), trainable_parameters(models[0]), strict=True
         ):
