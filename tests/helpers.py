@@ -46,6 +46,49 @@ def address_of_a_peer_not_started(tmp_path: Path) -> tuple[str, str, Path]:
     return f"{listen}/p2p/{PeerID.from_identity(identity.read_bytes())}", listen, identity
 
 
+def start_pairs(local_swarm, make_spec, tmp_path: Path, runs: dict[str, dict]) -> dict:
+    """A pair of real peers for each run of ``runs`` (its name: the spec's overrides), all started at once:
+    a peer's start (imports, the DHT) is most of a swarm test's time. Each pair has its own run
+    (``run_id`` is its name) and averages as a fixed pair; its peers ``a`` and ``b`` save into
+    ``tmp_path/NAME/a`` and ``.../b``, and ``b`` dials ``a``'s address, known in advance. The swarms, by
+    name; :func:`finished_pairs` waits for them."""
+    swarms = {}
+    for name, overrides in runs.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        spec_path = make_spec(run_id=name, averaging={"target_group_size": 2}, **overrides)
+        swarm = swarms[name] = local_swarm(spec_path)
+        address, listen, identity = address_of_a_peer_not_started(folder)
+        a_args = ["--save-dir", str(folder / "a"), "--min-peers", "2", "--identity-path", str(identity)]
+        swarm.start_peer("a", [*a_args, "--host-maddrs", listen], initial_peers=[])
+        swarm.start_peer("b", ["--save-dir", str(folder / "b"), "--min-peers", "2"], initial_peers=[address])
+    return swarms
+
+
+def finished_pairs(swarms: dict, timeout: float = 360):
+    """(name, a, b) of each pair of :func:`start_pairs`, once both its peers have exited 0."""
+    for name, swarm in swarms.items():
+        assert swarm.wait_all(timeout=timeout) == [0, 0], name + "\n".join(
+            p.log()[-3000:] for p in swarm.peers
+        )
+        yield name, *swarm.peers
+
+
+def checkpoint_of(save_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint of global step ``step`` in ``save_dir`` (fails naming the steps there)."""
+    from potluck.peer.training.checkpoint import list_checkpoints
+
+    found = {c.global_step: c.path for c in list_checkpoints(save_dir)}
+    assert step in found, f"no checkpoint of step {step} in {save_dir}: {sorted(found)}"
+    return found[step]
+
+
+def global_step_losses(peers) -> list[float]:
+    """The swarm's loss at each global step: the mean over the peers' batches of that step."""
+    per_peer = [[e["loss"] for e in peer.events("global_step")] for peer in peers]
+    return [sum(step) / len(step) for step in zip(*per_peer, strict=True)]
+
+
 @contextlib.contextmanager
 def sigint_kept():
     """Create hivemind averagers (and the strategies that hold them) in the test process inside this.
