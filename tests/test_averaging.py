@@ -328,16 +328,27 @@ def test_state_rounds_with_a_peer_ahead_make_the_peer_behind_download_the_swarms
         assert not ahead._optimizer._should_load_state_from_peers()
 
 
+def _two_models_apart(spec) -> list[torch.nn.Module]:
+    """Two models of ``spec``, the second's trainable parameters 1.0 away from the first's."""
+    models = [build_model(spec, torch.device("cpu")) for _ in range(2)]
+    with torch.no_grad():
+        for parameter in trainable_parameters(models[1]):
+            parameter.add_(1.0)
+    return models
+
+
+def _assert_same_parameters(first: torch.nn.Module, second: torch.nn.Module) -> None:
+    for mine, theirs in zip(trainable_parameters(second), trainable_parameters(first), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
 @pytest.mark.timeout(120)
 def test_a_peer_that_stepped_on_alone_takes_the_older_state_of_the_swarm(make_spec):
     """After a partition heals, the peer that was cut off has stepped on alone, far ahead of the others,
     and its tracker says the swarm is at their step (``swarm_step``; tests/test_tracker.py). It takes
     their state although it is older than its own, which hivemind refuses ("Cowardly refusing")."""
     spec = load_run_spec(make_spec())
-    models = [build_model(spec, torch.device("cpu")) for _ in range(2)]
-    with torch.no_grad():
-        for parameter in trainable_parameters(models[1]):
-            parameter.add_(1.0)  # where its steps alone took it
+    models = _two_models_apart(spec)  # the second's: where its steps alone took it
     with _peers(*((spec, model) for model in models)) as (swarm, stray):
         swarm._optimizer.state_averager.local_epoch = 5
         swarm._optimizer.state_averager.state_sharing_priority = 5
@@ -351,10 +362,7 @@ def test_a_peer_that_stepped_on_alone_takes_the_older_state_of_the_swarm(make_sp
             assert stray._optimizer._should_load_state_from_peers()
         stray._optimizer.load_state_from_peers()  # what the optimizer's step does when it should
         assert stray._optimizer.last_state_download_ok and stray.global_step == 5
-        for mine, theirs in zip(
-            trainable_parameters(models[1]), trainable_parameters(models[0]), strict=True
-        ):
-            torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+        _assert_same_parameters(*models)
 
 
 @pytest.mark.timeout(120)
@@ -364,10 +372,7 @@ def test_a_peer_catching_up_takes_the_state_of_where_the_swarm_is_now(make_spec)
     donors by the swarm's step in the DHT now; with the view it had, the slow peer of ``bench/churn.py``
     (5 Mbit/s) skipped every donor as "past the swarm's" for the rest of the run."""
     spec = load_run_spec(make_spec())
-    models = [build_model(spec, torch.device("cpu")) for _ in range(2)]
-    with torch.no_grad():
-        for parameter in trainable_parameters(models[1]):
-            parameter.add_(1.0)  # its own, older state
+    models = _two_models_apart(spec)  # the second's: its own, older state
     with _peers(*((spec, model) for model in models)) as (swarm, slow):
         donor = swarm._optimizer
         donor.state_averager.local_epoch = 9
@@ -379,10 +384,7 @@ def test_a_peer_catching_up_takes_the_state_of_where_the_swarm_is_now(make_spec)
             slow._optimizer.tracker.global_progress.epoch = 6  # its view, from before its last download
         slow._optimizer.load_state_from_peers()  # the optimizer's catch-up
         assert slow._optimizer.last_state_download_ok and slow.global_step == 9
-        for mine, theirs in zip(
-            trainable_parameters(models[1]), trainable_parameters(models[0]), strict=True
-        ):
-            torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+        _assert_same_parameters(*models)
 
 
 @pytest.mark.timeout(120)
