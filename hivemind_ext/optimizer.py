@@ -27,6 +27,7 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
 from potluck.hivemind_ext.allreduce import SameAverages
+from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.donors import (
     CheckedDownloads,
     LimitedDonor,
@@ -229,6 +230,7 @@ class _ObservedStateAverager(
     LimitedDonor,
     CheckedRounds,
     SameAverages,
+    KeepsCtrlC,
 ):
     """MRO: TrainingStateAverager's ``super().load_state_from_peers`` lands in the recorder.
 
@@ -368,7 +370,9 @@ class _ObservedStateAverager(
                         self.optimizer.state[parameter][key] = buffer
 
 
-class _CheckedGradientAverager(GradientAverager, _ThrottledDeclaration, CheckedRounds, SameAverages):
+class _CheckedGradientAverager(
+    GradientAverager, _ThrottledDeclaration, CheckedRounds, SameAverages, KeepsCtrlC
+):
     """hivemind's gradient averager whose rounds say how much of the average arrived, and leave every peer
     with the same averaged gradients to the bit (``allreduce.py``)."""
 

@@ -72,6 +72,19 @@ def _unit_tier_guard(request, monkeypatch) -> None:
     monkeypatch.setattr(P2P, "create", refuse("a p2p daemon"))
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_kept() -> Iterator[None]:
+    """A test leaves this process's SIGINT handler as it found it. An ignored SIGINT is inherited by
+    every process a later test starts: ``potluck swarm up`` then ignored tests/test_ops_prometheus.py's
+    Ctrl-C (hivemind's averagers set it; ``hivemind_ext/ctrl_c.py`` gives it back)."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not handler:
+        left = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, handler)
+        pytest.fail(f"the test left SIGINT's handler {left!r} (was {handler!r}) for the tests after it")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kill_leftover_processes() -> Iterator[None]:
     """Whatever a test started (peers and their DHT/averager/p2pd children) dies at the end of the session."""

@@ -1,11 +1,9 @@
-"""Helpers shared by the multi-process tests: wait on a condition, read Prometheus text, create hivemind
-averagers in the test process, a peer address nobody serves yet."""
+"""Helpers shared by the multi-process tests: wait on a condition, read Prometheus text, a peer address
+nobody serves yet."""
 
 from __future__ import annotations
 
-import contextlib
 import re
-import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -87,19 +85,6 @@ def global_step_losses(peers) -> list[float]:
     """The swarm's loss at each global step: the mean over the peers' batches of that step."""
     per_peer = [[e["loss"] for e in peer.events("global_step")] for peer in peers]
     return [sum(step) / len(step) for step in zip(*per_peer, strict=True)]
-
-
-@contextlib.contextmanager
-def sigint_kept():
-    """Create hivemind averagers (and the strategies that hold them) in the test process inside this.
-
-    Creating one leaves SIGINT ignored in the creating process, and processes that pytest starts later
-    would inherit that (tests/test_ops_prometheus.py's Ctrl-C then did nothing)."""
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, handler)
 
 
 class QuietListener:

@@ -27,7 +27,7 @@ from potluck.peer.training.stages import make_stage
 from potluck.protocols.runspec import load_run_spec
 from potluck.tools.tiny.model import TinyModelConfig, build_tiny_model
 from potluck.tools.tiny.task import ALPHABET, ArithmeticTask
-from tests.helpers import QuietListener, sigint_kept, wait_until
+from tests.helpers import QuietListener, wait_until
 
 
 @pytest.mark.timeout(120)
@@ -47,9 +47,8 @@ def test_a_swarm_of_one_steps_exactly_as_torch_adamw(make_spec):
     schedule = torch.optim.lr_scheduler.LambdaLR(
         plain, lr_lambda(o.warmup_steps, o.schedule, spec.max_global_steps)
     )
-    with sigint_kept():
-        dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-        strategy = GradientAveraging(spec, dht, trainable_parameters(swarm_model), listener=QuietListener())
+    dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    strategy = GradientAveraging(spec, dht, trainable_parameters(swarm_model), listener=QuietListener())
     try:
         for _ in range(5):  # global steps
             for _ in range(2):
@@ -136,15 +135,14 @@ def test_a_busy_donor_sends_the_next_newcomer_to_another_donor(make_spec):
     ))  # fmt: skip
     tokenizer = load_tokenizer(spec.model)
     stage = make_stage(spec.stage)
-    with sigint_kept():
-        first_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-        initial = [str(a) for a in first_dht.get_visible_maddrs()]
-        dhts = [first_dht] + [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in range(3)]
-        models = [build_model(spec, torch.device("cpu")) for _ in dhts]
-        newest, other, waiting, next_one = (
-            GradientAveraging(spec, dht, trainable_parameters(model), listener=QuietListener())
-            for dht, model in zip(dhts, models, strict=True)
-        )
+    first_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    initial = [str(a) for a in first_dht.get_visible_maddrs()]
+    dhts = [first_dht] + [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in range(3)]
+    models = [build_model(spec, torch.device("cpu")) for _ in dhts]
+    newest, other, waiting, next_one = (
+        GradientAveraging(spec, dht, trainable_parameters(model), listener=QuietListener())
+        for dht, model in zip(dhts, models, strict=True)
+    )
     try:
         stage.loss(models[0], next(PeerDataStream(spec.data, tokenizer, 16).batches(seed=0))).backward()
         assert newest.step(16)  # the newest donor: global step 1, the other still at 0
@@ -178,14 +176,13 @@ def test_a_busy_donor_sends_the_next_newcomer_to_another_donor(make_spec):
 def _peers(*members):
     """``GradientAveraging`` peers of ``(spec, model)`` pairs in this process, on one loopback DHT; the
     first one's DHT node is the others' initial peer."""
-    with sigint_kept():
-        dhts = [start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)]
-        initial = [str(a) for a in dhts[0].get_visible_maddrs()]
-        dhts += [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in members[1:]]
-        peers = [
-            GradientAveraging(spec, dht, trainable_parameters(model), listener=QuietListener())
-            for (spec, model), dht in zip(members, dhts, strict=True)
-        ]
+    dhts = [start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)]
+    initial = [str(a) for a in dhts[0].get_visible_maddrs()]
+    dhts += [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in members[1:]]
+    peers = [
+        GradientAveraging(spec, dht, trainable_parameters(model), listener=QuietListener())
+        for (spec, model), dht in zip(members, dhts, strict=True)
+    ]
     try:
         yield peers
     finally:

@@ -10,12 +10,13 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
+from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.donors import CheckedDownloads, other_donors
-from tests.helpers import sigint_kept, wait_until
+from tests.helpers import wait_until
 
 
-class _Donor(CheckedDownloads):
+class _Donor(CheckedDownloads, KeepsCtrlC):
     """Serves its averaged tensors; ``tamper`` spoils the stream after the manifest was made."""
 
     def __init__(self, tensors, dht, *, tamper: str | None = None, **kwargs):
@@ -43,16 +44,15 @@ class _Donor(CheckedDownloads):
 @pytest.mark.timeout(120)
 def test_a_cut_or_corrupted_download_is_discarded_and_the_next_donor_serves():
     honest = [torch.full((4, 8), 1.0), torch.arange(16.0)]
-    with sigint_kept():
-        first = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-        initial = [str(a) for a in first.get_visible_maddrs()]
-        dhts = [first] + [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in range(3)]
-        common = {"prefix": "checked", "start": True, "min_matchmaking_time": 1.0, "request_timeout": 0.5}
-        donors = [
-            _Donor([t + 100 * (tamper is not None) for t in honest], dht, tamper=tamper, **common)
-            for dht, tamper in zip(dhts[:3], ("cut", "flip", None), strict=True)
-        ]
-        newcomer = _Donor([torch.zeros_like(t) for t in honest], dhts[3], **common)
+    first = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    initial = [str(a) for a in first.get_visible_maddrs()]
+    dhts = [first] + [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in range(3)]
+    common = {"prefix": "checked", "start": True, "min_matchmaking_time": 1.0, "request_timeout": 0.5}
+    donors = [
+        _Donor([t + 100 * (tamper is not None) for t in honest], dht, tamper=tamper, **common)
+        for dht, tamper in zip(dhts[:3], ("cut", "flip", None), strict=True)
+    ]
+    newcomer = _Donor([torch.zeros_like(t) for t in honest], dhts[3], **common)
     try:
         for priority, donor in zip((3, 2, 1), donors, strict=True):  # the tampering ones are asked first
             donor.state_sharing_priority = priority

@@ -18,7 +18,7 @@ from potluck.peer.averaging.diloco import DiLoCoAveraging
 from potluck.peer.training.checkpoint import list_checkpoints
 from potluck.peer.training.exact_match import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
-from tests.helpers import QuietListener, sigint_kept, wait_until
+from tests.helpers import QuietListener, wait_until
 from tests.test_swarm import checkpoint_at, max_difference, weights
 
 pytestmark = pytest.mark.slow
@@ -163,9 +163,8 @@ def test_a_peer_done_with_the_last_outer_step_serves_it_to_a_peer_still_behind(m
     leave before it has: it was the only donor (the other then took the last step alone, other weights)."""
     spec_path = make_spec(max_global_steps=1, averaging=dict(DILOCO, inner_steps=1))
     params = list(torch.nn.Linear(8, 8).parameters())
-    with sigint_kept():
-        dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-        done = DiLoCoAveraging(load_run_spec(spec_path), dht, params, QuietListener())
+    dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    done = DiLoCoAveraging(load_run_spec(spec_path), dht, params, QuietListener())
     saved = tmp_path / "behind.pt"
     behind = subprocess.Popen(
         [sys.executable, "-c", _BEHIND, str(spec_path), str(dht.get_visible_maddrs()[0]), str(saved)],

@@ -12,20 +12,20 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
 from potluck.hivemind_ext.allreduce import SameAverages
+from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
-from tests.helpers import sigint_kept
 
 SIZE = 300_000
 """Elements averaged: several of hivemind's parts, so that each peer reduces some (a tiny tensor is one
 part, reduced by one peer only)."""
 
 
-class _Averager(CheckedRounds):
+class _Averager(CheckedRounds, KeepsCtrlC):
     pass
 
 
-class _SameStep(CheckedRounds):
+class _SameStep(CheckedRounds, KeepsCtrlC):
     same_step_only = True
 
 
@@ -48,22 +48,21 @@ def _averagers(*classes_and_values):
     """One averager per (class, value), each averaging one tensor: the value's, or filled with it."""
     dhts, averagers = [], []
     try:
-        with sigint_kept():
-            for cls, value in classes_and_values:
-                initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
-                dhts.append(start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None))
-                averagers.append(
-                    cls(
-                        [value if isinstance(value, torch.Tensor) else torch.full((SIZE,), float(value))],
-                        dhts[-1],
-                        prefix="rounds-test",
-                        min_matchmaking_time=1.0,
-                        request_timeout=0.5,
-                        allreduce_timeout=10.0,
-                        next_chunk_timeout=2.0,
-                        start=True,
-                    )
+        for cls, value in classes_and_values:
+            initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
+            dhts.append(start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None))
+            averagers.append(
+                cls(
+                    [value if isinstance(value, torch.Tensor) else torch.full((SIZE,), float(value))],
+                    dhts[-1],
+                    prefix="rounds-test",
+                    min_matchmaking_time=1.0,
+                    request_timeout=0.5,
+                    allreduce_timeout=10.0,
+                    next_chunk_timeout=2.0,
+                    start=True,
                 )
+            )
         yield averagers
     finally:
         for averager in averagers:
@@ -125,7 +124,7 @@ def test_a_same_step_round_averages_only_peers_at_one_step():
         assert all(torch.allclose(_tensor(a), torch.full((SIZE,), 2.0)) for a in averagers)
 
 
-class _Exact(CheckedRounds, SameAverages):
+class _Exact(CheckedRounds, SameAverages, KeepsCtrlC):
     pass
 
 

@@ -61,6 +61,7 @@ from hivemind.dht import DHT
 from hivemind.utils.timed_storage import get_dht_time
 
 from potluck.hivemind_ext import allreduce as consistent_allreduce
+from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.donors import (
     CheckedDownloads,
     LimitedDonor,
@@ -82,7 +83,12 @@ GROUP_SEARCH_MATCHMAKING_TIMES = 4
 
 
 class _OuterAverager(
-    CheckedDownloads, StoppableDownloads, LimitedDonor, CheckedRounds, consistent_allreduce.SameAverages
+    CheckedDownloads,
+    StoppableDownloads,
+    LimitedDonor,
+    CheckedRounds,
+    consistent_allreduce.SameAverages,
+    KeepsCtrlC,
 ):
     """All-reduces pseudo-gradients; serves the outer state that ``current_state`` returns to joiners."""
 

@@ -77,7 +77,7 @@ def train_through_shards(
         )
         strategy = make_strategy(spec, dht, [model.prompt], listener=results.listener(metrics))
         try:
-            install_stop_handlers(stop, strategy)  # after the averagers: creating one leaves SIGINT ignored
+            install_stop_handlers(stop, strategy)
             trainer = Trainer(
                 model=model,
                 stage=make_stage(spec.stage),

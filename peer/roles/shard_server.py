@@ -99,7 +99,7 @@ def serve_shard(
         if options.metrics_port is not None:
             metrics.serve(options.metrics_port, options.metrics_host)
         adapter = SpanAdapter(span, spec.adapter, spec) if isinstance(spec.adapter, LoraAdapter) else None
-        if adapter is not None:  # before the stop handlers: creating an averager leaves SIGINT ignored
+        if adapter is not None:
             averaging = ReplicaAveraging(dht, adapter, spec, blocks, average_every).start()
         servicer = ShardServicer(span, spec.run_id, limits or ServerLimits(), metrics, adapter)
         p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())

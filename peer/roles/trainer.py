@@ -64,7 +64,8 @@ def install_stop_handlers(stop: threading.Event, strategy: AveragingStrategy | N
     """SIGINT/SIGTERM ask the loop to finish its step and leave, and the strategy to cut short what
     it waits for on the swarm; a second signal exits at once.
 
-    Must run after the averagers are created: creating one leaves SIGINT ignored in this process.
+    Installed once the strategy exists (a stop request cuts short what it waits for); until then, Ctrl-C
+    ends the starting peer at once (``peer/launch.py``).
     """
 
     def handle(signum, frame):

@@ -20,10 +20,10 @@ import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.dht import DHT
 from peft import LoraConfig, inject_adapter_in_model
 
+from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.peer.shard.blocks import BlockSpan
 from potluck.protocols.runspec import LoraAdapter, RunSpec
 from potluck.runtime.periodic import Periodic
@@ -65,8 +65,7 @@ class SpanAdapter:
 class ReplicaAveraging:
     """Averages a :class:`SpanAdapter` with the other replicas of its span in a background thread.
 
-    Create it in the main thread of the server process (hivemind's averager requirement), before
-    installing signal handlers (creating an averager leaves SIGINT ignored). Tune ``average_every``
+    Create it in the main thread of the server process (hivemind's averager requirement). Tune ``average_every``
     down for replicas that should stay close, up to save bandwidth; the run's
     ``averaging.matchmaking_time`` and ``averaging_timeout`` bound each round."""
 
@@ -75,7 +74,7 @@ class ReplicaAveraging:
     ):
         self.adapter, self.average_every = adapter, average_every
         self.timeout = spec.averaging.averaging_timeout
-        self.averager = DecentralizedAverager(
+        self.averager = KeepsCtrlC(
             [p.detach().clone() for p in adapter.parameters],
             dht,
             start=True,
