@@ -17,8 +17,8 @@ What is measured
     - ``diloco-fp16``, ``gradient-fp16`` on request.
 
     The gradient cases run ``--gradient-steps`` global steps (150 x 128 samples); the DiLoCo cases run
-    ``--outer-steps`` outer steps (3 x 2 peers x H 50 x 64 = the same 19,200 samples, plus the inner steps
-    a peer takes while it waits for the other), so that both use about as many samples (``samples``).
+    ``--outer-steps`` outer steps (3 x 2 peers x H 50 x 64 = the same 19,200 samples), so that both use
+    about as many samples (``samples``).
 
 Shaped link (``--link-mbit``)
     Each peer runs in its own simulated host of ``tests/netbed`` (network namespaces; needs root): its

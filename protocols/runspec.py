@@ -153,9 +153,10 @@ class AveragingSpec(_Strict):
     weights (the pseudo-gradient) and applies an outer SGD-Nesterov step: about ``inner_steps`` times
     fewer bytes, for links too slow to average every step (home internet)."""
     inner_steps: int = Field(50, ge=1)
-    """(diloco) Local optimizer steps between outer steps (DiLoCo's H; a peer keeps stepping past it while
-    it waits for slower peers). Larger sends fewer bytes per sample; lower it if the held-out loss lags
-    the ``gradient`` strategy's or peers' losses drift apart. A global step is one outer step."""
+    """(diloco) Local optimizer steps between outer steps (DiLoCo's H): a peer that has taken them waits for
+    the slower ones (see ``compute_while_waiting``). Larger sends fewer bytes per sample; lower it if the
+    held-out loss lags the ``gradient`` strategy's or peers' losses drift apart. A global step is one outer
+    step."""
     outer_lr: float = Field(0.7, gt=0)
     """(diloco) Learning rate of the outer SGD step on the averaged pseudo-gradient (DiLoCo: 0.7); 1.0
     without momentum is plain model averaging. Lower it if the loss jumps right after outer steps."""
@@ -168,6 +169,11 @@ class AveragingSpec(_Strict):
     """(diloco) Average in the background while the next inner steps run, and apply the outer step when
     the round completes (keeping the inner steps taken meanwhile), so compute does not wait on the
     network. Set false to wait for each round (exact DiLoCo; useful to compare utilisation)."""
+    compute_while_waiting: bool = False
+    """(diloco) A peer that has taken its ``inner_steps`` while slower peers have not keeps taking inner
+    steps until they are ready, instead of idling: no compute is left idle, but fast peers then take more
+    than H steps per outer step, and each peer a different number (the run is no longer the DiLoCo of
+    the spec). Off by default: every peer takes exactly H inner steps per outer step."""
     matchmaking_time: float = Field(1.0, ge=0.1, le=60)
     """Seconds a peer waits to gather a group before averaging. Raise it if peers often average alone
     (``potluck_averaging_rounds_total{outcome="failed"}`` grows) on slow or distant links."""
@@ -211,7 +217,14 @@ class AveragingSpec(_Strict):
         LoRA replicas of a shard span."""
         return min(3.0, self.matchmaking_time / 2)
 
-    @field_validator("inner_steps", "outer_lr", "nesterov", "outer_momentum", "overlap_communication")
+    @field_validator(
+        "inner_steps",
+        "outer_lr",
+        "nesterov",
+        "outer_momentum",
+        "overlap_communication",
+        "compute_while_waiting",
+    )
     @classmethod
     def _only_for_diloco(cls, value: Any, info: ValidationInfo) -> Any:
         # runs only for fields the spec sets: a DiLoCo option changed under another strategy is a mistake

@@ -18,11 +18,16 @@ outer step) to late joiners; the tracker publishes each peer's round and inner s
 Rounds and consistency
     - Peers at outer step s average only with peers at outer step s: the averager's group key carries
       s (``rounds.round_bits``), so a straggler never mixes an old pseudo-gradient into a newer round.
-    - A peer that has taken H inner steps waits (still taking inner steps, so no compute is lost)
-      until every peer the tracker knows of has taken H, or ``averaging_timeout`` passes; then the
-      round starts. Slow peers therefore bound the round, fast peers take more than H inner steps.
-    - Only a successful round advances the outer step. A peer whose round failed keeps training and
-      tries again; a peer that finds the swarm at a later outer step downloads the outer state (bounded
+    - A peer that has taken H inner steps waits until every peer the tracker knows of has taken H, or
+      ``averaging_timeout`` passes; then the round starts. Slow peers therefore bound the round. The
+      wait is idle: every peer takes exactly H inner steps per outer step, as the spec says, unless
+      ``averaging.compute_while_waiting`` lets fast peers keep stepping meanwhile (then they take more,
+      each peer a different number, and the run is no longer the DiLoCo of the spec).
+    - Only a successful round advances the outer step, and only a round whose group holds a strict
+      majority of the peers in the round (the tracker's ``peers_in_round``) succeeds: two groups of one
+      outer step would each apply a different average, and nothing would bring their global weights
+      together again. A peer whose round failed tries again (without another inner step, unless
+      ``compute_while_waiting``); a peer that finds the swarm at a later outer step downloads the outer state (bounded
       in attempts, like ``hivemind_ext.optimizer.BoundedOptimizer``) and continues from the global weights. A round looks for
       its group for a few matchmaking times only, and is left to end by itself when the others have
       moved on (cancelling it held hivemind's matchmaking for later rounds). A round that gathered
@@ -78,6 +83,13 @@ from potluck.peer.averaging.strategy import AveragingListener, AveragingStrategy
 from potluck.protocols.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
+PROGRESS_REPORT_SECONDS = 5.0
+"""Between the start of an outer step and the moment H inner steps are taken, a peer publishes its progress
+at most this often (the others' view of its inner steps lags by as much; only the moment it is ready
+matters to them, and that is published at once)."""
+WAIT_SLICE_SECONDS = 0.05
+"""How often an idle peer (H taken, the others not ready) looks again at the swarm's progress and at a stop
+request (the tracker's own refresh period bounds how fresh that view is)."""
 GROUP_SEARCH_MATCHMAKING_TIMES = 4
 """A round looks for its group for this many ``matchmaking_time``s (hivemind needs more than one)."""
 
@@ -125,6 +137,7 @@ class DiLoCoAveraging(AveragingStrategy):
         self._listener = listener
         self._inner_steps = averaging.inner_steps
         self._overlap = averaging.overlap_communication
+        self._compute_while_waiting = averaging.compute_while_waiting
         self._averaging_timeout = averaging.averaging_timeout
         self._deadlines = DeadlineWatch(averaging.averaging_timeout)
         self._round_deadline = 2 * averaging.averaging_timeout + 2 * averaging.matchmaking_time
@@ -160,6 +173,7 @@ class DiLoCoAveraging(AveragingStrategy):
         self._inner_in_round = 0
         self._ready_since: float | None = None
         self._last_refresh = 0.0
+        self._last_report = -float("inf")
         self._round: _Round | None = None
         self._state_lock = threading.Lock()  # hivemind's state thread reads while the trainer writes
 
@@ -207,9 +221,13 @@ class DiLoCoAveraging(AveragingStrategy):
         self._report_progress()
 
         if self._round is not None:
+            if self._round.inner_steps_since >= self._inner_steps:
+                # H taken toward the next outer step while this round still runs: wait for it
+                while not (self._round.control.done() or self._round_overdue()) and self._idle_a_slice():
+                    pass
             if self._round.control.done():
                 return self._finish_round()
-            if time.monotonic() - self._round.started > self._round_deadline:
+            if self._round_overdue():
                 # hivemind bounds matchmaking and each chunk, but a round whose own sender stalls (the
                 # quantile codec's pool did, in a forked averager) never ends: training on alone would
                 # look like perfect utilisation. One failed round instead, then wait or catch up.
@@ -229,28 +247,65 @@ class DiLoCoAveraging(AveragingStrategy):
             if self._round.control.stage == AveragingStage.LOOKING_FOR_GROUP:
                 self._refresh_swarm_view()  # for the catch-up then
             return False
-        if self._tracker.global_epoch > self._outer_step:
-            return self._catch_up()
-        if self._inner_in_round < self._inner_steps:
+        if self._inner_in_round < self._inner_steps and self._tracker.global_epoch <= self._outer_step:
             return False
+        while True:
+            decision = self._next_move()
+            while decision == "wait" and self._idle_a_slice():
+                decision = self._next_move()
+            if decision == "catch up":
+                return self._catch_up()
+            if decision == "alone":
+                self._apply_outer([g - p.detach().to("cpu", torch.float32) for g, p in self._local_pairs()])
+                logger.info(f"outer step {self._outer_step}: alone, applied this peer's pseudo-gradient")
+                return True
+            if decision == "wait":
+                return False
+            self._start_round()
+            if self._overlap:
+                return False
+            if self._finish_round():
+                return True
+            if self._compute_while_waiting or self._stop.is_set():
+                return False
+            # H means H: the failed round is retried once the others are ready again, on the same
+            # pseudo-gradient (the local weights have not moved), without another inner step
+
+    def _next_move(self) -> str:
+        """What a peer with no round in flight does now: ``catch up`` (the swarm is at a later outer step),
+        ``wait`` (fewer than H inner steps, or the others not ready yet), ``alone`` (nobody else in the
+        run) or ``start`` (a round: everyone is ready, or ``averaging_timeout`` passed waiting)."""
+        if self._tracker.global_epoch > self._outer_step:
+            return "catch up"
+        if self._inner_in_round < self._inner_steps:
+            return "wait"
         if self._ready_since is None:
             self._ready_since = time.monotonic()
             self._refresh_swarm_view()
-            return False
+            return "wait"
         if not self._tracker.fetched_global_progress_this_epoch.is_set():
-            return False  # decide on a view of the swarm fetched after this peer became ready
+            return "wait"  # decide on a view of the swarm fetched after this peer became ready
         glob = self._tracker.global_progress
         if glob.num_peers <= 1:
-            self._apply_outer([g - p.detach().to("cpu", torch.float32) for g, p in self._local_pairs()])
-            logger.info(f"outer step {self._outer_step}: alone, applied this peer's pseudo-gradient")
-            return True
+            return "alone"
         in_round = max(self._tracker.peers_in_round, 1)
         everyone_ready = glob.samples_accumulated >= in_round * self._inner_steps * self._samples_unit
         if not everyone_ready and time.monotonic() - self._ready_since < self._averaging_timeout:
             self._refresh_swarm_view()
+            return "wait"
+        return "start"
+
+    def _idle_a_slice(self) -> bool:
+        """H means H: a peer that may not take another inner step yet idles one slice, counted as time
+        spent waiting on the swarm. False (no wait) under ``compute_while_waiting`` or a stop request."""
+        if self._compute_while_waiting or self._stop.is_set():
             return False
-        self._start_round()
-        return False if self._overlap else self._finish_round()
+        time.sleep(WAIT_SLICE_SECONDS)
+        self._communication_wait(WAIT_SLICE_SECONDS)
+        return True
+
+    def _round_overdue(self) -> bool:
+        return time.monotonic() - self._round.started > self._round_deadline
 
     def request_stop(self) -> None:
         self._stop.set()  # a state download in progress ends (StoppableDownloads); rounds end as they do
@@ -385,8 +440,13 @@ class DiLoCoAveraging(AveragingStrategy):
             group = group_of(gathered)
             group_size = len(group)
             steps = {data.get("outer_step") if isinstance(data, dict) else None for data in group.values()}
+            in_round = self._tracker.peers_in_round
             if steps != {current.outer_step}:
                 error = f"group mixed outer steps {sorted(map(str, steps))}"
+            elif 2 * group_size <= in_round:
+                # two groups of one outer step would each apply their own average: global weights apart for
+                # good (4 peers split 2 + 2 in 3 of 6 runs of bench/equality.py); only a majority advances
+                error = f"a group of {group_size} is not a majority of the {in_round} peers in this round"
             elif (arrived := received_fraction(gathered)) < 1.0:
                 # the rest is this peer's own pseudo-gradient: its outer step would differ from the others'
                 error = f"only {arrived:.1%} of the average arrived"
@@ -436,7 +496,7 @@ class DiLoCoAveraging(AveragingStrategy):
         self._ready_since = None
         with self._tracker.pause_updates():
             self._tracker.update_epoch(outer_step)
-        self._report_progress()
+        self._report_progress(now=True)
         if not self._averager.client_mode:  # a peer behind NAT serves no state (hivemind refuses it)
             self._averager.state_sharing_priority = outer_step
 
@@ -486,10 +546,20 @@ class DiLoCoAveraging(AveragingStrategy):
         self._start_outer_step(outer_step, 0)
 
     # -- bookkeeping ------------------------------------------------------------------------------
-    def _report_progress(self) -> None:
+    def _report_progress(self, now: bool = False) -> None:
+        """Publish this peer's inner steps of the outer step (a signed DHT record): at the start of each
+        outer step (``now``), once H are taken (the others start the round on it), and in between at most
+        every ``PROGRESS_REPORT_SECONDS``, so that the control plane's traffic grows with time, not with
+        steps (a record per inner step was most of the bytes beyond the payload at 4 peers)."""
         # capped at H: the sum over peers then reaches peers x H exactly when everyone is ready
         done = min(self._inner_in_round, self._inner_steps) * self._samples_unit
-        self._tracker.report_local_progress(self._outer_step, done)
+        published = self._tracker.local_progress
+        if not now and (published.epoch, published.samples_accumulated) == (self._outer_step, done):
+            return  # nothing new (waiting with H taken)
+        ready = done == self._inner_steps * self._samples_unit
+        if now or ready or time.monotonic() - self._last_report >= PROGRESS_REPORT_SECONDS:
+            self._last_report = time.monotonic()
+            self._tracker.report_local_progress(self._outer_step, done)
 
     def _peers_behind(self) -> int:
         """Peers whose progress record is at an outer step before this peer's."""

@@ -1,0 +1,153 @@
+"""How many bytes do DiLoCo peers put on the wire beyond the averaged payload: per inner step, or per second?
+
+What is measured
+    ``--peers`` DiLoCo ``run-peer`` processes (tiny model, H = ``--inner-steps``, no compression, overlap
+    off), each in its own host of ``tests/netbed`` (network namespaces, unshaped links; needs root), train
+    ``--outer-steps`` outer steps. Each host's ``eth0`` counts what its peer sent (``tx_bytes``). Counted
+    from the moment every peer has taken outer step 1 (start-up, the DHT's bootstrap and the joiners'
+    state downloads are before it) to the end; the averaging payload of those rounds (the peers'
+    ``averaging_round`` events) is subtracted: what is left is the control plane (DHT records and
+    lookups, matchmaking, the libp2p connections' own traffic, the TCP acknowledgements of what the peer
+    received). A catch-up's state download in that window would count too: each trial line says how many
+    there were.
+
+    Two modes, alternated within each repeat (the order rotates):
+
+    - ``per-step``: every inner step publishes the peer's progress record, as Potluck did before
+      (``diloco.PROGRESS_REPORT_SECONDS = 0``, set by ``--report-every-step`` in this file run as the
+      peer's entry, so ``run-peer`` has no benchmark-only branch);
+    - ``timed``: today's ``run-peer``: a record at the start of an outer step, when H are taken, and at
+      most every ``PROGRESS_REPORT_SECONDS`` in between.
+
+How to read it
+    One line per trial (control-plane bytes per peer and outer step, seconds per outer step), then per mode
+    the min/median/max over repeats, and ``ratio=…`` (median per-step ÷ median timed).
+
+Run: ``.venv/bin/python bench/control_plane.py`` (root; about 1 minute per trial on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from workdir import median_min_max, run_in_workdir, runs_parser, wait_for, write_tiny_spec
+
+from potluck.tools.peer_processes import LocalSwarm
+from potluck.tools.tiny.assets import build_assets
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+PORT = 31337
+MODES = ("per-step", "timed")
+
+
+def tx_bytes(host) -> int:
+    return int(host.run("cat", "/sys/class/net/eth0/statistics/tx_bytes").stdout)
+
+
+def one_trial(spec_path: Path, folder: Path, mode: str, args: argparse.Namespace) -> dict[str, float]:
+    sys.path.insert(0, str(REPO_ROOT))  # tests/ is not installed; the test bed lives there
+    from tests.netbed import NetBed
+
+    entry = (str(SCRIPT), "--report-every-step") if mode == "per-step" else None
+    with NetBed() as bed, LocalSwarm(spec_path, folder / "logs") as swarm:
+        hosts, peers = [], []
+        for i in range(args.peers):
+            host = bed.add_host(f"p{i}", seed=i)
+            peer_args = ["--host-maddrs", f"/ip4/{host.address}/tcp/{PORT}", "--min-peers", str(args.peers)]
+            peer = swarm.start_peer(
+                f"p{i}", peer_args, command_prefix=host.command([]), **({"entry": entry} if entry else {})
+            )
+            swarm.wait_for_address(peer, timeout=180)
+            hosts.append(host)
+            peers.append(peer)
+        wait_for(lambda: all(p.events("global_step") for p in peers), 300, "outer step 1 on every peer")
+        start, started = [tx_bytes(h) for h in hosts], time.monotonic()
+        codes = swarm.wait_all(timeout=args.timeout)
+        seconds = time.monotonic() - started
+        end = [tx_bytes(h) for h in hosts]
+        if any(codes):
+            failed = next(p for p, code in zip(peers, codes, strict=True) if code)
+            raise RuntimeError(f"exit codes {codes}; {failed.name}:\n{failed.log()[-3000:]}")
+    control, downloads = [], 0
+    for peer, before, after in zip(peers, start, end, strict=True):
+        first = peer.events("global_step")[0]["time"]
+        payload = sum(e["bytes_sent"] for e in peer.events("averaging_round") if e["time"] > first)
+        control.append(after - before - payload)
+        downloads += sum(e["time"] > first for e in peer.events("state_download"))
+    steps = args.outer_steps - 1
+    return {
+        "control_per_step": statistics.mean(control) / steps,
+        "seconds_per_step": seconds / steps,
+        "downloads": downloads,
+    }
+
+
+def run(workdir: Path, args: argparse.Namespace) -> int:
+    build_assets(workdir)
+    averaging = {
+        "strategy": "diloco",
+        "inner_steps": args.inner_steps,
+        "overlap_communication": False,
+        "matchmaking_time": args.matchmaking_time,
+        "averaging_timeout": 15.0,
+    }
+    spec_path = write_tiny_spec(
+        workdir / "run.yaml", workdir, "bench-control-plane", 64 * args.peers, 64, averaging,
+        max_global_steps=args.outer_steps,
+    )  # fmt: skip
+    found: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    for r in range(args.runs):
+        order = MODES if r % 2 == 0 else MODES[::-1]
+        for mode in order:
+            trial = one_trial(spec_path, workdir / f"run{r}-{mode}", mode, args)
+            found[mode].append(trial)
+            print(
+                f"repeat {r + 1} {mode}: control plane {trial['control_per_step'] / 1e3:.1f} kB per peer and"
+                f" outer step, {trial['seconds_per_step']:.2f} s per outer step, {trial['downloads']} state"
+                " downloads in the window (their bytes count as control plane here)",
+                flush=True,
+            )
+    for mode in MODES:
+        kilobytes = [t["control_per_step"] / 1e3 for t in found[mode]]
+        seconds = [t["seconds_per_step"] for t in found[mode]]
+        print(
+            f"{mode}: {median_min_max('kB_per_peer_step', kilobytes, 1)} {median_min_max('s_per_step', seconds, 2)}"
+        )
+    ratio = statistics.median(t["control_per_step"] for t in found["per-step"]) / statistics.median(
+        t["control_per_step"] for t in found["timed"]
+    )
+    print(
+        f"ratio={ratio:.2f} peers={args.peers} inner_steps={args.inner_steps} outer_steps={args.outer_steps}"
+        f" repeats={args.runs}"
+    )
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = runs_parser(__doc__, runs=3)
+    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--inner-steps", type=int, default=50, help="H")
+    p.add_argument("--outer-steps", type=int, default=5)
+    p.add_argument("--matchmaking-time", type=float, default=0.5)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one trial may take")
+    return p.parse_args(argv)
+
+
+def report_every_step(run_peer_args: list[str]) -> int:
+    """``run-peer`` publishing its progress record at every inner step, as before the change."""
+    from potluck.peer import cli
+    from potluck.peer.averaging import diloco
+
+    diloco.PROGRESS_REPORT_SECONDS = 0.0
+    return cli.main(run_peer_args)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--report-every-step"]:
+        sys.exit(report_every_step(sys.argv[2:]))
+    sys.exit(run_in_workdir(run, parse_args(None), "control-plane"))
