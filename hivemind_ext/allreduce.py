@@ -10,10 +10,20 @@ uses the decoded bytes for its own part too; each peer turns the average into th
 in float64 (:class:`_AverageValueContainer`): all peers hold bit-identical averages (the codec's error is
 still there, but it is the same everywhere). The bytes on the wire are unchanged. Used by every averager
 of a peer, gradients, state and DiLoCo's (see :func:`use_in_this_process`).
+
+A reducer also refuses a sender's part that holds NaN or Inf, or comes with a weight that is not a
+finite non-negative number (:func:`refusal`): the round goes on without that sender, as without one that
+failed mid-round. A peer refuses an average holding NaN or Inf from a reducer too, and keeps its own
+values for that part, as for a reducer that failed. Each refusal is logged with the peer id and counted
+(:func:`refused_parts`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import math
+import multiprocessing as mp
 from collections.abc import AsyncIterator
 
 import torch
@@ -33,6 +43,35 @@ UPSTREAM = {
     "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group": "c297d8a435ce2b1c",  # looks AllReduceRunner up in its module at each round
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
+
+logger = logging.getLogger(__name__)
+_refused = mp.Value(ctypes.c_int64, 0)  # counted in the averagers' processes (forked after this import)
+
+
+def refused_parts() -> int:
+    """Parts of other peers' tensors that this process's averagers refused to reduce (:func:`refusal`)."""
+    return _refused.value
+
+
+def refusal(tensor_part: torch.Tensor, weight: float) -> str | None:
+    """Why a reducer must not add this part of a sender's tensor to the average, or None.
+
+    One NaN in one sender's part made the average NaN for every peer of the group, and every later
+    round spread it (issue 17: a peer sending NaN every 5th step left every honest adapter NaN by step
+    4). An infinite or negative weight (hivemind weights each part by the sender's own sample count)
+    does the same. The sender is then treated as one that failed mid-round: the others average without
+    it, and it keeps its own values."""
+    if not (math.isfinite(weight) and weight >= 0):
+        return f"its weight is {weight!r}"
+    if not torch.isfinite(tensor_part).all():
+        return "it holds NaN or Inf"
+    return None
+
+
+def _count_refusal(what: str, why: str) -> None:
+    with _refused.get_lock():
+        _refused.value += 1
+    logger.warning(f"averaging: refused {what}: {why}")
 
 
 class _EncodingReducer(TensorPartReducer):
@@ -63,11 +102,19 @@ class _AverageValueContainer(TensorPartContainer):
 
     local_index: int
     reducer: _EncodingReducer
+    peer_ids: list
 
     def register_processed_part(self, peer_index: int, part_index: int, part: torch.Tensor):
         # our own reduced part arrives as hivemind's float32 delta: its exact average is the reducer's
         average = self.reducer.decoded[part_index] if peer_index == self.local_index else part
         own = self._input_parts_by_peer[peer_index][part_index][0]
+        if peer_index != self.local_index and (why := refusal(average, 1.0)) is not None:
+            # a reducer that averaged in a NaN (its own, or it accepts anything): keep our own values, and
+            # let the round say that part of the average did not arrive (rounds.received_fraction)
+            _count_refusal(f"the average of part {part_index} from peer {self.peer_ids[peer_index]}", why)
+            TensorPartContainer.register_processed_part(self, peer_index, part_index, torch.zeros_like(own))
+            self.failed_size += own.numel()
+            return
         super().register_processed_part(peer_index, part_index, average.double() - own.double())
 
     def register_failed_reducer(self, peer_index: int):
@@ -88,6 +135,7 @@ class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
         # is less code than re-implementing the constructor
         container.__class__ = _AverageValueContainer
         container.local_index = self.ordered_peer_ids.index(self.peer_id)
+        container.peer_ids = self.ordered_peer_ids
         container.reducer = reducer
         reducer.__class__ = _EncodingReducer
         reducer.codec, reducer.encoded, reducer.decoded = container.compression, {}, {}
@@ -103,6 +151,9 @@ class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
                 stream,
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
+                if (why := refusal(tensor_part, weight)) is not None:
+                    _count_refusal(f"part {part_index} from peer {self.sender_peer_ids[sender_index]}", why)
+                    break  # banned below: the round averages without it, as without a sender that failed
                 try:
                     await self.tensor_part_reducer.accumulate_part(
                         sender_index, part_index, tensor_part, weight=weight

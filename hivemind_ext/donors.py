@@ -145,6 +145,13 @@ def _digest(tensor: torch.Tensor) -> bytes:
     return hashlib.blake2b(raw, digest_size=8).digest()
 
 
+def nonfinite(tensors: Sequence[torch.Tensor]) -> str | None:
+    """Why a state of ``tensors`` must not be used for holding NaN or Inf, or None. A donor whose own state
+    went NaN (or that serves NaN on purpose) matches its own manifest: the next donor is asked instead."""
+    bad = next((i for i, t in enumerate(tensors) if not torch.isfinite(t).all()), None)
+    return None if bad is None else f"tensor {bad} holds NaN or Inf"
+
+
 def manifest_mismatch(metadata, tensors: Sequence[torch.Tensor]) -> str | None:
     """Why ``tensors`` are not the state their donor's ``metadata`` describes, or None when they are."""
     manifest = metadata.get(MANIFEST_KEY) if isinstance(metadata, dict) else None
@@ -199,8 +206,8 @@ class StoppableDownloads(DecentralizedAverager):
 
 class CheckedDownloads(DecentralizedAverager):
     """Serves its state with a manifest (``get_current_state`` returns :meth:`with_manifest`) and checks every download against the donor's before using it;
-    one that does not match is discarded (counted in :attr:`discarded_downloads`) and the next donor is
-    tried, as for a donor that failed. A state sent compressed (``state_compression``) is checked for
+    one that does not match, or holds NaN or Inf, is discarded (counted in :attr:`discarded_downloads`)
+    and the next donor is tried, as for a donor that failed. A state sent compressed (``state_compression``) is checked for
     dtypes and shapes only."""
 
     def __init__(self, *args, **kwargs):
@@ -283,7 +290,7 @@ class CheckedDownloads(DecentralizedAverager):
                             f"skipped the state of {peer}: global step {step}, past the swarm's {newest}"
                         )
                         continue
-                    problem = manifest_mismatch(metadata, tensors)
+                    problem = manifest_mismatch(metadata, tensors) or nonfinite(tensors)
                     if problem is not None:
                         with self._discarded.get_lock():
                             self._discarded.value += 1

@@ -4,6 +4,7 @@ averagers on a loopback DHT in this process."""
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import AsyncIterator  # noqa: UP035 (hivemind reads the stream type from typing's alias only)
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
-from potluck.hivemind_ext.allreduce import SameAverages
+from potluck.hivemind_ext.allreduce import SameAverages, refused_parts
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
@@ -142,3 +143,25 @@ def test_every_peer_of_a_round_holds_the_same_average_to_the_bit(averager, same)
         first, *others = (_tensor(a) for a in averagers)
     torch.testing.assert_close(first, sum(values) / 3)
     assert all(torch.equal(first, other) for other in others) is same
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_sending_nan_is_refused_and_the_others_average_without_it():
+    """One NaN in one sender's part made every peer's average NaN (issue 17). Reducers refuse the part and
+    average without its sender; a peer refuses a NaN average from the NaN peer's own reducer and keeps its
+    own values there; the round says that part of the average did not arrive."""
+    refused_before = refused_parts()
+    with _averagers((_Exact, 1.0), (_Exact, 3.0), (_Exact, math.nan)) as averagers:
+        rounds = [a.step(timeout=30.0, wait=False) for a in averagers]
+        honest = [_outcome(control) for control in rounds[:2]]
+        tensors = [_tensor(a) for a in averagers[:2]]
+    assert all(isinstance(gathered, dict) and len(group_of(gathered)) == 3 for gathered in honest), honest
+    for gathered, tensor, own in zip(honest, tensors, (1.0, 3.0), strict=True):
+        assert torch.isfinite(tensor).all()
+        averaged = tensor == 2.0  # the honest peers' mean, where an honest peer reduced the part
+        assert torch.equal(tensor[~averaged], torch.full_like(tensor[~averaged], own))
+        share = averaged.float().mean().item()
+        assert 0 < share < 1 and share == pytest.approx(received_fraction(gathered))
+    assert torch.equal(tensors[0] == 2.0, tensors[1] == 2.0)  # the same parts, averaged the same
+    assert refused_parts() - refused_before >= 2 + 2  # each honest reducer refused the NaN part; each
+    # honest peer refused the NaN reducer's average

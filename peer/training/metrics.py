@@ -10,6 +10,7 @@ import time
 
 from prometheus_client import start_http_server
 
+from potluck.hivemind_ext.allreduce import refused_parts
 from potluck.peer.averaging.strategy import round_outcome
 from potluck.runtime.metrics import MetricSet
 
@@ -94,12 +95,18 @@ class PeerMetrics:
             "potluck_forged_run_status",
             "Announcements of this run's status under another key than its coordinator's (ignored)",
         )
+        refused = series.gauge(
+            "potluck_refused_averaging_parts",
+            "Parts of other peers' tensors this peer's averagers refused (NaN or Inf, or a weight that is not"
+            " a finite non-negative number), since start; the peer's log names each sender",
+        )
+        refused.labels(run_id).set_function(refused_parts)
         self._first_step_at: float | None = None
         self._compute_total = self._pending_wait = 0.0
         self._state_downloads = series.counter(
             "potluck_state_downloads",
             "Attempts to download the swarm's state, by outcome (discarded: a download that did not match"
-            " its donor's manifest, thrown away before use)",
+            " its donor's manifest or held NaN or Inf, thrown away before use)",
             "outcome",
         )
         self._state_download_seconds = series.histogram(

@@ -23,6 +23,7 @@ import torch
 from hivemind.dht import DHT
 from peft import LoraConfig, inject_adapter_in_model
 
+from potluck.hivemind_ext.allreduce import SameAverages
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.peer.shard.blocks import BlockSpan
 from potluck.protocols.runspec import LoraAdapter, RunSpec
@@ -62,6 +63,10 @@ class SpanAdapter:
             return [p.detach().clone() for p in self.parameters]
 
 
+class _ReplicaAverager(SameAverages, KeepsCtrlC):
+    """Replicas hold the same average to the bit and refuse NaN parts, as every averager of a peer."""
+
+
 class ReplicaAveraging:
     """Averages a :class:`SpanAdapter` with the other replicas of its span in a background thread.
 
@@ -74,7 +79,7 @@ class ReplicaAveraging:
     ):
         self.adapter, self.average_every = adapter, average_every
         self.timeout = spec.averaging.averaging_timeout
-        self.averager = KeepsCtrlC(
+        self.averager = _ReplicaAverager(
             [p.detach().clone() for p in adapter.parameters],
             dht,
             start=True,
