@@ -3,7 +3,7 @@
 A broken or malicious peer (issue 17): every EVERY-th local step, after its backward pass, its gradients
 are set to NaN before the averaging strategy accumulates them, so NaN goes into the swarm's gradient
 all-reduce while its loss still looks fine. For ``tests/test_poison.py``
-(``LocalSwarm.start_peer(entry=poison_peer_entry(2))``) and attack benchmarks.
+(``LocalSwarm.start_peer(entry=(path of this file, "2"))``) and attack benchmarks.
 
 The poison is injected here, by wrapping ``GradientAveraging.step`` before run-peer's own ``main`` runs,
 so that ``run-peer`` itself has no attack branch.
@@ -13,14 +13,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve()
-
-
-def poison_peer_entry(every: int) -> tuple[str, ...]:
-    """What ``LocalSwarm.start_peer(entry=...)`` runs instead of ``-m potluck.peer.launch``."""
-    return (str(SCRIPT), str(every))
 
 
 def main(argv: list[str]) -> int:

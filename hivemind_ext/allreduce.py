@@ -48,8 +48,12 @@ logger = logging.getLogger(__name__)
 _refused = mp.Value(ctypes.c_int64, 0)  # counted in the averagers' processes (forked after this import)
 
 
+NONFINITE = "it holds NaN or Inf"
+
+
 def refused_parts() -> int:
-    """Parts of other peers' tensors that this process's averagers refused to reduce (:func:`refusal`)."""
+    """Parts that this process's averagers refused, since start: other peers' parts to reduce
+    (:func:`refusal`) and averages from other peers' reducers that held NaN or Inf."""
     return _refused.value
 
 
@@ -64,7 +68,7 @@ def refusal(tensor_part: torch.Tensor, weight: float) -> str | None:
     if not (math.isfinite(weight) and weight >= 0):
         return f"its weight is {weight!r}"
     if not torch.isfinite(tensor_part).all():
-        return "it holds NaN or Inf"
+        return NONFINITE
     return None
 
 
@@ -107,14 +111,14 @@ class _AverageValueContainer(TensorPartContainer):
     def register_processed_part(self, peer_index: int, part_index: int, part: torch.Tensor):
         # our own reduced part arrives as hivemind's float32 delta: its exact average is the reducer's
         average = self.reducer.decoded[part_index] if peer_index == self.local_index else part
-        own = self._input_parts_by_peer[peer_index][part_index][0]
-        if peer_index != self.local_index and (why := refusal(average, 1.0)) is not None:
-            # a reducer that averaged in a NaN (its own, or it accepts anything): keep our own values, and
-            # let the round say that part of the average did not arrive (rounds.received_fraction)
-            _count_refusal(f"the average of part {part_index} from peer {self.peer_ids[peer_index]}", why)
-            TensorPartContainer.register_processed_part(self, peer_index, part_index, torch.zeros_like(own))
-            self.failed_size += own.numel()
+        if peer_index != self.local_index and not torch.isfinite(average).all():
+            # a reducer that averaged in a NaN (its own, or it accepts anything): as for a failed reducer
+            _count_refusal(
+                f"the average of part {part_index} from peer {self.peer_ids[peer_index]}", NONFINITE
+            )
+            self._keep_own(peer_index, part_index)
             return
+        own = self._input_parts_by_peer[peer_index][part_index][0]
         super().register_processed_part(peer_index, part_index, average.double() - own.double())
 
     def register_failed_reducer(self, peer_index: int):
@@ -122,9 +126,14 @@ class _AverageValueContainer(TensorPartContainer):
         for part_index in range(
             self._outputs_registered_by_peer[peer_index], self.num_parts_by_peer[peer_index]
         ):
-            zeros = torch.zeros_like(self._input_parts_by_peer[peer_index][part_index][0])
-            TensorPartContainer.register_processed_part(self, peer_index, part_index, zeros)
-            self.failed_size += zeros.numel()
+            self._keep_own(peer_index, part_index)
+
+    def _keep_own(self, peer_index: int, part_index: int) -> None:
+        """A zero delta for this part (our own values stay), counted as not arrived
+        (``rounds.received_fraction``)."""
+        zeros = torch.zeros_like(self._input_parts_by_peer[peer_index][part_index][0])
+        TensorPartContainer.register_processed_part(self, peer_index, part_index, zeros)
+        self.failed_size += zeros.numel()
 
 
 class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):

@@ -247,12 +247,12 @@ class DiLoCoAveraging(AveragingStrategy):
             if self._round.control.stage == AveragingStage.LOOKING_FOR_GROUP:
                 self._refresh_swarm_view()  # for the catch-up then
             return False
-        if self._inner_in_round < self._inner_steps and self._tracker.global_epoch <= self._outer_step:
-            return False
         while True:
             decision = self._next_move()
             while decision == "wait" and self._idle_a_slice():
                 decision = self._next_move()
+            if decision == "train":
+                return False
             if decision == "catch up":
                 return self._catch_up()
             if decision == "alone":
@@ -273,12 +273,12 @@ class DiLoCoAveraging(AveragingStrategy):
 
     def _next_move(self) -> str:
         """What a peer with no round in flight does now: ``catch up`` (the swarm is at a later outer step),
-        ``wait`` (fewer than H inner steps, or the others not ready yet), ``alone`` (nobody else in the
-        run) or ``start`` (a round: everyone is ready, or ``averaging_timeout`` passed waiting)."""
+        ``train`` (fewer than H inner steps), ``wait`` (the others not ready yet), ``alone`` (nobody else in
+        the run) or ``start`` (a round: everyone is ready, or ``averaging_timeout`` passed waiting)."""
         if self._tracker.global_epoch > self._outer_step:
             return "catch up"
         if self._inner_in_round < self._inner_steps:
-            return "wait"
+            return "train"
         if self._ready_since is None:
             self._ready_since = time.monotonic()
             self._refresh_swarm_view()
