@@ -15,9 +15,11 @@ from potluck.peer.training.model import (
     PROMPT_ENCODER_FILE,
     build_model,
     load_tokenizer,
+    save_weights,
     trainable_parameters,
 )
 from potluck.peer.training.stages.data import encode_prompt
+from potluck.peer.training.stages.models import load_frozen_causal_lm, load_reward_model
 from potluck.protocols.runspec import parse_run_spec
 from potluck.tools.chat import Chat
 
@@ -70,6 +72,23 @@ def test_adapter_trains_only_its_parameters(tiny_assets, adapter):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert all(p.grad is None for p in frozen)
+
+
+def test_no_loaded_model_swaps_its_layers_for_kernels_from_the_hub(tiny_assets, tmp_path):
+    """transformers 5 replaces layers with kernels it downloads from the hub once a model runs on CUDA, unless
+    told not to: on an H200 that crashed every ``run-peer --gpu 0`` at start (the publisher's trust could not be
+    verified). Every way a peer loads a model turns it off (``use_kernels`` is what that switch sets)."""
+    cpu = torch.device("cpu")
+    trained = build_model(spec_for(tiny_assets, ADAPTERS[1]), cpu)
+    save_weights(trained, tmp_path / "adapter")
+    loaded = {
+        "trained": trained.get_base_model(),
+        "full": build_model(spec_for(tiny_assets, ADAPTERS[0]), cpu),
+        "frozen": load_frozen_causal_lm(str(tiny_assets["model"]), cpu),
+        "frozen adapter": load_frozen_causal_lm(str(tmp_path / "adapter"), cpu),
+        "reward": load_reward_model(str(tiny_assets["model"]), cpu, seed=0),
+    }
+    assert {name: model.use_kernels for name, model in loaded.items()} == dict.fromkeys(loaded, False)
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS[1:3], ids=["lora", "prefix"])

@@ -115,9 +115,17 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None))
 
 
+NO_HUB_KERNELS = {"use_kernels": False}
+"""``from_pretrained`` options of every model a peer loads. transformers 5 swaps a model's layers for kernels it
+downloads from the Hugging Face hub (``kernels-community/…``, code run in the peer) as soon as the model trains
+or runs on CUDA, unless told not to: a download at run time that fails offline and wherever the kernel's
+publisher cannot be verified (seen on an H200: every ``run-peer --gpu 0`` crashed at start), and code a
+volunteer never chose to run."""
+
+
 def load_base_model(spec: ModelSpec, device: torch.device) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
-        spec.name_or_path, revision=spec.revision, dtype=getattr(torch, spec.dtype)
+        spec.name_or_path, revision=spec.revision, dtype=getattr(torch, spec.dtype), **NO_HUB_KERNELS
     )
     return model.to(device)
 

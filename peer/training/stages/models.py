@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from potluck.peer.training.checkpoint import latest_checkpoint, list_checkpoints
 from potluck.peer.training.data import IGNORE_INDEX
 from potluck.peer.training.model import (
+    NO_HUB_KERNELS,
     WeightsNotFoundError,
     adapt_prompt_learning,
     check_model_source,
@@ -76,14 +77,14 @@ def load_frozen_causal_lm(path: str, device: torch.device, dtype: str = "float32
     if is_adapter_folder(path):
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **NO_HUB_KERNELS)
         model = (
             adapt_prompt_learning(model)
             if model.active_peft_config.is_prompt_learning
             else model.merge_and_unload()
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **NO_HUB_KERNELS)
     return freeze(model.to(device))
 
 
@@ -92,7 +93,7 @@ def load_reward_model(path: str, device: torch.device, seed: int | None = None) 
     head, initialised under ``seed`` so that every peer starts with the same one."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **NO_HUB_KERNELS)
     if model.config.pad_token_id is None:
         # the head reads the last non-padding token; without a pad id it cannot find it in a padded batch. A
         # tokenizer without a pad token (Mistral's) pads with EOS, as ``load_tokenizer`` makes it: the score is
