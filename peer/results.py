@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from potluck.peer.averaging.strategy import round_outcome
 
 
@@ -95,6 +97,9 @@ class PeerSummary:
     """Announcements of this run's status under another key than its coordinator's, ignored."""
     blocks: list[int] | None = None
     """``--role shard``: ``[start, end]`` of the span served."""
+    peak_gpu_memory_bytes: int | None = None
+    """The most GPU memory PyTorch held at once in this process (``torch.cuda.max_memory_allocated``, the
+    largest over its devices); None when it used no GPU."""
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -161,6 +166,7 @@ class PeerResults:
     def close(self) -> PeerSummary:
         """Write the summary (once) and close the file."""
         self._fill_from_metrics()
+        self.summary.peak_gpu_memory_bytes = peak_gpu_memory()
         self.summary.seconds = time.monotonic() - self._started
         self.event("summary", **self.summary.to_json())
         with self._lock:
@@ -264,6 +270,13 @@ class PeerResults:
         s.samples = max(s.samples, int(latest.get("samples_total", 0)))
         if latest.get("loss") is not None:
             s.last_loss = float(latest["loss"])
+
+
+def peak_gpu_memory() -> int | None:
+    """``torch.cuda.max_memory_allocated`` of the device that held most (None: CUDA never used here)."""
+    if not torch.cuda.is_initialized():
+        return None
+    return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
 
 
 class RecordingListener:

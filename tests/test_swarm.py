@@ -73,6 +73,8 @@ def test_two_peers_end_equal_and_loss_falls(device, make_spec, local_swarm, tmp_
     # step may come before it has fetched the other's progress record.
     summary = first.summary()
     assert summary is not None and summary.rounds.alone <= 2, first.log()[-3000:]
+    # what a volunteer sizes their card by: reported on a GPU, absent on the CPU
+    assert (summary.peak_gpu_memory_bytes or 0) > 0 if device else summary.peak_gpu_memory_bytes is None
 
     spec = load_run_spec(spec_path)
     before = evaluate_spec(spec, checkpoint=None)

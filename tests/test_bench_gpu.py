@@ -1,0 +1,25 @@
+"""``bench/gpu.py --dry``: the GPU benchmark runs end to end on the CPU (trials of both sides and the pair of
+``run-peer``s), so it still works when a GPU is lent. Its figures mean nothing here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def test_the_gpu_bench_runs_dry_on_the_cpu(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--dry", "--runs", "1", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    last = dict(pair.split("=", 1) for pair in done.stdout.strip().splitlines()[-1].split())
+    assert float(last["tokens_ratio"]) > 0 and last["pair_equal"] == "True", done.stdout
+    assert last["device"] == "cpu_(dry_run)"
