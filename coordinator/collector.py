@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry
 
 from potluck.coordinator.store import HistoryPoint, PeerReportRow, RunRecord, RunStore
 from potluck.protocols.records import (
+    REPORT_REFUSALS,
+    ReportGate,
     RunAnnouncement,
     announce_run,
     read_announcements,
@@ -81,7 +83,10 @@ class SwarmMetrics:
         self.last_collection = series.gauge(
             "potluck_last_collection_timestamp_seconds", "When the coordinator last read the DHT"
         )
-        for reason in ("signature", "schema", "oversized", "untrusted_announcement", "malformed", "unsigned"):
+        for reason in (
+            "signature", "schema", "oversized", "untrusted_announcement", "malformed", "unsigned",
+            *REPORT_REFUSALS,
+        ):  # fmt: skip
             self.rejected.labels(reason)
 
 
@@ -96,6 +101,7 @@ class Collector:
         self.interval = interval
         self._known_runs: set[str] = set()
         self._rejections_seen: Tally = Tally()
+        self._gates: dict[str, ReportGate] = {}
         self._announcing = threading.Lock()
         # a failed round (DHT hiccup, locked database) is logged; the next one may succeed
         self._periodic = Periodic(self.collect_once, interval, "potluck-collector", immediately=True)
@@ -142,9 +148,13 @@ class Collector:
 
     def _collect_run(self, run_id: str) -> None:
         found = read_reports(self.dht, run_id)
-        self._count_rejections(Tally({f"{run_id}:{k}": v for k, v in found.skipped.items()}), per_run=True)
         now = time.time()
-        reports = [r for r in found.records.values() if now - r.reported_at <= FRESH_SECONDS]
+        gate = self._gates.setdefault(run_id, ReportGate())
+        refused_before = Tally(gate.refused)
+        admitted = [r for owner, r in found.records.items() if gate.admit(owner, r, now)]
+        skipped = found.skipped + (gate.refused - refused_before)
+        self._count_rejections(Tally({f"{run_id}:{k}": v for k, v in skipped.items()}), per_run=True)
+        reports = [r for r in admitted if now - r.reported_at <= FRESH_SECONDS]
         self.store.remember_peer_addresses({r.peer_id: r.addresses for r in reports}, now)
         self.store.add_peer_reports(
             [
@@ -160,7 +170,7 @@ class Collector:
                     r.bytes_received,
                     r.compute_utilisation,
                 )
-                for r in found.records.values()
+                for r in admitted
             ]
         )
         m = self.metrics

@@ -15,6 +15,7 @@ from hivemind.dht import DHT
 from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
+from potluck.hivemind_ext.keys import SigningIdentity
 from potluck.hivemind_ext.lifeline import bind_children
 from potluck.hivemind_ext.p2p import connect
 from potluck.runtime.periodic import Periodic
@@ -88,6 +89,7 @@ def start_dht(
     record_validators: Sequence = (),
     ensure_bootstrap_success: bool = True,
     join_timeout: float = JOIN_TIMEOUT,
+    identity: SigningIdentity | None = None,
 ) -> DHT:
     """Start this peer's DHT node (a child process running hivemind's libp2p daemon).
 
@@ -99,40 +101,51 @@ def start_dht(
     busy averaging can lose a handshake for that long, so the node retries, with growing pauses,
     until ``join_timeout`` seconds have passed; then :class:`SwarmJoinError` says which addresses
     did not answer.
+
+    ``identity`` (a peer process: ``keys.sign_records_with_identity``, called before its record validators are
+    made) replaces ``identity_path``: the node's peer id is then that of the key its records are signed with.
     """
-    if identity_path is not None:
+    if identity is not None:
+        identity_path = identity.path
+    elif identity_path is not None:
         identity_path.parent.mkdir(parents=True, exist_ok=True)
     bind_children()  # the DHT, averagers and p2pd die with this process, even on SIGKILL
-    started, pause, attempt = time.monotonic(), 1.0, 0
-    while True:
-        attempt += 1
-        try:
-            return DHT(
-                start=True,
-                initial_peers=list(initial_peers),
-                host_maddrs=list(host_maddrs),
-                announce_maddrs=list(announce_maddrs) or None,
-                identity_path=str(identity_path) if identity_path else None,
-                client_mode=client_mode,
-                record_validators=list(record_validators),
-                ensure_bootstrap_success=ensure_bootstrap_success,
-                await_ready=True,
-            )
-        except (P2PDaemonError, RuntimeError) as error:
-            if not any(reason in str(error) for reason in _NOBODY_ANSWERED):
-                raise
-            elapsed = time.monotonic() - started
-            if elapsed + pause > join_timeout:
-                raise SwarmJoinError(
-                    f"none of the initial peers answered in {attempt} attempt(s) over {elapsed:.0f} s: "
-                    f"{', '.join(initial_peers)} (is the address right, is that peer running, and can "
-                    "this machine reach it?)"
-                ) from None
-            logger.warning(
-                f"none of the initial peers answered (attempt {attempt}); trying again in {pause:.0f} s"
-            )
-            time.sleep(pause)
-            pause = min(2 * pause, 16.0)
+    try:
+        started, pause, attempt = time.monotonic(), 1.0, 0
+        while True:
+            attempt += 1
+            try:
+                return DHT(
+                    start=True,
+                    initial_peers=list(initial_peers),
+                    host_maddrs=list(host_maddrs),
+                    announce_maddrs=list(announce_maddrs) or None,
+                    identity_path=str(identity_path) if identity_path else None,
+                    client_mode=client_mode,
+                    record_validators=list(record_validators),
+                    ensure_bootstrap_success=ensure_bootstrap_success,
+                    await_ready=True,
+                    # an identity made just now is nobody else's: no dial to ask the swarm
+                    check_if_identity_free=identity is None or not identity.fresh,
+                )
+            except (P2PDaemonError, RuntimeError) as error:
+                if not any(reason in str(error) for reason in _NOBODY_ANSWERED):
+                    raise
+                elapsed = time.monotonic() - started
+                if elapsed + pause > join_timeout:
+                    raise SwarmJoinError(
+                        f"none of the initial peers answered in {attempt} attempt(s) over {elapsed:.0f} s: "
+                        f"{', '.join(initial_peers)} (is the address right, is that peer running, and can "
+                        "this machine reach it?)"
+                    ) from None
+                logger.warning(
+                    f"none of the initial peers answered (attempt {attempt}); trying again in {pause:.0f} s"
+                )
+                time.sleep(pause)
+                pause = min(2 * pause, 16.0)
+    finally:
+        if identity is not None:
+            identity.forget()  # the daemon has read it; a temporary one goes
 
 
 def visible_addresses(dht: DHT) -> list[str]:

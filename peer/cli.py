@@ -10,7 +10,7 @@ from pathlib import Path
 
 from potluck.peer.device import DeviceError, resolve_device
 from potluck.peer.net.discovery import DiscoveryError, find_run_in_dht, join_via_coordinator, read_trusted_key
-from potluck.peer.preflight import INPUT_ERRORS, check_addresses, check_run_inputs
+from potluck.peer.preflight import INPUT_ERRORS, check_addresses, check_identity, check_run_inputs
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, run_peer, start_peer_dht
 from potluck.peer.training.loop import NonFiniteLossError
@@ -208,6 +208,7 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
         device = resolve_device(args.gpu)
         spec = load_run_spec(args.run_spec) if args.run_spec else None
         check_addresses(args.initial_peers, args.host_maddrs, args.announce_maddrs)
+        check_identity(args.identity_path)
         coordinator_key = read_trusted_key(args.coordinator_key) if args.coordinator_key else None
     except (DeviceError, DiscoveryError, *INPUT_ERRORS) as e:
         return user_error(e, results)

@@ -6,6 +6,7 @@ flag, field, file or line; the commands report it through their one error path (
 the ``except INPUT_ERRORS`` of ``potluck``) with exit status 2:
 
 - the multiaddrs of ``--initial-peers``, ``--host-maddrs`` and ``--announce-maddrs`` (``hivemind_ext/dht.py``);
+- ``--identity-path``: a libp2p identity file with an RSA key, if it exists (``hivemind_ext/keys.py``);
 - every model the run loads: a folder holding a model, or a hub id, in the local cache while ``HF_HUB_OFFLINE``
   is set (``training/model.py``, ``training/stages/models.py``);
 - a trainer's model is of a kind its stage trains, and has the modules its adapter names, from its config alone
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from potluck.hivemind_ext.dht import MultiaddrError, check_multiaddrs
+from potluck.hivemind_ext.keys import IdentityError, read_identity
 from potluck.peer.training.architecture import UnsupportedModelError, check_architecture
 from potluck.peer.training.data import DatasetFormatError
 from potluck.peer.training.model import check_model_spec
@@ -28,7 +30,9 @@ from potluck.peer.training.stages.data import check_stage_data
 from potluck.peer.training.stages.models import check_stage_models
 from potluck.protocols.runspec import RunSpec, RunSpecError
 
-INPUT_ERRORS = (RunSpecError, DatasetFormatError, MultiaddrError, FileNotFoundError, UnsupportedModelError)
+INPUT_ERRORS = (
+    RunSpecError, DatasetFormatError, MultiaddrError, FileNotFoundError, UnsupportedModelError, IdentityError,
+)  # fmt: skip
 """What the checks raise (``FileNotFoundError``: a data file, or a model, ``WeightsNotFoundError``): a command
 reports these as one line and exits with status 2."""
 
@@ -41,6 +45,13 @@ def check_addresses(
     check_multiaddrs(initial_peers, "--initial-peers", peer=True)
     check_multiaddrs(host_maddrs, "--host-maddrs")
     check_multiaddrs(announce_maddrs, "--announce-maddrs", port=True)
+
+
+def check_identity(identity_path: Path | None) -> None:
+    """An ``--identity-path`` that exists is a libp2p identity with an RSA key (the peer signs its records with
+    it, ``hivemind_ext/keys.py``); one that does not is made at start."""
+    if identity_path is not None and identity_path.exists():
+        read_identity(identity_path)
 
 
 def check_run_inputs(spec: RunSpec, role: str = "trainer", save_dir: Path | None = None) -> None:

@@ -34,7 +34,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic.v1 import BaseModel, StrictFloat, ValidationError, conint, conlist, constr, validator
 
-from potluck.hivemind_ext.keys import load_private_key
+from potluck.hivemind_ext.keys import load_private_key, peer_id_of_owner
 from potluck.hivemind_ext.p2p import node_validators
 
 RUNS_KEY = "potluck_runs"
@@ -263,8 +263,53 @@ def read_owned(dht: DHT, key: str, schema: type[BaseModel], check=None) -> ReadR
 
 
 def read_reports(dht: DHT, run_id: str) -> ReadResult:
-    """Peer reports of a run, by the owner key of their subkey."""
+    """Peer reports of a run, by the owner key of their subkey (schema-checked; :class:`ReportGate` for the rest)."""
     return read_owned(dht, reports_key(run_id), PeerReport)
+
+
+MAX_CLOCK_SKEW = 120.0
+"""Seconds a report's ``reported_at`` may lie ahead of the reader's clock (volunteers' clocks drift)."""
+
+
+REPORT_REFUSALS = ("peer_id_mismatch", "replayed", "from_the_future")
+"""Why :class:`ReportGate` refuses a report (``potluck_dht_records_rejected_total{reason=…}``)."""
+
+
+class ReportGate:
+    """What a reader of one run's peer reports checks beyond the schema and the DHT's signatures:
+
+    - ``peer_id_mismatch``: the report names a peer id other than the one of the key that signed it (a peer's
+      records are signed with its identity's key, ``hivemind_ext/keys.py``): one peer passing itself off as
+      another, or a peer that does not sign with its identity (a foreign or outdated client);
+    - ``replayed``: older than a report already admitted from the same key (a signed record stored again);
+    - ``from_the_future``: ``reported_at`` more than :data:`MAX_CLOCK_SKEW` ahead of the reader's clock.
+
+    A record refused is refused at every read, and counted once (``refused``), however often it is read."""
+
+    MAX_REMEMBERED = 100_000
+
+    def __init__(self) -> None:
+        self.refused: Counter = Counter()
+        self._newest: dict[bytes, float] = {}
+        self._seen: set[tuple[bytes, float, str]] = set()
+
+    def admit(self, owner: bytes, report: PeerReport, now: float) -> bool:
+        reason = None
+        if peer_id_of_owner(owner) != report.peer_id:
+            reason = "peer_id_mismatch"
+        elif report.reported_at > now + MAX_CLOCK_SKEW:
+            reason = "from_the_future"
+        elif report.reported_at < self._newest.get(owner, -math.inf):
+            reason = "replayed"
+        if reason is None:
+            self._newest[owner] = report.reported_at
+            return True
+        if (owner, report.reported_at, reason) not in self._seen:
+            if len(self._seen) >= self.MAX_REMEMBERED:
+                self._seen.clear()  # a flood of forgeries: some may then be counted twice, none admitted
+            self._seen.add((owner, report.reported_at, reason))
+            self.refused[reason] += 1
+        return False
 
 
 def announce_run(dht: DHT, key_tag: bytes, announcement: RunAnnouncement, ttl: float) -> bool:

@@ -156,21 +156,26 @@ def test_forged_announcement_and_report_are_ignored_and_counted(
             "a global step of peer a after the forged 'finished'",
         )
 
-        # 2. a report under peer a's subkey: every node refuses it
+        # 2. a report under peer a's subkey: every node refuses it; and one under the intruder's own key that
+        # names peer a's id: stored (its signature is good), but the coordinator refuses it, since a's id is
+        # not the id of the key that signed it (a peer signs with its identity's key)
         fake = real_report.copy(update={"global_step": 10**9, "reported_at": time.time() + 1})
         assert publish_report(intruder, owner, run_id, PeerReport(**fake.dict()), ttl=60, wait=True) is False
+        assert publish_report(
+            intruder, public_key_tag(intruder_key), run_id, PeerReport(**fake.dict()), ttl=60, wait=True
+        )
 
         def counted():
             text = coord.get("/metrics")
-            signature = metric_with(text, "potluck_dht_records_rejected_total", 'reason="signature"')
-            untrusted = metric_with(
-                text, "potluck_dht_records_rejected_total", 'reason="untrusted_announcement"'
+            return all(
+                metric_with(text, "potluck_dht_records_rejected_total", f'reason="{reason}"') >= 1
+                for reason in ("signature", "untrusted_announcement", "peer_id_mismatch")
             )
-            return signature >= 1 and untrusted >= 1
 
-        wait_until(counted, 60, "the coordinator to count both forgeries")
+        wait_until(counted, 60, "the coordinator to count the three forgeries")
         still = read_reports(intruder, run_id).records[owner]
         assert still.peer_id == real_report.peer_id and still.global_step < 10**9
+        assert max(p["global_step"] for p in coord.run_report(run_id)["history"]) < 10**9
 
         # 3. a newcomer that only knows the DHT and the trusted key gets the real spec
         key_file = tmp_path / "coordinator.pub"

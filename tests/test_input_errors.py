@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hivemind.proto import crypto_pb2
 from huggingface_hub import constants
 
 from potluck.peer.cli import main as run_peer_main
@@ -168,6 +169,27 @@ def test_an_announced_address_needs_its_port(spec_of, capsys):
     assert the_one_line(capsys, code).startswith(
         "run-peer: --announce-maddrs /ip4/203.0.113.7/tcp/0: port 0 cannot be announced"
     )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"\xff\x00 not a key", "not a libp2p identity file"),
+        (
+            crypto_pb2.PrivateKey(key_type=crypto_pb2.Ed25519, data=bytes(64)).SerializeToString(),
+            "the identity's key is Ed25519",
+        ),
+    ],
+    ids=["garbage", "ed25519"],
+)
+def test_an_identity_file_that_cannot_sign_is_named_before_the_model_or_dht_starts(
+    content, problem, spec_of, tmp_path, capsys
+):
+    # the peer signs its records with its identity's key (hivemind_ext/keys.py): it must be an RSA one
+    identity = tmp_path / "peer.id"
+    identity.write_bytes(content)
+    line = the_one_line(capsys, run_peer("--run-spec", str(spec_of()), "--identity-path", str(identity)))
+    assert line.startswith(f"run-peer: {identity}: {problem}"), line
 
 
 def test_a_bad_coordinator_key_is_named_before_the_model_or_dht_starts(spec_of, capsys):

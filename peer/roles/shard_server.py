@@ -11,6 +11,7 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.crypto import RSAPrivateKey
 
 from potluck.hivemind_ext.dht import start_dht, visible_addresses
+from potluck.hivemind_ext.keys import sign_records_with_identity
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, install_stop_handlers
 from potluck.peer.shard.blocks import load_block_span, load_config, resolve_model_dir
@@ -59,14 +60,16 @@ def serve_shard(
     results = results or PeerResults(None, "shard")
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = load_config(model_dir)
+    identity = sign_records_with_identity(options.identity_path)  # before anything takes the process-wide key
     dht = start_dht(
         options.initial_peers,
         options.host_maddrs,
         options.announce_maddrs,
-        options.identity_path,
+        None,
         options.client_mode,
         record_validators=shard_record_validators(None, spec.run_id),
         join_timeout=options.join_timeout,
+        identity=identity,
     )
     servicer = announcer = p2p = averaging = None
     try:

@@ -15,6 +15,7 @@ from hivemind.dht import DHT
 from hivemind.utils.crypto import RSAPrivateKey
 
 from potluck.hivemind_ext.dht import JOIN_TIMEOUT, RouteKeeper, start_dht, visible_addresses
+from potluck.hivemind_ext.keys import sign_records_with_identity
 from potluck.peer.averaging.choose import make_strategy
 from potluck.peer.averaging.strategy import AveragingStrategy
 from potluck.peer.net.reporter import ReportPublisher
@@ -114,16 +115,19 @@ def exit_reason(result: TrainResult, options: PeerOptions) -> str:
 
 
 def start_peer_dht(options: PeerOptions, run_ids: tuple[str, ...] = ()) -> DHT:
-    """This peer's DHT node, with Potluck's record validators (signatures, schemas, sizes) first."""
+    """This peer's DHT node, with Potluck's record validators (signatures, schemas, sizes) first, signing its
+    records with the key behind its peer id (``hivemind_ext/keys.py``)."""
+    identity = sign_records_with_identity(options.identity_path)  # before anything takes the process-wide key
     return start_dht(
         options.initial_peers,
         options.host_maddrs,
         options.announce_maddrs,
-        options.identity_path,
+        None,
         options.client_mode,
-        # None: sign with the process-wide key, the one hivemind's progress tracker uses too
+        # None: sign with the process-wide key (the identity's), the one hivemind's progress tracker uses too
         record_validators=record_validators(None, run_ids),
         join_timeout=options.join_timeout,
+        identity=identity,
     )
 
 
