@@ -1,12 +1,16 @@
-"""``run-peer`` that poisons the averaging: ``python bench/poison_peer.py EVERY [run-peer flags...]``.
+"""``run-peer`` that attacks the averaging: ``python bench/poison_peer.py ATTACK EVERY [run-peer flags...]``.
 
-A broken or malicious peer (issue 17): every EVERY-th local step, after its backward pass, its gradients
-are set to NaN before the averaging strategy accumulates them, so NaN goes into the swarm's gradient
-all-reduce while its loss still looks fine. For ``tests/test_poison.py``
-(``LocalSwarm.start_peer(entry=(path of this file, "2"))``) and attack benchmarks.
+A broken or malicious peer (issue 17). Every EVERY-th local step, after its backward pass and before the
+averaging strategy takes its gradients, it applies ATTACK:
 
-The poison is injected here, by wrapping ``GradientAveraging.step`` before run-peer's own ``main`` runs,
-so that ``run-peer`` itself has no attack branch.
+- ``nan``: its gradients become NaN (its loss still looks fine);
+- ``sign_flip``: its gradients are multiplied by -10;
+- ``random``: its gradients become a random direction at 1000x their norm;
+- ``inflate``: it claims 1000x the samples it computed (hivemind weights a peer's gradients by its claim).
+
+For ``tests/test_poison.py`` (``LocalSwarm.start_peer(entry=(path of this file, "nan", "2"))``) and
+``bench/attacks.py``. The attack is injected here, by wrapping ``GradientAveraging.step`` before run-peer's own
+``main`` runs, so that ``run-peer`` itself has no attack branch.
 """
 
 from __future__ import annotations
@@ -14,12 +18,31 @@ from __future__ import annotations
 import math
 import sys
 
+import torch
+
+ATTACKS = ("nan", "sign_flip", "random", "inflate")
+INFLATION = 1000
+
+
+def poison(attack: str, grad: torch.Tensor) -> None:
+    """``attack`` applied to one gradient, in place (``inflate`` leaves gradients alone)."""
+    if attack == "nan":
+        grad.fill_(math.nan)
+    elif attack == "sign_flip":
+        grad.mul_(-10)
+    elif attack == "random":
+        direction = torch.randn_like(grad)
+        grad.copy_(direction * (1000 * grad.norm() / direction.norm().clamp_min(1e-12)))
+
 
 def main(argv: list[str]) -> int:
     from potluck.peer import cli
     from potluck.peer.averaging.gradient import GradientAveraging
 
-    every, run_peer_args = int(argv[0]), argv[1:]
+    attack, every, run_peer_args = argv[0], int(argv[1]), argv[2:]
+    if attack not in ATTACKS:
+        print(f"poison_peer.py: ATTACK is one of {', '.join(ATTACKS)}, not {attack!r}", file=sys.stderr)
+        return 2
     original_init, original_step = GradientAveraging.__init__, GradientAveraging.step
 
     def init(self, spec, dht, params, listener):
@@ -29,9 +52,11 @@ def main(argv: list[str]) -> int:
     def step(self, batch_size: int) -> bool:
         self.local_steps += 1
         if self.local_steps % every == 0:
+            if attack == "inflate":
+                return original_step(self, batch_size * INFLATION)
             for p in self.poisoned_params:
                 if p.grad is not None:
-                    p.grad.fill_(math.nan)
+                    poison(attack, p.grad)
         return original_step(self, batch_size)
 
     GradientAveraging.__init__, GradientAveraging.step = init, step

@@ -42,6 +42,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from potluck.peer.shard.client.remote_model import RemoteCausalLM, open_remote_model
+from potluck.peer.training.model import NO_HUB_KERNELS
 from potluck.protocols.runspec import load_run_spec
 from potluck.protocols.shards import read_shards
 from potluck.tools.peer_processes import LocalSwarm
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline:
                 raise TimeoutError("the 3 shard servers did not announce themselves within 120 s")
             time.sleep(0.5)
-        local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **NO_HUB_KERNELS)
         torch.manual_seed(0)
         ids = torch.randint(4, 20, (args.batch, args.tokens))
         tuned = RemoteCausalLM(remote.parts, remote.client, prompt_tokens=8)

@@ -16,6 +16,11 @@ finite non-negative number (:func:`refusal`): the round goes on without that sen
 failed mid-round. A peer refuses an average holding NaN or Inf from a reducer too, and keeps its own
 values for that part, as for a reducer that failed. Each refusal is logged with the peer id and counted
 (:func:`refused_parts`).
+
+A run may choose a robust rule instead of the weighted mean (``hivemind_ext/aggregators.py``,
+:func:`aggregate_with`): the reducer then keeps every sender's part of the current chunk (``_Collected``, in
+place of hivemind's running sum) and combines them when the last one arrives; a part it leaves out as an
+outlier is refused like a NaN one, named by its sender.
 """
 
 from __future__ import annotations
@@ -34,10 +39,14 @@ from hivemind.compression import CompressionBase, CompressionInfo, deserialize_t
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import amap_in_executor
 
+from potluck.hivemind_ext.aggregators import Aggregator
+
 UPSTREAM = {
     "hivemind.averaging.allreduce.AllReduceRunner.__init__": "597a0c8dbbeabbe3",  # builds the part container and reducer whose classes we swap
     "hivemind.averaging.allreduce.AllReduceRunner._accumulate_parts_streaming": "6c5a3c7266060303",  # copied, sends the shared encoded average
-    "hivemind.averaging.partition.TensorPartReducer.accumulate_part": "1d64a8bd77052ac4",  # subclassed: returns the average we encode
+    "hivemind.averaging.partition.TensorPartReducer.accumulate_part": "1d64a8bd77052ac4",  # subclassed: returns the average we encode; accumulator.add_ gets each part
+    "hivemind.averaging.partition.TensorPartReducer.reset_accumulators": "5d3dc36f344a342e",  # extended: a _Collected accumulator per part
+    "hivemind.averaging.partition.TensorPartReducer.check_current_part_finished": "ec9b059c42f3ca27",  # its accumulator.div_(denominator) is the part's result
     "hivemind.averaging.partition.TensorPartContainer.register_processed_part": "ff5ebad6141c4a88",  # overridden: average value to delta
     "hivemind.averaging.partition.TensorPartContainer.register_failed_reducer": "89b41b9d7f225968",  # copied: zero deltas for a failed reducer
     "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group": "c297d8a435ce2b1c",  # looks AllReduceRunner up in its module at each round
@@ -46,6 +55,14 @@ UPSTREAM = {
 
 logger = logging.getLogger(__name__)
 _refused = mp.Value(ctypes.c_int64, 0)  # counted in the averagers' processes (forked after this import)
+_aggregator = Aggregator()
+
+
+def aggregate_with(aggregator: Aggregator) -> None:
+    """Make the averagers this process starts from now on reduce with ``aggregator`` (they are forked, and
+    take this module's setting with them). Every peer of a run sets its spec's."""
+    global _aggregator
+    _aggregator = aggregator
 
 
 NONFINITE = "it holds NaN or Inf"
@@ -78,17 +95,64 @@ def _count_refusal(what: str, why: str) -> None:
     logger.warning(f"averaging: refused {what}: {why}")
 
 
+class _Collected:
+    """What a reducer with a robust rule keeps of the current part in place of hivemind's running sum
+    (``TensorPartReducer.accumulator``): every sender's part and weight (``add_``); ``div_``, hivemind's last
+    step of a part, returns the rule's aggregate (outliers left out and refused by sender) instead of
+    ``sum / total weight``."""
+
+    def __init__(self, reducer: _EncodingReducer):
+        self.reducer = reducer
+        self.parts: list[torch.Tensor] = []
+        self.weights: list[float] = []
+        self.senders: list[int] = []
+
+    def add_(self, tensor_part: torch.Tensor, alpha: float) -> _Collected:
+        self.parts.append(tensor_part)
+        self.weights.append(alpha)
+        self.senders.append(self.reducer.sender_of.pop(id(tensor_part), -1))
+        return self
+
+    def div_(self, denominator: float) -> torch.Tensor:
+        rule = self.reducer.aggregator
+        if not self.parts:  # every sender of this part failed: hivemind's 0 / 0, the peers keep their own
+            return torch.full(self.reducer.part_shapes[self.reducer.current_part_index], math.nan)
+        left_out = set(rule.outliers(self.parts, self.weights))
+        for i in sorted(left_out):
+            sender = self.reducer.sender_peer_ids[self.senders[i]] if self.senders[i] >= 0 else "?"
+            _count_refusal(
+                f"part {self.reducer.current_part_index} from peer {sender}",
+                f"its norm is over {rule.outlier_norm:g}x the median of the group's",
+            )
+        kept = [i for i in range(len(self.parts)) if i not in left_out]
+        return rule.combine([self.parts[i] for i in kept], [self.weights[i] for i in kept])
+
+
 class _EncodingReducer(TensorPartReducer):
-    """Returns the *decoded compressed* average of each part, and keeps its bytes for every sender."""
+    """Returns the *decoded compressed* average of each part, and keeps its bytes for every sender; reduces with
+    the process's :class:`Aggregator` (``aggregator``)."""
 
     codec: CompressionBase
     encoded: dict[int, runtime_pb2.Tensor]
     decoded: dict[int, torch.Tensor]
+    aggregator: Aggregator
+    sender_peer_ids: list
+    sender_of: dict[int, int]
+    """``id`` of a part being accumulated -> its sender's index, for :class:`_Collected` to name outliers."""
+
+    def reset_accumulators(self):
+        super().reset_accumulators()
+        if getattr(self, "aggregator", _aggregator).robust and not self.finished.is_set():
+            self.accumulator = _Collected(self)
 
     async def accumulate_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
     ) -> torch.Tensor:
-        average = await super().accumulate_part(sender_index, part_index, tensor_part, weight)
+        self.sender_of[id(tensor_part)] = sender_index
+        try:
+            average = await super().accumulate_part(sender_index, part_index, tensor_part, weight)
+        finally:
+            self.sender_of.pop(id(tensor_part), None)  # a banned sender's part never reached add_
         if part_index not in self.encoded:  # the first sender to get here encodes; no await in between
             self.encoded[part_index] = self.codec.compress(average, CompressionInfo.from_tensor(average))
             self.decoded[part_index] = deserialize_torch_tensor(self.encoded[part_index])
@@ -148,6 +212,9 @@ class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
         container.reducer = reducer
         reducer.__class__ = _EncodingReducer
         reducer.codec, reducer.encoded, reducer.decoded = container.compression, {}, {}
+        reducer.aggregator, reducer.sender_peer_ids, reducer.sender_of = _aggregator, self.sender_peer_ids, {}
+        if _aggregator.robust and not reducer.finished.is_set():
+            reducer.accumulator = _Collected(reducer)  # hivemind's __init__ made the first part's running sum
 
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int

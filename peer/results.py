@@ -276,7 +276,10 @@ def peak_gpu_memory() -> int | None:
     """``torch.cuda.max_memory_allocated`` of the device that held most (None: CUDA never used here)."""
     if not torch.cuda.is_initialized():
         return None
-    return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
+    try:
+        return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
+    except RuntimeError:  # a CUDA fault: the summary must still be written
+        return None
 
 
 class RecordingListener:

@@ -146,6 +146,45 @@ class BatchSpec(_Strict):
         return target
 
 
+class AggregatorSpec(_Strict):
+    kind: Literal["mean", "trimmed_mean", "median", "centered_clip"] = "mean"
+    """How the peer that reduces a chunk of the averaged tensors combines the group's values: ``mean`` weights
+    each by the samples its sender claims (hivemind's; one malicious peer moves it anywhere); the others
+    ignore the claimed weights and bound what one sender can do (``hivemind_ext/aggregators.py``,
+    docs/security.md), at some cost in how fast honest peers learn. Every averaged tensor uses it: gradients,
+    parameters and optimizer statistics, DiLoCo's pseudo-gradients, a span's LoRA replicas."""
+    trim: float = Field(0.25, ge=0, lt=0.5)
+    """(trimmed_mean) Fraction of the largest and of the smallest values dropped per coordinate."""
+    clip_radius: float | None = Field(None, gt=0)
+    """(centered_clip) L2 radius a sender's difference from the centre is clipped to, per chunk; unset: the
+    median distance of the senders from their median, each round."""
+    iterations: int = Field(10, ge=1, le=100)
+    """(centered_clip) Clipping iterations."""
+    outlier_norm: float = Field(5.0, gt=1)
+    """(robust kinds) A sender whose chunk's L2 norm is over this many times the group's median is left out
+    of that chunk, logged with its peer id and counted (``potluck_refused_averaging_parts``)."""
+
+    @field_validator("trim", "clip_radius", "iterations", "outlier_norm")
+    @classmethod
+    def _only_for_its_kind(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = info.data.get("kind")
+        used_by = {
+            "trim": ("trimmed_mean",),
+            "clip_radius": ("centered_clip",),
+            "iterations": ("centered_clip",),
+        }
+        kinds = used_by.get(info.field_name, ("trimmed_mean", "median", "centered_clip"))
+        if kind is not None and kind not in kinds and value != cls.model_fields[info.field_name].default:
+            raise ValueError(f"only used with kind {' or '.join(map(repr, kinds))} (kind is {kind!r})")
+        return value
+
+    def rule(self):
+        """The :class:`~potluck.hivemind_ext.aggregators.Aggregator` reducers run."""
+        from potluck.hivemind_ext.aggregators import Aggregator
+
+        return Aggregator(**self.model_dump())
+
+
 class AveragingSpec(_Strict):
     strategy: Literal["gradient", "diloco"] = "gradient"
     """How peers combine their work: ``gradient`` averages accumulated gradients every global step;
@@ -197,6 +236,9 @@ class AveragingSpec(_Strict):
     in step. 8-bit codecs send 4x fewer bytes than ``none``; ``bench/strategies.py`` shows the loss cost."""
     average_state_every: int = Field(1, ge=1)
     """Average parameters and optimizer statistics every N global steps, to undo drift from failed rounds."""
+    aggregator: AggregatorSpec = AggregatorSpec()
+    """How reducers combine the group's values: the weighted ``mean`` (default), or a rule robust to a
+    malicious peer (``kind: trimmed_mean``, ``median`` or ``centered_clip``)."""
 
     @field_validator("averaging_timeout")
     @classmethod

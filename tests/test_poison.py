@@ -15,7 +15,7 @@ from tests.test_swarm import checkpoint_at
 pytestmark = pytest.mark.slow
 
 POISON_PEER = Path(__file__).resolve().parents[1] / "bench" / "poison_peer.py"
-"""run-peer whose gradients are NaN every N-th local step (its first argument)."""
+"""run-peer that attacks the averaging (its first argument) every N-th local step (its second)."""
 
 
 @pytest.mark.timeout(300)
@@ -27,7 +27,7 @@ def test_a_peer_sending_nan_gradients_leaves_the_others_finite_and_training(make
         peer = swarm.start_peer(name, ["--save-dir", str(tmp_path / name), "--min-peers", "3"])
         swarm.wait_for_address(peer)
         honest.append(peer)
-    poisoner = swarm.start_peer("nan", ["--min-peers", "3"], entry=(str(POISON_PEER), "2"))
+    poisoner = swarm.start_peer("nan", ["--min-peers", "3"], entry=(str(POISON_PEER), "nan", "2"))
     for peer in honest:
         assert peer.process.wait(timeout=240) == 0, peer.log()[-3000:]
     poisoner.process.wait(timeout=60)

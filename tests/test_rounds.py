@@ -12,7 +12,8 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
-from potluck.hivemind_ext.allreduce import SameAverages, refused_parts
+from potluck.hivemind_ext.aggregators import Aggregator
+from potluck.hivemind_ext.allreduce import SameAverages, aggregate_with, refused_parts
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
@@ -165,3 +166,29 @@ def test_a_peer_sending_nan_is_refused_and_the_others_average_without_it():
     assert torch.equal(tensors[0] == 2.0, tensors[1] == 2.0)  # the same parts, averaged the same
     assert refused_parts() - refused_before >= 2 + 2  # each honest reducer refused the NaN part; each
     # honest peer refused the NaN reducer's average
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["mean", "median"])
+def test_a_robust_rule_keeps_a_sign_flipping_peer_with_a_huge_weight_from_the_average(kind):
+    """Issue 17: one peer sends its values sign-flipped at 1000x and claims 1000x the samples. The mean goes
+    wherever it says; with a robust rule the reducers leave its part out (its norm is far past the group's)
+    and take the median of the rest, whatever weight it claims, and count the refusal."""
+    refused_before = refused_parts()
+    aggregate_with(Aggregator(kind))
+    try:
+        with _averagers((_Exact, 1.0), (_Exact, 2.0), (_Exact, 3.0), (_Exact, -1000.0)) as averagers:
+            weights = (1.0, 1.0, 1.0, 1000.0)
+            rounds = [
+                a.step(weight=w, timeout=30.0, wait=False) for a, w in zip(averagers, weights, strict=True)
+            ]
+            outcomes = [_outcome(control) for control in rounds]
+            tensors = [_tensor(a) for a in averagers[:3]]
+    finally:
+        aggregate_with(Aggregator())
+    assert all(isinstance(o, dict) and len(group_of(o)) == 4 for o in outcomes), outcomes
+    expected = 2.0 if kind == "median" else (1.0 + 2.0 + 3.0 - 1000.0 * 1000.0) / 1003.0
+    for tensor in tensors:
+        torch.testing.assert_close(tensor, torch.full_like(tensor, expected))
+    refused = refused_parts() - refused_before
+    assert refused >= 2 if kind == "median" else refused == 0  # each reducer left the flipped part out

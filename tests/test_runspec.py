@@ -189,6 +189,21 @@ def test_bad_diloco_settings_are_named(averaging, named, says):
 
 
 @pytest.mark.parametrize(
+    ("aggregator", "named", "says"),
+    [
+        ({"kind": "krum"}, "averaging.aggregator.kind", "'centered_clip'"),
+        ({"kind": "median", "trim": 0.1}, "averaging.aggregator.trim", "only used with kind 'trimmed_mean'"),
+        ({"kind": "trimmed_mean", "trim": 0.5}, "averaging.aggregator.trim", "less than 0.5"),
+        ({"clip_radius": 2.0}, "averaging.aggregator.clip_radius", "only used with kind 'centered_clip'"),
+        ({"outlier_norm": 3.0}, "averaging.aggregator.outlier_norm", "(kind is 'mean')"),
+    ],
+)
+def test_bad_aggregator_settings_are_named(aggregator, named, says):
+    message = problems_of(with_changes(averaging={"aggregator": aggregator}))
+    assert f"{named}:" in message and says in message, message
+
+
+@pytest.mark.parametrize(
     ("averaging", "named", "says"),
     [
         # a round abandoned while it still gathers its group never averages

@@ -9,6 +9,7 @@ import torch
 from hivemind.dht import DHT
 
 from potluck.hivemind_ext import codecs
+from potluck.hivemind_ext.allreduce import aggregate_with
 from potluck.peer.averaging.deadlines import check_deadline_fits
 from potluck.peer.averaging.diloco import DiLoCoAveraging
 from potluck.peer.averaging.gradient import WIRE_BYTES_PER_ELEMENT, GradientAveraging
@@ -104,6 +105,7 @@ def make_strategy(
 ) -> AveragingStrategy:
     """The spec's averaging strategy over ``params`` (the trainable tensors), reporting to ``listener``."""
     codecs.install()  # before the averagers fork: 8-bit codecs must decode in their processes
+    aggregate_with(spec.averaging.aggregator.rule())  # likewise: their reducers take the run's rule
     wire_bytes = sum(p.numel() for p in params) * WIRE_BYTES_PER_ELEMENT[spec.averaging.compression]
     if (too_tight := check_deadline_fits(wire_bytes, spec.averaging.averaging_timeout)) is not None:
         logger.warning(too_tight)

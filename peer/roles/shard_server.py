@@ -10,6 +10,7 @@ import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.crypto import RSAPrivateKey
 
+from potluck.hivemind_ext.allreduce import aggregate_with
 from potluck.hivemind_ext.dht import start_dht, visible_addresses
 from potluck.hivemind_ext.keys import sign_records_with_identity
 from potluck.peer.results import PeerResults
@@ -103,6 +104,7 @@ def serve_shard(
             metrics.serve(options.metrics_port, options.metrics_host)
         adapter = SpanAdapter(span, spec.adapter, spec) if isinstance(spec.adapter, LoraAdapter) else None
         if adapter is not None:
+            aggregate_with(spec.averaging.aggregator.rule())  # before the replicas' averager forks
             averaging = ReplicaAveraging(dht, adapter, spec, blocks, average_every).start()
         servicer = ShardServicer(span, spec.run_id, limits or ServerLimits(), metrics, adapter)
         p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
