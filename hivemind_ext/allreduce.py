@@ -58,6 +58,11 @@ _refused = mp.Value(ctypes.c_int64, 0)  # counted in the averagers' processes (f
 _aggregator = Aggregator()
 
 
+def aggregator_in_use() -> Aggregator:
+    """The rule this process's averagers reduce with (:func:`aggregate_with`)."""
+    return _aggregator
+
+
 def aggregate_with(aggregator: Aggregator) -> None:
     """Make the averagers this process starts from now on reduce with ``aggregator`` (they are forked, and
     take this module's setting with them). Every peer of a run sets its spec's."""

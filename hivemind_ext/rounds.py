@@ -17,6 +17,8 @@ import logging
 
 from hivemind.averaging import DecentralizedAverager
 
+from potluck.hivemind_ext.allreduce import aggregator_in_use
+
 UPSTREAM = {
     "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group": "c297d8a435ce2b1c",  # overridden; keeps its runner in _running_groups
     "hivemind.averaging.averager.DecentralizedAverager._register_allreduce_group": "5bf43ed9b95db37d",  # a skipped round's runner future is cancelled, so it does not warn
@@ -26,6 +28,9 @@ UPSTREAM = {
 
 ROUND_BITS = 16
 """Bits of the step in an averager's group key: rounds 2**16 steps apart could meet."""
+MIN_ROBUST_GROUP = 3
+"""The smallest group that averages under a robust rule (``hivemind_ext/aggregators.py``): in a group of 2 one
+malicious peer is half of it."""
 PARTIAL = "potluck:received_fraction"
 """Key added to a round's gathered data when only this fraction of the average arrived."""
 
@@ -79,13 +84,14 @@ class CheckedRounds(DecentralizedAverager):
                 future.cancel()
 
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        if aggregator_in_use().robust and len(group_info.peer_ids) < MIN_ROBUST_GROUP:
+            # a robust rule cannot tell an honest sender from a malicious one in a group of 2 (measured: a
+            # sign-flipping peer paired with one honest peer sent the run's loss from 2.0 to 7.9): nobody
+            # averages, each keeps its own tensors, and the round says none of the average arrived
+            self._running_groups[group_info.group_id].cancel()  # no runner: nobody sends parts
+            return {**self._gathered_by_peer(group_info), PARTIAL: 0.0}
         if self.same_step_only:
-            gathered = {
-                peer: self.serializer.loads(data)
-                for peer, (_, _, data) in zip(
-                    group_info.peer_ids, map(self.serializer.loads, group_info.gathered), strict=True
-                )
-            }
+            gathered = self._gathered_by_peer(group_info)
             if len(steps := steps_gathered(gathered)) > 1:
                 logger.info(
                     f"{type(self).__name__}: a round met peers at steps {sorted(steps)}; each keeps its own tensors"
@@ -99,3 +105,12 @@ class CheckedRounds(DecentralizedAverager):
         if container is not None and container.failed_size:
             gathered = {**gathered, PARTIAL: 1.0 - container.failed_size / container.total_size}
         return gathered
+
+    def _gathered_by_peer(self, group_info) -> dict:
+        """What each member of the group gathered (the caller's data), by peer id, as hivemind returns it."""
+        return {
+            peer: self.serializer.loads(data)
+            for peer, (_, _, data) in zip(
+                group_info.peer_ids, map(self.serializer.loads, group_info.gathered), strict=True
+            )
+        }

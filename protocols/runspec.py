@@ -238,7 +238,17 @@ class AveragingSpec(_Strict):
     """Average parameters and optimizer statistics every N global steps, to undo drift from failed rounds."""
     aggregator: AggregatorSpec = AggregatorSpec()
     """How reducers combine the group's values: the weighted ``mean`` (default), or a rule robust to a
-    malicious peer (``kind: trimmed_mean``, ``median`` or ``centered_clip``)."""
+    malicious peer (``kind: trimmed_mean``, ``median`` or ``centered_clip``). Under a robust rule only groups
+    of 3 or more average (in a group of 2 a malicious peer is half of it): a swarm of 2 never averages."""
+
+    @field_validator("aggregator")
+    @classmethod
+    def _groups_that_can_vote(cls, value: AggregatorSpec, info: ValidationInfo) -> AggregatorSpec:
+        if value.kind != "mean" and info.data.get("target_group_size") == 2:
+            raise ValueError(
+                f"kind {value.kind!r} averages only groups of 3 or more, and target_group_size is 2"
+            )
+        return value
 
     @field_validator("averaging_timeout")
     @classmethod

@@ -192,3 +192,18 @@ def test_a_robust_rule_keeps_a_sign_flipping_peer_with_a_huge_weight_from_the_av
         torch.testing.assert_close(tensor, torch.full_like(tensor, expected))
     refused = refused_parts() - refused_before
     assert refused >= 2 if kind == "median" else refused == 0  # each reducer left the flipped part out
+
+
+@pytest.mark.timeout(120)
+def test_under_a_robust_rule_a_group_of_two_does_not_average():
+    """One honest and one malicious peer: no rule can tell which is which, so neither averages (the round
+    says none of the average arrived) and each keeps its own values."""
+    aggregate_with(Aggregator("median"))
+    try:
+        with _averagers((_Exact, 1.0), (_Exact, -1000.0)) as averagers:
+            outcomes = [_outcome(c) for c in [a.step(timeout=30.0, wait=False) for a in averagers]]
+            tensors = [_tensor(a) for a in averagers]
+    finally:
+        aggregate_with(Aggregator())
+    assert all(isinstance(o, dict) and received_fraction(o) == 0.0 for o in outcomes), outcomes
+    assert [t.unique().tolist() for t in tensors] == [[1.0], [-1000.0]]
