@@ -223,6 +223,7 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
             check_run_inputs(spec, args.role, args.save_dir)
         except INPUT_ERRORS as e:
             return user_error(e, results)
+        results.mark("inputs_checked")
     configure_logging(args.verbose)
     initial_peers = list(args.initial_peers)
     if spec is None and args.coordinator:

@@ -17,6 +17,10 @@ a signal, an error. Event kinds (all roles: ``joined`` and ``summary``):
   ``group_size`` of the last averaging round since the previous global step; null if a state download
   came after it or there was none, i.e. the step was not taken by averaging)
 - ``checkpoint``: ``global_step``, ``path``
+- ``startup``: ``phases`` (seconds from the process's start to the end of each phase, in order: ``imports``,
+  ``inputs_checked``, ``model_loaded``, ``dht_joined``, ``strategy_ready``, ``peers_found`` (``--min-peers``),
+  ``state_loaded`` (a download from the swarm, or the attempt to find one), ``first_step``), written once, after
+  the trainer's first local step
 - ``run_status``: ``status``, ``global_step`` (the run's status at its coordinator changed and this peer acted:
   ``paused``: it takes no step until ``active`` again, which carries ``paused_seconds``; ``finished``: it saves
   and leaves), see ``peer/training/pause.py``
@@ -36,6 +40,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
+import psutil
 import torch
 
 from potluck.peer.averaging.strategy import round_outcome
@@ -142,6 +147,9 @@ class PeerResults:
         self._file: IO[str] | None = None
         self._closed = False
         self._trained = False
+        self._process_started = _process_start_time()
+        self._phases: dict[str, float] = {}
+        self.mark("imports")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("w", encoding="utf-8")
@@ -188,6 +196,15 @@ class PeerResults:
         """Take the summary's counters (loss, samples, local steps, rounds, bytes, compute utilisation) from
         ``metrics.latest`` (a ``PeerMetrics``)."""
         self._metrics = metrics
+
+    def mark(self, phase: str) -> None:
+        """A startup phase ended now (``startup`` event)."""
+        self._phases.setdefault(phase, round(time.time() - self._process_started, 3))
+
+    def first_step(self) -> None:
+        """The trainer's first local step ended: the ``startup`` event, with every phase marked so far."""
+        self.mark("first_step")
+        self.event("startup", phases=dict(self._phases))
 
     def joined(self, peer_id: str, run_id: str, addresses: list[str]) -> None:
         self.summary.peer_id, self.summary.run_id = peer_id, run_id
@@ -270,6 +287,14 @@ class PeerResults:
         s.samples = max(s.samples, int(latest.get("samples_total", 0)))
         if latest.get("loss") is not None:
             s.last_loss = float(latest["loss"])
+
+
+def _process_start_time() -> float:
+    """When this process started (unix seconds): imports before ``main`` count as startup too."""
+    try:
+        return psutil.Process().create_time()
+    except (psutil.Error, OSError):
+        return time.time()
 
 
 def peak_gpu_memory() -> int | None:

@@ -75,6 +75,13 @@ def test_two_peers_end_equal_and_loss_falls(device, make_spec, local_swarm, tmp_
     assert summary is not None and summary.rounds.alone <= 2, first.log()[-3000:]
     # what a volunteer sizes their card by: reported on a GPU, absent on the CPU
     assert (summary.peak_gpu_memory_bytes or 0) > 0 if device else summary.peak_gpu_memory_bytes is None
+    # where its startup went, phase by phase, in order, ending at its first step (bench/startup.py)
+    (startup,) = first.events("startup")
+    phases = list(startup["phases"].values())
+    assert list(startup["phases"]) == [
+        "imports", "inputs_checked", "model_loaded", "dht_joined", "strategy_ready", "peers_found",
+        "state_loaded", "first_step",
+    ] and phases == sorted(phases) and phases[0] > 0, startup  # fmt: skip
 
     spec = load_run_spec(spec_path)
     before = evaluate_spec(spec, checkpoint=None)

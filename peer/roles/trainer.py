@@ -151,6 +151,7 @@ def run_peer(
     resume = latest_checkpoint(options.save_dir, spec.run_id) if options.save_dir else None
     stage = make_stage(spec.stage, context)  # loads the stage's frozen models (reference, teacher, reward)
     model = stage.build_model(weights_from=str(resume.path) if resume else None)
+    results.mark("model_loaded")
     if resume:
         print(f"run-peer: resuming from {resume.path} (global step {resume.global_step})", file=sys.stderr)
         results.resumed(resume.global_step, resume.path)
@@ -163,6 +164,7 @@ def run_peer(
         dht = start_peer_dht(options, (spec.run_id,))
     else:
         dht.add_validators([run_schema_validator(spec.run_id)])
+    results.mark("dht_joined")
     routes = RouteKeeper(dht, [str(a) for a in dht.initial_peers or ()]).start()
     try:
         peer_id = str(dht.peer_id)
@@ -175,6 +177,7 @@ def run_peer(
             )
         strategy = make_strategy(spec, dht, trainable_parameters(model), listener=results.listener(metrics))
         reporter = ReportPublisher(dht, public_key_tag(RSAPrivateKey.process_wide()), spec.run_id, metrics)
+        results.mark("strategy_ready")
         watch = None
         if options.coordinator_key is not None:
 
@@ -193,7 +196,9 @@ def run_peer(
             if resume:
                 strategy.load_state_dict(torch.load(resume.strategy_state_path, weights_only=False))
             wait_for_peers(strategy, options.min_peers, options.min_peers_timeout, stop)
+            results.mark("peers_found")
             downloaded = None if stop.is_set() else strategy.load_state_from_peers()
+            results.mark("state_loaded")
             if downloaded is not None:
                 print(
                     f"run-peer: loaded the swarm's state of global step {downloaded} "
@@ -235,6 +240,7 @@ def run_peer(
                 max_grad_norm=spec.optimizer.max_grad_norm,
                 max_nonfinite_losses=spec.optimizer.max_nonfinite_losses,
                 on_global_step=on_global_step,
+                on_first_step=results.first_step,
                 gate=None
                 if watch is None
                 else RunGate(spec.run_id, lambda: watch.status, strategy, results, metrics, stop),

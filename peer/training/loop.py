@@ -74,6 +74,7 @@ class Trainer:
         stop: threading.Event,
         max_grad_norm: float | None = None,
         on_global_step: Callable[[int], None] | None = None,
+        on_first_step: Callable[[], None] | None = None,
         max_nonfinite_losses: int = 0,
         gate: Callable[[], str] | None = None,
     ):
@@ -88,6 +89,7 @@ class Trainer:
         self.stop = stop
         self.max_grad_norm = max_grad_norm
         self.on_global_step = on_global_step or (lambda step: None)
+        self.on_first_step = on_first_step or (lambda: None)
         self.max_nonfinite_losses = max_nonfinite_losses
         self.nonfinite_losses = 0
         """Batches skipped because their loss was NaN or Inf."""
@@ -147,6 +149,8 @@ class Trainer:
 
             local_steps += 1
             samples += batch_size
+            if local_steps == 1:
+                self.on_first_step()
             local_rate.observe(batch_size, elapsed)
             self.metrics.local_step(loss_value, batch_size, elapsed, local_rate.rate)
             if self.stage.last_metrics:
