@@ -243,7 +243,8 @@ def read_run_status(dht: DHT, run_id: str, trusted_key: bytes) -> RunStatusRead:
 
 def read_owned(dht: DHT, key: str, schema: type[BaseModel], check=None) -> ReadResult:
     """Entries under ``key`` whose subkey carries an owner's public key, re-validated with ``schema``, by
-    owner. ``check(record)`` may name a reason to skip a valid record (counted under it), or return None."""
+    owner. ``check(owner, record)`` may name a reason to skip a valid record (counted under it), or return
+    None."""
     result = ReadResult()
     found = dht.get(key, latest=True)
     entries = found.value if found is not None and isinstance(found.value, dict) else {}
@@ -254,7 +255,7 @@ def read_owned(dht: DHT, key: str, schema: type[BaseModel], check=None) -> ReadR
         except (ValidationError, TypeError):
             result.skipped["malformed"] += 1
             continue
-        reason = "unsigned" if owner is None else check(record) if check is not None else None
+        reason = "unsigned" if owner is None else check(owner, record) if check is not None else None
         if reason is not None:
             result.skipped[reason] += 1
         else:

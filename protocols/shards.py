@@ -28,6 +28,7 @@ from pydantic.v1 import (
     validator,
 )
 
+from potluck.hivemind_ext.keys import peer_id_of_owner
 from potluck.protocols.records import ReadResult, read_owned, record_validators
 
 SHARD_PROTOCOL_VERSION = "potluck-shard/1"
@@ -103,11 +104,15 @@ def announce_shard(dht: DHT, key_tag: bytes, announcement: ShardAnnouncement, tt
 
 
 def read_shards(dht: DHT, run_id: str, version: str = SHARD_PROTOCOL_VERSION) -> ReadResult:
-    """Shard announcements of ``run_id`` by owner key: re-validated, of our protocol ``version`` only."""
+    """Shard announcements of ``run_id`` by owner key: re-validated, of our protocol ``version`` only, and naming
+    the peer id of the key that signed them (a server signs with its identity's key, ``hivemind_ext/keys.py``):
+    one announcing another server's id would send clients there, and get it banned for failing them."""
 
-    def check(announcement: ShardAnnouncement) -> str | None:
+    def check(owner: bytes, announcement: ShardAnnouncement) -> str | None:
         if announcement.run_id != run_id:
             return "malformed"  # filed under another run's key
-        return "version" if announcement.version != version else None
+        if announcement.version != version:
+            return "version"
+        return "peer_id_mismatch" if peer_id_of_owner(owner) != announcement.peer_id else None
 
     return read_owned(dht, shards_key(run_id), ShardAnnouncement, check)

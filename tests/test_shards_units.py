@@ -12,6 +12,7 @@ import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from potluck.hivemind_ext.dht import start_dht
+from potluck.hivemind_ext.keys import peer_id_of_owner
 from potluck.peer.shard import wire
 from potluck.peer.shard.blocks import load_block_span
 from potluck.peer.shard.client.routing import ForgedAnnouncement, Hop, NoRouteError, Router
@@ -72,14 +73,15 @@ def test_router_takes_the_cheapest_cover_and_avoids_banned_servers(dht):
     assert not dht.store(shards_key("units"), subkey=stranger, value=_announcement("x", 0, 4).dict(),
                          expiration_time=get_dht_time() + 60)  # fmt: skip
     own = public_key_tag(RSAPrivateKey.process_wide())
-    assert announce_shard(dht, own, _announcement("fast-all", 0, 4, 1000.0), ttl=60)
+    fast = peer_id_of_owner(own)  # a server announces the peer id of the key it signs with
+    assert announce_shard(dht, own, _announcement(fast, 0, 4, 1000.0), ttl=60)
     bad = _announcement("x", 0, 1).dict() | {"throughput": "fast"}
     assert not dht.store(shards_key("units"), subkey=own, value=bad, expiration_time=get_dht_time() + 60)
 
     router = Router(dht, "units", ban_seconds=60)
-    assert router.route(0, 4) == [Hop("fast-all", 0, 4)]
-    assert router.route(1, 3) == [Hop("fast-all", 1, 3)]  # a hop may use part of a server's span
-    router.ban("fast-all")
+    assert router.route(0, 4) == [Hop(fast, 0, 4)]
+    assert router.route(1, 3) == [Hop(fast, 1, 3)]  # a hop may use part of a server's span
+    router.ban(fast)
     with pytest.raises(NoRouteError, match="no reachable server covers block 0"):
         router.route(0, 4)
 
@@ -209,16 +211,19 @@ def test_run_peer_client_role_refuses_other_adapters_in_one_line(make_spec, caps
     assert "\n" not in error and repr(adapter["kind"]) in error
 
 
-def test_read_shards_skips_other_versions_and_other_runs_and_counts_them(dht):
+def test_read_shards_skips_other_versions_other_runs_and_other_servers_ids_and_counts_them(dht):
     own = public_key_tag(RSAPrivateKey.process_wide())
+    current = peer_id_of_owner(own)
     for announcement, reason in [
-        (_announcement("old", 0, 4).copy(update={"version": "0"}), "version"),
-        (_announcement("elsewhere", 0, 4).copy(update={"run_id": "another-run"}), "malformed"),
+        (_announcement(current, 0, 4).copy(update={"version": "0"}), "version"),
+        (_announcement(current, 0, 4).copy(update={"run_id": "another-run"}), "malformed"),
+        # another server's id: clients would call that server for blocks it may not serve, and ban it
+        (_announcement("QmSomebodyElse", 0, 4), "peer_id_mismatch"),
     ]:
         # filed under this run's key, by a signed owner: valid records the reader must still refuse
         assert dht.store(shards_key("units"), subkey=own, value=announcement.dict(),
                          expiration_time=time.time() + 60 + len(reason))  # fmt: skip
         result = read_shards(dht, "units")
         assert result.records == {} and result.skipped[reason] == 1, result
-    assert announce_shard(dht, own, _announcement("current", 0, 4), ttl=120)
-    assert [a.peer_id for a in read_shards(dht, "units").records.values()] == ["current"]
+    assert announce_shard(dht, own, _announcement(current, 0, 4), ttl=120)
+    assert [a.peer_id for a in read_shards(dht, "units").records.values()] == [current]
