@@ -15,7 +15,7 @@ How to read it
     ratio. Last line ``worst_robust_ratio=… worst_mean_ratio=… round_ratio=…`` (medians; issue 17: within 1.05
     of the clean run with the robust aggregator; the round ratio, robust ÷ mean in the clean runs, at most 1.2).
 
-Run: ``.venv/bin/python bench/attacks.py`` (about 2 minutes per run on 2 CPU cores; 8 runs by default).
+Run: ``.venv/bin/python bench/attacks.py`` (about 1.5 minutes per run on 2 CPU cores; 16 runs by default).
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = runs_parser(__doc__, runs=1)
-    p.add_argument("--steps", type=int, default=80, help="global steps per run")
+    p = runs_parser(__doc__, runs=2)
+    p.add_argument("--steps", type=int, default=40, help="global steps per run")
     p.add_argument("--robust", choices=["trimmed_mean", "median", "centered_clip"], default="trimmed_mean")
     p.add_argument(
         "--attacks",
