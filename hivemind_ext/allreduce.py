@@ -147,17 +147,24 @@ class _EncodingReducer(TensorPartReducer):
 
     def reset_accumulators(self):
         super().reset_accumulators()
-        if getattr(self, "aggregator", _aggregator).robust and not self.finished.is_set():
+        self.collect_if_robust()
+
+    def collect_if_robust(self) -> None:
+        """Under a robust rule, the current part's parts are collected (:class:`_Collected`), not summed."""
+        if self.aggregator.robust and not self.finished.is_set():
             self.accumulator = _Collected(self)
 
     async def accumulate_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
     ) -> torch.Tensor:
-        self.sender_of[id(tensor_part)] = sender_index
-        try:
+        if not self.aggregator.robust:  # the mean names no sender: no bookkeeping on hivemind's path
             average = await super().accumulate_part(sender_index, part_index, tensor_part, weight)
-        finally:
-            self.sender_of.pop(id(tensor_part), None)  # a banned sender's part never reached add_
+        else:
+            self.sender_of[id(tensor_part)] = sender_index
+            try:
+                average = await super().accumulate_part(sender_index, part_index, tensor_part, weight)
+            finally:
+                self.sender_of.pop(id(tensor_part), None)  # a banned sender's part never reached add_
         if part_index not in self.encoded:  # the first sender to get here encodes; no await in between
             self.encoded[part_index] = self.codec.compress(average, CompressionInfo.from_tensor(average))
             self.decoded[part_index] = deserialize_torch_tensor(self.encoded[part_index])
@@ -218,8 +225,7 @@ class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
         reducer.__class__ = _EncodingReducer
         reducer.codec, reducer.encoded, reducer.decoded = container.compression, {}, {}
         reducer.aggregator, reducer.sender_peer_ids, reducer.sender_of = _aggregator, self.sender_peer_ids, {}
-        if _aggregator.robust and not reducer.finished.is_set():
-            reducer.accumulator = _Collected(reducer)  # hivemind's __init__ made the first part's running sum
+        reducer.collect_if_robust()  # hivemind's __init__ made the first part's running sum
 
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int

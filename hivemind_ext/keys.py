@@ -14,6 +14,7 @@ libp2p derives it from the identity, and a reader can check the two agree.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import tempfile
@@ -56,16 +57,16 @@ def read_identity(path: Path) -> RSAPrivateKey:
     """The RSA key in a libp2p identity file (``--identity-path``; a serialised libp2p ``PrivateKey``)."""
     try:
         message = crypto_pb2.PrivateKey.FromString(path.read_bytes())
-        if message.key_type != crypto_pb2.KeyType.RSA:
-            kind = crypto_pb2.KeyType.Name(message.key_type)
-            raise IdentityError(
-                f"{path}: the identity's key is {kind}; a peer signs its records with that key, which must be "
-                "RSA (move the file away and a new one is made)"
-            )
+    except (OSError, DecodeError) as error:
+        raise IdentityError(f"{path}: not a libp2p identity file ({error})") from None
+    if message.key_type != crypto_pb2.KeyType.RSA:
+        raise IdentityError(
+            f"{path}: the identity's key is {crypto_pb2.KeyType.Name(message.key_type)}; a peer signs its "
+            "records with that key, which must be RSA (move the file away and a new one is made)"
+        )
+    try:
         return load_private_key(message.data)
-    except (OSError, DecodeError, ValueError) as error:
-        if isinstance(error, IdentityError):
-            raise
+    except ValueError as error:
         raise IdentityError(f"{path}: not a libp2p identity file ({error})") from None
 
 
@@ -101,9 +102,11 @@ def sign_records_with_identity(identity_path: Path | None) -> SigningIdentity:
     return SigningIdentity(identity_path, fresh, temporary)
 
 
+@functools.lru_cache(maxsize=4096)
 def peer_id_of_owner(owner: bytes) -> str | None:
     """The base58 libp2p peer id of a peer whose identity key is the RSA key in ``owner`` (a record's
-    ``[owner:…]`` tag, ``records.public_key_tag``); None if ``owner`` holds no RSA public key."""
+    ``[owner:…]`` tag, ``records.public_key_tag``); None if ``owner`` holds no RSA public key. Cached: the
+    coordinator and every shard client ask it for the same owners at each read of the DHT."""
     prefix, suffix = RSASignatureValidator.PUBLIC_KEY_FORMAT.split(b"_key_")
     if not (owner.startswith(prefix) and owner.endswith(suffix)):
         return None
