@@ -11,10 +11,24 @@ Every download is checked before it is used (:class:`CheckedDownloads`): a donor
 manifest of every tensor (dtype, shape and, when the state travels uncompressed, a digest of its
 bytes); a download that does not match its manifest (a stream cut at a tensor boundary, a corrupted
 or forged tensor) is discarded, counted, and the next donor is tried.
+
+Under a robust aggregator (``averaging.aggregator`` other than ``mean``: the run expects malicious
+peers) one donor is not trusted with a newcomer's whole state: a peer that downloads first asks every
+donor for its manifest alone (the first message of its stream), and takes the state that the most
+donors, at least two, vouch for, i.e. whose manifests list the same global step and the same digests
+(:func:`vouched_donors`). The state is then downloaded from a member of that group and checked against
+the group's manifest, so a donor that lies about its own is discarded like a truncated download. Honest
+peers that took the same global steps together hold bit-equal states, so they vouch for each other; a
+lone attacker vouches for nobody. Where no two donors agree (honest peers that drifted apart: a round
+that only partly arrived, a group too small to average robustly; or donors at different steps) the
+newest donor's state is taken as under the mean, logged and counted
+(:attr:`CheckedDownloads.unvouched_downloads`): refusing it left a catching-up peer retrying for good
+while the others drifted further apart (4 peers, ``target_group_size`` 3, ``trimmed_mean``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import logging
@@ -38,10 +52,13 @@ from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration
 
+from potluck.hivemind_ext.allreduce import aggregator_in_use
+
 UPSTREAM = {
     "hivemind.averaging.averager.DecentralizedAverager.rpc_download_state": "fd2f6f19e7d247af",  # overridden to limit concurrent downloads
     "hivemind.averaging.averager.DecentralizedAverager._load_state_from_peers": "fe7b419d01ced5fe",  # copied: checks each download; an empty stream is 'next donor'
     "hivemind.averaging.averager._background_thread_fetch_current_state": "0bef353cf74912ec",  # calls get_current_state, the bound method of the class
+    "hivemind.p2p.p2p_daemon.P2P._iterate_protobuf_stream_handler": "132d50ef5ecd4e13",  # a probe closes the stream after its first message (aclose closes the writer)
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
 
@@ -170,6 +187,37 @@ def manifest_mismatch(metadata, tensors: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
+def vouched_donors(manifests: dict[T, object], newest: int = -1) -> tuple[list[T], int | None, list] | None:
+    """The donors whose state at least two of them vouch for, from each donor's probed ``metadata``
+    (None: it sent nothing): ``(donors, global step, manifest)`` of the largest group of donors whose
+    manifests list the same step and the same digests (ties: the newest step), or None when no two
+    agree. Donors past ``newest`` (>= 0) are left out. Only the one donor there is vouches for itself:
+    with nobody to compare it with there is no majority to lose (a robust run averages in groups of 3
+    or more anyway); one that alone answered while others were busy does not.
+    """
+    groups: dict[tuple, list[T]] = {}
+    manifest_of: dict[tuple, list] = {}
+    for donor, metadata in manifests.items():
+        manifest = metadata.get(MANIFEST_KEY) if isinstance(metadata, dict) else None
+        if not isinstance(manifest, list) or not all(
+            isinstance(e, (list, tuple)) and len(e) == 3 and e[2] for e in manifest
+        ):
+            continue  # sent nothing (busy), or a manifest without digests: nothing to vouch with
+        step = metadata.get("epoch")
+        step = step if isinstance(step, int) else None
+        if newest >= 0 and step is not None and step > newest:
+            continue
+        key = (step, tuple((str(d), tuple(shape), bytes(digest)) for d, shape, digest in manifest))
+        groups.setdefault(key, []).append(donor)
+        manifest_of[key] = manifest
+    if not groups:
+        return None
+    key = max(groups, key=lambda k: (len(groups[k]), -1 if k[0] is None else k[0]))
+    if len(groups[key]) < 2 and len(manifests) > 1:
+        return None
+    return groups[key], key[0], manifest_of[key]
+
+
 STOP_CHECK_SECONDS = 0.25
 """While a state download runs, how often it checks whether the peer was asked to leave."""
 
@@ -212,6 +260,7 @@ class CheckedDownloads(DecentralizedAverager):
 
     def __init__(self, *args, **kwargs):
         self._discarded = mp.Value(ctypes.c_int64, 0)  # counted in the averager's process, read in ours
+        self._unvouched = mp.Value(ctypes.c_int64, 0)
         self._newest_step = mp.Value(ctypes.c_int64, -1)  # set in ours, read in the averager's process
         super().__init__(*args, **kwargs)
 
@@ -226,6 +275,12 @@ class CheckedDownloads(DecentralizedAverager):
         """Downloads discarded because they did not match their donor's manifest, since start."""
         return self._discarded.value
 
+    @property
+    def unvouched_downloads(self) -> int:
+        """Downloads under a robust aggregator for which no two donors vouched, since start (each then
+        took the newest donor's state, as under the mean)."""
+        return self._unvouched.value
+
     def with_manifest(self, metadata, tensors, infos=None):
         """The state to serve with its manifest added: a subclass's ``get_current_state`` returns this
         (outside any lock it holds: digesting a large model's state takes seconds)."""
@@ -235,11 +290,11 @@ class CheckedDownloads(DecentralizedAverager):
         return metadata, tensors, infos
 
     async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None):
-        # NOTE: hivemind 1.1.12's loop (pinned above), with three changes: a download is checked against
-        # its donor's manifest before it is returned, a donor past take_steps_up_to is skipped, and each
-        # donor's metadata starts empty (hivemind
-        # keeps the previous donor's, so a donor that failed after its metadata, followed by one that
-        # sent nothing, returned the first one's metadata with no tensors).
+        # NOTE: hivemind 1.1.12's loop (pinned above), with four changes: a download is checked against
+        # its donor's manifest before it is returned, a donor past take_steps_up_to is skipped, each
+        # donor's metadata starts empty (hivemind keeps the previous donor's, so a donor that failed after
+        # its metadata, followed by one that sent nothing, returned the first one's metadata with no
+        # tensors), and under a robust aggregator a state two donors vouch for is preferred.
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
@@ -256,44 +311,45 @@ class CheckedDownloads(DecentralizedAverager):
                 )
                 future.set_result(None)
                 return
-            for peer in sorted(peer_priority.keys(), key=peer_priority.get, reverse=True):
+            donors = [
+                p for p in sorted(peer_priority, key=peer_priority.get, reverse=True) if p != self.peer_id
+            ]
+            expected = None  # (step, manifest) the download must match, when vouched for
+            if donors and self._vouching():
+                probes = await asyncio.gather(*(self._probe(peer, timeout) for peer in donors))
+                vouched = vouched_donors(dict(zip(donors, probes, strict=True)), self._newest_step.value)
+                if vouched is None:
+                    steps = [p.get("epoch") if isinstance(p, dict) else None for p in probes]
+                    logger.warning(
+                        f"state download: no two of {len(donors)} donors vouch for one state (their global "
+                        f"steps: {steps}); taking the newest donor's unvouched, as under the mean"
+                    )
+                    with self._unvouched.get_lock():
+                        self._unvouched.value += 1
+                else:
+                    vouching, step, manifest = vouched
+                    donors = [p for p in donors if p in vouching]  # in priority order; ties broken at random
+                    expected = (step, manifest)
+                    logger.info(
+                        f"state download: {len(donors)} donors vouch for the state of global step {step}"
+                    )
+            for peer in donors:
                 if future.done():  # cancelled: the peer is leaving (StoppableDownloads)
                     return
-                if peer == self.peer_id:
-                    continue
-                metadata = None
                 try:
-                    logger.info(f"state download: from {peer}")
-                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
-                    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-                    current_tensor_parts, tensors = [], []
-                    async for message in aiter_with_timeout(stream, timeout=timeout):
-                        if future.done():
-                            return
-                        if message.metadata:
-                            metadata = self.serializer.loads(message.metadata)
-                        if message.tensor_part.dtype and current_tensor_parts:
-                            # tensor_part.dtype starts the next tensor: wrap up this one
-                            tensors.append(
-                                deserialize_torch_tensor(combine_from_streaming(current_tensor_parts))
-                            )
-                            current_tensor_parts = []
-                        current_tensor_parts.append(message.tensor_part)
-                    if current_tensor_parts:
-                        tensors.append(deserialize_torch_tensor(combine_from_streaming(current_tensor_parts)))
-                    if not metadata:
-                        logger.debug(f"Peer {peer} did not send its state")
+                    downloaded = await self._download_from(peer, timeout, future)
+                    if downloaded is None:
                         continue
+                    metadata, tensors = downloaded
                     newest, step = self._newest_step.value, metadata.get("epoch")
                     if newest >= 0 and isinstance(step, int) and step > newest:
                         logger.info(
                             f"skipped the state of {peer}: global step {step}, past the swarm's {newest}"
                         )
                         continue
-                    problem = manifest_mismatch(metadata, tensors) or nonfinite(tensors)
+                    problem = self._problem(metadata, tensors, expected)
                     if problem is not None:
-                        with self._discarded.get_lock():
-                            self._discarded.value += 1
+                        self._count_discarded()
                         logger.warning(f"discarded the state downloaded from {peer}: {problem}")
                         continue
                     if not future.done():
@@ -304,3 +360,59 @@ class CheckedDownloads(DecentralizedAverager):
         finally:
             if not future.done():
                 future.set_result(None)
+
+    def _vouching(self) -> bool:
+        """Whether a download needs donors that vouch for it: a robust aggregator, and digests to compare."""
+        return aggregator_in_use().robust and isinstance(self.state_compression, NoCompression)
+
+    def _count_discarded(self) -> None:
+        with self._discarded.get_lock():
+            self._discarded.value += 1
+
+    @staticmethod
+    def _problem(metadata, tensors, expected: tuple[int | None, list] | None) -> str | None:
+        if expected is not None:
+            step, manifest = expected
+            if metadata.get("epoch") != step:
+                return f"global step {metadata.get('epoch')}, the donors that vouch for it said {step}"
+            metadata = {MANIFEST_KEY: manifest}
+        return manifest_mismatch(metadata, tensors) or nonfinite(tensors)
+
+    async def _probe(self, peer: PeerID, timeout: float | None):
+        """``peer``'s state metadata (with its manifest) from the first message of its download stream,
+        the stream then closed; None if it sent none (busy, not sharing) or failed."""
+        try:
+            stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+            try:
+                async for message in aiter_with_timeout(stream, timeout=timeout):
+                    return self.serializer.loads(message.metadata) if message.metadata else None
+            finally:
+                await stream.aclose()
+        except Exception as e:
+            logger.info(f"state download: {peer} did not answer for its manifest: {e!r}")
+        return None
+
+    async def _download_from(self, peer: PeerID, timeout: float | None, future: MPFuture):
+        """``(metadata, tensors)`` streamed from ``peer``, or None: it sent no state (busy, not sharing)
+        or this download was cancelled."""
+        logger.info(f"state download: from {peer}")
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        metadata, current_tensor_parts, tensors = None, [], []
+        async for message in aiter_with_timeout(stream, timeout=timeout):
+            if future.done():
+                return None
+            if message.metadata:
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and current_tensor_parts:
+                # tensor_part.dtype starts the next tensor: wrap up this one
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(current_tensor_parts)))
+                current_tensor_parts = []
+            current_tensor_parts.append(message.tensor_part)
+        if current_tensor_parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(current_tensor_parts)))
+        if not metadata:
+            logger.debug(f"Peer {peer} did not send its state")
+            return None
+        return metadata, tensors

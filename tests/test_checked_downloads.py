@@ -1,6 +1,6 @@
 """A state download that is not what its donor sent, or that holds NaN, is never used: real averagers on a
 loopback DHT, two donors that tamper with their own streams, one whose own state holds NaN, and one honest
-donor of lower priority."""
+donor of lower priority. Under a robust aggregator a newcomer takes only a state two donors vouch for."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
+from potluck.hivemind_ext.aggregators import Aggregator
+from potluck.hivemind_ext.allreduce import aggregate_with
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.donors import CheckedDownloads, other_donors
@@ -19,10 +21,11 @@ from tests.helpers import wait_until
 
 
 class _Donor(CheckedDownloads, KeepsCtrlC):
-    """Serves its averaged tensors; ``tamper`` spoils the stream after the manifest was made."""
+    """Serves its averaged tensors; ``tamper`` spoils the stream after the manifest was made, or (``lie``)
+    serves ``lie_with``'s manifest with its own tensors."""
 
-    def __init__(self, tensors, dht, *, tamper: str | None = None, **kwargs):
-        self.tamper = tamper
+    def __init__(self, tensors, dht, *, tamper: str | None = None, lie_with=None, **kwargs):
+        self.tamper, self.lie_with = tamper, lie_with
         super().__init__(tensors, dht, **kwargs)
 
     def get_current_state(self):
@@ -30,7 +33,10 @@ class _Donor(CheckedDownloads, KeepsCtrlC):
             state = [t.clone() for t in tensors]
         if self.tamper == "nan":  # its own state went NaN: the manifest matches it
             state[0][0, 0] = math.nan
-        return self.with_manifest({"donor": str(self.peer_id)}, state)
+        metadata = {"donor": str(self.peer_id), "epoch": 7}
+        if self.tamper == "lie":  # claims the honest peers' digests, sends its own tensors
+            return self.with_manifest(metadata, self.lie_with)[0], state, None
+        return self.with_manifest(metadata, state)
 
     async def rpc_download_state(
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
@@ -73,3 +79,73 @@ def test_a_cut_corrupted_or_nan_download_is_discarded_and_the_next_donor_serves(
             averager.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+def _newcomer_loads(*donor_states, tampers=None, lie_with=None):
+    """A newcomer's download from donors holding ``donor_states`` (the first asked first), the downloads it
+    discarded, and those it took unvouched."""
+    tampers = tampers or [None] * len(donor_states)
+    first = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    initial = [str(a) for a in first.get_visible_maddrs()]
+    dhts = [first] + [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in donor_states]
+    common = {"prefix": "vouched", "start": True, "min_matchmaking_time": 1.0, "request_timeout": 0.5}
+    donors = [
+        _Donor(state, dht, tamper=tamper, lie_with=lie_with, **common)
+        for dht, state, tamper in zip(dhts, donor_states, tampers, strict=False)
+    ]
+    newcomer = _Donor([torch.zeros_like(t) for t in donor_states[0]], dhts[-1], **common)
+    try:
+        for priority, donor in enumerate(reversed(donors), start=1):
+            donor.state_sharing_priority = priority
+        wait_until(lambda: other_donors(dhts[-1], newcomer) >= len(donors), 30, "the donors' records")
+        loaded = newcomer.load_state_from_peers(timeout=30)
+        return loaded, newcomer.discarded_downloads, newcomer.unvouched_downloads
+    finally:
+        for averager in (newcomer, *donors):
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("aggregator", ["mean", "trimmed_mean"])
+def test_under_a_robust_aggregator_a_newcomer_takes_only_a_state_two_donors_vouch_for(aggregator):
+    """An attacker asked first serves its own state (its manifest true to it); two honest donors hold the
+    same one. Under the mean the newcomer trusts the first donor, as hivemind does; under a robust rule
+    it takes the state the two honest donors vouch for."""
+    honest = [torch.full((4, 8), 1.0), torch.arange(16.0)]
+    forged = [-10 * t for t in honest]
+    aggregate_with(Aggregator(aggregator))
+    try:
+        loaded, discarded, unvouched = _newcomer_loads(forged, honest, [t.clone() for t in honest])
+    finally:
+        aggregate_with(Aggregator())
+    assert loaded is not None
+    metadata, tensors = loaded
+    expected = honest if aggregator == "trimmed_mean" else forged
+    for got, want in zip(tensors, expected, strict=True):
+        assert torch.equal(got, want)
+    assert discarded == unvouched == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_donor_that_claims_the_honest_manifest_is_discarded_and_a_pair_that_disagrees_is_taken_unvouched():
+    honest = [torch.full((4, 8), 1.0), torch.arange(16.0)]
+    forged = [-10 * t for t in honest]
+    aggregate_with(Aggregator("median"))
+    try:
+        # the liar is asked first and is in the vouching group by its manifest: its download is discarded
+        loaded, discarded, unvouched = _newcomer_loads(
+            forged, honest, [t.clone() for t in honest], tampers=["lie", None, None], lie_with=honest
+        )
+        assert loaded is not None and (discarded, unvouched) == (1, 0)
+        for got, want in zip(loaded[1], honest, strict=True):
+            assert torch.equal(got, want)
+        # one honest donor and one attacker: nobody can tell which is which; the newest donor's state is
+        # taken as under the mean (refusing it stalled honest peers that had drifted apart), and counted
+        loaded, discarded, unvouched = _newcomer_loads(forged, honest)
+        assert loaded is not None and (discarded, unvouched) == (0, 1)
+        for got, want in zip(loaded[1], forged, strict=True):
+            assert torch.equal(got, want)
+    finally:
+        aggregate_with(Aggregator())

@@ -12,6 +12,7 @@ from potluck.hivemind_ext.donors import (
     download_with_retries,
     manifest_mismatch,
     tensor_manifest,
+    vouched_donors,
 )
 
 pytestmark = pytest.mark.unit
@@ -87,3 +88,32 @@ def test_a_download_must_match_its_donors_manifest():
     # a state sent through a lossy codec is checked for dtypes and shapes only
     loose = {MANIFEST_KEY: tensor_manifest(tensors, exact=False)}
     assert manifest_mismatch(loose, [changed, tensors[1]]) is None
+
+
+def _probe(tensors, step=7):
+    return {MANIFEST_KEY: tensor_manifest(tensors, exact=True), "epoch": step}
+
+
+def test_the_largest_group_of_donors_that_agree_vouches_for_a_state():
+    honest, forged = [torch.ones(3)], [-torch.ones(3)]
+    found = vouched_donors({"a": _probe(forged), "b": _probe(honest), "c": _probe(honest), "d": None})
+    assert found is not None
+    donors_found, step, manifest = found
+    assert donors_found == ["b", "c"] and step == 7 and manifest == tensor_manifest(honest, exact=True)
+    # the same tensors at another global step are another state
+    assert vouched_donors({"a": _probe(honest, 6), "b": _probe(honest, 7)}) is None
+    # equal groups: the newer step; a group past the newest step allowed is left out
+    pairs = {"a": _probe(forged, 9), "b": _probe(forged, 9), "c": _probe(honest, 8), "d": _probe(honest, 8)}
+    assert vouched_donors(pairs)[0] == ["a", "b"]
+    assert vouched_donors(pairs, newest=8)[0] == ["c", "d"]
+
+
+def test_no_two_donors_agreeing_vouches_for_nothing_unless_there_is_one_donor():
+    honest, forged = [torch.ones(3)], [-torch.ones(3)]
+    assert vouched_donors({"a": _probe(forged), "b": _probe(honest)}) is None
+    assert vouched_donors({"a": _probe(forged), "b": None}) is None  # the other one was busy: ask again
+    assert vouched_donors({"a": _probe(honest)})[0] == ["a"]  # nobody to compare it with
+    # a manifest without digests (a compressed state) or none at all vouches for nothing
+    inexact = {MANIFEST_KEY: tensor_manifest(honest, exact=False), "epoch": 7}
+    assert vouched_donors({"a": inexact, "b": inexact}) is None
+    assert vouched_donors({"a": {"epoch": 7}, "b": "garbage"}) is None
