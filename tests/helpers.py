@@ -31,34 +31,45 @@ def metric(text: str, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def address_of_a_peer_not_started(tmp_path: Path) -> tuple[str, str, Path]:
+def address_of_a_peer_not_started(tmp_path: Path, identity: Path | None = None) -> tuple[str, str, Path]:
     """A libp2p peer that nobody runs yet: (its multiaddr to dial, the address to listen on, its
-    identity file). Start it later with that identity and address, or never."""
+    identity file: ``identity``, created unless it exists). Start it later with that identity and
+    address, or never."""
     from hivemind.p2p import P2P, PeerID
 
     from potluck.tools.coordinator_process import free_port
 
-    identity = tmp_path / "not-started.id"
-    P2P.generate_identity(str(identity))
+    identity = identity or tmp_path / "not-started.id"
+    if not identity.exists():
+        P2P.generate_identity(str(identity))
     listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
     return f"{listen}/p2p/{PeerID.from_identity(identity.read_bytes())}", listen, identity
 
 
+def start_first(swarm, name: str, args: list[str], folder: Path, identity: Path | None = None, **kwargs):
+    """Start ``swarm``'s first peer ``name`` on an address chosen in advance: ``(the peer, its address)``.
+    Its partners start at once with ``initial_peers=[address]`` (a node dials its initial peers until
+    they answer) instead of waiting out the first peer's imports and model load for its address, which
+    is seconds of every swarm test. ``identity``: its identity file (default ``folder/NAME.id``)."""
+    address, listen, identity = address_of_a_peer_not_started(folder, identity or folder / f"{name}.id")
+    peer = swarm.start_peer(
+        name, [*args, "--identity-path", str(identity), "--host-maddrs", listen], initial_peers=[], **kwargs
+    )
+    return peer, address
+
+
 def start_pairs(local_swarm, make_spec, tmp_path: Path, runs: dict[str, dict]) -> dict:
-    """A pair of real peers for each run of ``runs`` (its name: the spec's overrides), all started at once:
-    a peer's start (imports, the DHT) is most of a swarm test's time. Each pair has its own run
-    (``run_id`` is its name) and averages as a fixed pair; its peers ``a`` and ``b`` save into
-    ``tmp_path/NAME/a`` and ``.../b``, and ``b`` dials ``a``'s address, known in advance. The swarms, by
-    name; :func:`finished_pairs` waits for them."""
+    """A pair of real peers for each run of ``runs`` (its name: the spec's overrides), all started at once
+    (:func:`start_first`). Each pair has its own run (``run_id`` is its name) and averages as a fixed
+    pair; its peers ``a`` and ``b`` save into ``tmp_path/NAME/a`` and ``.../b``. The swarms, by name;
+    :func:`finished_pairs` waits for them."""
     swarms = {}
     for name, overrides in runs.items():
         folder = tmp_path / name
         folder.mkdir()
         spec_path = make_spec(run_id=name, averaging={"target_group_size": 2}, **overrides)
         swarm = swarms[name] = local_swarm(spec_path)
-        address, listen, identity = address_of_a_peer_not_started(folder)
-        a_args = ["--save-dir", str(folder / "a"), "--min-peers", "2", "--identity-path", str(identity)]
-        swarm.start_peer("a", [*a_args, "--host-maddrs", listen], initial_peers=[])
+        _, address = start_first(swarm, "a", ["--save-dir", str(folder / "a"), "--min-peers", "2"], folder)
         swarm.start_peer("b", ["--save-dir", str(folder / "b"), "--min-peers", "2"], initial_peers=[address])
     return swarms
 

@@ -18,7 +18,7 @@ from potluck.peer.averaging.diloco import DiLoCoAveraging
 from potluck.peer.training.checkpoint import list_checkpoints
 from potluck.peer.training.exact_match import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
-from tests.helpers import QuietListener, wait_until
+from tests.helpers import QuietListener, start_first, wait_until
 from tests.test_straggler import SLOW_PEER
 from tests.test_swarm import checkpoint_at, max_difference, weights
 
@@ -59,11 +59,13 @@ def test_two_peers_share_global_weights_and_loss_falls(make_spec, local_swarm, t
         max_global_steps=steps, averaging=averaging, checkpoint={"save_every": 1, "keep": 0}
     )
     swarm = local_swarm(spec_path)
-    first = swarm.start_peer("a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"])
-    swarm.wait_for_address(first)
+    first, address = start_first(
+        swarm, "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"], tmp_path
+    )
     second = swarm.start_peer(
         "b",
         ["--save-dir", str(tmp_path / "b"), "--min-peers", "2", "--client-mode"],
+        initial_peers=[address],
         entry=(str(SLOW_PEER), "4"),
     )
     assert swarm.wait_all(timeout=240) == [0, 0], first.log()[-3000:] + second.log()[-3000:]
@@ -112,13 +114,13 @@ def test_four_peers_hold_the_same_outer_state_at_every_outer_step(make_spec, loc
     swarm = local_swarm(
         make_spec(max_global_steps=steps, averaging=averaging, checkpoint={"save_every": 1, "keep": 0})
     )
-    for i, name in enumerate(names):
-        peer = swarm.start_peer(
-            name,
-            ["--save-dir", str(tmp_path / name), "--min-peers", "4"],
-            initial_peers=[] if i == 0 else None,
+    _, address = start_first(
+        swarm, names[0], ["--save-dir", str(tmp_path / names[0]), "--min-peers", "4"], tmp_path
+    )
+    for name in names[1:]:
+        swarm.start_peer(
+            name, ["--save-dir", str(tmp_path / name), "--min-peers", "4"], initial_peers=[address]
         )
-        swarm.wait_for_address(peer)
     assert swarm.wait_all(timeout=240) == [0] * 4, "\n".join(p.log()[-2000:] for p in swarm.peers)
     for step in range(1, steps + 1):  # (a peer that caught up by download may lack a step it skipped)
         first, *others = (s for name in names if (s := saved_outer_state(tmp_path / name, step)) is not None)
@@ -135,9 +137,8 @@ def test_late_joiner_gets_the_outer_state_and_steps_like_the_others(make_spec, l
         max_global_steps=500, averaging={**DILOCO, "inner_steps": 5}, checkpoint={"save_every": 1, "keep": 0}
     )
     swarm = local_swarm(spec_path)
-    first = swarm.start_peer("a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"])
-    swarm.wait_for_address(first)
-    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"])
+    _, address = start_first(swarm, "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"], tmp_path)
+    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"], initial_peers=[address])
     # from outer step 2 on, the outer momentum is far from zero: a joiner without it would step differently
     wait_until(lambda: any(c.global_step >= 2 for c in list_checkpoints(tmp_path / "a")), 180, "outer step 2")
 

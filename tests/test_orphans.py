@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from potluck.tools.coordinator_process import free_port
-from tests.helpers import wait_until
+from tests.helpers import start_first, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +39,10 @@ def test_kill_9_leaves_no_helper_processes_and_the_peer_restarts_in_place(make_s
         max_global_steps=100000, batch={"target_batch_size": 128, "per_peer_batch_size": 64}
     )
     swarm = local_swarm(spec_path)
-    first = swarm.start_peer("a", ["--min-peers", "2"])
-    swarm.wait_for_address(first)
+    first, address = start_first(swarm, "a", ["--min-peers", "2"], tmp_path)
     port = free_port()
     mine = ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--identity-path", str(tmp_path / "b.id")]
-    victim = swarm.start_peer("b", ["--min-peers", "2", *mine])
+    victim = swarm.start_peer("b", ["--min-peers", "2", *mine], initial_peers=[address])
     # training together: the DHT, both averagers and p2pd are all running by the first step
     wait_until(lambda: victim.events("global_step"), 240, "b's first global step")
     helpers = descendants(victim.process.pid)

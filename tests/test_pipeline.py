@@ -66,15 +66,22 @@ def test_init_from_must_name_an_earlier_stage(tiny_assets, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # three 2-peer swarms one after another; 2-core CI machines are often shared
-def test_sft_rm_ppo_pipeline_chains_checkpoints_and_prints_the_table(tiny_assets, tmp_path, local_swarm):
+def test_sft_rm_ppo_pipeline_through_the_coordinator_chains_checkpoints_and_prints_the_table(
+    tiny_assets, tmp_path, local_swarm, coordinator
+):
+    """One pipeline run covers both ways of running one: through a coordinator, which publishes each stage
+    and finishes it, and chained on this machine's checkpoints either way (without ``--coordinator`` the
+    peers only get ``--run-spec`` files instead, as every other swarm test starts them)."""
+    coord = coordinator()
     stages = [
         stage(tiny_assets, "p-sft", "sft", "sft", 3),
         stage(tiny_assets, "p-rm", "rm", "preferences", 2, init_from="p-sft"),
         stage(tiny_assets, "p-ppo", "ppo", "prompts", 2, init_from="p-sft",
               rl={"reward": "p-rm", "max_new_tokens": 4}),
     ]  # fmt: skip
-    pipeline = load_pipeline(write_pipeline(tmp_path, stages))
-    pipeline.swarm_factory = lambda spec_path, workdir: local_swarm(spec_path)
+    pipeline = load_pipeline(write_pipeline(tmp_path, stages), coordinator=coord.address)
+    swarms = []
+    pipeline.swarm_factory = lambda spec_path, workdir: swarms.append(local_swarm(spec_path)) or swarms[-1]
     out = io.StringIO()
     outcomes = pipeline.run(out)
 
@@ -93,34 +100,19 @@ def test_sft_rm_ppo_pipeline_chains_checkpoints_and_prints_the_table(tiny_assets
     assert outcomes[2].spec.rl.reward == str(outcomes[1].weights)
     assert outcomes[2].after["kl"] >= 0.0 and f"final weights: {outcomes[2].weights}" in table
 
+    # through the coordinator: every stage was published there, its peers got it from there (no spec
+    # file), and the pipeline marked it finished
+    for peer in (p for swarm in swarms for p in swarm.peers):
+        assert "through the coordinator at" in peer.log() and "--run-spec" not in peer.process.args
+    with CoordinatorClient(coord.address) as client:
+        runs = {r.run_id: r for r in client.list_runs()}
+    assert {run_id: runs[run_id].status for run_id in ("p-sft", "p-rm", "p-ppo")} == dict.fromkeys(
+        ("p-sft", "p-rm", "p-ppo"), "finished"
+    )
+    assert f"published at the coordinator {coord.address}" in table
+
 
 def test_the_example_pipeline_parses():
     pipeline = load_pipeline(Path(__file__).parent.parent / "examples" / "pipeline" / "rlhf.yaml")
     assert [s.stage for s in pipeline.specs] == ["sft", "rm", "ppo"]
     assert pipeline.specs[2].init_from == "tiny-sft" and pipeline.specs[2].rl.reward == "tiny-rm"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_pipeline_through_the_coordinator_publishes_each_stage_and_finishes_it(
-    tiny_assets, tmp_path, local_swarm, coordinator
-):
-    coord = coordinator()
-    stages = [stage(tiny_assets, "c-sft", "sft", "sft", 2), stage(tiny_assets, "c-sft2", "sft", "sft", 2,
-                                                                   init_from="c-sft")]  # fmt: skip
-    pipeline = load_pipeline(write_pipeline(tmp_path, stages), coordinator=coord.address)
-    swarms = []
-    pipeline.swarm_factory = lambda spec_path, workdir: swarms.append(local_swarm(spec_path)) or swarms[-1]
-    out = io.StringIO()
-    outcomes = pipeline.run(out)
-
-    assert [o.global_step for o in outcomes] == [2, 2]
-    for peer in (
-        p for swarm in swarms for p in swarm.peers
-    ):  # the run came from the coordinator, no spec file
-        assert "through the coordinator at" in peer.log() and "--run-spec" not in peer.process.args
-    with CoordinatorClient(coord.address) as client:
-        runs = {r.run_id: r for r in client.list_runs()}
-    assert runs["c-sft"].status == runs["c-sft2"].status == "finished"
-    assert outcomes[1].spec.init_from == str(outcomes[0].weights)  # chained on this machine's checkpoint
-    assert f"published at the coordinator {coord.address}" in out.getvalue()

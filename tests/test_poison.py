@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import start_first
 from tests.test_swarm import checkpoint_at
 
 pytestmark = pytest.mark.slow
@@ -22,12 +23,18 @@ POISON_PEER = Path(__file__).resolve().parents[1] / "bench" / "poison_peer.py"
 def test_a_peer_sending_nan_gradients_leaves_the_others_finite_and_training(make_spec, local_swarm, tmp_path):
     steps = 8
     swarm = local_swarm(make_spec(max_global_steps=steps, checkpoint={"save_every": 1, "keep": 0}))
-    honest = []
-    for name in ("a", "b"):
-        peer = swarm.start_peer(name, ["--save-dir", str(tmp_path / name), "--min-peers", "3"])
-        swarm.wait_for_address(peer)
-        honest.append(peer)
-    poisoner = swarm.start_peer("nan", ["--min-peers", "3"], entry=(str(POISON_PEER), "nan", "2"))
+    first, address = start_first(
+        swarm, "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "3"], tmp_path
+    )
+    honest = [
+        first,
+        swarm.start_peer(
+            "b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "3"], initial_peers=[address]
+        ),
+    ]
+    poisoner = swarm.start_peer(
+        "nan", ["--min-peers", "3"], initial_peers=[address], entry=(str(POISON_PEER), "nan", "2")
+    )
     for peer in honest:
         assert peer.process.wait(timeout=240) == 0, peer.log()[-3000:]
     poisoner.process.wait(timeout=60)

@@ -14,6 +14,7 @@ import pytest
 from potluck.peer.training.checkpoint import list_checkpoints
 from potluck.peer.training.exact_match import evaluate_spec
 from potluck.protocols.runspec import load_run_spec
+from tests.helpers import start_first
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +28,13 @@ def checkpoints(save_dir: Path) -> dict[int, Path]:
 
 def run_swarm(swarm, tmp_path: Path, max_steps: int, tag: str) -> list:
     """Both peers, started together (--min-peers 2), until --max-steps; they must leave cleanly."""
-    peers = []
-    for name in ("a", "b"):
-        args = [
-            "--save-dir", str(tmp_path / name), "--identity-path", str(tmp_path / f"{name}.id"),
-            "--min-peers", "2", "--max-steps", str(max_steps),
-        ]  # fmt: skip
-        peers.append(swarm.start_peer(f"{name}-{tag}", args, initial_peers=[] if name == "a" else None))
-        if name == "a":
-            swarm.wait_for_address(peers[0], timeout=240)
+
+    def args(name: str) -> list[str]:
+        return ["--save-dir", str(tmp_path / name), "--min-peers", "2", "--max-steps", str(max_steps)]
+
+    first, address = start_first(swarm, f"a-{tag}", args("a"), tmp_path, identity=tmp_path / "a.id")
+    identity = ["--identity-path", str(tmp_path / "b.id")]
+    peers = [first, swarm.start_peer(f"b-{tag}", [*args("b"), *identity], initial_peers=[address])]
     for peer in peers:
         assert peer.process.wait(timeout=300) == 0, peer.log()[-3000:]
     return peers

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from potluck.tools.coordinator_process import free_port
-from tests.helpers import metric, scrape, wait_until
+from tests.helpers import metric, scrape, start_first, wait_until
 from tests.test_faults import succeeded_rounds
 
 pytestmark = pytest.mark.slow
@@ -26,20 +26,21 @@ def read(port: int) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_a_straggler_does_not_stop_the_swarm_and_its_samples_count(make_spec, local_swarm):
+def test_a_straggler_does_not_stop_the_swarm_and_its_samples_count(make_spec, local_swarm, tmp_path):
     # a global step spans several of the fast peers' batches (1024 = 16 of them): the straggler can
     # finish one of its own within a step (see bench/straggler.py for target 256)
     swarm = local_swarm(make_spec(max_global_steps=100000, batch={"target_batch_size": 1024}))
     ports = {name: free_port() for name in ("fast0", "fast1", "slow")}
-    for i, (name, port) in enumerate(ports.items()):
-        peer = swarm.start_peer(
-            name,
-            ["--min-peers", "3", "--metrics-port", str(port)],
-            initial_peers=[] if i == 0 else None,
-            **({"entry": (str(SLOW_PEER), "5")} if name == "slow" else {}),
-        )
-        if i == 0:
-            swarm.wait_for_address(peer, timeout=240)
+    _, address = start_first(
+        swarm, "fast0", ["--min-peers", "3", "--metrics-port", str(ports["fast0"])], tmp_path
+    )
+    swarm.start_peer(
+        "fast1", ["--min-peers", "3", "--metrics-port", str(ports["fast1"])], initial_peers=[address]
+    )
+    swarm.start_peer(
+        "slow", ["--min-peers", "3", "--metrics-port", str(ports["slow"])], initial_peers=[address],
+        entry=(str(SLOW_PEER), "5"),
+    )  # fmt: skip
 
     def step(name: str) -> float:
         return metric(read(ports[name]), "potluck_global_step") or 0

@@ -15,7 +15,7 @@ from potluck.peer.training.exact_match import evaluate_spec
 from potluck.peer.training.model import PROMPT_ENCODER_FILE, build_model
 from potluck.protocols.runspec import load_run_spec
 from potluck.tools.coordinator_process import free_port
-from tests.helpers import metric, scrape, wait_until
+from tests.helpers import metric, scrape, start_first, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -50,11 +50,14 @@ def test_two_peers_end_equal_and_loss_falls(device, make_spec, local_swarm, tmp_
     spec_path = make_spec(max_global_steps=steps)
     swarm = local_swarm(spec_path)
     port = free_port()
-    first = swarm.start_peer(
-        "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2", "--metrics-port", str(port), *device]
+    first, address = start_first(
+        swarm, "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2", "--metrics-port", str(port), *device],
+        tmp_path,
+    )  # fmt: skip
+    swarm.start_peer(
+        "b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2", *device], initial_peers=[address]
     )
-    swarm.wait_for_address(first)
-    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2", *device])
+    swarm.wait_for_address(first)  # its metrics endpoint is up by then
 
     # while training: the peer's Prometheus endpoint reports the swarm
     text = wait_until(
@@ -95,9 +98,8 @@ def test_late_joiner_loads_the_swarms_state_before_its_first_step(make_spec, loc
     spec_path = make_spec(max_global_steps=200, batch={"target_batch_size": 512, "per_peer_batch_size": 64},
                           checkpoint={"save_every": 1, "keep": 0})  # fmt: skip
     swarm = local_swarm(spec_path)
-    first = swarm.start_peer("a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"])
-    swarm.wait_for_address(first)
-    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"])
+    _, address = start_first(swarm, "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"], tmp_path)
+    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"], initial_peers=[address])
     wait_until(
         lambda: any(c.global_step >= 3 for c in list_checkpoints(tmp_path / "a")), 240, "global step 3"
     )
@@ -164,9 +166,12 @@ def test_a_peer_that_leaves_with_ctrl_c_does_not_stall_the_other(make_spec, loca
     rounds that failed after the whole averaging_timeout: one global step per 15 s for a minute."""
     spec_path = make_spec(max_global_steps=100000)  # averaging_timeout 15 s, matchmaking_time 0.5 s
     swarm = local_swarm(spec_path)
-    stays = swarm.start_peer("stays", ["--save-dir", str(tmp_path / "stays"), "--min-peers", "2"])
-    swarm.wait_for_address(stays)
-    leaves = swarm.start_peer("leaves", ["--save-dir", str(tmp_path / "leaves"), "--min-peers", "2"])
+    stays, address = start_first(
+        swarm, "stays", ["--save-dir", str(tmp_path / "stays"), "--min-peers", "2"], tmp_path
+    )
+    leaves = swarm.start_peer(
+        "leaves", ["--save-dir", str(tmp_path / "leaves"), "--min-peers", "2"], initial_peers=[address]
+    )
     wait_until(lambda: len(leaves.events("global_step")) >= 3, 180, "three global steps together")
     leaves.process.send_signal(signal.SIGINT)
     assert leaves.process.wait(timeout=30) == 0, leaves.log()[-3000:]
@@ -194,9 +199,10 @@ def test_sigterm_with_a_partner_that_hung_exits_within_seconds(make_spec, local_
         averaging={"matchmaking_time": 2, "averaging_timeout": 30, "target_group_size": 2},
     )
     swarm = local_swarm(spec_path)
-    leaver = swarm.start_peer("leaver", ["--save-dir", str(tmp_path / "leaver"), "--min-peers", "2"])
-    swarm.wait_for_address(leaver)
-    frozen = swarm.start_peer("frozen", ["--min-peers", "2"])
+    leaver, address = start_first(
+        swarm, "leaver", ["--save-dir", str(tmp_path / "leaver"), "--min-peers", "2"], tmp_path
+    )
+    frozen = swarm.start_peer("frozen", ["--min-peers", "2"], initial_peers=[address])
     wait_until(lambda: len(frozen.events("global_step")) >= 2, 180, "two global steps together")
     frozen.process.send_signal(signal.SIGSTOP)  # the main process only: its DHT and averagers still answer
     try:
@@ -229,9 +235,10 @@ def test_two_peers_train_a_p_tuning_adapter_and_a_restarted_peer_resumes_it(make
     )
     swarm = local_swarm(spec_path)
     identity = ["--identity-path", str(tmp_path / "a.id")]
-    first = swarm.start_peer("a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2", *identity])
-    swarm.wait_for_address(first)
-    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"])
+    first, address = start_first(
+        swarm, "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"], tmp_path
+    )
+    swarm.start_peer("b", ["--save-dir", str(tmp_path / "b"), "--min-peers", "2"], initial_peers=[address])
     assert swarm.wait_all(timeout=240) == [0, 0], first.log()[-3000:]
 
     encoders = [load_file(checkpoint_at(tmp_path / name, steps) / PROMPT_ENCODER_FILE) for name in ("a", "b")]
