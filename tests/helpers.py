@@ -31,19 +31,24 @@ def metric(text: str, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def peer_id_of(identity: Path) -> str:
+    """The peer id of the identity file ``identity``, which is created first unless it exists."""
+    from hivemind.p2p import P2P, PeerID
+
+    if not identity.exists():
+        P2P.generate_identity(str(identity))
+    return str(PeerID.from_identity(identity.read_bytes()))
+
+
 def address_of_a_peer_not_started(tmp_path: Path, identity: Path | None = None) -> tuple[str, str, Path]:
     """A libp2p peer that nobody runs yet: (its multiaddr to dial, the address to listen on, its
     identity file: ``identity``, created unless it exists). Start it later with that identity and
     address, or never."""
-    from hivemind.p2p import P2P, PeerID
-
     from potluck.tools.coordinator_process import free_port
 
     identity = identity or tmp_path / "not-started.id"
-    if not identity.exists():
-        P2P.generate_identity(str(identity))
     listen = f"/ip4/127.0.0.1/tcp/{free_port()}"
-    return f"{listen}/p2p/{PeerID.from_identity(identity.read_bytes())}", listen, identity
+    return f"{listen}/p2p/{peer_id_of(identity)}", listen, identity
 
 
 def start_first(swarm, name: str, args: list[str], folder: Path, identity: Path | None = None, **kwargs):

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from potluck.peer.training.checkpoint import list_checkpoints
-from tests.helpers import metric, wait_until
+from tests.helpers import metric, peer_id_of, wait_until
 from tests.netbed import Host, Link
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -74,6 +74,10 @@ class HomeSwarm:
 
     def save_dir(self, host: Host) -> Path:
         return self.workdir / host.name
+
+    def address(self, host: Host) -> str:
+        """Where ``host``'s peer listens, known before it starts: its partners need not wait for it."""
+        return f"/ip4/{host.address}/tcp/{PORT}/p2p/{peer_id_of(self.workdir / f'{host.name}.id')}"
 
     def start(self, host: Host, *args: str, name: str | None = None, initial_peers=None):
         peer_args = [
@@ -133,11 +137,12 @@ def test_home_swarm_survives_nat_a_partition_a_kill_and_a_restart(netbed, make_s
     a, b = netbed.add_host("a", HOME, seed=1), netbed.add_host("b", HOME, seed=2)
     c = netbed.add_host("c", HOME, nat=True, seed=3)
     swarm = HomeSwarm(local_swarm, home_spec(make_spec), tmp_path)
-    peer_a = swarm.start(a, "--min-peers", "3")
-    swarm.swarm.wait_for_address(peer_a, timeout=180)
-    metrics_port = 9400  # each host has its own loopback
-    peer_b = swarm.start(b, "--min-peers", "3", "--metrics-port", str(metrics_port))
-    peer_c = swarm.start(c, "--min-peers", "3", "--client-mode", "--metrics-port", str(metrics_port))
+    peer_a = swarm.start(a, "--min-peers", "3", initial_peers=[])
+    metrics_port, initial = 9400, [swarm.address(a)]  # each host has its own loopback
+    peer_b = swarm.start(b, "--min-peers", "3", "--metrics-port", str(metrics_port), initial_peers=initial)
+    peer_c = swarm.start(
+        c, "--min-peers", "3", "--client-mode", "--metrics-port", str(metrics_port), initial_peers=initial
+    )
     dir_a, dir_b, dir_c = (swarm.save_dir(h) for h in (a, b, c))
 
     # 1. training progresses and the peers hold equal parameters after global steps. NOTE: a peer whose
