@@ -1,11 +1,14 @@
 """A state download that is not what its donor sent, or that holds NaN, is never used: real averagers on a
 loopback DHT, two donors that tamper with their own streams, one whose own state holds NaN, and one honest
-donor of lower priority. Under a robust aggregator a newcomer takes only a state two donors vouch for."""
+donor of lower priority. Under a robust aggregator a newcomer prefers a state two donors vouch for."""
 
 from __future__ import annotations
 
 import math
-from typing import AsyncIterator  # noqa: UP035 (hivemind reads the stream type from typing's alias only)
+from typing import (  # noqa: UP035 (hivemind reads the stream type from typing's alias only)
+    AsyncIterator,
+    NamedTuple,
+)
 
 import pytest
 import torch
@@ -51,39 +54,18 @@ class _Donor(CheckedDownloads, KeepsCtrlC):
             yield message
 
 
-@pytest.mark.timeout(120)
-def test_a_cut_corrupted_or_nan_download_is_discarded_and_the_next_donor_serves():
-    honest = [torch.full((4, 8), 1.0), torch.arange(16.0)]
-    first = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
-    initial = [str(a) for a in first.get_visible_maddrs()]
-    dhts = [first] + [start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in range(4)]
-    common = {"prefix": "checked", "start": True, "min_matchmaking_time": 1.0, "request_timeout": 0.5}
-    donors = [
-        _Donor([t + 100 * (tamper is not None) for t in honest], dht, tamper=tamper, **common)
-        for dht, tamper in zip(dhts[:4], ("cut", "flip", "nan", None), strict=True)
-    ]
-    newcomer = _Donor([torch.zeros_like(t) for t in honest], dhts[4], **common)
-    try:
-        for priority, donor in zip((4, 3, 2, 1), donors, strict=True):  # the tampering ones are asked first
-            donor.state_sharing_priority = priority
-        wait_until(lambda: other_donors(dhts[4], newcomer) >= 4, 30, "the four donors' records")
-        loaded = newcomer.load_state_from_peers(timeout=30)
-        assert loaded is not None, "the honest donor was never asked"
-        metadata, tensors = loaded
-        assert metadata["donor"] == str(dhts[3].peer_id)
-        for got, expected in zip(tensors, honest, strict=True):
-            assert torch.equal(got, expected)
-        assert newcomer.discarded_downloads == 3
-    finally:
-        for averager in (newcomer, *donors):
-            averager.shutdown()
-        for dht in dhts:
-            dht.shutdown()
+class _Loaded(NamedTuple):
+    state: tuple | None
+    """What ``load_state_from_peers`` returned: (metadata, tensors), or None."""
+    discarded: int
+    unvouched: int
+    donors: list[str]
+    """The donors' peer ids, in the order given."""
 
 
-def _newcomer_loads(*donor_states, tampers=None, lie_with=None):
-    """A newcomer's download from donors holding ``donor_states`` (the first asked first), the downloads it
-    discarded, and those it took unvouched."""
+def _newcomer_loads(*donor_states, tampers=None, lie_with=None) -> _Loaded:
+    """A newcomer's download from real donors on a loopback DHT holding ``donor_states`` (the first asked
+    first; ``tampers``: each one's, see :class:`_Donor`)."""
     tampers = tampers or [None] * len(donor_states)
     first = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
     initial = [str(a) for a in first.get_visible_maddrs()]
@@ -99,12 +81,27 @@ def _newcomer_loads(*donor_states, tampers=None, lie_with=None):
             donor.state_sharing_priority = priority
         wait_until(lambda: other_donors(dhts[-1], newcomer) >= len(donors), 30, "the donors' records")
         loaded = newcomer.load_state_from_peers(timeout=30)
-        return loaded, newcomer.discarded_downloads, newcomer.unvouched_downloads
+        ids = [str(dht.peer_id) for dht in dhts[: len(donors)]]
+        return _Loaded(loaded, newcomer.discarded_downloads, newcomer.unvouched_downloads, ids)
     finally:
         for averager in (newcomer, *donors):
             averager.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_a_cut_corrupted_or_nan_download_is_discarded_and_the_next_donor_serves():
+    honest = [torch.full((4, 8), 1.0), torch.arange(16.0)]
+    tampers = ("cut", "flip", "nan", None)  # the tampering ones are asked first
+    states = [[t + 100 * (tamper is not None) for t in honest] for tamper in tampers]
+    found = _newcomer_loads(*states, tampers=tampers)
+    assert found.state is not None, "the honest donor was never asked"
+    metadata, tensors = found.state
+    assert metadata["donor"] == found.donors[3]
+    for got, expected in zip(tensors, honest, strict=True):
+        assert torch.equal(got, expected)
+    assert found.discarded == 3
 
 
 @pytest.mark.timeout(180)
@@ -117,7 +114,7 @@ def test_under_a_robust_aggregator_a_newcomer_takes_only_a_state_two_donors_vouc
     forged = [-10 * t for t in honest]
     aggregate_with(Aggregator(aggregator))
     try:
-        loaded, discarded, unvouched = _newcomer_loads(forged, honest, [t.clone() for t in honest])
+        loaded, discarded, unvouched, _ = _newcomer_loads(forged, honest, [t.clone() for t in honest])
     finally:
         aggregate_with(Aggregator())
     assert loaded is not None
@@ -135,7 +132,7 @@ def test_a_donor_that_claims_the_honest_manifest_is_discarded_and_a_pair_that_di
     aggregate_with(Aggregator("median"))
     try:
         # the liar is asked first and is in the vouching group by its manifest: its download is discarded
-        loaded, discarded, unvouched = _newcomer_loads(
+        loaded, discarded, unvouched, _ = _newcomer_loads(
             forged, honest, [t.clone() for t in honest], tampers=["lie", None, None], lie_with=honest
         )
         assert loaded is not None and (discarded, unvouched) == (1, 0)
@@ -143,7 +140,7 @@ def test_a_donor_that_claims_the_honest_manifest_is_discarded_and_a_pair_that_di
             assert torch.equal(got, want)
         # one honest donor and one attacker: nobody can tell which is which; the newest donor's state is
         # taken as under the mean (refusing it stalled honest peers that had drifted apart), and counted
-        loaded, discarded, unvouched = _newcomer_loads(forged, honest)
+        loaded, discarded, unvouched, _ = _newcomer_loads(forged, honest)
         assert loaded is not None and (discarded, unvouched) == (0, 1)
         for got, want in zip(loaded[1], forged, strict=True):
             assert torch.equal(got, want)

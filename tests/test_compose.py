@@ -191,8 +191,7 @@ def test_peers_train_together(stack):
             for e in results(container)
             if e["event"] == "global_step"
             and e["global_step"] >= 5
-            and (e["round"] or {}).get("outcome") == "succeeded"
-            and e["round"]["group_size"] == 2
+            and e["round"] == {"outcome": "succeeded", "group_size": 2}
         }
 
     def a_step_taken_together():

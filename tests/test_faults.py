@@ -137,8 +137,9 @@ def test_home_swarm_survives_nat_a_partition_a_kill_and_a_restart(netbed, make_s
     a, b = netbed.add_host("a", HOME, seed=1), netbed.add_host("b", HOME, seed=2)
     c = netbed.add_host("c", HOME, nat=True, seed=3)
     swarm = HomeSwarm(local_swarm, home_spec(make_spec), tmp_path)
-    peer_a = swarm.start(a, "--min-peers", "3", initial_peers=[])
+    # a's address (its identity file made now) before a starts: a would make its own, another one
     metrics_port, initial = 9400, [swarm.address(a)]  # each host has its own loopback
+    peer_a = swarm.start(a, "--min-peers", "3", initial_peers=[])
     peer_b = swarm.start(b, "--min-peers", "3", "--metrics-port", str(metrics_port), initial_peers=initial)
     peer_c = swarm.start(
         c, "--min-peers", "3", "--client-mode", "--metrics-port", str(metrics_port), initial_peers=initial
