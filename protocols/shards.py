@@ -31,8 +31,9 @@ from pydantic.v1 import (
 from potluck.hivemind_ext.keys import peer_id_of_owner
 from potluck.protocols.records import ReadResult, read_owned, record_validators
 
-SHARD_PROTOCOL_VERSION = "potluck-shard/1"
-"""Servers and clients with another version do not talk: the client skips such servers."""
+SHARD_PROTOCOL_VERSION = "potluck-shard/2"
+"""Servers and clients with another version do not talk: the client skips such servers. 2: requests may carry
+``padding`` (a server of version 1 would ignore it and answer wrongly)."""
 MAX_BLOCKS = 4096
 
 

@@ -164,6 +164,41 @@ def test_forward_and_gradients_through_two_remote_spans_equal_local(remote, loca
     torch.testing.assert_close(hidden.grad, local_hidden.grad, atol=1e-5, rtol=0)
 
 
+def test_a_left_padded_batch_through_two_spans_equals_its_rows_one_by_one(remote):
+    """Forward, backward and generation, with a trained prompt in front of every row (after its pads)."""
+    _, model = remote
+    torch.manual_seed(2)
+    lengths = [12, 9, 5]
+    ids = torch.zeros(3, 12, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, 12 - length :] = torch.randint(4, 30, (length,))
+        mask[row, 12 - length :] = 1
+    remote_model = RemoteCausalLM(model.parts, model.client, prompt_tokens=4, seed=1)
+    upstream = torch.randn(3, 12, model.parts.config.vocab_size)
+
+    logits = remote_model(ids, attention_mask=mask).logits
+    (logits * upstream * mask[:, :, None]).sum().backward()
+    batch_grad, remote_model.prompt.grad = remote_model.prompt.grad, None
+    for row, length in enumerate(lengths):
+        alone = remote_model(ids[row : row + 1, 12 - length :]).logits
+        torch.testing.assert_close(alone[0], logits[row, 12 - length :], atol=1e-5, rtol=0)
+        (alone[0] * upstream[row, 12 - length :]).sum().backward()
+    # the rows' gradients summed (to float rounding: the sums run in another order)
+    assert (batch_grad - remote_model.prompt.grad).norm() <= 1e-5 * batch_grad.norm()
+
+    with torch.no_grad():
+        batch = remote_model.generate(ids, max_new_tokens=5, attention_mask=mask)
+        for row, length in enumerate(lengths):
+            alone = remote_model.generate(ids[row : row + 1, 12 - length :], max_new_tokens=5)
+            assert torch.equal(batch[row, 12 - length :], alone[0]), f"row {row}"
+
+    hop = model.client.router.route(0, 1)[0]
+    with pytest.raises(wire.RemoteError, match=r"padding: expected a list of 2 integers") as error:
+        model.client.call(hop, "forward", [torch.zeros(2, 4, 128)], padding=[1])
+    assert error.value.kind == wire.BAD_REQUEST
+
+
 @pytest.mark.parametrize(
     ("tensor", "field"),
     [

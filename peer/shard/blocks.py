@@ -4,12 +4,14 @@ and head (on a client), straight from the checkpoint's safetensors files.
 A server holding blocks ``start:end`` never materialises the rest of the model, so a peer with a
 small GPU can serve a slice of a model it could not load whole. Rotary position embeddings are
 recomputed on each server from the absolute positions the client names, so no server needs another's
-state. Adding a model family is one :data:`FAMILIES` entry, provided its decoder layer takes
+state; so is the attention mask, from the positions, each layer's sliding window and the rows' left
+padding. Adding a model family is one :data:`FAMILIES` entry, provided its decoder layer takes
 ``(hidden_states, attention_mask, position_embeddings, cache)`` like Llama's.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 from collections.abc import Callable
@@ -21,25 +23,35 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.cache_utils import DynamicCache
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """Where a family keeps its parts, and which transformers classes build them."""
+    """Where a family keeps its parts, and which transformers classes build them: ``<prefix>DecoderLayer``,
+    ``<prefix>RotaryEmbedding`` and ``<prefix>RMSNorm`` of ``transformers.models.<module>``."""
 
-    layer: type[nn.Module]
-    rotary: type[nn.Module]
-    norm: type[nn.Module]
+    module: str
+    prefix: str
+    scaled_embeddings: bool = False
+    """Embeddings are multiplied by √hidden_size (Gemma's ``…ScaledWordEmbedding``)."""
     layer_prefix: str = "model.layers."
     embed_key: str = "model.embed_tokens.weight"
     norm_key: str = "model.norm.weight"
     head_key: str = "lm_head.weight"
 
+    def part(self, name: str) -> type[nn.Module]:
+        modeling = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
+        return getattr(modeling, f"{self.prefix}{name}")
+
 
 FAMILIES: dict[str, ModelFamily] = {
-    "llama": ModelFamily(LlamaDecoderLayer, LlamaRotaryEmbedding, LlamaRMSNorm),
+    "llama": ModelFamily("llama", "Llama"),
+    "mistral": ModelFamily("mistral", "Mistral"),
+    "qwen2": ModelFamily("qwen2", "Qwen2"),
+    "qwen3": ModelFamily("qwen3", "Qwen3"),
+    "gemma3_text": ModelFamily("gemma3", "Gemma3", scaled_embeddings=True),
 }
+"""By ``config.model_type``. Not yet: Gemma 2 (logit soft-capping inside attention), mixtures of experts."""
 
 
 class ShardLoadError(ValueError):
@@ -66,6 +78,9 @@ def load_config(model_dir: Path) -> tuple[PretrainedConfig, ModelFamily]:
             f"model.name_or_path: model type {config.model_type!r} cannot be sharded yet "
             f"(supported: {', '.join(sorted(FAMILIES))})"
         )
+    if getattr(config, "attn_logit_softcapping", None):
+        # sdpa cannot soft-cap attention logits: remote results would differ from the model's own
+        raise ShardLoadError("model.name_or_path: attention logit soft-capping cannot be sharded yet")
     # the same attention kernel as a local from_pretrained model, so remote and local results agree
     config._attn_implementation = "sdpa"
     return config, family
@@ -88,15 +103,34 @@ def read_tensors(model_dir: Path, wanted: Callable[[str], bool]) -> dict[str, to
     return tensors
 
 
-def causal_mask(queries: int, past: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive mask ``[1, 1, queries, past + queries]``: query ``i`` sees keys ``0 … past + i``.
+def attention_mask(
+    queries: int,
+    past: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    window: int | None = None,
+    padding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Additive mask ``[rows or 1, 1, queries, past + queries]``: query ``i`` sees keys ``0 … past + i``,
+    only the last ``window`` of them with a sliding window (as transformers: ``query - key < window``),
+    and none of a row's ``padding`` left pads (the pads themselves see only themselves, so that their
+    outputs, which nobody reads, stay finite).
 
     Explicit rather than ``is_causal``, because a chunk of several tokens after a cached prefix (a
     replay onto a replica) needs the offset."""
-    keys = torch.arange(past + queries, device=device)
-    allowed = keys[None, :] <= (past + torch.arange(queries, device=device))[:, None]
-    mask = torch.zeros(queries, past + queries, dtype=dtype, device=device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    keys = torch.arange(past + queries, device=device)[None, :]
+    query_positions = (past + torch.arange(queries, device=device))[:, None]
+    allowed = keys <= query_positions
+    if window is not None:
+        allowed = allowed & (query_positions - keys < window)
+    allowed = allowed[None]  # [1, queries, keys]
+    if padding is not None:
+        pads = padding.to(device)[:, None, None]
+        allowed = (allowed & (keys[None] >= pads)) | (
+            (keys == query_positions)[None] & (query_positions[None] < pads)
+        )
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 class BlockSpan(nn.Module):
@@ -109,12 +143,26 @@ class BlockSpan(nn.Module):
                 f"blocks: {start}:{end} is not a span of the model's {config.num_hidden_layers} blocks"
             )
         self.config, self.start, self.end = config, start, end
-        # layer_idx counts from the span's start: it indexes this span's own attention cache
-        self.layers = nn.ModuleList(family.layer(config, layer_idx=i) for i in range(end - start))
-        self.rotary = family.rotary(config)
+        layer_class, rotary_class = family.part("DecoderLayer"), family.part("RotaryEmbedding")
+        # built as the model's layers start…end-1 (their kind: sliding or full attention), but each
+        # indexes this span's own attention cache from 0
+        self.layers = nn.ModuleList(layer_class(config, layer_idx=start + i) for i in range(end - start))
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.layer_idx = i
+        self.rotary = rotary_class(config)
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        self.layer_types = layer_types[start:end]
+        """Each layer's kind; Gemma 3's rotary embedding differs by kind (local and global)."""
+        self.windows = [
+            getattr(layer.self_attn, "sliding_window", getattr(config, "sliding_window", None))
+            for layer in self.layers
+        ]
+        """Each layer's sliding window (None: it sees every earlier token): Qwen's and Gemma's sliding
+        layers name theirs, Mistral's apply the config's to every layer."""
+        self._rotary_by_kind = "layer_type" in inspect.signature(rotary_class.forward).parameters
         # transformers renamed the layers' cache argument (past_key_values → cache); an unknown name
         # would be swallowed by **kwargs and the cache silently ignored, so ask the signature
-        parameters = inspect.signature(family.layer.forward).parameters
+        parameters = inspect.signature(layer_class.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     @property
@@ -130,21 +178,32 @@ class BlockSpan(nn.Module):
         position_offset: int = 0,
         cache: DynamicCache | None = None,
         blocks: tuple[int, int] | None = None,
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``hidden`` ``[batch, tokens, hidden_size]`` at positions ``position_offset …`` through
         ``blocks`` (absolute ``start, end`` within this span; default: all of it). With a ``cache``,
-        it must already hold exactly ``position_offset`` tokens of these blocks (the server checks)."""
+        it must already hold exactly ``position_offset`` tokens of these blocks (the server checks).
+        ``padding``: each row's count of left pads (``[batch]``, int; None: no padding), which its
+        tokens do not attend to and its positions do not count, as transformers' left-padded batches."""
         first, last = blocks if blocks is not None else (self.start, self.end)
         tokens = hidden.shape[1]
         past = position_offset if cache is not None else 0
         positions = torch.arange(position_offset, position_offset + tokens, device=hidden.device)[None]
-        position_embeddings = self.rotary(hidden, positions)
-        mask = causal_mask(tokens, past, hidden.dtype, hidden.device)
-        for layer in self.layers[first - self.start : last - self.start]:
-            hidden = layer(
+        if padding is not None:
+            positions = (positions - padding.to(hidden.device)[:, None]).clamp_(min=0)
+        rotary: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        masks: dict[int | None, torch.Tensor] = {}
+        for index in range(first - self.start, last - self.start):
+            kind, window = self.layer_types[index], self.windows[index]
+            if kind not in rotary:
+                by_kind = {"layer_type": kind} if self._rotary_by_kind else {}
+                rotary[kind] = self.rotary(hidden, positions, **by_kind)
+            if window not in masks:
+                masks[window] = attention_mask(tokens, past, hidden.dtype, hidden.device, window, padding)
+            hidden = self.layers[index](
                 hidden,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
+                attention_mask=masks[window],
+                position_embeddings=rotary[kind],
                 use_cache=cache is not None,
                 **{self._cache_argument: cache},
             )
@@ -179,10 +238,23 @@ class ClientParts(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.norm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.embed_scale = config.hidden_size**0.5 if family.scaled_embeddings else 1.0
+        self.norm = family.part("RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed_tokens(input_ids)
+        # Gemma scales in the embeddings' dtype, as its ScaledWordEmbedding does
+        return (
+            embeds * torch.tensor(self.embed_scale, dtype=embeds.dtype) if self.embed_scale != 1.0 else embeds
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def load_client_parts(model_dir: Path, dtype: torch.dtype = torch.float32) -> ClientParts:

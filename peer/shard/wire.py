@@ -2,7 +2,9 @@
 tensors (hivemind's tensor serialisation) and MessagePack metadata.
 
 Request metadata: ``start``/``end`` (the sub-span of the server's blocks to run), ``position_offset``
-(absolute position of the first token), ``session`` (inference only). A response either carries the
+(absolute position of the first token), ``session`` (inference only), ``padding`` (optional: each
+row's count of left pads, which the row's tokens neither attend to nor count in their positions; an
+inference session keeps its first step's, and every later step must repeat it). A response either carries the
 result tensors or ``{"error": message, "kind": kind}``: ``bad_request`` is the caller's fault (it is
 raised to the user, the server is not banned), ``busy`` and ``internal`` make the client fail over.
 """

@@ -32,7 +32,11 @@ class RemoteOutput:
 class RemoteCausalLM(nn.Module):
     """``prompt_tokens`` > 0 adds prompt tuning: that many trainable input embeddings before every
     sequence (initialised from the embeddings of random vocabulary tokens under ``seed``), the only
-    trainable tensors on the client; the remote blocks stay frozen."""
+    trainable tensors on the client; the remote blocks stay frozen.
+
+    Batches may be padded on either side, as ``attention_mask`` says: left pads travel to the servers
+    as each row's count (positions and attention leave them out, as transformers' models do); right
+    pads need nothing, since no real token attends to the pads after it."""
 
     def __init__(self, parts: ClientParts, client: ShardClient, prompt_tokens: int = 0, seed: int = 0):
         super().__init__()
@@ -41,20 +45,38 @@ class RemoteCausalLM(nn.Module):
         if prompt_tokens:
             generator = torch.Generator().manual_seed(seed)
             ids = torch.randint(0, parts.config.vocab_size, (prompt_tokens,), generator=generator)
-            self.prompt = nn.Parameter(parts.embed_tokens.weight[ids].detach().clone())
+            self.prompt = nn.Parameter(parts.embed(ids).detach().clone())
 
-    def embed(self, input_ids: torch.Tensor, with_prompt: bool = True) -> torch.Tensor:
-        embeds = self.parts.embed_tokens(input_ids)
-        if with_prompt and self.prompt is not None:
-            embeds = torch.cat([self.prompt.expand(input_ids.shape[0], -1, -1), embeds], dim=1)
-        return embeds
+    def embed(
+        self, input_ids: torch.Tensor, with_prompt: bool = True, padding: list[int] | None = None
+    ) -> torch.Tensor:
+        """Token embeddings, with the prompt (if any) after each row's left pads and before its tokens."""
+        embeds = self.parts.embed(input_ids)
+        if not with_prompt or self.prompt is None:
+            return embeds
+        if padding is None:
+            return torch.cat([self.prompt.expand(input_ids.shape[0], -1, -1), embeds], dim=1)
+        return torch.stack(
+            [torch.cat([row[:p], self.prompt, row[p:]]) for row, p in zip(embeds, padding, strict=True)]
+        )
 
     @property
     def prompt_length(self) -> int:
         return 0 if self.prompt is None else self.prompt.shape[0]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.parts.lm_head(self.parts.norm(hidden))
+        return self.parts.logits(hidden)
+
+    def _without_prompt(self, logits: torch.Tensor, padding: list[int] | None) -> torch.Tensor:
+        """The logits at the input's own positions (the prompt's left out, after each row's pads)."""
+        if not self.prompt_length:
+            return logits
+        tokens = logits.shape[1] - self.prompt_length
+        index = torch.stack(
+            [torch.cat([torch.arange(p), torch.arange(p + self.prompt_length, tokens + self.prompt_length)])
+             for p in (padding or [0] * logits.shape[0])]
+        )  # fmt: skip
+        return logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[2]).to(logits.device))
 
     def forward(
         self,
@@ -62,15 +84,13 @@ class RemoteCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> RemoteOutput:
-        """``attention_mask`` is accepted for the stages' sake and ignored: the blocks apply a causal
-        mask only, which is exact for right padding (real tokens never see the pads after them).
-        TODO: left padding needs the padding mask sent to the servers."""
-        embeds = self.embed(input_ids)
+        padding = left_padding(attention_mask)
+        embeds = self.embed(input_ids, padding=padding)
         if torch.is_grad_enabled() and not embeds.requires_grad:
             # nothing trainable on the client (a server-side adapter): backward must still reach the servers
             embeds = embeds.detach().requires_grad_(True)
-        hidden = self.client.blocks(embeds)
-        logits = self.head(hidden)[:, self.prompt_length :]
+        hidden = self.client.blocks(embeds, padding=padding)
+        logits = self._without_prompt(self.head(hidden), padding)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -85,23 +105,46 @@ class RemoteCausalLM(nn.Module):
         max_new_tokens: int,
         eos_token_id: int | None = None,
         on_token: Callable[[torch.Tensor], None] | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Greedy decoding with attention caches on the servers; returns prompt + new tokens.
-        ``on_token`` gets each new token column as it is produced (for streaming output)."""
+        ``on_token`` gets each new token column as it is produced (for streaming output). A batch of
+        prompts of different lengths comes left-padded with its ``attention_mask``; a row that has
+        produced ``eos_token_id`` goes on with it until every row has."""
         tokens = input_ids
-        with self.client.inference_session(rows=input_ids.shape[0]) as session:
-            hidden = session.step(self.embed(input_ids))
+        padding = left_padding(attention_mask)
+        done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool)
+        with self.client.inference_session(rows=input_ids.shape[0], padding=padding) as session:
+            hidden = session.step(self.embed(input_ids, padding=padding))
             for produced in range(1, max_new_tokens + 1):
                 next_token = self.head(hidden[:, -1]).argmax(dim=-1, keepdim=True)
+                if eos_token_id is not None:
+                    next_token = next_token.masked_fill(done, eos_token_id)
+                    done = done | (next_token == eos_token_id)
                 tokens = torch.cat([tokens, next_token], dim=1)
                 if on_token is not None:
                     on_token(next_token)
-                finished = eos_token_id is not None and bool((next_token == eos_token_id).all())
                 full = tokens.shape[1] + self.prompt_length >= self.parts.config.max_position_embeddings
-                if produced == max_new_tokens or finished or full:
+                if produced == max_new_tokens or bool(done.all()) or full:
                     break
                 hidden = session.step(self.embed(next_token, with_prompt=False))
         return tokens
+
+
+def left_padding(attention_mask: torch.Tensor | None) -> list[int] | None:
+    """Each row's count of left pads in a transformers ``attention_mask`` (None: no row has any).
+    A row's real tokens must be contiguous: pads on the left, the right, or both."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    pads = (~mask).long().cumprod(dim=1).sum(dim=1)
+    real = mask.sum(dim=1)
+    positions = torch.arange(mask.shape[1], device=mask.device)[None]
+    if not torch.equal(mask, (positions >= pads[:, None]) & (positions < (pads + real)[:, None])):
+        raise ValueError(
+            "attention_mask: a row has pads between its tokens (only left or right padding goes remote)"
+        )
+    return [int(p) for p in pads] if bool(pads.any()) else None
 
 
 def open_remote_model(

@@ -132,16 +132,24 @@ class ShardClient:
 
     # -- training ----------------------------------------------------------------------------------
     def forward(
-        self, hidden: torch.Tensor, start: int = 0, end: int | None = None, position_offset: int = 0
+        self,
+        hidden: torch.Tensor,
+        start: int = 0,
+        end: int | None = None,
+        position_offset: int = 0,
+        padding: list[int] | None = None,
     ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-        """Blocks ``start:end`` on ``hidden``; returns the output and the (hop, input) pairs to keep."""
+        """Blocks ``start:end`` on ``hidden``; returns the output and the (hop, input) pairs to keep.
+        ``padding``: each row's count of left pads (see :mod:`wire`), None: none."""
         end = self.num_blocks if end is None else end
         kept: list[tuple[Hop, torch.Tensor]] = []
         route, block, attempt = self.router.route(start, end), start, 0
         while block < end:
             hop = route[0]
             try:
-                output = self.call(hop, "forward", [hidden], position_offset=position_offset)[0]
+                output = self.call(
+                    hop, "forward", [hidden], position_offset=position_offset, **_padded(padding)
+                )[0]
             except ServerFailure:
                 attempt += 1
                 route = self._reroute(block, end, attempt)
@@ -156,28 +164,36 @@ class ShardClient:
         grad_output: torch.Tensor,
         position_offset: int = 0,
         attempt: int = 0,
+        padding: list[int] | None = None,
     ) -> torch.Tensor:
         """The gradient w.r.t. the first kept input, given the gradient w.r.t. the last hop's output."""
         for hop, hidden in reversed(kept):
             try:
                 grad_output = self.call(
-                    hop, "backward", [hidden, grad_output], position_offset=position_offset
+                    hop,
+                    "backward",
+                    [hidden, grad_output],
+                    position_offset=position_offset,
+                    **_padded(padding),
                 )[0]
             except ServerFailure:
                 route = self._reroute(hop.start, hop.end, attempt + 1)
                 if len(route) == 1:
                     replica = [(route[0], hidden)]
                 else:  # recompute the inputs of the span's inner hops on the replicas
-                    replica = self.forward(hidden, hop.start, hop.end, position_offset)[1]
-                grad_output = self.backward(replica, grad_output, position_offset, attempt + 1)
+                    replica = self.forward(hidden, hop.start, hop.end, position_offset, padding)[1]
+                grad_output = self.backward(replica, grad_output, position_offset, attempt + 1, padding)
         return grad_output
 
-    def blocks(self, hidden: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
-        """All remote blocks as a differentiable function of ``hidden``."""
-        return _RemoteBlocks.apply(hidden, self, position_offset)
+    def blocks(
+        self, hidden: torch.Tensor, position_offset: int = 0, padding: list[int] | None = None
+    ) -> torch.Tensor:
+        """All remote blocks as a differentiable function of ``hidden`` (``padding``: see :meth:`forward`)."""
+        return _RemoteBlocks.apply(hidden, self, position_offset, padding)
 
-    def inference_session(self, rows: int = 1) -> InferenceSession:
-        return InferenceSession(self, rows)
+    def inference_session(self, rows: int = 1, padding: list[int] | None = None) -> InferenceSession:
+        """Generation through every block; ``padding``: each row's count of left pads in the first step."""
+        return InferenceSession(self, rows, padding)
 
     def adapter_state(self, peer_id: str, start: int, end: int) -> tuple[list[torch.Tensor], int]:
         """A server's span adapter (tensors sorted by name) and how many steps it has taken."""
@@ -189,6 +205,11 @@ class ShardClient:
         """Close this client's connection to the p2p daemon (before the DHT that runs it)."""
         with contextlib.suppress(Exception):
             RemoteExpertWorker.run_coroutine(self.p2p.shutdown())
+
+
+def _padded(padding: list[int] | None) -> dict:
+    """The ``padding`` metadata of a request: left out when no row is padded."""
+    return {"padding": padding} if padding is not None and any(padding) else {}
 
 
 def _check_result(result: list[torch.Tensor], sent: torch.Tensor) -> None:
@@ -203,15 +224,19 @@ def _check_result(result: list[torch.Tensor], sent: torch.Tensor) -> None:
 
 class _RemoteBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, client: ShardClient, position_offset: int):
-        output, kept = client.forward(hidden.detach(), position_offset=position_offset)
-        ctx.client, ctx.kept, ctx.position_offset = client, kept, position_offset
+    def forward(
+        ctx, hidden: torch.Tensor, client: ShardClient, position_offset: int, padding: list[int] | None
+    ):
+        output, kept = client.forward(hidden.detach(), position_offset=position_offset, padding=padding)
+        ctx.client, ctx.kept, ctx.position_offset, ctx.padding = client, kept, position_offset, padding
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad = ctx.client.backward(ctx.kept, grad_output.contiguous(), ctx.position_offset)
-        return grad, None, None
+        grad = ctx.client.backward(
+            ctx.kept, grad_output.contiguous(), ctx.position_offset, padding=ctx.padding
+        )
+        return grad, None, None, None
 
 
 # -- inference ---------------------------------------------------------------------------------------
@@ -226,8 +251,8 @@ class _SessionHop:
 class InferenceSession:
     """Token-by-token passes through all blocks with attention caches on the servers."""
 
-    def __init__(self, client: ShardClient, rows: int):
-        self.client, self.rows = client, rows
+    def __init__(self, client: ShardClient, rows: int, padding: list[int] | None = None):
+        self.client, self.rows, self.padding = client, rows, padding
         self.position = 0
         self.hops: list[_SessionHop] = []
 
@@ -256,7 +281,12 @@ class InferenceSession:
 
     def _send(self, target: _SessionHop, hidden: torch.Tensor, position: int) -> torch.Tensor:
         return self.client.call(
-            target.hop, "inference", [hidden], position_offset=position, session=target.session
+            target.hop,
+            "inference",
+            [hidden],
+            position_offset=position,
+            session=target.session,
+            **_padded(self.padding),
         )[0]
 
     def _rebuild(self, failed: _SessionHop, attempt: int) -> list[_SessionHop]:

@@ -61,6 +61,8 @@ class _Session:
     cache: DynamicCache
     blocks: tuple[int, int]
     rows: int
+    padding: torch.Tensor | None
+    """Each row's left pads, as the first step gave them (None: none)."""
     tokens: int = 0
     pending: int = 0
     """Tokens of the step now computing: reserved in the cache budget, and > 0 refuses a concurrent
@@ -162,10 +164,12 @@ class ShardServicer(ServicerBase):
         blocks, offset = meta["blocks"], meta["position_offset"]
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            hidden, padding = inputs
             with self._guard, torch.inference_mode():
-                return [self.span(inputs[0].to(self.device), offset, blocks=blocks).cpu()]
+                return [self.span(hidden.to(self.device), offset, blocks=blocks, padding=_any(padding)).cpu()]
 
-        return await self.executor.submit([hidden], run, key=("forward", blocks, offset, hidden.shape[1]))
+        key = ("forward", blocks, offset, hidden.shape[1])
+        return await self.executor.submit([hidden, meta["padding"]], run, key=key)
 
     async def _backward(self, request) -> list[torch.Tensor]:
         meta, (hidden, grad_output) = self._parse(request, ["hidden", "grad_output"])
@@ -174,10 +178,11 @@ class ShardServicer(ServicerBase):
         blocks, offset = meta["blocks"], meta["position_offset"]
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            hidden, grad_output, padding = inputs
             with self._guard, torch.enable_grad():
-                leaf = inputs[0].to(self.device).requires_grad_(True)
-                output = self.span(leaf, offset, blocks=blocks)
-                grad_output = inputs[1].to(self.device)
+                leaf = hidden.to(self.device).requires_grad_(True)
+                output = self.span(leaf, offset, blocks=blocks, padding=_any(padding))
+                grad_output = grad_output.to(self.device)
                 if self.adapter is None:
                     (grad_input,) = torch.autograd.grad(output, leaf, grad_output)
                     return [grad_input.cpu()]
@@ -187,7 +192,7 @@ class ShardServicer(ServicerBase):
                 return [leaf.grad.cpu()]
 
         key = ("backward", blocks, offset, hidden.shape[1])
-        return await self.executor.submit([hidden, grad_output], run, key=key)
+        return await self.executor.submit([hidden, grad_output, meta["padding"]], run, key=key)
 
     async def _inference(self, request, client: str) -> list[torch.Tensor]:
         meta, (hidden,) = self._parse(request, ["hidden"])
@@ -203,9 +208,11 @@ class ShardServicer(ServicerBase):
                 raise _BadRequest(f"position_offset: a new session starts at 0, not {offset}")
             if len(self.sessions) >= self.limits.max_sessions:
                 raise ServerBusy(f"too many inference sessions ({self.limits.max_sessions})")
-            session = _Session(DynamicCache(), meta["blocks"], rows)
+            session = _Session(DynamicCache(), meta["blocks"], rows, _any(meta["padding"]))
         elif (rows, meta["blocks"]) != (session.rows, session.blocks):
             raise _BadRequest(f"hidden: rows {rows} and blocks {meta['blocks']} differ from the session's")
+        elif not torch.equal(meta["padding"], _padding_of(session)):
+            raise _BadRequest("padding: differs from the session's first step")
         elif session.pending:
             raise _BadRequest("session: its previous step is still running (send steps one at a time)")
         elif offset != session.tokens:  # history and positions out of sync (Petals issue #587)
@@ -220,7 +227,10 @@ class ShardServicer(ServicerBase):
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             with self._guard, torch.inference_mode():
                 hidden = inputs[0].to(self.device)
-                return [self.span(hidden, offset, cache=session.cache, blocks=session.blocks).cpu()]
+                output = self.span(
+                    hidden, offset, cache=session.cache, blocks=session.blocks, padding=session.padding
+                )
+                return [output.cpu()]
 
         try:
             (output,) = await self.executor.submit([hidden], run)
@@ -259,7 +269,11 @@ class ShardServicer(ServicerBase):
             raise _BadRequest(f"tensors: cannot decode ({e})") from None
         for name, tensor in zip(names, tensors, strict=True):
             self._check(name, tensor, offset)
-        return {"blocks": (start, end), "position_offset": offset, "session": meta.get("session")}, tensors
+        padding = _parse_padding(
+            meta.get("padding"), tensors[0].shape[0], self.span.config.max_position_embeddings
+        )
+        parsed = {"blocks": (start, end), "position_offset": offset, "session": meta.get("session")}
+        return {**parsed, "padding": padding}, tensors
 
     def _check(self, name: str, tensor: torch.Tensor, offset: int) -> None:
         if tensor.dtype != self.dtype:
@@ -297,6 +311,26 @@ class ShardServicer(ServicerBase):
     def shutdown(self) -> None:
         self.executor.shutdown()
         self.sessions.clear()
+
+
+def _parse_padding(value, rows: int, max_positions: int) -> torch.Tensor:
+    """The request's ``padding`` (each row's count of left pads; absent: none) as an int64 tensor."""
+    if value is None:
+        return torch.zeros(rows, dtype=torch.int64)
+    if not isinstance(value, list) or len(value) != rows:
+        raise _BadRequest(f"padding: expected a list of {rows} integers, one per row")
+    if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= max_positions for p in value):
+        raise _BadRequest(f"padding: expected integers from 0 to {max_positions}")
+    return torch.tensor(value, dtype=torch.int64)
+
+
+def _any(padding: torch.Tensor) -> torch.Tensor | None:
+    """None for a batch without pads: its mask and positions stay shared by every row."""
+    return padding if bool(padding.any()) else None
+
+
+def _padding_of(session: _Session) -> torch.Tensor:
+    return session.padding if session.padding is not None else torch.zeros(session.rows, dtype=torch.int64)
 
 
 def measure_throughput(span: BlockSpan, tokens: int = 128, repeats: int = 3) -> float:
