@@ -199,6 +199,47 @@ def test_a_left_padded_batch_through_two_spans_equals_its_rows_one_by_one(remote
     assert error.value.kind == wire.BAD_REQUEST
 
 
+def test_a_prefix_through_two_spans_equals_the_local_model_after_the_same_prefix(remote, local_model):
+    """Prefix tuning as peft does it: the prefix's keys and values in every block's cache before the tokens."""
+    from transformers.cache_utils import DynamicCache
+
+    _, model = remote
+    tuned = RemoteCausalLM(model.parts, model.client, prefix_tokens=3, seed=4)
+    local_prefix = tuned.prefix.detach().clone().requires_grad_(True)
+    torch.manual_seed(3)
+    ids = torch.randint(4, 30, (2, 10))
+    upstream = torch.randn(2, 10, model.parts.config.vocab_size)
+
+    logits = tuned(ids).logits
+    (logits * upstream).sum().backward()
+    cache = DynamicCache()
+    for layer, (keys, values) in enumerate(local_prefix):
+        cache.update(keys.expand(2, -1, -1, -1), values.expand(2, -1, -1, -1), layer)
+    local_logits = local_model(ids, past_key_values=cache).logits
+    (local_logits * upstream).sum().backward()
+    torch.testing.assert_close(logits, local_logits, atol=1e-5, rtol=0)
+    assert (tuned.prefix.grad - local_prefix.grad).norm() <= 1e-5 * local_prefix.grad.norm()
+    assert tuned.prefix.grad.abs().sum() > 0
+
+    # the reference pass leaves the prefix out: the plain model's logits
+    with torch.no_grad():
+        reference = tuned.without_adapters()(ids).logits
+        torch.testing.assert_close(reference, local_model(ids).logits, atol=1e-5, rtol=0)
+        # generation after the prefix: a padded batch generates what each row generates alone
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0
+        batch = tuned.generate(ids, max_new_tokens=4, attention_mask=mask)
+        assert torch.equal(batch[0], tuned.generate(ids[:1], max_new_tokens=4)[0])
+        assert torch.equal(batch[1, 4:], tuned.generate(ids[1:, 4:], max_new_tokens=4)[0])
+
+    hop = model.client.router.route(0, 1)[0]
+    with pytest.raises(
+        wire.RemoteError, match=r"prefix: shape \(1, 2, 2, 3, 64\), expected \(1, 2, 2, 3, 32\)"
+    ):
+        model.client.call(hop, "forward", [torch.zeros(1, 4, 128), torch.zeros(1, 2, 2, 3, 64)],
+                          position_offset=3, prefix_tokens=3)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("tensor", "field"),
     [

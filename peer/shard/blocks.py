@@ -110,11 +110,12 @@ def attention_mask(
     device: torch.device,
     window: int | None = None,
     padding: torch.Tensor | None = None,
+    pads_from: int = 0,
 ) -> torch.Tensor:
     """Additive mask ``[rows or 1, 1, queries, past + queries]``: query ``i`` sees keys ``0 … past + i``,
     only the last ``window`` of them with a sliding window (as transformers: ``query - key < window``),
-    and none of a row's ``padding`` left pads (the pads themselves see only themselves, so that their
-    outputs, which nobody reads, stay finite).
+    and none of a row's ``padding`` left pads, which start at key ``pads_from`` (after a prefix; the pads
+    themselves see only themselves, so that their outputs, which nobody reads, stay finite).
 
     Explicit rather than ``is_causal``, because a chunk of several tokens after a cached prefix (a
     replay onto a replica) needs the offset."""
@@ -125,10 +126,9 @@ def attention_mask(
         allowed = allowed & (query_positions - keys < window)
     allowed = allowed[None]  # [1, queries, keys]
     if padding is not None:
-        pads = padding.to(device)[:, None, None]
-        allowed = (allowed & (keys[None] >= pads)) | (
-            (keys == query_positions)[None] & (query_positions[None] < pads)
-        )
+        first, after = pads_from, pads_from + padding.to(device)[:, None, None]
+        is_pad = (keys[None] >= first) & (keys[None] < after)
+        allowed = (allowed & ~is_pad) | ((keys == query_positions)[None] & (query_positions[None] < after))
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -172,6 +172,17 @@ class BlockSpan(nn.Module):
     def new_cache(self) -> DynamicCache:
         return DynamicCache()
 
+    def prefilled_cache(self, prefix: torch.Tensor, blocks: tuple[int, int], rows: int) -> DynamicCache:
+        """A cache holding a prefix's keys and values (prefix tuning, as peft's: before rotary, shared by every
+        row) for ``blocks``: ``prefix`` ``[blocks, 2, key-value heads, tokens, head size]``. Differentiable in
+        ``prefix``."""
+        cache = DynamicCache()
+        for index, (keys, values) in zip(
+            range(blocks[0] - self.start, blocks[1] - self.start), prefix, strict=True
+        ):
+            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+        return cache
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -179,12 +190,14 @@ class BlockSpan(nn.Module):
         cache: DynamicCache | None = None,
         blocks: tuple[int, int] | None = None,
         padding: torch.Tensor | None = None,
+        prefix_tokens: int = 0,
     ) -> torch.Tensor:
         """``hidden`` ``[batch, tokens, hidden_size]`` at positions ``position_offset …`` through
         ``blocks`` (absolute ``start, end`` within this span; default: all of it). With a ``cache``,
         it must already hold exactly ``position_offset`` tokens of these blocks (the server checks).
         ``padding``: each row's count of left pads (``[batch]``, int; None: no padding), which its
-        tokens do not attend to and its positions do not count, as transformers' left-padded batches."""
+        tokens do not attend to and its positions do not count, as transformers' left-padded batches; they
+        come after the ``prefix_tokens`` the cache starts with (prefix tuning), if any."""
         first, last = blocks if blocks is not None else (self.start, self.end)
         tokens = hidden.shape[1]
         past = position_offset if cache is not None else 0
@@ -199,7 +212,9 @@ class BlockSpan(nn.Module):
                 by_kind = {"layer_type": kind} if self._rotary_by_kind else {}
                 rotary[kind] = self.rotary(hidden, positions, **by_kind)
             if window not in masks:
-                masks[window] = attention_mask(tokens, past, hidden.dtype, hidden.device, window, padding)
+                masks[window] = attention_mask(
+                    tokens, past, hidden.dtype, hidden.device, window, padding, pads_from=prefix_tokens
+                )
             hidden = self.layers[index](
                 hidden,
                 attention_mask=masks[window],

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from potluck.hivemind_ext.dht import start_dht
 from potluck.peer.shard.blocks import ClientParts, load_client_parts, load_config, resolve_model_dir
-from potluck.peer.shard.client.spans import ShardClient
+from potluck.peer.shard.client.spans import Pass, ShardClient
 from potluck.protocols.runspec import RunSpec
 from potluck.protocols.shards import shard_record_validators
 
@@ -30,28 +30,55 @@ class RemoteOutput:
 
 
 class RemoteCausalLM(nn.Module):
-    """``prompt_tokens`` > 0 adds prompt tuning: that many trainable input embeddings before every
-    sequence (initialised from the embeddings of random vocabulary tokens under ``seed``), the only
-    trainable tensors on the client; the remote blocks stay frozen.
+    """The client's trainable tensors, if any (the remote blocks stay frozen on the servers):
+
+    - ``prompt_tokens`` > 0, prompt tuning: that many trainable input embeddings before every sequence
+      (initialised from the embeddings of random vocabulary tokens under ``seed``);
+    - ``prefix_tokens`` > 0, prefix tuning (as peft's): that many trainable keys and values in front of
+      every block's attention (initialised N(0, 1) under ``seed``, as peft's prefix encoder), sent with
+      each request and trained by the gradients the servers return for them.
+
+    A run whose servers hold a LoRA adapter has none: the servers train it from the gradients the client
+    sends back. ``adapters=False`` on :meth:`forward` leaves all of these out, the client's and the
+    servers' (the base model: a DPO reference without a second copy of the model).
 
     Batches may be padded on either side, as ``attention_mask`` says: left pads travel to the servers
     as each row's count (positions and attention leave them out, as transformers' models do); right
     pads need nothing, since no real token attends to the pads after it."""
 
-    def __init__(self, parts: ClientParts, client: ShardClient, prompt_tokens: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        parts: ClientParts,
+        client: ShardClient,
+        prompt_tokens: int = 0,
+        seed: int = 0,
+        prefix_tokens: int = 0,
+    ):
         super().__init__()
+        if prompt_tokens and prefix_tokens:
+            raise ValueError("adapter: a prompt and a prefix together are not supported")
         self.parts, self.client = parts, client
         self.prompt: nn.Parameter | None = None
+        self.prefix: nn.Parameter | None = None
+        generator = torch.Generator().manual_seed(seed)
         if prompt_tokens:
-            generator = torch.Generator().manual_seed(seed)
             ids = torch.randint(0, parts.config.vocab_size, (prompt_tokens,), generator=generator)
             self.prompt = nn.Parameter(parts.embed(ids).detach().clone())
+        if prefix_tokens:
+            config = parts.config
+            head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            shape = (config.num_hidden_layers, 2, config.num_key_value_heads, prefix_tokens, head_size)
+            self.prefix = nn.Parameter(torch.randn(shape, generator=generator).to(parts.lm_head.weight.dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.lm_head.weight.device
 
     def embed(
         self, input_ids: torch.Tensor, with_prompt: bool = True, padding: list[int] | None = None
     ) -> torch.Tensor:
         """Token embeddings, with the prompt (if any) after each row's left pads and before its tokens."""
-        embeds = self.parts.embed(input_ids)
+        embeds = self.parts.embed(input_ids.to(self.device))
         if not with_prompt or self.prompt is None:
             return embeds
         if padding is None:
@@ -63,6 +90,11 @@ class RemoteCausalLM(nn.Module):
     @property
     def prompt_length(self) -> int:
         return 0 if self.prompt is None else self.prompt.shape[0]
+
+    def _pass(self, padding: list[int] | None, adapters: bool) -> Pass:
+        if not adapters or self.prefix is None:
+            return Pass(padding=padding, adapter=adapters)
+        return Pass(position_offset=self.prefix.shape[3], padding=padding, prefix=self.prefix)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.parts.logits(hidden)
@@ -83,20 +115,30 @@ class RemoteCausalLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        adapters: bool = True,
     ) -> RemoteOutput:
         padding = left_padding(attention_mask)
-        embeds = self.embed(input_ids, padding=padding)
+        embeds = self.embed(input_ids, with_prompt=adapters, padding=padding)
         if torch.is_grad_enabled() and not embeds.requires_grad:
             # nothing trainable on the client (a server-side adapter): backward must still reach the servers
             embeds = embeds.detach().requires_grad_(True)
-        hidden = self.client.blocks(embeds, padding=padding)
-        logits = self._without_prompt(self.head(hidden), padding)
+        # the wire carries tensors from host memory; autograd takes the gradients back to the device
+        hidden = self.client.blocks(embeds.cpu(), self._pass(padding, adapters)).to(self.device)
+        logits = self.head(hidden)
+        if adapters:
+            logits = self._without_prompt(logits, padding)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].to(self.device).flatten(),
+                ignore_index=-100,
             )
         return RemoteOutput(logits=logits, loss=loss)
+
+    def without_adapters(self) -> nn.Module:
+        """This model with every adapter left out, the client's and the servers': a frozen reference."""
+        return _WithoutAdapters(self)
 
     @torch.no_grad()
     def generate(
@@ -111,24 +153,35 @@ class RemoteCausalLM(nn.Module):
         ``on_token`` gets each new token column as it is produced (for streaming output). A batch of
         prompts of different lengths comes left-padded with its ``attention_mask``; a row that has
         produced ``eos_token_id`` goes on with it until every row has."""
-        tokens = input_ids
+        tokens = input_ids.cpu()
         padding = left_padding(attention_mask)
         done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool)
-        with self.client.inference_session(rows=input_ids.shape[0], padding=padding) as session:
-            hidden = session.step(self.embed(input_ids, padding=padding))
+        how = self._pass(padding, adapters=True)
+        used = self.prompt_length + how.position_offset  # positions taken by the prompt or the prefix
+        with self.client.inference_session(rows=input_ids.shape[0], how=how) as session:
+            hidden = session.step(self.embed(input_ids, padding=padding).cpu())
             for produced in range(1, max_new_tokens + 1):
-                next_token = self.head(hidden[:, -1]).argmax(dim=-1, keepdim=True)
+                next_token = self.head(hidden[:, -1].to(self.device)).argmax(dim=-1, keepdim=True).cpu()
                 if eos_token_id is not None:
                     next_token = next_token.masked_fill(done, eos_token_id)
                     done = done | (next_token == eos_token_id)
                 tokens = torch.cat([tokens, next_token], dim=1)
                 if on_token is not None:
                     on_token(next_token)
-                full = tokens.shape[1] + self.prompt_length >= self.parts.config.max_position_embeddings
+                full = tokens.shape[1] + used >= self.parts.config.max_position_embeddings
                 if produced == max_new_tokens or bool(done.all()) or full:
                     break
-                hidden = session.step(self.embed(next_token, with_prompt=False))
+                hidden = session.step(self.embed(next_token, with_prompt=False).cpu())
         return tokens
+
+
+class _WithoutAdapters(nn.Module):
+    def __init__(self, model: RemoteCausalLM):
+        super().__init__()
+        self.model = [model]  # not a submodule: its parameters stay the trained model's own
+
+    def forward(self, input_ids, labels=None, attention_mask=None) -> RemoteOutput:
+        return self.model[0](input_ids, labels, attention_mask, adapters=False)
 
 
 def left_padding(attention_mask: torch.Tensor | None) -> list[int] | None:

@@ -34,6 +34,36 @@ from potluck.protocols.shards import SHARD_PROTOCOL_VERSION, ShardAnnouncement
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Pass:
+    """How a pass goes through the blocks, beyond its hidden states (see :mod:`wire`)."""
+
+    position_offset: int = 0
+    """Absolute position of the first token (after a prefix: its length)."""
+    padding: list[int] | None = None
+    """Each row's count of left pads; None: none."""
+    prefix: torch.Tensor | None = None
+    """Prefix tuning's keys and values for every block, ``[blocks, 2, key-value heads, tokens, head size]``."""
+    adapter: bool = True
+    """False: the servers leave their adapters out of this pass (a reference model's)."""
+
+    def for_hop(self, hop: Hop) -> tuple[list[torch.Tensor], dict]:
+        """The extra tensors and the metadata of a request to ``hop``."""
+        metadata: dict = {"position_offset": self.position_offset}
+        if self.padding is not None and any(self.padding):
+            metadata["padding"] = self.padding
+        if not self.adapter:
+            metadata["adapter"] = False
+        if self.prefix is None:
+            return [], metadata
+        prefix = self.prefix[hop.start : hop.end].detach().cpu()
+        return [prefix], {**metadata, "prefix_tokens": prefix.shape[3]}
+
+
+PLAIN = Pass()
+"""A pass from position 0, without padding, prefix, or the servers' adapters turned off."""
+
+
 class ServerFailure(RuntimeError):
     """A server failed, timed out or was busy: the client bans it and fails over."""
 
@@ -93,16 +123,23 @@ class ShardClient:
             raise ForgedAnnouncement(f"server {peer_id} serves {served} but the announcement says {claimed}")
         return time.perf_counter() - started
 
-    def call(self, hop: Hop, method: str, tensors: list[torch.Tensor], **metadata) -> list[torch.Tensor]:
+    def call(
+        self,
+        hop: Hop,
+        method: str,
+        tensors: list[torch.Tensor],
+        returns: list[torch.Tensor] | None = None,
+        **metadata,
+    ) -> list[torch.Tensor]:
         """One request to one server; :class:`ServerFailure` (after banning it) if it did not answer,
-        or answered with anything but one tensor shaped like the first one it was sent."""
+        or answered with anything but tensors shaped like ``returns`` (default: the first one sent)."""
         started = time.perf_counter()
         self.metrics.requests += 1
         message = wire.request(tensors, start=hop.start, end=hop.end, **metadata)
         try:
             reply = RemoteExpertWorker.run_coroutine(self._call_async(hop.peer_id, method, message))
             result = wire.unpack_response(reply)
-            _check_result(result, tensors[0])
+            _check_result(result, returns or tensors[:1])
         except wire.RemoteError as e:
             if e.kind == wire.BAD_REQUEST:
                 raise
@@ -132,24 +169,17 @@ class ShardClient:
 
     # -- training ----------------------------------------------------------------------------------
     def forward(
-        self,
-        hidden: torch.Tensor,
-        start: int = 0,
-        end: int | None = None,
-        position_offset: int = 0,
-        padding: list[int] | None = None,
+        self, hidden: torch.Tensor, start: int = 0, end: int | None = None, how: Pass = PLAIN
     ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-        """Blocks ``start:end`` on ``hidden``; returns the output and the (hop, input) pairs to keep.
-        ``padding``: each row's count of left pads (see :mod:`wire`), None: none."""
+        """Blocks ``start:end`` on ``hidden``; returns the output and the (hop, input) pairs to keep."""
         end = self.num_blocks if end is None else end
         kept: list[tuple[Hop, torch.Tensor]] = []
         route, block, attempt = self.router.route(start, end), start, 0
         while block < end:
             hop = route[0]
+            extra, metadata = how.for_hop(hop)
             try:
-                output = self.call(
-                    hop, "forward", [hidden], position_offset=position_offset, **_padded(padding)
-                )[0]
+                output = self.call(hop, "forward", [hidden, *extra], returns=[hidden], **metadata)[0]
             except ServerFailure:
                 attempt += 1
                 route = self._reroute(block, end, attempt)
@@ -162,38 +192,40 @@ class ShardClient:
         self,
         kept: list[tuple[Hop, torch.Tensor]],
         grad_output: torch.Tensor,
-        position_offset: int = 0,
+        how: Pass = PLAIN,
         attempt: int = 0,
-        padding: list[int] | None = None,
-    ) -> torch.Tensor:
-        """The gradient w.r.t. the first kept input, given the gradient w.r.t. the last hop's output."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gradients w.r.t. the first kept input and w.r.t. the pass's prefix (None without one), given
+        the gradient w.r.t. the last hop's output."""
+        grad_prefix = (
+            torch.zeros(how.prefix.shape, dtype=how.prefix.dtype) if how.prefix is not None else None
+        )
         for hop, hidden in reversed(kept):
+            extra, metadata = how.for_hop(hop)
             try:
-                grad_output = self.call(
-                    hop,
-                    "backward",
-                    [hidden, grad_output],
-                    position_offset=position_offset,
-                    **_padded(padding),
-                )[0]
+                grads = self.call(
+                    hop, "backward", [hidden, grad_output, *extra], returns=[hidden, *extra], **metadata
+                )
+                grad_output, hop_prefix = grads[0], (grads[1] if extra else None)
             except ServerFailure:
                 route = self._reroute(hop.start, hop.end, attempt + 1)
                 if len(route) == 1:
                     replica = [(route[0], hidden)]
                 else:  # recompute the inputs of the span's inner hops on the replicas
-                    replica = self.forward(hidden, hop.start, hop.end, position_offset, padding)[1]
-                grad_output = self.backward(replica, grad_output, position_offset, attempt + 1, padding)
-        return grad_output
+                    replica = self.forward(hidden, hop.start, hop.end, how)[1]
+                grad_output, replica_prefix = self.backward(replica, grad_output, how, attempt + 1)
+                hop_prefix = replica_prefix[hop.start : hop.end] if replica_prefix is not None else None
+            if grad_prefix is not None:
+                grad_prefix[hop.start : hop.end] += hop_prefix
+        return grad_output, grad_prefix
 
-    def blocks(
-        self, hidden: torch.Tensor, position_offset: int = 0, padding: list[int] | None = None
-    ) -> torch.Tensor:
-        """All remote blocks as a differentiable function of ``hidden`` (``padding``: see :meth:`forward`)."""
-        return _RemoteBlocks.apply(hidden, self, position_offset, padding)
+    def blocks(self, hidden: torch.Tensor, how: Pass = PLAIN) -> torch.Tensor:
+        """All remote blocks as a differentiable function of ``hidden`` (and of ``how.prefix``)."""
+        return _RemoteBlocks.apply(hidden, how.prefix, self, how)
 
-    def inference_session(self, rows: int = 1, padding: list[int] | None = None) -> InferenceSession:
-        """Generation through every block; ``padding``: each row's count of left pads in the first step."""
-        return InferenceSession(self, rows, padding)
+    def inference_session(self, rows: int = 1, how: Pass = PLAIN) -> InferenceSession:
+        """Generation through every block; ``how``: the first step's padding, and a prefix."""
+        return InferenceSession(self, rows, how)
 
     def adapter_state(self, peer_id: str, start: int, end: int) -> tuple[list[torch.Tensor], int]:
         """A server's span adapter (tensors sorted by name) and how many steps it has taken."""
@@ -207,36 +239,30 @@ class ShardClient:
             RemoteExpertWorker.run_coroutine(self.p2p.shutdown())
 
 
-def _padded(padding: list[int] | None) -> dict:
-    """The ``padding`` metadata of a request: left out when no row is padded."""
-    return {"padding": padding} if padding is not None and any(padding) else {}
-
-
-def _check_result(result: list[torch.Tensor], sent: torch.Tensor) -> None:
-    """Every shard method maps hidden states to hidden states (or their gradient) of the same shape:
-    anything else would surface later as a confusing error of the *next* server."""
-    if len(result) != 1 or result[0].shape != sent.shape or result[0].dtype != sent.dtype:
+def _check_result(result: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    """Every shard method maps hidden states to hidden states (or their gradient) of the same shape, and
+    backward a prefix to its gradient: anything else would surface later as a confusing error of the
+    *next* server."""
+    if [(t.shape, t.dtype) for t in result] != [(t.shape, t.dtype) for t in expected]:
         got = [(tuple(t.shape), t.dtype) for t in result]
-        raise wire.RemoteError(
-            f"malformed response {got}, expected {tuple(sent.shape)} {sent.dtype}", wire.INTERNAL
-        )
+        want = [(tuple(t.shape), t.dtype) for t in expected]
+        raise wire.RemoteError(f"malformed response {got}, expected {want}", wire.INTERNAL)
 
 
 class _RemoteBlocks(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, hidden: torch.Tensor, client: ShardClient, position_offset: int, padding: list[int] | None
-    ):
-        output, kept = client.forward(hidden.detach(), position_offset=position_offset, padding=padding)
-        ctx.client, ctx.kept, ctx.position_offset, ctx.padding = client, kept, position_offset, padding
+    def forward(ctx, hidden: torch.Tensor, prefix: torch.Tensor | None, client: ShardClient, how: Pass):
+        output, kept = client.forward(hidden.detach(), how=how)
+        ctx.client, ctx.kept, ctx.how = client, kept, how
+        ctx.prefix_device = prefix.device if prefix is not None else None
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad = ctx.client.backward(
-            ctx.kept, grad_output.contiguous(), ctx.position_offset, padding=ctx.padding
-        )
-        return grad, None, None, None
+        grad, grad_prefix = ctx.client.backward(ctx.kept, grad_output.contiguous(), ctx.how)
+        if grad_prefix is not None:
+            grad_prefix = grad_prefix.to(ctx.prefix_device)
+        return grad, grad_prefix, None, None
 
 
 # -- inference ---------------------------------------------------------------------------------------
@@ -251,9 +277,10 @@ class _SessionHop:
 class InferenceSession:
     """Token-by-token passes through all blocks with attention caches on the servers."""
 
-    def __init__(self, client: ShardClient, rows: int, padding: list[int] | None = None):
-        self.client, self.rows, self.padding = client, rows, padding
-        self.position = 0
+    def __init__(self, client: ShardClient, rows: int, how: Pass = PLAIN):
+        self.client, self.rows, self.how = client, rows, how
+        self.start = self.position = how.position_offset
+        """A prefix's tokens come first: the session's own start there."""
         self.hops: list[_SessionHop] = []
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -280,13 +307,11 @@ class InferenceSession:
         return hidden
 
     def _send(self, target: _SessionHop, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        """One step to one server; its first step of the session carries the prefix."""
+        how = Pass(position, self.how.padding, None if target.history else self.how.prefix)
+        extra, metadata = how.for_hop(target.hop)
         return self.client.call(
-            target.hop,
-            "inference",
-            [hidden],
-            position_offset=position,
-            session=target.session,
-            **_padded(self.padding),
+            target.hop, "inference", [hidden, *extra], returns=[hidden], session=target.session, **metadata
         )[0]
 
     def _rebuild(self, failed: _SessionHop, attempt: int) -> list[_SessionHop]:
@@ -297,7 +322,7 @@ class InferenceSession:
         if failed.history:
             hidden = torch.cat(failed.history, dim=1)
             for replica in replicas:
-                output = self._send(replica, hidden, 0)
+                output = self._send(replica, hidden, self.start)
                 replica.history.append(hidden)
                 hidden = output
         return replicas

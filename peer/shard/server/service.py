@@ -24,6 +24,7 @@ import torch
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.cache_utils import DynamicCache
 
 from potluck.peer.shard import wire
@@ -51,6 +52,8 @@ class ServerLimits:
     """Requests waiting for the compute thread; more are refused as ``busy``."""
     max_sessions: int = 64
     max_cache_tokens: int = 65536
+    max_prefix_tokens: int = 256
+    """Tokens of a client's prefix (prefix tuning) per request."""
     """Rows × tokens over all open inference sessions (the attention caches' memory)."""
     session_ttl: float = 300.0
     """An inference session idle this long is closed and its cache freed."""
@@ -59,10 +62,9 @@ class ServerLimits:
 @dataclass
 class _Session:
     cache: DynamicCache
-    blocks: tuple[int, int]
+    meta: dict
+    """The first step's parsed metadata: blocks, padding, prefix and adapter hold for every step."""
     rows: int
-    padding: torch.Tensor | None
-    """Each row's left pads, as the first step gave them (None: none)."""
     tokens: int = 0
     pending: int = 0
     """Tokens of the step now computing: reserved in the cache budget, and > 0 refuses a concurrent
@@ -159,43 +161,66 @@ class ShardServicer(ServicerBase):
         return wire.error_response(f"{method}: {message}", kind)
 
     # -- computations ------------------------------------------------------------------------------
+    def _through(
+        self, hidden: torch.Tensor, meta: dict, padding: torch.Tensor, prefix, cache=None
+    ) -> torch.Tensor:
+        """The request's blocks on ``hidden`` (on this server's device), after the client's prefix if it sent
+        one, with the served adapter unless the request turned it off."""
+        if prefix is not None and cache is None:
+            cache = self.span.prefilled_cache(prefix.to(self.device), meta["blocks"], hidden.shape[0])
+        adapter_off = self.adapter is not None and not meta["adapter"]
+        with without_adapters(self.span) if adapter_off else contextlib.nullcontext():
+            return self.span(
+                hidden,
+                meta["position_offset"],
+                cache=cache,
+                blocks=meta["blocks"],
+                padding=_any(padding),
+                prefix_tokens=meta["prefix_tokens"],
+            )
+
+    def _key(self, kind: str, meta: dict, hidden: torch.Tensor):
+        """Requests that may run as one batch: same pass, blocks, positions and adapter, and no prefix of
+        their own (each client's prefix is its own)."""
+        if meta["prefix_tokens"]:
+            return None
+        return (kind, meta["blocks"], meta["position_offset"], hidden.shape[1], meta["adapter"])
+
     async def _forward(self, request) -> list[torch.Tensor]:
-        meta, (hidden,) = self._parse(request, ["hidden"])
-        blocks, offset = meta["blocks"], meta["position_offset"]
+        meta, tensors = self._parse(request, ["hidden"])
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            hidden, padding = inputs
+            hidden, padding, *prefix = inputs
             with self._guard, torch.inference_mode():
-                return [self.span(hidden.to(self.device), offset, blocks=blocks, padding=_any(padding)).cpu()]
+                return [self._through(hidden.to(self.device), meta, padding, _first(prefix)).cpu()]
 
-        key = ("forward", blocks, offset, hidden.shape[1])
-        return await self.executor.submit([hidden, meta["padding"]], run, key=key)
+        inputs = [tensors[0], meta["padding"], *tensors[1:]]
+        return await self.executor.submit(inputs, run, key=self._key("forward", meta, tensors[0]))
 
     async def _backward(self, request) -> list[torch.Tensor]:
-        meta, (hidden, grad_output) = self._parse(request, ["hidden", "grad_output"])
+        meta, (hidden, grad_output, *prefix) = self._parse(request, ["hidden", "grad_output"])
         if grad_output.shape != hidden.shape:
             raise _BadRequest(f"grad_output: shape {tuple(grad_output.shape)} differs from hidden's")
-        blocks, offset = meta["blocks"], meta["position_offset"]
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            hidden, grad_output, padding = inputs
+            hidden, grad_output, padding, *prefix = inputs
             with self._guard, torch.enable_grad():
-                leaf = hidden.to(self.device).requires_grad_(True)
-                output = self.span(leaf, offset, blocks=blocks, padding=_any(padding))
+                leaves = [hidden.to(self.device).requires_grad_(True)]
+                leaves += [p.to(self.device).requires_grad_(True) for p in prefix]
+                output = self._through(leaves[0], meta, padding, _first(leaves[1:]))
                 grad_output = grad_output.to(self.device)
-                if self.adapter is None:
-                    (grad_input,) = torch.autograd.grad(output, leaf, grad_output)
-                    return [grad_input.cpu()]
+                if self.adapter is None or not meta["adapter"]:
+                    return [g.cpu() for g in torch.autograd.grad(output, leaves, grad_output)]
                 # a served adapter learns from every backward pass that goes through it
                 output.backward(grad_output)
                 self.adapter.step()
-                return [leaf.grad.cpu()]
+                return [leaf.grad.cpu() for leaf in leaves]
 
-        key = ("backward", blocks, offset, hidden.shape[1])
-        return await self.executor.submit([hidden, grad_output, meta["padding"]], run, key=key)
+        inputs = [hidden, grad_output, meta["padding"], *prefix]
+        return await self.executor.submit(inputs, run, key=self._key("backward", meta, hidden))
 
     async def _inference(self, request, client: str) -> list[torch.Tensor]:
-        meta, (hidden,) = self._parse(request, ["hidden"])
+        meta, (hidden, *prefix) = self._parse(request, ["hidden"])
         session_id = meta.get("session")
         if not isinstance(session_id, str) or not 0 < len(session_id) <= 64:
             raise _BadRequest("session: expected a string id of 1 to 64 characters")
@@ -204,14 +229,21 @@ class ShardServicer(ServicerBase):
         session = self.sessions.get(key)
         rows, tokens, offset = hidden.shape[0], hidden.shape[1], meta["position_offset"]
         if session is None:
-            if offset != 0:
-                raise _BadRequest(f"position_offset: a new session starts at 0, not {offset}")
+            if offset != meta["prefix_tokens"]:
+                raise _BadRequest(
+                    f"position_offset: a new session starts at {meta['prefix_tokens']}, not {offset}"
+                )
             if len(self.sessions) >= self.limits.max_sessions:
                 raise ServerBusy(f"too many inference sessions ({self.limits.max_sessions})")
-            session = _Session(DynamicCache(), meta["blocks"], rows, _any(meta["padding"]))
-        elif (rows, meta["blocks"]) != (session.rows, session.blocks):
+            cache = DynamicCache()
+            if prefix:  # the session's cache starts with the client's prefix, as after a prefill of it
+                cache = self.span.prefilled_cache(prefix[0].to(self.device), meta["blocks"], rows)
+            session = _Session(cache, meta, rows, offset)
+        elif prefix:
+            raise _BadRequest("prefix: only a session's first step may send one")
+        elif (rows, meta["blocks"]) != (session.rows, session.meta["blocks"]):
             raise _BadRequest(f"hidden: rows {rows} and blocks {meta['blocks']} differ from the session's")
-        elif not torch.equal(meta["padding"], _padding_of(session)):
+        elif not torch.equal(meta["padding"], session.meta["padding"]):
             raise _BadRequest("padding: differs from the session's first step")
         elif session.pending:
             raise _BadRequest("session: its previous step is still running (send steps one at a time)")
@@ -223,13 +255,11 @@ class ShardServicer(ServicerBase):
             raise ServerBusy(f"the attention-cache budget ({self.limits.max_cache_tokens} tokens) is full")
         session.pending = tokens
         self.sessions[key] = session
+        step = {**session.meta, "position_offset": offset}
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             with self._guard, torch.inference_mode():
-                hidden = inputs[0].to(self.device)
-                output = self.span(
-                    hidden, offset, cache=session.cache, blocks=session.blocks, padding=session.padding
-                )
+                output = self._through(inputs[0].to(self.device), step, step["padding"], None, session.cache)
                 return [output.cpu()]
 
         try:
@@ -244,6 +274,8 @@ class ShardServicer(ServicerBase):
 
     # -- validation and sessions -------------------------------------------------------------------
     def _parse(self, request, names: list[str]) -> tuple[dict, list[torch.Tensor]]:
+        """The request's metadata (checked and with defaults) and its tensors: ``names``, then the
+        ``prefix`` when ``prefix_tokens`` says it sent one."""
         meta = wire.metadata_of(request)
         start, end = meta.get("start"), meta.get("end")
         if not (isinstance(start, int) and isinstance(end, int)):
@@ -254,26 +286,50 @@ class ShardServicer(ServicerBase):
         offset = meta.get("position_offset", 0)
         if not isinstance(offset, int) or offset < 0:
             raise _BadRequest("position_offset: expected a non-negative integer")
-        if len(request.tensors) != len(names):
+        prefix_tokens = meta.get("prefix_tokens", 0)
+        if not isinstance(prefix_tokens, int) or not 0 <= prefix_tokens <= self.limits.max_prefix_tokens:
+            raise _BadRequest(f"prefix_tokens: expected an integer from 0 to {self.limits.max_prefix_tokens}")
+        if prefix_tokens and offset < prefix_tokens:
+            raise _BadRequest(f"position_offset: {offset} is inside the prefix of {prefix_tokens} tokens")
+        adapter = meta.get("adapter", True)
+        if not isinstance(adapter, bool):
+            raise _BadRequest("adapter: expected true or false")
+        expected = [*names, "prefix"] if prefix_tokens else names
+        if len(request.tensors) != len(expected):
             raise _BadRequest(
-                f"tensors: expected {len(names)} ({', '.join(names)}), got {len(request.tensors)}"
+                f"tensors: expected {len(expected)} ({', '.join(expected)}), got {len(request.tensors)}"
             )
         # refuse oversized tensors by their declared shape, before decoding allocates them
         max_elements = self.limits.max_request_tokens * self.span.hidden_size
-        for name, serialized in zip(names, request.tensors, strict=True):
+        for name, serialized in zip(expected, request.tensors, strict=True):
             if math.prod(serialized.size) > max_elements:
                 raise _BadRequest(f"{name}: shape {tuple(serialized.size)} exceeds this server's limits")
         try:
             tensors = wire.tensors_of(request)
         except Exception as e:  # noqa: BLE001 (malformed tensor bytes are the client's fault)
             raise _BadRequest(f"tensors: cannot decode ({e})") from None
-        for name, tensor in zip(names, tensors, strict=True):
+        for name, tensor in zip(names, tensors, strict=False):
             self._check(name, tensor, offset)
+        if prefix_tokens:
+            self._check_prefix(tensors[-1], (start, end), prefix_tokens)
         padding = _parse_padding(
             meta.get("padding"), tensors[0].shape[0], self.span.config.max_position_embeddings
         )
         parsed = {"blocks": (start, end), "position_offset": offset, "session": meta.get("session")}
-        return {**parsed, "padding": padding}, tensors
+        return {**parsed, "padding": padding, "prefix_tokens": prefix_tokens, "adapter": adapter}, tensors
+
+    def _check_prefix(self, prefix: torch.Tensor, blocks: tuple[int, int], tokens: int) -> None:
+        attention = self.span.layers[0].self_attn
+        heads = self.span.config.num_key_value_heads
+        expected = (blocks[1] - blocks[0], 2, heads, tokens, attention.head_dim)
+        if prefix.dtype != self.dtype:
+            raise _BadRequest(f"prefix: dtype {prefix.dtype} but this server runs {self.dtype}")
+        if tuple(prefix.shape) != expected:
+            raise _BadRequest(
+                f"prefix: shape {tuple(prefix.shape)}, expected {expected} (blocks, key and value, heads, tokens, head size)"
+            )
+        if not torch.isfinite(prefix).all():
+            raise _BadRequest("prefix: contains NaN or Inf")
 
     def _check(self, name: str, tensor: torch.Tensor, offset: int) -> None:
         if tensor.dtype != self.dtype:
@@ -329,8 +385,21 @@ def _any(padding: torch.Tensor) -> torch.Tensor | None:
     return padding if bool(padding.any()) else None
 
 
-def _padding_of(session: _Session) -> torch.Tensor:
-    return session.padding if session.padding is not None else torch.zeros(session.rows, dtype=torch.int64)
+def _first(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    return tensors[0] if tensors else None
+
+
+@contextlib.contextmanager
+def without_adapters(span: BlockSpan):
+    """The span's base weights alone for one pass (a client's reference model), its adapters untouched."""
+    layers = [m for m in span.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def measure_throughput(span: BlockSpan, tokens: int = 128, repeats: int = 3) -> float:
