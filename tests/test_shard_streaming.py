@@ -1,17 +1,21 @@
-"""Shard messages above hivemind's 4 MiB unary message: split in chunks and put back together, with
-the receiver's bounds checked on each tensor's first chunk."""
+"""Shard messages above hivemind's 4 MiB unary message: chunked on the streaming RPCs, with the
+server's bounds checked on each tensor's first chunk."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
 from potluck.peer.shard import streaming, wire
+from potluck.peer.shard.blocks import load_block_span
+from potluck.peer.shard.server.service import ServerLimits, ShardServicer
+
+HIDDEN = 128  # the tiny model's
 
 
 def _chunks(tensors: list[torch.Tensor], chunk_bytes: int = streaming.CHUNK_BYTES) -> list:
@@ -68,3 +72,73 @@ def test_a_malformed_stream_is_refused_naming_what_is_wrong(parts, bounds, probl
     with pytest.raises(wire.RemoteError, match=re.escape(problem)) as error:
         _combine(parts, **bounds)
     assert error.value.kind == wire.BAD_REQUEST
+
+
+class _Sender:
+    """A client's side of a stream: the chunks the server has read so far are counted."""
+
+    def __init__(self, parts: list):
+        self.parts, self.read = parts, 0
+
+    async def __aiter__(self) -> AsyncIterator:
+        for part in self.parts:
+            self.read += 1
+            yield part
+
+
+@pytest.fixture(scope="module")
+def servicer(tiny_assets):
+    servicer = ShardServicer(load_block_span(tiny_assets["model"], 0, 2), "streams", ServerLimits())
+    yield servicer
+    servicer.shutdown()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("declared", "problem"),
+    [
+        ((4096, 64, HIDDEN), "tensor 0: shape (4096, 64, 128) exceeds the receiver's limits"),
+        # within max_request_tokens × hidden_size elements, but more bytes than max_stream_bytes allows
+        ((16, 64, HIDDEN), "tensor 0: 32 chunks of up to 1048576 bytes exceed the 16777216 bytes"),
+    ],
+)
+def test_a_stream_declaring_more_than_the_servers_bound_is_refused_before_it_is_read(
+    servicer, monkeypatch, declared, problem
+):
+    monkeypatch.setattr(servicer, "limits", ServerLimits(max_stream_bytes=16 * 2**20))
+    parts = _chunks([torch.zeros(1, 2, HIDDEN)])
+    parts[0].tensors[0].size[:] = declared
+    parts[0].tensors[0].chunks = 32
+    sender = _Sender(
+        parts + [runtime_pb2.ExpertRequest(tensors=[runtime_pb2.Tensor(buffer=b"0" * 2**20)])] * 31
+    )
+
+    async def first_answer():
+        responses = servicer.rpc_forward_stream(sender.__aiter__(), None)
+        answer = await anext(responses)
+        read_when_refused = sender.read
+        async for _ in responses:  # the server reads the rest of the stream and discards it
+            pass
+        return answer, read_when_refused
+
+    answer, read_when_refused = asyncio.run(first_answer())
+    with pytest.raises(wire.RemoteError, match=re.escape(f"forward: stream: {problem}")) as error:
+        wire.unpack_response(answer)
+    assert error.value.kind == wire.BAD_REQUEST
+    assert read_when_refused == 1  # refused on the first chunk, before buffering the other 31 MiB
+    assert sender.read == 32
+
+    # the server keeps serving: a streamed request of several chunks gets the unary path's answer
+    hidden = torch.randn(40, 40, HIDDEN)  # 800 KiB per tensor: two chunks of 512 KiB each
+    grad_output = torch.randn_like(hidden)
+    request = wire.request([hidden, grad_output], start=0, end=2)
+
+    async def both_ways():
+        unary = await servicer._handle("backward", request, servicer._backward)
+        responses = servicer.rpc_backward_stream(
+            _Sender(_chunks([hidden, grad_output], 2**19)).__aiter__(), None
+        )
+        return unary, await streaming.combine(responses, request.ByteSize(), wire.INTERNAL)
+
+    unary, streamed = asyncio.run(both_ways())
+    torch.testing.assert_close(wire.unpack_response(streamed), wire.unpack_response(unary), atol=0, rtol=0)
