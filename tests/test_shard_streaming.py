@@ -1,5 +1,7 @@
 """Shard messages above hivemind's 4 MiB unary message: chunked on the streaming RPCs, with the
-server's bounds checked on each tensor's first chunk."""
+server's bounds checked on each tensor's first chunk (unit), and a span served over real p2p with an
+activation above 4 MiB, a request over the bound refused and a failing server banned (integration,
+in-process DHTs)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,15 @@ from collections.abc import AsyncIterator, Iterable
 
 import pytest
 import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.proto import runtime_pb2
 
+from potluck.hivemind_ext.dht import start_dht, visible_addresses
 from potluck.peer.shard import streaming, wire
 from potluck.peer.shard.blocks import load_block_span
-from potluck.peer.shard.server.service import ServerLimits, ShardServicer
+from potluck.peer.shard.client.routing import Hop
+from potluck.peer.shard.client.spans import ServerFailure, ShardClient
+from potluck.peer.shard.server.service import ServerLimits, ShardServicer, serve_on, stop_serving
 
 HIDDEN = 128  # the tiny model's
 
@@ -142,3 +148,64 @@ def test_a_stream_declaring_more_than_the_servers_bound_is_refused_before_it_is_
 
     unary, streamed = asyncio.run(both_ways())
     torch.testing.assert_close(wire.unpack_response(streamed), wire.unpack_response(unary), atol=0, rtol=0)
+
+
+@pytest.fixture
+def served(tiny_assets):
+    """The tiny model's two blocks served over p2p by an in-process servicer, and a client of it."""
+    servicer = ShardServicer(load_block_span(tiny_assets["model"], 0, 2), "streams", ServerLimits())
+    server_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    p2p = RemoteExpertWorker.run_coroutine(server_dht.replicate_p2p())
+    RemoteExpertWorker.run_coroutine(serve_on(p2p, servicer))
+    client_dht = start_dht(visible_addresses(server_dht), ["/ip4/127.0.0.1/tcp/0"], [], None)
+    client = ShardClient(client_dht, "streams", 2, request_timeout=60.0)
+    try:
+        yield servicer, client, Hop(str(server_dht.peer_id), 0, 2)
+    finally:
+        client.shutdown()
+        client_dht.shutdown()
+        RemoteExpertWorker.run_coroutine(stop_serving(p2p, servicer))
+        RemoteExpertWorker.run_coroutine(p2p.shutdown())
+        servicer.shutdown()
+        server_dht.shutdown()
+
+
+@pytest.mark.integration
+def test_an_activation_above_4_mib_goes_through_a_span_and_back_with_the_unary_paths_failover(
+    served, tiny_assets
+):
+    servicer, client, hop = served
+    torch.manual_seed(0)
+    hidden = torch.randn(256, 40, HIDDEN)  # 5 MiB; with its gradient the backward request is 10 MiB
+    grad_output = torch.randn_like(hidden)
+    assert streaming.needs_streaming(wire.request([hidden]))
+
+    (output,) = client.call(hop, "forward", [hidden])
+    (grad_input,) = client.call(hop, "backward", [hidden, grad_output])
+
+    local = load_block_span(tiny_assets["model"], 0, 2)
+    leaf = hidden.clone().requires_grad_(True)
+    expected = local(leaf, 0)
+    expected.backward(grad_output)
+    torch.testing.assert_close(output, expected.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad_input, leaf.grad, atol=1e-5, rtol=0)
+    assert client.metrics.failures == 0
+
+    # a request over the server's bound is the caller's fault: refused in one line, the server not banned
+    servicer.limits = ServerLimits(max_stream_bytes=8 * 2**20)
+    with pytest.raises(
+        wire.RemoteError, match=r"backward: stream: tensor 1: .* exceed the 8388608 bytes"
+    ) as error:
+        client.call(hop, "backward", [hidden, grad_output])
+    assert error.value.kind == wire.BAD_REQUEST and not client.router.is_banned(hop.peer_id)
+    (again,) = client.call(hop, "forward", [hidden])  # and it keeps serving
+    assert torch.equal(again, output)
+
+    # a server failing a streamed request is banned and the caller told to fail over, as on the unary path
+    async def broken(request):
+        raise RuntimeError("out of memory")
+
+    servicer._forward = broken
+    with pytest.raises(ServerFailure, match="forward: RuntimeError: out of memory"):
+        client.call(hop, "forward", [hidden])
+    assert client.router.is_banned(hop.peer_id) and client.metrics.failures == 1
