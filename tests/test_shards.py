@@ -21,7 +21,7 @@ import yaml
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from transformers import AutoModelForCausalLM
 
-from potluck.peer.shard import wire
+from potluck.peer.shard import streaming, wire
 from potluck.peer.shard.client.generate import generate_text
 from potluck.peer.shard.client.remote_model import RemoteCausalLM, open_remote_model
 from potluck.peer.shard.client.routing import Hop
@@ -151,16 +151,23 @@ def test_forward_and_gradients_through_two_remote_spans_equal_local(remote, loca
     torch.testing.assert_close(remote_model.prompt.grad, local_prompt.grad, atol=1e-5, rtol=0)
     assert remote_model.prompt.grad.abs().sum() > 0
 
-    # the input gradient of the blocks alone, with a random upstream gradient
-    hidden = torch.randn(2, 9, local_model.config.hidden_size, requires_grad=True)
-    grad_out = torch.randn(2, 9, local_model.config.hidden_size)
-    model.client.blocks(hidden).backward(grad_out)
+    _assert_remote_blocks_equal_local(model, local_model, rows=2, tokens=9)
+
+
+def _assert_remote_blocks_equal_local(model: RemoteCausalLM, local_model, rows: int, tokens: int) -> None:
+    """The blocks alone, as the client's autograd function: output and input gradient (with a random
+    upstream gradient) equal the local model's."""
+    hidden = torch.randn(rows, tokens, local_model.config.hidden_size, requires_grad=True)
+    grad_out = torch.randn(rows, tokens, local_model.config.hidden_size)
+    remote_output = model.client.blocks(hidden)
+    remote_output.backward(grad_out)
     local_hidden = hidden.detach().clone().requires_grad_(True)
     output = local_hidden
-    rotary = local_model.model.rotary_emb(output, torch.arange(9)[None])
+    rotary = local_model.model.rotary_emb(output, torch.arange(tokens)[None])
     for layer in local_model.model.layers:
         output = layer(output, position_embeddings=rotary, attention_mask=None)
     output.backward(grad_out)
+    torch.testing.assert_close(remote_output, output, atol=1e-5, rtol=0)
     torch.testing.assert_close(hidden.grad, local_hidden.grad, atol=1e-5, rtol=0)
 
 
@@ -238,6 +245,15 @@ def test_a_prefix_through_two_spans_equals_the_local_model_after_the_same_prefix
     ):
         model.client.call(hop, "forward", [torch.zeros(1, 4, 128), torch.zeros(1, 2, 2, 3, 64)],
                           position_offset=3, prefix_tokens=3)  # fmt: skip
+
+
+def test_an_activation_above_4_mib_goes_through_the_servers_forward_and_backward(remote, local_model):
+    _, model = remote
+    failures_before = model.client.metrics.failures
+    # 256 rows × 40 tokens × 128 floats: 5 MiB each way, 10 MiB for a backward request (in chunks)
+    assert streaming.needs_streaming(wire.request([torch.zeros(256, 40, local_model.config.hidden_size)]))
+    _assert_remote_blocks_equal_local(model, local_model, rows=256, tokens=40)
+    assert model.client.metrics.failures == failures_before  # no server failed over it
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,13 @@ input is replayed there: mid-forward the pass continues from the failed span; mi
 span's inputs are recomputed on the replicas and its gradient is taken there; mid-generation the
 replica's attention cache is rebuilt from all the inputs that span received so far. Requests the
 server refuses as malformed (``bad_request``) are the caller's bug: they are raised, not retried.
+A request too big for one hivemind unary message goes in chunks to the method's streaming twin
+(:mod:`..streaming`), with the same failover.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -25,7 +28,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.serializer import MSGPackSerializer
 
 from potluck.hivemind_ext.p2p import connect
-from potluck.peer.shard import wire
+from potluck.peer.shard import streaming, wire
 from potluck.peer.shard.client.routing import ForgedAnnouncement, Hop, Router
 from potluck.peer.shard.metrics import ShardClientMetrics
 from potluck.peer.shard.server.service import ShardServicer
@@ -108,7 +111,11 @@ class ShardClient:
 
     async def _call_async(self, peer_id: str, method: str, message):
         stub = await self._stub(peer_id)
-        return await getattr(stub, f"rpc_{method}")(message, timeout=self.request_timeout)
+        streamed = getattr(stub, f"rpc_{method}_stream", None)
+        if streamed is None or not streaming.needs_streaming(message):
+            return await getattr(stub, f"rpc_{method}")(message, timeout=self.request_timeout)
+        # hivemind's streams take no timeout of their own
+        return await asyncio.wait_for(streaming.call(streamed, message), self.request_timeout)
 
     def _probe(self, peer_id: str, announcement: ShardAnnouncement) -> float:
         started = time.perf_counter()

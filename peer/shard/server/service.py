@@ -2,8 +2,11 @@
 
 Every request is validated before it reaches the model (tensor count and declared sizes before
 decoding, then dtype, shape, finite values, the sub-span and positions it names); a bad one gets a
-``bad_request`` error naming the field, and the server goes on serving others. Memory is bounded by
-hivemind's 4 MiB message limit, the request limits, the compute queue (:mod:`batching`) and the
+``bad_request`` error naming the field, and the server goes on serving others. A request or response
+above hivemind's 4 MiB unary message travels in chunks on the method's ``_stream`` twin
+(:mod:`..streaming`), which puts the same request together and runs the same handler; declared
+sizes are checked on each tensor's first chunk, before the server buffers it. Memory is bounded by the
+request limits (``max_stream_bytes`` per stream), the compute queue (:mod:`batching`) and the
 attention-cache budget of inference sessions (tests/test_shards.py floods a server to check it).
 
 Backward is stateless, as in Petals: the client sends the span's inputs with the output gradient and
@@ -19,6 +22,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's name)
 
 import torch
 from hivemind.p2p import P2PContext, ServicerBase
@@ -27,7 +31,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.cache_utils import DynamicCache
 
-from potluck.peer.shard import wire
+from potluck.peer.shard import streaming, wire
 from potluck.peer.shard.blocks import BlockSpan
 from potluck.peer.shard.metrics import ShardServerMetrics
 from potluck.peer.shard.server.adapters import SpanAdapter
@@ -45,7 +49,11 @@ class ServerLimits:
     max_rows: int = 256
     """Sequences per request."""
     max_request_tokens: int = 16384
-    """Rows × tokens per request (also bounds the payload: hivemind's unary messages are ≤ 4 MiB)."""
+    """Rows × tokens per request."""
+    max_stream_bytes: int = 256 * 2**20
+    """Tensor bytes of one request streamed in chunks (above hivemind's 4 MiB unary message), buffered
+    before it is computed: a backward request carries two tensors of rows × tokens × hidden_size.
+    Raise it with ``max_request_tokens`` for wide models; lower it if concurrent streams exhaust memory."""
     max_batch_tokens: int = 16384
     """Rows × tokens of one computed batch after merging concurrent requests."""
     max_queue: int = 64
@@ -125,6 +133,22 @@ class ShardServicer(ServicerBase):
     ) -> runtime_pb2.ExpertResponse:
         return await self._handle("inference", request, lambda r: self._inference(r, str(context.remote_id)))
 
+    # the streaming twins, for requests above hivemind's unary message size
+    def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return self._streamed("forward", requests, self._forward)
+
+    def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return self._streamed("backward", requests, self._backward)
+
+    def rpc_inference_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return self._streamed("inference", requests, lambda r: self._inference(r, str(context.remote_id)))
+
     async def rpc_close_session(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
@@ -159,6 +183,20 @@ class ShardServicer(ServicerBase):
             self.metrics.latency.labels(self.run_id, method).observe(time.perf_counter() - started)
         self.metrics.failures.labels(self.run_id, method, kind).inc()
         return wire.error_response(f"{method}: {message}", kind)
+
+    async def _streamed(self, method: str, requests: AsyncIterator, handler) -> AsyncIterator:
+        """The chunks put together into one request (bounded as they arrive), the same handler, and
+        the response sent back in chunks."""
+
+        async def combined(stream: AsyncIterator) -> list[torch.Tensor]:
+            bound = self.limits.max_stream_bytes
+            return await handler(await streaming.combine(stream, bound, wire.BAD_REQUEST, self._max_elements))
+
+        for part in streaming.split(await self._handle(method, requests, combined)):
+            yield part
+        # a refused stream may still be arriving: discard the rest (hivemind's reader waits on us)
+        async for _ in requests:
+            pass
 
     # -- computations ------------------------------------------------------------------------------
     def _through(
@@ -300,9 +338,8 @@ class ShardServicer(ServicerBase):
                 f"tensors: expected {len(expected)} ({', '.join(expected)}), got {len(request.tensors)}"
             )
         # refuse oversized tensors by their declared shape, before decoding allocates them
-        max_elements = self.limits.max_request_tokens * self.span.hidden_size
         for name, serialized in zip(expected, request.tensors, strict=True):
-            if math.prod(serialized.size) > max_elements:
+            if math.prod(serialized.size) > self._max_elements:
                 raise _BadRequest(f"{name}: shape {tuple(serialized.size)} exceeds this server's limits")
         try:
             tensors = wire.tensors_of(request)
@@ -330,6 +367,11 @@ class ShardServicer(ServicerBase):
             )
         if not torch.isfinite(prefix).all():
             raise _BadRequest("prefix: contains NaN or Inf")
+
+    @property
+    def _max_elements(self) -> int:
+        """The most elements a request's tensor may declare."""
+        return self.limits.max_request_tokens * self.span.hidden_size
 
     def _check(self, name: str, tensor: torch.Tensor, offset: int) -> None:
         if tensor.dtype != self.dtype:
