@@ -262,6 +262,13 @@ class AveragingSpec(_Strict):
         return value
 
     @property
+    def download_chunk_timeout(self) -> float:
+        """Seconds a state download may wait for its next chunk (hivemind falls back to ``request_timeout``,
+        well under a second, per chunk): the averagers that serve state to late joiners derive it here,
+        DiLoCo's outer state and a span's LoRA replicas."""
+        return max(self.request_timeout, self.load_state_timeout / 10)
+
+    @property
     def request_timeout(self) -> float:
         """Seconds one averaging request (matchmaking, a part of the all-reduce) may take: under half
         the matchmaking time, or hivemind's matchmaking can deadlock (a leader waits on a follower that
