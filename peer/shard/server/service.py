@@ -183,7 +183,7 @@ class ShardServicer(ServicerBase):
                     return [grad_input.cpu()]
                 # a served adapter learns from every backward pass that goes through it
                 output.backward(grad_output)
-                self.adapter.step()
+                self.adapter.after_backward()
                 return [leaf.grad.cpu()]
 
         key = ("backward", blocks, offset, hidden.shape[1])
