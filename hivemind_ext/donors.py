@@ -416,3 +416,16 @@ class CheckedDownloads(DecentralizedAverager):
             logger.debug(f"Peer {peer} did not send its state")
             return None
         return metadata, tensors
+
+
+class ServesState(CheckedDownloads):
+    """Serves, with its manifest, the state that ``current_state()`` returns: ``(metadata, tensors)``, called in
+    the process that created the averager (by hivemind's state thread), so it can read live training state
+    under its owner's lock."""
+
+    def __init__(self, *args, current_state: Callable[[], tuple[dict, list[torch.Tensor]]], **kwargs):
+        self._current_state = current_state
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self):
+        return self.with_manifest(*self._current_state())

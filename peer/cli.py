@@ -76,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for the metrics endpoint")
-    p.add_argument("--save-dir", type=Path, default=None, help="write checkpoints here and resume from them")
+    p.add_argument(
+        "--save-dir",
+        type=Path,
+        default=None,
+        help="write checkpoints here and resume from them (--role shard: the span's LoRA adapter)",
+    )
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop at this global step (default: the spec's)"
     )

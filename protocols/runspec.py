@@ -262,6 +262,13 @@ class AveragingSpec(_Strict):
         return value
 
     @property
+    def download_chunk_timeout(self) -> float:
+        """Seconds a state download may wait for its next chunk (hivemind falls back to ``request_timeout``,
+        well under a second, per chunk): the averagers that serve state to late joiners derive it here,
+        DiLoCo's outer state and a span's LoRA replicas."""
+        return max(self.request_timeout, self.load_state_timeout / 10)
+
+    @property
     def request_timeout(self) -> float:
         """Seconds one averaging request (matchmaking, a part of the all-reduce) may take: under half
         the matchmaking time, or hivemind's matchmaking can deadlock (a leader waits on a follower that
@@ -295,6 +302,26 @@ class CheckpointSpec(_Strict):
     """Write a checkpoint to ``--save-dir`` every N global steps (and always at the end)."""
     keep: int = Field(2, ge=0)
     """Checkpoints to keep in ``--save-dir``; 0 keeps all."""
+
+
+class SpanAdapterSpec(_Strict):
+    """How shard servers (``run-peer --role shard``) train a ``lora`` adapter inside their spans
+    (``peer/shard/server/adapters.py``). Their optimizer is the run's ``optimizer`` (AdamW's ``lr``, ``betas``,
+    ``weight_decay``, ``max_grad_norm``; ``warmup_steps`` and the ``schedule`` over ``max_global_steps``) counted
+    in *span steps*: one optimizer step of one server on its span. They checkpoint every ``checkpoint.save_every``
+    span steps into ``--save-dir``, keeping ``checkpoint.keep``."""
+
+    accumulate_backwards: int = Field(1, ge=1)
+    """Backward requests whose adapter gradients a server averages into one optimizer step (a span step). 1 steps
+    on every request, as asynchronous SGD; raise it when clients send small batches and the loss is noisy, or
+    when many clients share a server (each span step then learns from that many requests)."""
+    average_every: float = Field(5.0, ge=1, le=3600)
+    """Seconds of the swarm's clock (DHT time) between averaging rounds of a span's replicas: every replica
+    starts a round at each multiple of it, so replicas that started at different moments meet in the same
+    round (trainers meet at each global step). Each round averages the adapter and its AdamW statistics, as a
+    trainers' state round does. Lower it if replicas' adapters drift apart between rounds (clients see other
+    losses on each replica); raise it to spend less bandwidth. Each round is bounded by
+    ``averaging.averaging_timeout``."""
 
 
 StageName = Literal["sft", "rm", "dpo", "grpo", "ppo", "distill"]
@@ -401,6 +428,8 @@ class RunSpec(_Strict):
     """The run ends when the swarm reaches this many global steps."""
     averaging: AveragingSpec = AveragingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    span_adapter: SpanAdapterSpec = SpanAdapterSpec()
+    """How shard servers train a ``lora`` adapter in their spans: accumulation and averaging rounds."""
     seed: int = 0
     """Seeds adapter initialisation (identical on every peer) and, with the peer id, each peer's data order."""
 
@@ -411,6 +440,14 @@ class RunSpec(_Strict):
         if stage == "rm" and adapter is not None and adapter.kind != "none":
             raise ValueError("stage 'rm' trains a whole sequence-classification model: set adapter.kind none")
         return stage
+
+    @field_validator("span_adapter")
+    @classmethod
+    def _span_adapter_only_for_lora(cls, value: SpanAdapterSpec, info: ValidationInfo) -> SpanAdapterSpec:
+        adapter = info.data.get("adapter")
+        if adapter is not None and adapter.kind != "lora" and value != SpanAdapterSpec():
+            raise ValueError(f"only used with adapter.kind 'lora' (shard servers train no {adapter.kind!r})")
+        return value
 
     @field_validator("teacher")
     @classmethod

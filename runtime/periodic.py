@@ -27,10 +27,14 @@ class Periodic:
         *,
         immediately: bool = False,
         error_level: int = logging.WARNING,
+        aligned_to: Callable[[], float] | None = None,
     ):
         self.tick, self.interval, self.name = tick, interval, name
         self.immediately = immediately
         """Run the first tick at start rather than one interval later."""
+        self.aligned_to = aligned_to
+        """A clock (seconds) shared with other processes: ticks then fall on its multiples of ``interval`` (the next
+        one after a tick ends), so processes that started at different moments tick together."""
         self.error_level = error_level
         self.stopping = threading.Event()
         """Set by :meth:`stop`; a long tick may check it to finish early."""
@@ -50,8 +54,13 @@ class Periodic:
     def _run(self) -> None:
         if self.immediately:
             self._tick_once()
-        while not self.stopping.wait(self.interval):
+        while not self.stopping.wait(self._until_next_tick()):
             self._tick_once()
+
+    def _until_next_tick(self) -> float:
+        if self.aligned_to is None:
+            return self.interval
+        return self.interval - self.aligned_to() % self.interval
 
     def _tick_once(self) -> None:
         try:

@@ -44,3 +44,9 @@ def test_immediately_runs_the_first_tick_at_start():
         assert ran.wait(10)
     finally:
         duty.stop()
+
+
+def test_aligned_ticks_fall_on_multiples_of_the_interval_of_the_shared_clock():
+    clock = iter([12.5, 15.0, 29.9])
+    duty = Periodic(lambda: None, interval=5, name="aligned", aligned_to=lambda: next(clock))
+    assert [duty._until_next_tick() for _ in range(3)] == pytest.approx([2.5, 5.0, 0.1])

@@ -1,7 +1,10 @@
 """A LoRA adapter trained inside remote spans: a client's gradients train it on the servers, the two
-replicas of a span average it, and the held-out loss falls. Three real shard servers on loopback."""
+replicas of a span average it, and the held-out loss falls; a replica that joins late downloads it, and a
+restarted server resumes it from its checkpoint. Real shard servers on loopback."""
 
 from __future__ import annotations
+
+import signal
 
 import pytest
 import torch
@@ -20,8 +23,7 @@ from tests.test_shards import _held_out_loss, _wait_for_event
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def lora_swarm(tiny_assets, tmp_path):
+def _write_spec(tiny_assets, tmp_path):
     spec = {
         "run_id": "shard-lora",
         "model": {"name_or_path": str(tiny_assets["model"])},
@@ -34,6 +36,20 @@ def lora_swarm(tiny_assets, tmp_path):
     }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _train(model, spec, steps: int) -> None:
+    """``steps`` client steps: each one backward request to every span on the route."""
+    batches = PeerDataStream(spec.data, load_tokenizer(spec.model), spec.batch.per_peer_batch_size).batches(0)
+    stage = SupervisedFineTuning()
+    for _ in range(steps):
+        stage.loss(model, next(batches)).backward()
+
+
+@pytest.fixture
+def lora_swarm(tiny_assets, tmp_path):
+    path = _write_spec(tiny_assets, tmp_path)
     swarm = _TrackedSwarm(path, tmp_path / "servers", extra_args=["--role", "shard"])
     try:
         first = swarm.start_peer("span0", ["--blocks", "0:1"])
@@ -57,12 +73,7 @@ def test_server_side_lora_trains_through_two_replicas_and_ends_averaged(lora_swa
         wait_until(lambda: len(read_shards(dht, spec.run_id).records) == 3, 60, "3 shard announcements")
         replicas = [a.peer_id for a in read_shards(dht, spec.run_id).records.values() if a.start == 1]
         before = _held_out_loss(model, spec)
-        batches = PeerDataStream(
-            spec.data, load_tokenizer(spec.model), spec.batch.per_peer_batch_size
-        ).batches(0)
-        stage = SupervisedFineTuning()
-        for _ in range(16):
-            stage.loss(model, next(batches)).backward()
+        _train(model, spec, 16)
         after = _held_out_loss(model, spec)
         assert after < before, (before, after)
         steps = [model.client.adapter_state(peer, 1, 2)[1] for peer in replicas]
@@ -77,3 +88,52 @@ def test_server_side_lora_trains_through_two_replicas_and_ends_averaged(lora_swa
     finally:
         model.client.shutdown()
         dht.shutdown()
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_a_late_replica_downloads_the_adapter_and_a_restart_resumes_it(tiny_assets, tmp_path):
+    path = _write_spec(tiny_assets, tmp_path)
+    spec = load_run_spec(path)
+    save_dir = tmp_path / "span0-checkpoints"
+    swarm = _TrackedSwarm(path, tmp_path / "servers", extra_args=["--role", "shard"])
+    try:
+        first = swarm.start_peer("span0", ["--blocks", "0:1", "--save-dir", str(save_dir)])
+        address = swarm.wait_for_address(first)
+        replica = swarm.start_peer("span1-a", ["--blocks", "1:2"], initial_peers=[address])
+        for peer in swarm.peers:
+            _wait_for_event(peer, "serving")
+        dht, model = open_remote_model(spec, [address])
+        try:
+            wait_until(lambda: len(read_shards(dht, spec.run_id).records) == 2, 60, "2 shard announcements")
+            _train(model, spec, 3)
+            trained, trained_steps = model.client.adapter_state(replica.peer_id(), 1, 2)
+            assert trained_steps == 3  # one span step per backward request (accumulate_backwards: 1)
+            span0, span0_steps = model.client.adapter_state(first.peer_id(), 0, 1)
+
+            late = swarm.start_peer("span1-b", ["--blocks", "1:2"], initial_peers=[address])
+            _wait_for_event(late, "serving")
+            (loaded,) = late.events("state_loaded")  # before it served
+            assert (loaded["donor"], loaded["global_step"]) == (replica.peer_id(), 3)
+            assert _same(model.client.adapter_state(late.peer_id(), 1, 2)[0], trained)
+            assert model.client.adapter_state(late.peer_id(), 1, 2)[1] == 3
+            assert _same(model.client.adapter_state(replica.peer_id(), 1, 2)[0], trained)
+
+            # a clean exit checkpoints the span; the restart (no --blocks) serves that span with that adapter
+            first.process.send_signal(signal.SIGTERM)
+            assert first.process.wait(timeout=30) == 0
+            assert first.events("checkpoint")[-1]["global_step"] == span0_steps
+            restarted = swarm.start_peer(
+                "span0-again", ["--save-dir", str(save_dir)], initial_peers=[swarm.wait_for_address(replica)]
+            )
+            assert _wait_for_event(restarted, "serving") == (0, 1)
+            assert restarted.events("resumed")[0]["global_step"] == span0_steps
+            resumed, resumed_steps = model.client.adapter_state(restarted.peer_id(), 0, 1)
+            assert resumed_steps == span0_steps and _same(resumed, span0)
+        finally:
+            model.client.shutdown()
+            dht.shutdown()
+    finally:
+        swarm.stop(grace=10)

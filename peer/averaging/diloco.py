@@ -68,8 +68,8 @@ from hivemind.utils.timed_storage import get_dht_time
 from potluck.hivemind_ext import allreduce as consistent_allreduce
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.donors import (
-    CheckedDownloads,
     LimitedDonor,
+    ServesState,
     StoppableDownloads,
     download_with_retries,
     other_donors,
@@ -95,7 +95,7 @@ GROUP_SEARCH_MATCHMAKING_TIMES = 4
 
 
 class _OuterAverager(
-    CheckedDownloads,
+    ServesState,
     StoppableDownloads,
     LimitedDonor,
     CheckedRounds,
@@ -103,13 +103,6 @@ class _OuterAverager(
     KeepsCtrlC,
 ):
     """All-reduces pseudo-gradients; serves the outer state that ``current_state`` returns to joiners."""
-
-    def __init__(self, averaged_tensors, dht: DHT, *, current_state, **kwargs):
-        self._current_state = current_state  # called in this (host) process by hivemind's state thread
-        super().__init__(averaged_tensors, dht, **kwargs)
-
-    def get_current_state(self):
-        return self.with_manifest(*self._current_state())
 
 
 @dataclass
@@ -196,8 +189,7 @@ class DiLoCoAveraging(AveragingStrategy):
             target_group_size=averaging.target_group_size,
             request_timeout=request_timeout,
             allreduce_timeout=averaging.averaging_timeout,
-            # hivemind falls back to request_timeout (well under a second) per chunk of a state download
-            next_chunk_timeout=max(request_timeout, averaging.load_state_timeout / 10),
+            next_chunk_timeout=averaging.download_chunk_timeout,
             compression=compression,
             state_compression=NoCompression(),  # joiners need the exact outer state
             donor_slots=averaging.donor_slots,

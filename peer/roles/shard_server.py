@@ -26,6 +26,11 @@ from potluck.peer.shard.server.service import (
     serve_on,
     stop_serving,
 )
+from potluck.peer.shard.server.span_checkpoint import (
+    checkpointed_blocks,
+    resume_span_adapter,
+    save_span_adapter,
+)
 from potluck.protocols.records import public_key_tag
 from potluck.protocols.runspec import LoraAdapter, RunSpec
 from potluck.protocols.shards import read_shards, shard_record_validators
@@ -50,14 +55,15 @@ def serve_shard(
     num_blocks: int | None = None,
     limits: ServerLimits | None = None,
     announce_interval: float = 5.0,
-    average_every: float = 5.0,
     device: torch.device | None = None,
     results: PeerResults | None = None,
 ) -> None:
-    """Serve blocks ``blocks`` of the run's model until ``stop``; without ``blocks``, the
-    ``num_blocks`` (default: half the model, at least 1) that the swarm covers worst. A run with a
-    ``lora`` adapter trains it here (see :mod:`adapters`), averaged with replicas every
-    ``average_every`` seconds. ``results``: where the events go (``--results``)."""
+    """Serve blocks ``blocks`` of the run's model until ``stop``; without ``blocks``, those of this run's span
+    checkpoint in ``options.save_dir``, else the ``num_blocks`` (default: half the model, at least 1) that the
+    swarm covers worst. A run with a ``lora`` adapter trains it here (:mod:`adapters`): resumed from the
+    checkpoint, or downloaded from a replica further on, before serving; checkpointed every
+    ``checkpoint.save_every`` span steps and on a clean exit (:mod:`span_checkpoint`). ``results``: where the
+    events go (``--results``)."""
     results = results or PeerResults(None, "shard")
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = load_config(model_dir)
@@ -72,7 +78,8 @@ def serve_shard(
         join_timeout=options.join_timeout,
         identity=identity,
     )
-    servicer = announcer = p2p = averaging = None
+    servicer = announcer = p2p = averaging = adapter = None
+    lora, served = isinstance(spec.adapter, LoraAdapter), False
     try:
         addresses = visible_addresses(dht)
         print(f"run-peer: shard server {dht.peer_id} in run {spec.run_id!r}", file=sys.stderr)
@@ -82,6 +89,8 @@ def serve_shard(
                 f"run-peer: others can join with --initial-peers {addresses[0]}", file=sys.stderr, flush=True
             )
         key_tag = public_key_tag(RSAPrivateKey.process_wide())
+        if blocks is None and lora and options.save_dir is not None:
+            blocks = checkpointed_blocks(options.save_dir, spec.run_id)  # a restart serves its span again
         if blocks is None:
             length = num_blocks or max(1, config.num_hidden_layers // 2)
             blocks = choose_span(
@@ -102,14 +111,13 @@ def serve_shard(
         metrics = ShardServerMetrics(spec.run_id, *blocks)
         if options.metrics_port is not None:
             metrics.serve(options.metrics_port, options.metrics_host)
-        adapter = SpanAdapter(span, spec.adapter, spec) if isinstance(spec.adapter, LoraAdapter) else None
+        install_stop_handlers(stop)  # from here a signal ends a state download, then serving, cleanly
+        adapter = SpanAdapter(span, spec.adapter, spec) if lora else None
         if adapter is not None:
-            aggregate_with(spec.averaging.aggregator.rule())  # before the replicas' averager forks
-            averaging = ReplicaAveraging(dht, adapter, spec, blocks, average_every).start()
+            averaging = start_span_adapter(spec, options, dht, adapter, blocks, stop, results)
         servicer = ShardServicer(span, spec.run_id, limits or ServerLimits(), metrics, adapter)
         p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
         RemoteExpertWorker.run_coroutine(serve_on(p2p, servicer))
-        install_stop_handlers(stop)
         announcer = ShardAnnouncer(dht, key_tag, spec.run_id, blocks, throughput, announce_interval).start()
         print(
             f"run-peer: serving blocks {blocks[0]}:{blocks[1]} of {config.num_hidden_layers} "
@@ -120,6 +128,7 @@ def serve_shard(
         results.event("serving", start=blocks[0], end=blocks[1], tokens_per_second=throughput)
         stop.wait()
         results.summary.exit_reason = "signal"  # nothing else ends serving
+        served = True
     finally:
         if announcer is not None:
             announcer.stop()
@@ -130,4 +139,50 @@ def serve_shard(
                 with contextlib.suppress(Exception):  # leaving anyway; the daemon goes with the DHT
                     RemoteExpertWorker.run_coroutine(stop_serving(p2p, servicer))
             servicer.shutdown()
+        if served and adapter is not None and options.save_dir is not None:
+            with adapter.lock:  # the last span steps, once no request can take another
+                saved = save_span_adapter(
+                    options.save_dir, spec.run_id, blocks, adapter, spec.checkpoint.keep
+                )
+            results.checkpoint(saved.global_step, saved.path)
         dht.shutdown()
+
+
+def start_span_adapter(
+    spec: RunSpec,
+    options: PeerOptions,
+    dht,
+    adapter: SpanAdapter,
+    blocks: tuple[int, int],
+    stop: threading.Event,
+    results: PeerResults,
+) -> ReplicaAveraging:
+    """Resume ``adapter`` from this server's checkpoint, take a replica's state if one is further on, set up its
+    periodic checkpoints and start averaging it with the replicas: all before the server serves."""
+    if options.save_dir is not None:
+        resumed = resume_span_adapter(options.save_dir, spec.run_id, blocks, adapter)
+        if resumed is not None:
+            print(f"run-peer: resuming the span adapter from {resumed.path} (span step {resumed.global_step})",
+                  file=sys.stderr)  # fmt: skip
+            results.resumed(resumed.global_step, resumed.path)
+
+        def save(steps: int) -> None:
+            if steps % spec.checkpoint.save_every == 0:
+                saved = save_span_adapter(
+                    options.save_dir, spec.run_id, blocks, adapter, spec.checkpoint.keep
+                )
+                results.checkpoint(saved.global_step, saved.path)
+
+        adapter.on_step = save
+    aggregate_with(spec.averaging.aggregator.rule())  # before the replicas' averager forks
+    averaging = ReplicaAveraging(dht, adapter, spec, blocks)
+    downloaded = averaging.load_state_from_peers(stop.is_set)
+    if downloaded is not None:
+        if downloaded.adopted:
+            print(f"run-peer: loaded the span adapter of span step {downloaded.steps} from replica "
+                  f"{downloaded.donor or '?'}", file=sys.stderr)  # fmt: skip
+            results.state_loaded(downloaded.steps, downloaded.donor, adapter.steps)
+        else:
+            print(f"run-peer: kept the resumed span adapter (span step {adapter.steps}), further on than "
+                  f"replica {downloaded.donor or '?'}'s ({downloaded.steps})", file=sys.stderr)  # fmt: skip
+    return averaging.start()

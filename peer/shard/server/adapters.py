@@ -1,30 +1,50 @@
-"""Trainable LoRA adapters inside a served span, trained by the gradients clients send back and
-averaged with the other replicas of the same span.
+"""Trainable LoRA adapters inside a served span, trained by the gradients clients send back, averaged with
+the other replicas of the same span, and handed to a replica that joins late.
 
 A run whose spec asks for a ``lora`` adapter gets it on the servers, not on the client: every server
 wraps its blocks' ``target_modules`` with LoRA (initialised under the run's seed, so replicas start
-equal), and each backward request applies one AdamW step (the run's ``optimizer``) to the adapter.
+equal). Its optimizer policy is the spec's (``span_adapter`` and ``optimizer``, see
+``protocols/runspec.SpanAdapterSpec``): the adapter gradients of ``span_adapter.accumulate_backwards``
+backward requests are averaged into one AdamW step (a *span step*), with the run's learning rate, warm-up
+and schedule counted in span steps, and the gradient clipped to ``optimizer.max_grad_norm`` if set.
+
 Replicas of a span drift apart while clients spread over them; a hivemind averager per span
-(``<run_id>_span<start>-<end>_lora``) averages their adapters every ``average_every`` seconds
-(Petals could only serve frozen, pre-loaded adapters: its issue #322).
+(``<run_id>_span<start>-<end>_lora``) averages their adapters and AdamW statistics (as a trainers' state
+round does) at every multiple of ``span_adapter.average_every`` seconds of DHT time, the clock all peers
+share, so every replica enters the same round (Petals could only serve frozen, pre-loaded adapters: its
+issue #322). The same averager serves the adapter, its statistics and its span step count to a replica
+that joins late: it downloads them (bounded, checked against the donor's manifest:
+``hivemind_ext/donors.py``) before it serves. Checkpoints: ``span_checkpoint.py``.
 
 NOTE: backward recomputes the forward pass with the adapter as it is at that moment; if another
 client's step landed between a client's forward and backward, its gradient is slightly stale (as
-with asynchronous SGD).
+with asynchronous SGD). Gradients accumulated toward the next span step are not part of the state that is
+averaged, served or checkpointed: a restart loses at most ``accumulate_backwards - 1`` requests' worth.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import torch
 from hivemind.dht import DHT
+from hivemind.utils.timed_storage import get_dht_time
 from peft import LoraConfig, inject_adapter_in_model
 
 from potluck.hivemind_ext.allreduce import SameAverages
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
+from potluck.hivemind_ext.donors import (
+    LimitedDonor,
+    ServesState,
+    StoppableDownloads,
+    download_with_retries,
+    other_donors,
+)
+from potluck.peer.averaging.gradient import ADAM_STATISTICS, adamw_with_state, lr_lambda
 from potluck.peer.shard.blocks import BlockSpan
 from potluck.protocols.runspec import LoraAdapter, RunSpec
 from potluck.runtime.periodic import Periodic
@@ -33,9 +53,14 @@ logger = logging.getLogger(__name__)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class AdapterMismatch(ValueError):
+    """A saved or downloaded adapter state whose tensors are not this adapter's."""
+
+
 class SpanAdapter:
-    """The span's LoRA tensors and their optimizer. ``lock`` guards them: the compute thread holds it
-    for every pass and step, the averaging thread while it copies them in and out."""
+    """The span's LoRA tensors, their AdamW and its schedule. ``lock`` guards them: the compute thread holds it
+    for every pass and step, the averaging thread while it copies them in and out, a donor while it reads them.
+    """
 
     def __init__(self, span: BlockSpan, adapter: LoraAdapter, spec: RunSpec):
         targets = ALL_LINEAR if adapter.target_modules == "all-linear" else list(adapter.target_modules)
@@ -45,62 +70,194 @@ class SpanAdapter:
         self.named = sorted((n, p) for n, p in span.named_parameters() if "lora_" in n)
         for _, parameter in self.named:
             parameter.requires_grad_(True)
+        self.names = [n for n, _ in self.named]
         self.parameters = [p for _, p in self.named]
-        self.optimizer = torch.optim.AdamW(
-            self.parameters, lr=spec.optimizer.lr, weight_decay=spec.optimizer.weight_decay
-        )
+        opt = spec.optimizer
+        # the statistics exist from the start: they are averaged with the replicas and served to late joiners
+        self.optimizer = adamw_with_state(self.parameters, opt)
+        self._factor = lr_lambda(opt.warmup_steps, opt.schedule, spec.max_global_steps)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._factor)
+        self.accumulate = spec.span_adapter.accumulate_backwards
+        self.max_grad_norm = opt.max_grad_norm
         self.lock = threading.Lock()
         self.steps = 0
+        """Span steps taken (this server's optimizer steps, or those of the state it resumed or downloaded)."""
+        self.pending = 0
+        """Backward requests whose gradients wait in ``.grad`` for the next span step."""
+        self.on_step: Callable[[int], None] | None = None
+        """Called after each span step with the step count, ``lock`` held (the periodic checkpoint)."""
 
-    def step(self) -> None:
-        """Apply the accumulated gradients (call with ``lock`` held, after backward)."""
+    def after_backward(self) -> bool:
+        """Count a backward request whose gradients backward just added to the adapter's ``.grad`` (call with
+        ``lock`` held); on every ``accumulate``-th, take a span step on their mean. True if it stepped."""
+        self.pending += 1
+        if self.pending < self.accumulate:
+            return False
+        for parameter in self.parameters:
+            if parameter.grad is not None:
+                parameter.grad.div_(self.pending)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
         self.optimizer.step()
+        self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0
         self.steps += 1
+        if self.on_step is not None:
+            self.on_step(self.steps)
+        return True
 
     def tensors(self) -> list[torch.Tensor]:
         with self.lock:
             return [p.detach().clone() for p in self.parameters]
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The live tensors that make the adapter's state: its parameters, then AdamW's ``exp_avg`` and
+        ``exp_avg_sq`` of each (the order of ``names``). Read or write them with ``lock`` held."""
+        statistics = [self.optimizer.state[p][key] for key in ADAM_STATISTICS for p in self.parameters]
+        return [p.data for p in self.parameters] + statistics
 
-class _ReplicaAverager(SameAverages, KeepsCtrlC):
-    """Replicas hold the same average to the bit and refuse NaN parts, as every averager of a peer."""
+    def snapshot(self) -> tuple[list[torch.Tensor], int]:
+        """A copy of :meth:`state_tensors` and the span step they are of (call with ``lock`` held)."""
+        return [t.detach().clone() for t in self.state_tensors()], self.steps
+
+    def adopt(self, tensors: list[torch.Tensor], steps: int, source: str) -> None:
+        """Take a state (:meth:`snapshot`'s, saved or downloaded) in place of this one (call with ``lock`` held):
+        its tensors, and its span step for AdamW's bias correction and the schedule. Raises
+        :class:`AdapterMismatch` naming ``source`` when the tensors are not this adapter's."""
+        own = self.state_tensors()
+        shapes = [tuple(t.shape) for t in tensors]
+        if shapes != [tuple(t.shape) for t in own]:
+            raise AdapterMismatch(
+                f"{source} holds {len(tensors) // 3} LoRA tensors of other shapes than this run's "
+                f"{len(own) // 3} (adapter.r or target_modules changed?)"
+            )
+        for target, value in zip(own, tensors, strict=True):
+            target.copy_(value)
+        for parameter in self.parameters:
+            self.optimizer.state[parameter]["step"].fill_(steps)
+        self.steps, self.pending = steps, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.last_epoch = steps
+        for group, base in zip(self.optimizer.param_groups, self.schedule.base_lrs, strict=True):
+            group["lr"] = base * self._factor(steps)
+
+    @property
+    def learning_rate(self) -> float:
+        """The rate of the next span step."""
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class _ReplicaAverager(ServesState, StoppableDownloads, LimitedDonor, SameAverages, KeepsCtrlC):
+    """Replicas hold the same average to the bit and refuse NaN parts, as every averager of a peer; the adapter's
+    state is served to late replicas, checked, a few at a time."""
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A span adapter state downloaded from another replica before serving."""
+
+    steps: int
+    """The donor's span step."""
+    donor: str | None
+    adopted: bool
+    """False when this server's own state (resumed from its checkpoint) was further on and was kept."""
 
 
 class ReplicaAveraging:
-    """Averages a :class:`SpanAdapter` with the other replicas of its span in a background thread.
+    """Averages a :class:`SpanAdapter` with the other replicas of its span in a background thread, and serves
+    its state to replicas that join late.
 
-    Create it in the main thread of the server process (hivemind's averager requirement). Tune ``average_every``
-    down for replicas that should stay close, up to save bandwidth; the run's
-    ``averaging.matchmaking_time`` and ``averaging_timeout`` bound each round."""
+    Create it in the main thread of the server process (hivemind's averager requirement), call
+    :meth:`load_state_from_peers` before serving, then :meth:`start`. Rounds start at multiples of
+    ``span_adapter.average_every`` seconds of DHT time; the run's ``averaging.matchmaking_time`` and
+    ``averaging_timeout`` bound each, ``load_state_timeout`` and ``load_state_attempts`` the download."""
 
-    def __init__(
-        self, dht: DHT, adapter: SpanAdapter, spec: RunSpec, span: tuple[int, int], average_every: float
-    ):
-        self.adapter, self.average_every = adapter, average_every
-        self.timeout = spec.averaging.averaging_timeout
+    def __init__(self, dht: DHT, adapter: SpanAdapter, spec: RunSpec, span: tuple[int, int]):
+        self.adapter, self.dht, self.span = adapter, dht, span
+        averaging = spec.averaging
+        self.timeout = averaging.averaging_timeout
+        self.load_state_timeout, self.load_state_attempts = (
+            averaging.load_state_timeout,
+            averaging.load_state_attempts,
+        )
+        with adapter.lock:
+            initial = [t.detach().clone() for t in adapter.state_tensors()]
         self.averager = _ReplicaAverager(
-            [p.detach().clone() for p in adapter.parameters],
+            initial,
             dht,
+            current_state=self._current_state,
             start=True,
             prefix=f"{spec.run_id}_span{span[0]}-{span[1]}_lora",
-            min_matchmaking_time=spec.averaging.matchmaking_time,
-            target_group_size=spec.averaging.target_group_size,
-            request_timeout=spec.averaging.request_timeout,
+            min_matchmaking_time=averaging.matchmaking_time,
+            target_group_size=averaging.target_group_size,
+            request_timeout=averaging.request_timeout,
             allreduce_timeout=self.timeout,
+            next_chunk_timeout=averaging.download_chunk_timeout,
+            donor_slots=averaging.donor_slots,
         )
         self.rounds = 0
-        self._periodic = Periodic(self.average_once, average_every, "span-lora-averaging")
+        self._periodic = Periodic(
+            self.average_once, spec.span_adapter.average_every, "span-lora-averaging", aligned_to=get_dht_time
+        )
+        self.averager.stopping = self._periodic.stopping.is_set
 
     def start(self) -> ReplicaAveraging:
         self._periodic.start()
         return self
 
+    def load_state_from_peers(self, stopping: Callable[[], bool]) -> Downloaded | None:
+        """Download the adapter state of the replica furthest on, if any other replica offers one, and take it
+        unless this adapter's own is further on (resumed from a newer checkpoint). None: no replica offered a
+        usable state (the first server of its span), or ``stopping()``."""
+        self.averager.stopping = lambda: stopping() or self._periodic.stopping.is_set()
+
+        def attempt() -> Downloaded | None:
+            loaded = self.averager.load_state_from_peers(timeout=self.load_state_timeout)
+            if loaded is None:
+                return None
+            metadata, tensors = loaded
+            steps, donor = metadata.get("steps"), metadata.get("donor")
+            if not isinstance(steps, int) or steps < 0:
+                logger.warning(f"ignoring a span adapter state without a step count (from {donor})")
+                return None
+            with self.adapter.lock:
+                if steps < self.adapter.steps:
+                    return Downloaded(steps, donor, adopted=False)
+                try:
+                    self.adapter.adopt(tensors, steps, f"the state from {donor}")
+                except AdapterMismatch as e:  # another run's spec under the same run id: try another donor
+                    logger.warning(str(e))
+                    return None
+            self._offer_state()
+            return Downloaded(steps, donor, adopted=True)
+
+        return download_with_retries(
+            attempt,
+            attempts=self.load_state_attempts,
+            donors_left=lambda: other_donors(self.dht, self.averager),
+            what="span adapter download",
+            give_up_without_donors=True,
+            stopping=stopping,
+        )
+
+    def _current_state(self) -> tuple[dict, list[torch.Tensor]]:
+        with self.adapter.lock:
+            tensors, steps = self.adapter.snapshot()
+        metadata = {"steps": steps, "donor": str(self.dht.peer_id), "span": list(self.span)}
+        return metadata, tensors
+
+    def _offer_state(self) -> None:
+        """Declare this replica's span step as its donor priority: late joiners download from the furthest on."""
+        if not self.averager.client_mode:  # a server behind NAT serves no state (hivemind refuses it)
+            self.averager.state_sharing_priority = self.adapter.steps
+
     def average_once(self) -> bool:
-        """One round; the adapter moves by (average − what it sent), so steps taken during the round
+        """One round; the state moves by (average − what it sent), so steps taken during the round
         are kept. True if a group was found and averaged."""
+        self._offer_state()
         with self.adapter.lock, self.averager.get_tensors() as shared:
-            sent = [p.detach().clone() for p in self.adapter.parameters]
+            sent, _ = self.adapter.snapshot()
             for target, value in zip(shared, sent, strict=True):
                 target.copy_(value)
         try:
@@ -113,8 +270,11 @@ class ReplicaAveraging:
         if result is None:
             return False
         with self.adapter.lock, self.averager.get_tensors() as shared:
-            for parameter, averaged, value in zip(self.adapter.parameters, shared, sent, strict=True):
-                parameter.data.add_(averaged - value)
+            live = self.adapter.state_tensors()
+            for tensor, averaged, value in zip(live, shared, sent, strict=True):
+                tensor.add_(averaged - value)
+            for second_moment in live[-len(self.adapter.parameters) :]:
+                second_moment.clamp_(min=0)  # steps taken meanwhile decayed it under what was averaged away
         self.rounds += 1
         return True
 

@@ -251,7 +251,7 @@ class ShardServicer(ServicerBase):
                     return [g.cpu() for g in torch.autograd.grad(output, leaves, grad_output)]
                 # a served adapter learns from every backward pass that goes through it
                 output.backward(grad_output)
-                self.adapter.step()
+                self.adapter.after_backward()
                 return [leaf.grad.cpu() for leaf in leaves]
 
         inputs = [hidden, grad_output, meta["padding"], *prefix]
