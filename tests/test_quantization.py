@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from potluck.peer.quantization import held_bytes, quantize_linears
 from potluck.peer.shard.blocks import load_block_span
 from potluck.peer.shard.server.adapters import SpanAdapter
 from potluck.peer.training.model import build_model, load_base_model, load_tokenizer, trainable_parameters
 from potluck.protocols.runspec import parse_run_spec
+from tests.helpers import checkpoint_of, start_first
 
 bnb = pytest.importorskip("bitsandbytes", reason="model.quantization needs the quant extra (bitsandbytes)")
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
@@ -103,3 +106,38 @@ def test_a_quantized_span_computes_what_the_quantized_model_does_and_trains_its_
         not torch.equal(a, b) and torch.isfinite(b).all()
         for a, b in zip(start, adapter.tensors(), strict=True)
     )
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(360)
+def test_a_quantized_and_an_unquantized_peer_end_with_equal_adapters(make_spec, local_swarm, tmp_path):
+    """Two real peers of one run, whose specs differ only in ``model.quantization`` (4-bit on ``a``, none on ``b``):
+    they average the same LoRA tensors, so at the last global step their adapters are equal to the bit, while ``a``
+    holds its base in fewer bytes. NOTE: equal adapters alone would also follow from averaging state alone; the
+    rounds that succeeded show that gradients were averaged too."""
+    steps = 4
+    run = {
+        "max_global_steps": steps,
+        "adapter": {"kind": "lora", "r": 4},
+        "averaging": {"target_group_size": 2},
+    }
+    unquantized = make_spec(**run)
+    quantized = make_spec(
+        model={**yaml.safe_load(unquantized.read_text())["model"], "quantization": "4bit"}, **run
+    )
+
+    swarm = local_swarm(quantized)
+    a, address = start_first(swarm, "a", ["--save-dir", str(tmp_path / "a"), "--min-peers", "2"], tmp_path)
+    b = swarm.start_peer(
+        "b",
+        ["--run-spec", str(unquantized), "--save-dir", str(tmp_path / "b"), "--min-peers", "2"],
+        initial_peers=[address],
+        use_spec=False,
+    )
+    assert swarm.wait_all(timeout=300) == [0, 0], "\n".join(p.log()[-3000:] for p in swarm.peers)
+
+    assert a.summary().rounds.succeeded >= 1 and b.summary().rounds.succeeded >= 1, a.summary()
+    assert a.summary().model_bytes < b.summary().model_bytes / 2, (a.summary(), b.summary())
+    saved = [load_file(checkpoint_of(tmp_path / name, steps) / "adapter_model.safetensors") for name in "ab"]
+    assert saved[0].keys() == saved[1].keys() and saved[0]
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
