@@ -41,11 +41,19 @@ def named_trainable(model) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+ON_GPU = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+)
+"""bitsandbytes' CUDA kernels instead of its CPU backend."""
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_quantized_trainer_trains_the_same_full_precision_adapter(tiny_assets, kind):
+def test_a_quantized_trainer_trains_the_same_full_precision_adapter(tiny_assets, kind, device):
     spec = spec_for(tiny_assets, kind)
-    model = build_model(spec, torch.device("cpu"))
-    plain = build_model(spec_for(tiny_assets, "none"), torch.device("cpu"))
+    model = build_model(spec, torch.device(device))
+    plain = build_model(spec_for(tiny_assets, "none"), torch.device(device))
     assert isinstance(model.get_base_model().model.layers[0].mlp.down_proj.base_layer, QUANTIZED_LINEAR[kind])
     # what the swarm averages: the same tensors, by name, shape, dtype and (seeded) initial value
     quantized, unquantized = named_trainable(model), named_trainable(plain)
@@ -53,7 +61,7 @@ def test_a_quantized_trainer_trains_the_same_full_precision_adapter(tiny_assets,
     for name, tensor in quantized.items():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, unquantized[name]), name
 
-    ids = load_tokenizer(spec.model)(["1+2=3", "4+5=9", "7+1=8"], return_tensors="pt").input_ids
+    ids = load_tokenizer(spec.model)(["1+2=3", "4+5=9", "7+1=8"], return_tensors="pt").input_ids.to(device)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=spec.optimizer.lr)
     losses = []
     for _ in range(4):
@@ -76,13 +84,17 @@ def test_quantized_base_weights_take_less_memory(tiny_assets):
     assert held["4bit"] < held["8bit"] < held["none"] / 3, held
 
 
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_quantized_span_computes_what_the_quantized_model_does_and_trains_its_lora(tiny_assets, kind):
+def test_a_quantized_span_computes_what_the_quantized_model_does_and_trains_its_lora(
+    tiny_assets, kind, device
+):
     spec = spec_for(tiny_assets, kind)
-    whole = load_base_model(spec.model, torch.device("cpu"))
-    ids = torch.tensor([[1, 5, 7, 3, 2, 9]])
+    whole = load_base_model(spec.model, torch.device(device))
+    ids = torch.tensor([[1, 5, 7, 3, 2, 9]], device=device)
     hidden = whole(input_ids=ids, output_hidden_states=True).hidden_states
-    span = quantize_linears(load_block_span(tiny_assets["model"], 0, 1), spec.model, torch.device("cpu"))
+    span = quantize_linears(load_block_span(tiny_assets["model"], 0, 1), spec.model, torch.device(device))
+    span = span.to(device)  # the rest of the span, as the server moves it
     assert isinstance(span.layers[0].self_attn.q_proj, QUANTIZED_LINEAR[kind])
     with torch.no_grad():
         change = span(hidden[0]) - hidden[0]
@@ -90,7 +102,7 @@ def test_a_quantized_span_computes_what_the_quantized_model_does_and_trains_its_
     # 4-bit: the very layers transformers builds; 8-bit: transformers' outlier split differs by rounding
     assert (change - expected).norm() <= 0.02 * expected.norm()
 
-    plain = SpanAdapter(load_block_span(tiny_assets["model"], 0, 1), spec.adapter, spec)
+    plain = SpanAdapter(load_block_span(tiny_assets["model"], 0, 1).to(device), spec.adapter, spec)
     adapter = SpanAdapter(
         span, spec.adapter, spec
     )  # peft's bitsandbytes LoRA layers around the quantised ones
