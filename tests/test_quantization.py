@@ -12,7 +12,13 @@ from safetensors.torch import load_file
 from potluck.peer.quantization import held_bytes, quantize_linears
 from potluck.peer.shard.blocks import load_block_span
 from potluck.peer.shard.server.adapters import SpanAdapter
-from potluck.peer.training.model import build_model, load_base_model, load_tokenizer, trainable_parameters
+from potluck.peer.training.model import (
+    build_model,
+    load_base_model,
+    load_tokenizer,
+    save_weights,
+    trainable_parameters,
+)
 from potluck.protocols.runspec import parse_run_spec
 from tests.helpers import checkpoint_of, start_first
 
@@ -73,6 +79,23 @@ def test_a_quantized_trainer_trains_the_same_full_precision_adapter(tiny_assets,
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.1, losses
     changed = [n for n, p in named_trainable(model).items() if not torch.equal(p, unquantized[n])]
     assert len(changed) == len(quantized)  # after the first step B is nonzero, so every A has a gradient too
+
+
+def test_an_adapter_checkpoint_resumes_quantized_or_not(tiny_assets, tmp_path):
+    """A checkpoint of a 4-bit peer is peft's adapter folder like any other: an unquantised (or 8-bit) peer resumes
+    from it with the same trainable tensors, and the other way round."""
+    cpu = torch.device("cpu")
+    for saved_by, resumed_by in (("4bit", "none"), ("none", "4bit"), ("4bit", "8bit")):
+        model = build_model(spec_for(tiny_assets, saved_by), cpu)
+        with torch.no_grad():
+            for parameter in trainable_parameters(model):
+                parameter.add_(torch.randn_like(parameter))
+        folder = tmp_path / f"{saved_by}-{resumed_by}"
+        save_weights(model, folder)
+        resumed = build_model(spec_for(tiny_assets, resumed_by), cpu, weights_from=str(folder))
+        assert named_trainable(resumed).keys() == named_trainable(model).keys()
+        for name, tensor in named_trainable(resumed).items():
+            assert torch.equal(tensor, named_trainable(model)[name]), (saved_by, resumed_by, name)
 
 
 def test_quantized_base_weights_take_less_memory(tiny_assets):
