@@ -11,7 +11,8 @@ the ``except INPUT_ERRORS`` of ``potluck``) with exit status 2:
   is set (``training/model.py``, ``training/stages/models.py``);
 - a trainer's model is of a kind its stage trains, and has the modules its adapter names, from its config alone
   (``training/architecture.py``: an encoder for SFT, a LoRA target that GPT-2 does not have);
-- every line of the data: a JSON object with the stage's columns (``training/stages/data.py``).
+- every line of the data: a JSON object with the stage's columns (``training/stages/data.py``);
+- ``model.quantization``: bitsandbytes is installed where the spec quantises (``quantization.py``).
 
 The run spec itself is checked as it is read (``protocols/runspec.py``).
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from potluck.hivemind_ext.dht import MultiaddrError, check_multiaddrs
 from potluck.hivemind_ext.keys import IdentityError, read_identity
+from potluck.peer.quantization import QuantizationUnavailableError, check_quantization
 from potluck.peer.training.architecture import UnsupportedModelError, check_architecture
 from potluck.peer.training.data import DatasetFormatError
 from potluck.peer.training.model import check_model_spec
@@ -32,6 +34,7 @@ from potluck.protocols.runspec import RunSpec, RunSpecError
 
 INPUT_ERRORS = (
     RunSpecError, DatasetFormatError, MultiaddrError, FileNotFoundError, UnsupportedModelError, IdentityError,
+    QuantizationUnavailableError,
 )  # fmt: skip
 """What the checks raise (``FileNotFoundError``: a data file, or a model, ``WeightsNotFoundError``): a command
 reports these as one line and exits with status 2."""
@@ -63,5 +66,7 @@ def check_run_inputs(spec: RunSpec, role: str = "trainer", save_dir: Path | None
         check_architecture(spec)
     else:
         check_model_spec(spec.model)
+    if role in ("trainer", "shard"):  # a shard client holds no base weights
+        check_quantization(spec.model)
     if role != "shard":
         check_stage_data(spec)

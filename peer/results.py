@@ -102,6 +102,9 @@ class PeerSummary:
     """Announcements of this run's status under another key than its coordinator's, ignored."""
     blocks: list[int] | None = None
     """``--role shard``: ``[start, end]`` of the span served."""
+    model_bytes: int | None = None
+    """Bytes of the parameters and buffers this peer holds, as stored (a quantised weight with its constants):
+    the trainer's model with its adapter, a shard server's span; what ``model.quantization`` shrinks."""
     peak_gpu_memory_bytes: int | None = None
     """The most GPU memory PyTorch held at once in this process (``torch.cuda.max_memory_allocated``, the
     largest over its devices); None when it used no GPU."""

@@ -28,6 +28,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class QuantizationSpec(_Strict):
+    kind: Literal["none", "8bit", "4bit"] = "none"
+    """Store the frozen base weights of the model's linear layers in 8 or 4 bits (bitsandbytes; QLoRA with a
+    ``lora`` adapter), on trainers and shard servers; adapters, embeddings, norms and the LM head stay in full
+    precision, so a quantised peer and an unquantised one train and average the same adapter tensors. 4-bit
+    holds about a quarter of the float16 base; use it when the model does not fit, at some cost in quality.
+    Needs the ``quant`` extra (``pip install 'potluck[quant]'``)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """(4bit) The 4-bit data type: ``nf4`` (QLoRA's NormalFloat, for normally distributed weights) or ``fp4``."""
+    double_quant: bool = True
+    """(4bit) Quantise the quantisation constants too (QLoRA's double quantisation): about 0.4 bits less per
+    weight."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """(4bit) The dtype 4-bit weights are dequantised to for each matrix multiply; unset: ``model.dtype``.
+    bfloat16 is QLoRA's choice on GPUs; keep float32 on CPU."""
+
+    @field_validator("quant_type", "double_quant", "compute_dtype")
+    @classmethod
+    def _only_for_4bit(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = info.data.get("kind")
+        if kind is not None and kind != "4bit" and value != cls.model_fields[info.field_name].default:
+            raise ValueError(f"only used with kind '4bit' (kind is {kind!r})")
+        return value
+
+
 class ModelSpec(_Strict):
     name_or_path: str = Field(min_length=1)
     """A Hugging Face hub id (``org/name``) or a local folder written by ``save_pretrained``."""
@@ -37,6 +62,19 @@ class ModelSpec(_Strict):
     """Hub revision (branch, tag or commit) to pin; ignored for local folders."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype. Keep float32 on CPU; bfloat16 halves memory on recent GPUs."""
+    quantization: QuantizationSpec = QuantizationSpec()
+    """Frozen base weights in 8 or 4 bits (``kind``, or just ``quantization: 4bit``); needs an adapter, since a
+    full fine-tune would train the quantised weights themselves. Peers of one run may differ here (a small GPU
+    quantises, a large one need not): it changes what a peer holds, not what the swarm averages."""
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _kind_alone(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization.kind != "none"
 
 
 class NoAdapter(_Strict):
@@ -404,7 +442,7 @@ class RunSpec(_Strict):
     run_id: str = Field(pattern=_RUN_ID_PATTERN)
     """Names the run in the DHT; every key of the run is prefixed by it. Lowercase, digits, ``-`` and ``_``."""
     model: ModelSpec
-    adapter: AdapterSpec = NoAdapter()
+    adapter: AdapterSpec = Field(NoAdapter(), validate_default=True)
     data: DataSpec
     stage: StageName = "sft"
     """Training stage; it decides how batches are built and which loss is computed (``STAGE_DATA_FORMATS``)."""
@@ -437,6 +475,12 @@ class RunSpec(_Strict):
     @classmethod
     def _stage_fits_adapter(cls, stage: str, info: ValidationInfo) -> str:
         adapter = info.data.get("adapter")
+        model = info.data.get("model")
+        if stage == "rm" and model is not None and model.quantized:
+            raise ValueError(
+                "stage 'rm' trains a whole sequence-classification model: set model.quantization none"
+                + (" and adapter.kind none" if adapter is not None and adapter.kind != "none" else "")
+            )
         if stage == "rm" and adapter is not None and adapter.kind != "none":
             raise ValueError("stage 'rm' trains a whole sequence-classification model: set adapter.kind none")
         return stage
@@ -448,6 +492,17 @@ class RunSpec(_Strict):
         if adapter is not None and adapter.kind != "lora" and value != SpanAdapterSpec():
             raise ValueError(f"only used with adapter.kind 'lora' (shard servers train no {adapter.kind!r})")
         return value
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_over_quantized_base(cls, adapter, info: ValidationInfo):
+        model = info.data.get("model")
+        if model is not None and model.quantized and adapter.kind == "none":
+            raise ValueError(
+                f"kind 'none' trains every weight, but model.quantization is {model.quantization.kind!r} (a frozen "
+                "base): set adapter.kind lora (QLoRA) or another adapter, or model.quantization none"
+            )
+        return adapter
 
     @field_validator("teacher")
     @classmethod
@@ -522,7 +577,8 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{loc}.kind: required field is missing; allowed: {', '.join(ADAPTER_KINDS)}"
     message = error["msg"].removeprefix("Value error, ")
     given = error.get("input")
-    suffix = f" (got {given!r})" if given is not None and not isinstance(given, dict | list) else ""
+    shown = given is not None and not isinstance(given, dict | list | BaseModel)  # a default is a BaseModel
+    suffix = f" (got {given!r})" if shown else ""
     return f"{loc or '<root>'}: {message}{suffix}"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,18 @@ def test_a_cached_hub_id_still_loads_while_offline(offline_hub, tiny_assets, mak
     assert generate("--run-spec", str(make_spec(model={"name_or_path": "potluck-test/tiny"}))) == 0
     out = capsys.readouterr()
     assert out.out.strip() and not out.err.strip()
+
+
+@pytest.mark.parametrize("role", ["trainer", "shard"])
+def test_quantization_without_bitsandbytes_is_named_before_the_model_loads(
+    role, make_spec, unloadable_model, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed, as the import system sees it
+    spec = make_spec(
+        model={"name_or_path": str(unloadable_model), "quantization": "4bit"}, adapter={"kind": "lora"}
+    )
+    line = the_one_line(capsys, run_peer("--run-spec", str(spec), "--role", role))
+    assert line == (
+        "run-peer: model.quantization: '4bit' needs bitsandbytes, which is not installed here: "
+        "pip install 'potluck[quant]' (or set quantization kind none)"
+    )

@@ -276,3 +276,29 @@ def test_stage_references_resolve_relative_paths(tmp_path):
     assert spec.reference.path == str((tmp_path / "../ref").resolve())
     assert spec.rl.reward == str(tmp_path / "rm")
     assert parse_run_spec(with_changes(stage="grpo", init_from="sft-run")).init_from == "sft-run"  # a run id
+
+
+def test_quantization_is_off_by_default_and_a_kind_alone_is_enough():
+    assert parse_run_spec(VALID).model.quantization.kind == "none"
+    spec = parse_run_spec(with_changes(model__quantization="4bit", adapter={"kind": "lora"}))
+    assert (spec.model.quantization.kind, spec.model.quantization.quant_type) == ("4bit", "nf4")
+    assert spec.model.quantization.double_quant and spec.model.quantized
+    assert parse_run_spec(spec.model_dump()) == spec  # as published and announced
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [({"model__quantization": "4bit"}, "adapter: kind 'none' trains every weight, but model.quantization is '4bit'"),
+     ({"model__quantization": {"kind": "8bit"}, "adapter": {"kind": "none"}}, "adapter: kind 'none' trains"),
+     ({"model__quantization": "3bit", "adapter": {"kind": "lora"}}, "model.quantization.kind: Input should be"),
+     ({"model__quantization": {"kind": "8bit", "quant_type": "fp4"}, "adapter": {"kind": "lora"}},
+      "model.quantization.quant_type: only used with kind '4bit' (kind is '8bit')"),
+     ({"model__quantization": {"kind": "4bit", "compute_dtype": "int8"}, "adapter": {"kind": "lora"}},
+      "model.quantization.compute_dtype: Input should be"),
+     ({"model__quantization": "8bit", "stage": "rm"}, "stage: stage 'rm' trains a whole sequence-classification "
+      "model: set model.quantization none")],
+)  # fmt: skip
+def test_quantization_that_cannot_train_is_named(changes, says):
+    """A quantised base is frozen: a full fine-tune (the default adapter too) or a reward model would have to train
+    the quantised weights themselves."""
+    assert says in problems_of(with_changes(**changes))

@@ -13,6 +13,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from potluck.hivemind_ext.allreduce import aggregate_with
 from potluck.hivemind_ext.dht import start_dht, visible_addresses
 from potluck.hivemind_ext.keys import sign_records_with_identity
+from potluck.peer.quantization import held_bytes, quantize_linears
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, install_stop_handlers
 from potluck.peer.shard.blocks import load_block_span, load_config, resolve_model_dir
@@ -106,7 +107,9 @@ def serve_shard(
             results.event("blocks_chosen", start=blocks[0], end=blocks[1])
         results.summary.blocks = list(blocks)
         span = load_block_span(model_dir, *blocks, dtype=getattr(torch, spec.model.dtype))
+        span = quantize_linears(span, spec.model, device or torch.device("cpu"))  # as model.quantization says
         span = span.to(device or torch.device("cpu"))
+        results.summary.model_bytes = held_bytes(span)
         throughput = measure_throughput(span)
         metrics = ShardServerMetrics(spec.run_id, *blocks)
         if options.metrics_port is not None:

@@ -20,6 +20,7 @@ from potluck.peer.averaging.choose import make_strategy
 from potluck.peer.averaging.strategy import AveragingStrategy
 from potluck.peer.net.reporter import ReportPublisher
 from potluck.peer.net.run_status import RunStatusWatch
+from potluck.peer.quantization import held_bytes
 from potluck.peer.results import PeerResults
 from potluck.peer.training.checkpoint import latest_checkpoint, save_checkpoint
 from potluck.peer.training.data import PeerDataStream, peer_seed
@@ -151,6 +152,7 @@ def run_peer(
     resume = latest_checkpoint(options.save_dir, spec.run_id) if options.save_dir else None
     stage = make_stage(spec.stage, context)  # loads the stage's frozen models (reference, teacher, reward)
     model = stage.build_model(weights_from=str(resume.path) if resume else None)
+    results.summary.model_bytes = held_bytes(model)
     results.mark("model_loaded")
     if resume:
         print(f"run-peer: resuming from {resume.path} (global step {resume.global_step})", file=sys.stderr)

@@ -36,6 +36,7 @@ from peft import (
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from potluck.peer.quantization import bitsandbytes_config, prepare_for_training
 from potluck.protocols.runspec import (
     IA3Adapter,
     LoraAdapter,
@@ -124,10 +125,22 @@ volunteer never chose to run."""
 
 
 def load_base_model(spec: ModelSpec, device: torch.device) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(
-        spec.name_or_path, revision=spec.revision, dtype=getattr(torch, spec.dtype), **NO_HUB_KERNELS
+    """The causal LM of ``spec`` on ``device``; its linear layers quantised as ``model.quantization`` says (by
+    bitsandbytes as they load, straight onto ``device``: a quantised model cannot be moved later)."""
+    config = bitsandbytes_config(spec)
+    if config is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.name_or_path, revision=spec.revision, dtype=getattr(torch, spec.dtype), **NO_HUB_KERNELS
+        )
+        return model.to(device)
+    return AutoModelForCausalLM.from_pretrained(
+        spec.name_or_path,
+        revision=spec.revision,
+        dtype=getattr(torch, spec.dtype),
+        quantization_config=config,
+        device_map={"": device},
+        **NO_HUB_KERNELS,
     )
-    return model.to(device)
 
 
 def peft_config(adapter):
@@ -179,6 +192,8 @@ def build_model(spec: RunSpec, device: torch.device, weights_from: str | None = 
         model.train()
         return model
     base = load_base_model(spec.model, device)
+    if spec.model.quantized:
+        base = prepare_for_training(base)
     if weights_from and not config.is_prompt_learning:
         model = PeftModel.from_pretrained(base, weights_from, is_trainable=True)
     else:

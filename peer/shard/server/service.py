@@ -31,6 +31,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.cache_utils import DynamicCache
 
+from potluck.peer.quantization import base_parameter
 from potluck.peer.shard import streaming, wire
 from potluck.peer.shard.blocks import BlockSpan
 from potluck.peer.shard.metrics import ShardServerMetrics
@@ -98,8 +99,8 @@ class ShardServicer(ServicerBase):
         self.span, self.run_id, self.limits, self.adapter = span, run_id, limits, adapter
         # the adapter's lock, held for every pass: averaging rewrites the adapter between passes
         self._guard = adapter.lock if adapter is not None else contextlib.nullcontext()
-        self.dtype = next(span.parameters()).dtype
-        self.device = next(span.parameters()).device
+        self.dtype = base_parameter(span).dtype  # a quantised span's first weights are integers
+        self.device = base_parameter(span).device
         self.metrics = metrics or ShardServerMetrics(run_id, span.start, span.end)
         self.executor = BatchingExecutor(limits.max_batch_tokens, limits.max_queue)
         self.executor.on_batch = self.metrics.observe_batch
@@ -446,7 +447,7 @@ def without_adapters(span: BlockSpan):
 
 def measure_throughput(span: BlockSpan, tokens: int = 128, repeats: int = 3) -> float:
     """Tokens per second through one block (forward), as announced to clients for routing."""
-    weight = next(span.parameters())
+    weight = base_parameter(span)
     hidden = torch.randn(1, min(tokens, span.config.max_position_embeddings), span.hidden_size)
     hidden = hidden.to(weight.device, weight.dtype)
     with torch.inference_mode():
