@@ -11,10 +11,8 @@ bitsandbytes is optional (the ``quant`` extra): :func:`check_quantization` says 
 before anything loads. Its CPU backend (0.49 and later) runs 8-bit and 4-bit layers forward and backward, so this
 works on CPU too, though slower than float32 there: the point of quantising is memory on a GPU.
 
-NOTE: on CPUs with AVX512-BF16, importing bitsandbytes (peft imports it whenever it is installed) asks the
-Hugging Face hub for a CPU 4-bit kernel (``kernels-community/quantization-bitsandbytes``) and falls back to its own
-with a warning when it cannot have it; with the hub unreachable that costs a failed lookup (about a second) per
-process. TODO: keep bitsandbytes from fetching it (``NO_HUB_KERNELS``' reasons) once it offers a switch.
+On CPUs with AVX512-BF16, importing bitsandbytes would ask the Hugging Face hub for a CPU 4-bit kernel;
+``runtime/hub_kernels.py`` imports it first, for every peer, without that (its own kernel instead).
 """
 
 from __future__ import annotations
