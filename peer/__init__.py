@@ -1,5 +1,5 @@
 """The peer: joins the DHT, takes a role (trainer for now), trains or serves, reports metrics."""
 
-from potluck.runtime.hub_kernels import import_bitsandbytes_offline
+from potluck.runtime.hub_kernels import refuse_hub_kernels
 
-import_bitsandbytes_offline()  # before any part of the peer imports peft, which imports bitsandbytes
+refuse_hub_kernels()  # before any part of the peer imports peft, which imports bitsandbytes

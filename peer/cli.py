@@ -189,7 +189,7 @@ def run_shard_role(
             return 0
         from potluck.peer.roles.shard_client import train_through_shards
 
-        result = train_through_shards(spec, options, threading.Event(), results=results)
+        result = train_through_shards(spec, options, threading.Event(), results=results, device=device)
     except user_errors as e:
         return user_error(e, results)
     except NonFiniteLossError as e:

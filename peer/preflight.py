@@ -32,9 +32,14 @@ from potluck.peer.training.stages.data import check_stage_data
 from potluck.peer.training.stages.models import check_stage_models
 from potluck.protocols.runspec import RunSpec, RunSpecError
 
+
+class ClientRoleError(ValueError):
+    """The run trains what ``--role client`` cannot (its adapter or stage); ``str()`` is one line naming the field."""
+
+
 INPUT_ERRORS = (
     RunSpecError, DatasetFormatError, MultiaddrError, FileNotFoundError, UnsupportedModelError, IdentityError,
-    QuantizationUnavailableError,
+    QuantizationUnavailableError, ClientRoleError,
 )  # fmt: skip
 """What the checks raise (``FileNotFoundError``: a data file, or a model, ``WeightsNotFoundError``): a command
 reports these as one line and exits with status 2."""
@@ -57,10 +62,33 @@ def check_identity(identity_path: Path | None) -> None:
         read_identity(identity_path)
 
 
+CLIENT_ADAPTERS = ("prompt_tuning", "prefix", "lora")
+CLIENT_STAGES = ("sft", "dpo")
+
+
+def check_client_spec(spec: RunSpec) -> None:
+    """What ``--role client`` can train, in one line naming the field."""
+    if spec.adapter.kind not in CLIENT_ADAPTERS:
+        raise ClientRoleError(
+            f"adapter.kind: --role client trains {', '.join(CLIENT_ADAPTERS)} adapters, got {spec.adapter.kind!r}"
+            + (
+                " (a full fine-tune would train the servers' frozen blocks)"
+                if spec.adapter.kind == "none"
+                else ""
+            )
+        )
+    if spec.stage not in CLIENT_STAGES:
+        raise ClientRoleError(
+            f"stage: --role client supports {' and '.join(CLIENT_STAGES)}, got {spec.stage!r}"
+        )
+
+
 def check_run_inputs(spec: RunSpec, role: str = "trainer", save_dir: Path | None = None) -> None:
     """The models and data that ``role`` reads for ``spec`` are there and well formed. A trainer loads every
     model of its stage (``init_from`` and run ids resolved in ``save_dir``); a shard server or client loads
     ``model`` only, and a shard server reads no data."""
+    if role == "client":
+        check_client_spec(spec)
     if role == "trainer":
         check_stage_models(spec, save_dir)
         check_architecture(spec)

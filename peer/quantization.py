@@ -12,7 +12,7 @@ before anything loads. Its CPU backend (0.49 and later) runs 8-bit and 4-bit lay
 works on CPU too, though slower than float32 there: the point of quantising is memory on a GPU.
 
 On CPUs with AVX512-BF16, importing bitsandbytes would ask the Hugging Face hub for a CPU 4-bit kernel;
-``runtime/hub_kernels.py`` imports it first, for every peer, without that (its own kernel instead).
+``runtime/hub_kernels.py`` hooks its import, in every peer, to go without that (its own kernel instead).
 """
 
 from __future__ import annotations

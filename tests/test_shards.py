@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -396,19 +397,48 @@ def test_prompt_tuning_through_spans_keeps_training_when_a_replica_dies(servers,
     assert after < before, (before, after, losses)
 
 
-def test_run_peer_client_role_trains_a_prompt_through_the_servers(servers, spec_path):
-    swarm, _ = servers
+def run_client(swarm, spec_path, adapter: dict, stage: str, steps: int = 2, extra_args: tuple[str, ...] = ()):
+    """``run-peer --role client`` for ``steps`` global steps of ``stage`` with ``adapter`` through the swarm's
+    servers; returns its summary once it has exited cleanly."""
     spec = yaml.safe_load(spec_path.read_text())
-    spec["adapter"] = {"kind": "prompt_tuning", "num_virtual_tokens": 4}
-    client_spec = spec_path.parent / "client-spec.yaml"
+    spec.update(adapter=adapter, stage=stage)
+    if stage == "dpo":  # the tiny task's preference pairs, beside its rows
+        data = Path(spec["data"]["path"]).parent
+        spec["data"] = {**spec["data"], "path": str(data / "preferences_train.jsonl"),
+                        "eval_path": str(data / "preferences_eval.jsonl")}  # fmt: skip
+    client_spec = spec_path.parent / f"client-{adapter['kind']}-{stage}.yaml"
     client_spec.write_text(yaml.safe_dump(spec))
     address = next(p.join_address() for p in swarm.peers if p.running)
     client = swarm.start_peer(
-        "client",
-        ["--role", "client", "--run-spec", str(client_spec), "--max-steps", "3"],
+        f"client-{adapter['kind']}-{stage}",
+        ["--role", "client", "--run-spec", str(client_spec), "--max-steps", str(steps), *extra_args],
         initial_peers=[address],
     )
     assert client.process.wait(timeout=180) == 0, client.log()[-3000:]
     summary = client.summary()
-    assert (summary.role, summary.global_step, summary.exit_reason) == ("client", 3, "max_steps"), summary
+    assert (summary.role, summary.global_step, summary.exit_reason) == ("client", steps, "max_steps"), summary
     assert summary.last_loss is not None and summary.last_loss >= 0, summary  # a number, not NaN
+    return summary
+
+
+@pytest.mark.parametrize(
+    ("adapter", "stage"),
+    [({"kind": "prompt_tuning", "num_virtual_tokens": 4}, "sft"), ({"kind": "prefix", "num_virtual_tokens": 4}, "sft"),
+     ({"kind": "prefix", "num_virtual_tokens": 4}, "dpo")],
+    ids=["prompt-sft", "prefix-sft", "prefix-dpo"],
+)  # fmt: skip
+def test_run_peer_client_role_trains_its_adapter_through_the_servers(servers, spec_path, adapter, stage):
+    swarm, _ = servers
+    run_client(swarm, spec_path, adapter, stage)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_run_peer_client_role_computes_its_parts_on_the_gpu_it_is_given(servers, spec_path):
+    swarm, _ = servers
+    summary = run_client(
+        swarm, spec_path, {"kind": "prefix", "num_virtual_tokens": 4}, "dpo", extra_args=("--gpu", "0")
+    )
+    assert summary.peak_gpu_memory_bytes, (
+        summary
+    )  # its embeddings, head, prefix and reference logits were there

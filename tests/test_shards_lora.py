@@ -18,7 +18,7 @@ from potluck.protocols.runspec import load_run_spec
 from potluck.protocols.shards import read_shards
 from tests.conftest import _TrackedSwarm
 from tests.helpers import wait_until
-from tests.test_shards import _held_out_loss, _wait_for_event
+from tests.test_shards import _held_out_loss, _wait_for_event, run_client
 
 pytestmark = pytest.mark.slow
 
@@ -58,15 +58,16 @@ def lora_swarm(tiny_assets, tmp_path):
             swarm.start_peer(name, ["--blocks", "1:2"], initial_peers=[address])
         for peer in swarm.peers:
             _wait_for_event(peer, "serving")
-        yield load_run_spec(path), address
+        yield load_run_spec(path), address, swarm, path
     finally:
         swarm.stop(grace=10)
     # SIGTERM, not the SIGKILL after the grace: a lone replica's averaging round must not hold its exit
-    assert [p.process.returncode for p in swarm.peers] == [0, 0, 0], "a server ignored SIGTERM for 10 s"
+    codes = [p.process.returncode for p in swarm.peers]  # the servers, and clients a test ran
+    assert codes == [0] * len(codes), "a server ignored SIGTERM for 10 s"
 
 
 def test_server_side_lora_trains_through_two_replicas_and_ends_averaged(lora_swarm):
-    spec, address = lora_swarm
+    spec, address, swarm, path = lora_swarm
     # route_spread: the client spreads its steps over both replicas of blocks 1:2
     dht, model = open_remote_model(spec, [address], route_spread=4.0)
     try:
@@ -85,6 +86,16 @@ def test_server_side_lora_trains_through_two_replicas_and_ends_averaged(lora_swa
 
         adapter = wait_until(averaged, 90, "the two replicas' adapters to be averaged", interval=1.0)
         assert any(t.abs().sum() > 0 for t in adapter)
+
+        # run-peer --role client trains the servers' adapter: one span step per client step (the span has one
+        # server); DPO's reference passes, through the same servers with their adapter off, take none
+        span0 = next(a.peer_id for a in read_shards(dht, spec.run_id).records.values() if a.start == 0)
+        for stage in ("sft", "dpo"):
+            before_steps = model.client.adapter_state(span0, 0, 1)[1]
+            run_client(
+                swarm, path, {"kind": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"}, stage
+            )
+            assert model.client.adapter_state(span0, 0, 1)[1] == before_steps + 2, stage
     finally:
         model.client.shutdown()
         dht.shutdown()

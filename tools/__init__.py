@@ -1,5 +1,5 @@
 """The `potluck` command and what runs on one machine."""
 
-from potluck.runtime.hub_kernels import import_bitsandbytes_offline
+from potluck.runtime.hub_kernels import refuse_hub_kernels
 
-import_bitsandbytes_offline()  # before anything here imports peft, which imports bitsandbytes
+refuse_hub_kernels()  # before anything here imports peft, which imports bitsandbytes

@@ -1,5 +1,11 @@
-"""``run-peer --role client``: train the run's prompt through its shard servers, with the same stage,
-optimizer and averaging strategy as a data-parallel trainer (clients average their prompts)."""
+"""``run-peer --role client``: train the run's adapter through its shard servers, with the same stage, optimizer
+and averaging strategy as a data-parallel trainer.
+
+What trains where, by ``adapter.kind``: ``prompt_tuning`` and ``prefix`` train on the client (clients average them
+as trainers average adapters); ``lora`` trains on the servers, from the gradients the client sends back (the span
+replicas average it; the client then has nothing to average). Stages: ``sft``, and ``dpo`` with the servers' base
+blocks, without any adapter, as its reference (no second copy of the model), unless ``reference.path`` names one
+to load here."""
 
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ import time
 import torch
 
 from potluck.hivemind_ext.dht import visible_addresses
+from potluck.peer.averaging.alone import NothingToAverage
 from potluck.peer.averaging.choose import make_strategy
+from potluck.peer.preflight import check_client_spec
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, exit_reason, install_stop_handlers
 from potluck.peer.shard.client.remote_model import RemoteCausalLM, open_remote_model
@@ -18,10 +26,10 @@ from potluck.peer.shard.client.routing import NoRouteError
 from potluck.peer.training.data import PeerDataStream, peer_seed
 from potluck.peer.training.loop import Trainer, TrainResult
 from potluck.peer.training.metrics import PeerMetrics
-from potluck.peer.training.model import load_tokenizer
 from potluck.peer.training.progress import ProgressDisplay
-from potluck.peer.training.stages import make_stage
-from potluck.protocols.runspec import PromptTuningAdapter, RunSpec
+from potluck.peer.training.stages import make_stage, stage_context
+from potluck.peer.training.stages.data import stage_data
+from potluck.protocols.runspec import PrefixTuningAdapter, PromptTuningAdapter, RunSpec
 
 
 def wait_for_route(model: RemoteCausalLM, timeout: float, stop: threading.Event) -> None:
@@ -43,26 +51,28 @@ def train_through_shards(
     stop: threading.Event,
     route_timeout: float = 120.0,
     results: PeerResults | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
-    """Train the run's prompt through the shard servers until its last global step or ``stop``;
-    ``route_timeout``: seconds to wait for servers covering every block. ``results``: see ``--results``."""
+    """Train the run's adapter through the shard servers until its last global step or ``stop``;
+    ``route_timeout``: seconds to wait for servers covering every block. ``results``: see ``--results``.
+    ``device``: where the client's own parts compute (``--gpu``; default the CPU)."""
     results = results or PeerResults(None, "client")
-    if not isinstance(spec.adapter, PromptTuningAdapter):
-        raise ValueError(
-            f"adapter.kind: --role client trains only prompt_tuning adapters, got {spec.adapter.kind!r} "
-            "(a lora adapter trains on the servers themselves: --role shard)"
-        )
-    if spec.stage != "sft":
-        raise ValueError(f"stage: --role client supports sft only (got {spec.stage!r})")
+    check_client_spec(spec)
+    device = device or torch.device("cpu")
     max_steps = options.max_steps if options.max_steps is not None else spec.max_global_steps
-    tokenizer = load_tokenizer(spec.model)
-    data = PeerDataStream(spec.data, tokenizer, spec.batch.per_peer_batch_size)
+    context = stage_context(spec, device, options.save_dir)
+    data = PeerDataStream(
+        spec.data, context.tokenizer, spec.batch.per_peer_batch_size, stage_data(spec, context.tokenizer)
+    )
+    adapter = spec.adapter
     dht, model = open_remote_model(
         spec,
         options.initial_peers,
-        prompt_tokens=spec.adapter.num_virtual_tokens,
+        prompt_tokens=adapter.num_virtual_tokens if isinstance(adapter, PromptTuningAdapter) else 0,
+        prefix_tokens=adapter.num_virtual_tokens if isinstance(adapter, PrefixTuningAdapter) else 0,
         host_maddrs=options.host_maddrs,
         client_mode=options.client_mode,
+        device=device,
     )
     metrics = PeerMetrics(spec.run_id)
     if options.metrics_port is not None:
@@ -75,15 +85,25 @@ def train_through_shards(
         results.event(
             "route", hops=[{"peer_id": str(h.peer_id), "start": h.start, "end": h.end} for h in route]
         )
-        strategy = make_strategy(spec, dht, [model.prompt], listener=results.listener(metrics))
+        # the prompt or the prefix; none for lora (the servers train and average it)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        if trained:
+            strategy = make_strategy(spec, dht, trained, listener=results.listener(metrics))
+        else:
+            strategy = NothingToAverage(spec.batch.target_batch_size)
+        # DPO's reference: the servers' base blocks, unless the spec names a model to load
+        references = (
+            {"reference": model.without_adapters()} if spec.stage == "dpo" and not spec.reference.path else {}
+        )
+        stage = make_stage(spec.stage, context, **references)
         try:
             install_stop_handlers(stop, strategy)
             trainer = Trainer(
                 model=model,
-                stage=make_stage(spec.stage),
+                stage=stage,
                 strategy=strategy,
                 batches=data.batches(peer_seed(spec.seed, str(dht.peer_id))),
-                device=torch.device("cpu"),
+                device=device,
                 max_global_steps=max_steps,
                 metrics=metrics,
                 progress=ProgressDisplay(max_steps, interval=options.progress_interval),

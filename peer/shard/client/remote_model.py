@@ -206,12 +206,14 @@ def open_remote_model(
     prompt_tokens: int = 0,
     host_maddrs: list[str] | None = None,
     client_mode: bool = True,
+    prefix_tokens: int = 0,
+    device: torch.device | None = None,
     **client_options,
 ) -> tuple[DHT, RemoteCausalLM]:
     """Join the swarm (by default as a DHT client: no incoming connections) and build the run's model
-    over its shard servers. Shut the client and the returned DHT down when done. A client that also
-    averages with other clients (``run-peer --role client``) needs ``client_mode=False``: hivemind's
-    state averager cannot share state from a DHT client."""
+    over its shard servers, its local parts on ``device`` (default: the CPU). Shut the client and the
+    returned DHT down when done. A client that also averages with other clients (``run-peer --role
+    client``) needs ``client_mode=False``: hivemind's state averager cannot share state from a DHT client."""
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = load_config(model_dir)
     parts = load_client_parts(model_dir, dtype=getattr(torch, spec.model.dtype))
@@ -224,4 +226,7 @@ def open_remote_model(
         record_validators=shard_record_validators(None, spec.run_id),
     )
     client = ShardClient(dht, spec.run_id, config.num_hidden_layers, **client_options)
-    return dht, RemoteCausalLM(parts, client, prompt_tokens=prompt_tokens, seed=spec.seed)
+    model = RemoteCausalLM(
+        parts, client, prompt_tokens=prompt_tokens, seed=spec.seed, prefix_tokens=prefix_tokens
+    )
+    return dht, model.to(device or torch.device("cpu"))

@@ -27,11 +27,12 @@ STAGES: dict[str, type[Stage]] = {
 }
 
 
-def make_stage(name: str, context: StageContext | None = None) -> Stage:
-    """The stage ``name``; every stage but ``sft`` needs ``context`` (it loads frozen models from it)."""
+def make_stage(name: str, context: StageContext | None = None, **models) -> Stage:
+    """The stage ``name``; every stage but ``sft`` needs ``context`` (it loads frozen models from it, unless
+    ``models`` gives them: ``reference=`` for ``dpo``)."""
     if context is None:
         return STAGES[name]()
-    return STAGES[name](context)
+    return STAGES[name](context, **models)
 
 
 def stage_context(spec: RunSpec, device: torch.device, save_dir: Path | None) -> StageContext:

@@ -62,11 +62,15 @@ class DirectPreferenceOptimization(PairwiseStage):
     beta, loss type and label smoothing. Metrics: ``preference_accuracy`` (implicit reward of chosen above
     rejected) and ``kl`` (mean policy-minus-reference log-ratio per completion token)."""
 
-    def __init__(self, context: StageContext):
+    def __init__(self, context: StageContext, reference: torch.nn.Module | None = None):
+        """``reference``: a frozen model to use instead of loading one (a shard client's: the servers' base
+        blocks without its adapter)."""
         super().__init__(context)
-        path = resolve_weights(context.spec.reference.path or context.start_model.name_or_path,
-                               context.save_dir, "reference.path")  # fmt: skip
-        self.reference = load_frozen_causal_lm(path, context.device, context.spec.model.dtype)
+        if reference is None:
+            path = resolve_weights(context.spec.reference.path or context.start_model.name_or_path,
+                                   context.save_dir, "reference.path")  # fmt: skip
+            reference = load_frozen_causal_lm(path, context.device, context.spec.model.dtype)
+        self.reference = reference
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         dpo = self.context.spec.dpo
