@@ -31,6 +31,7 @@ from potluck.peer.training.model import check_model_spec
 from potluck.peer.training.stages.data import check_stage_data
 from potluck.peer.training.stages.models import check_stage_models
 from potluck.protocols.runspec import RunSpec, RunSpecError
+from potluck.protocols.shards import MAX_PREFIX_TOKENS
 
 
 class ClientRoleError(ValueError):
@@ -76,6 +77,11 @@ def check_client_spec(spec: RunSpec) -> None:
                 if spec.adapter.kind == "none"
                 else ""
             )
+        )
+    if spec.adapter.kind == "prefix" and spec.adapter.num_virtual_tokens > MAX_PREFIX_TOKENS:
+        raise ClientRoleError(
+            f"adapter.num_virtual_tokens: {spec.adapter.num_virtual_tokens}, but shard servers take a prefix of at "
+            f"most {MAX_PREFIX_TOKENS} tokens"
         )
     if spec.stage not in CLIENT_STAGES:
         raise ClientRoleError(

@@ -35,6 +35,8 @@ SHARD_PROTOCOL_VERSION = "potluck-shard/2"
 """Servers and clients with another version do not talk: the client skips such servers. 2: requests may carry
 ``padding`` (a server of version 1 would ignore it and answer wrongly)."""
 MAX_BLOCKS = 4096
+MAX_PREFIX_TOKENS = 256
+"""A client's prefix (prefix tuning) a server takes by default, per request."""
 
 
 def shards_key(run_id: str) -> str:

@@ -209,3 +209,36 @@ def test_an_activation_above_4_mib_goes_through_a_span_and_back_with_the_unary_p
     with pytest.raises(ServerFailure, match="forward: RuntimeError: out of memory"):
         client.call(hop, "forward", [hidden])
     assert client.router.is_banned(hop.peer_id) and client.metrics.failures == 1
+
+
+@pytest.mark.unit
+def test_streams_over_the_servers_count_are_busy_and_a_stalled_one_is_refused_in_time(servicer, monkeypatch):
+    """What streams may hold at once is bounded: ``max_streams`` of them, each arriving within ``stream_timeout``."""
+    monkeypatch.setattr(servicer, "limits", ServerLimits(max_streams=1, stream_timeout=0.5))
+    arrived = asyncio.Event()
+
+    async def stalled() -> AsyncIterator:
+        yield _declaring(4)[0]  # the first of 4 chunks, then nothing
+        arrived.set()
+        await asyncio.sleep(3600)
+
+    async def scenario():
+        holding = asyncio.ensure_future(anext(servicer.rpc_forward_stream(stalled(), None)))
+        await arrived.wait()
+        second = await anext(
+            servicer.rpc_forward_stream(iter_parts(_chunks([torch.zeros(1, 2, HIDDEN)])), None)
+        )
+        return await holding, second
+
+    async def iter_parts(parts):
+        for part in parts:
+            yield part
+
+    held, second = asyncio.run(scenario())
+    with pytest.raises(wire.RemoteError, match=r"too many streamed requests at once \(1\)") as busy:
+        wire.unpack_response(second)
+    assert busy.value.kind == wire.BUSY
+    with pytest.raises(wire.RemoteError, match="stream: not all of it arrived within 0.5 s") as stalled_error:
+        wire.unpack_response(held)
+    assert stalled_error.value.kind == wire.BAD_REQUEST
+    assert servicer._streams == 0

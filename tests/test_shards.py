@@ -246,6 +246,11 @@ def test_a_prefix_through_two_spans_equals_the_local_model_after_the_same_prefix
     ):
         model.client.call(hop, "forward", [torch.zeros(1, 4, 128), torch.zeros(1, 2, 2, 3, 64)],
                           position_offset=3, prefix_tokens=3)  # fmt: skip
+    with pytest.raises(
+        wire.RemoteError, match=r"position_offset: 5, but the tokens after a prefix of 3 start there"
+    ):
+        model.client.call(hop, "forward", [torch.zeros(1, 4, 128), torch.zeros(1, 2, 2, 3, 32)],
+                          position_offset=5, prefix_tokens=3)  # fmt: skip
 
 
 def test_an_activation_above_4_mib_goes_through_the_servers_forward_and_backward(remote, local_model):

@@ -209,6 +209,8 @@ def test_servicer_refuses_a_concurrent_step_of_the_same_inference_session(servic
         ({"adapter": {"kind": "ia3"}}, "adapter.kind: --role client trains prompt_tuning, prefix, lora adapters, "
                                        "got 'ia3'"),
         ({"adapter": {"kind": "lora"}, "stage": "grpo"}, "stage: --role client supports sft and dpo, got 'grpo'"),
+        ({"adapter": {"kind": "prefix", "num_virtual_tokens": 300}},
+         "adapter.num_virtual_tokens: 300, but shard servers take a prefix of at most 256 tokens"),
     ],
 )  # fmt: skip
 def test_run_peer_client_role_refuses_what_it_cannot_train_in_one_line(make_spec, capsys, overrides, message):

@@ -142,3 +142,37 @@ def test_span_adapter_fields_are_checked(tiny_assets):
         _spec(tiny_assets, span_adapter={"accumulate_backwards": 0})
     with pytest.raises(RunSpecError, match=r"span_adapter: only used with adapter\.kind 'lora'"):
         _spec(tiny_assets, adapter={"kind": "none"}, span_adapter={"average_every": 9})
+
+
+def test_a_backward_request_whose_gradients_overflow_leaves_the_adapter_as_it_was(tiny_assets):
+    """Finite inputs can still overflow (a huge output gradient): one client must not turn every client's adapter
+    into NaN. The servicer also never merges such requests into one batch, so each is counted on its own."""
+    import asyncio
+
+    from potluck.peer.shard import wire
+    from potluck.peer.shard.server.service import ServerLimits, ShardServicer
+
+    spec = _spec(tiny_assets, optimizer={"lr": 0.01})
+    span, adapter = _served(spec, tiny_assets)
+    servicer = ShardServicer(span, spec.run_id, ServerLimits(), adapter=adapter)
+    hidden = torch.randn(2, 5, span.hidden_size)
+
+    def backward(grad_output: torch.Tensor):
+        request = wire.request([hidden, grad_output], start=0, end=1)
+        return servicer._handle("backward", request, servicer._backward)
+
+    async def scenario(*grads):
+        return await asyncio.gather(*(backward(g) for g in grads))
+
+    try:
+        before = adapter.tensors()
+        (reply,) = asyncio.run(scenario(torch.full_like(hidden, 3e38)))
+        wire.unpack_response(reply)  # the client still gets its input gradient back, whatever it is worth
+        assert (adapter.steps, adapter.dropped) == (0, 1)
+        assert all(torch.equal(a, b) for a, b in zip(before, adapter.tensors(), strict=True))
+        # two requests that arrive together: two span steps (accumulate_backwards 1), not one on their sum
+        asyncio.run(scenario(torch.randn_like(hidden), torch.randn_like(hidden)))
+        assert adapter.steps == 2
+        assert all(torch.isfinite(t).all() for t in adapter.tensors())
+    finally:
+        servicer.shutdown()

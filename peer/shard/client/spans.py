@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -315,7 +316,9 @@ class InferenceSession:
 
     def _send(self, target: _SessionHop, hidden: torch.Tensor, position: int) -> torch.Tensor:
         """One step to one server; its first step of the session carries the prefix."""
-        how = Pass(position, self.how.padding, None if target.history else self.how.prefix)
+        how = dataclasses.replace(
+            self.how, position_offset=position, prefix=None if target.history else self.how.prefix
+        )
         extra, metadata = how.for_hop(target.hop)
         return self.client.call(
             target.hop, "inference", [hidden, *extra], returns=[hidden], session=target.session, **metadata

@@ -84,6 +84,8 @@ class SpanAdapter:
         """Span steps taken (this server's optimizer steps, or those of the state it resumed or downloaded)."""
         self.pending = 0
         """Backward requests whose gradients wait in ``.grad`` for the next span step."""
+        self.dropped = 0
+        """Span steps not taken because their gradients held NaN or Inf."""
         self.on_step: Callable[[int], None] | None = None
         """Called after each span step with the step count, ``lock`` held (the periodic checkpoint)."""
 
@@ -92,6 +94,16 @@ class SpanAdapter:
         ``lock`` held); on every ``accumulate``-th, take a span step on their mean. True if it stepped."""
         self.pending += 1
         if self.pending < self.accumulate:
+            return False
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            # finite inputs can still overflow: one such request must not turn every client's adapter to NaN
+            logger.warning(
+                f"span adapter: dropped {self.pending} backward request(s) whose gradients hold NaN or Inf"
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.pending = 0
+            self.dropped += 1
             return False
         for parameter in self.parameters:
             if parameter.grad is not None:

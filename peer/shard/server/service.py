@@ -6,8 +6,9 @@ decoding, then dtype, shape, finite values, the sub-span and positions it names)
 above hivemind's 4 MiB unary message travels in chunks on the method's ``_stream`` twin
 (:mod:`..streaming`), which puts the same request together and runs the same handler; declared
 sizes are checked on each tensor's first chunk, before the server buffers it. Memory is bounded by the
-request limits (``max_stream_bytes`` per stream), the compute queue (:mod:`batching`) and the
-attention-cache budget of inference sessions (tests/test_shards.py floods a server to check it).
+request limits (``max_stream_bytes`` per stream, ``max_streams`` at once, each arriving within
+``stream_timeout``), the compute queue (:mod:`batching`) and the attention-cache budget of inference
+sessions, prefixes included (tests/test_shards.py floods a server to check it).
 
 Backward is stateless, as in Petals: the client sends the span's inputs with the output gradient and
 the server recomputes the forward pass with autograd, so a replica that never saw the forward pass can
@@ -37,7 +38,7 @@ from potluck.peer.shard.blocks import BlockSpan
 from potluck.peer.shard.metrics import ShardServerMetrics
 from potluck.peer.shard.server.adapters import SpanAdapter
 from potluck.peer.shard.server.batching import BatchingExecutor, ServerBusy
-from potluck.protocols.shards import SHARD_PROTOCOL_VERSION
+from potluck.protocols.shards import MAX_PREFIX_TOKENS, SHARD_PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +52,24 @@ class ServerLimits:
     """Sequences per request."""
     max_request_tokens: int = 16384
     """Rows × tokens per request."""
-    max_stream_bytes: int = 256 * 2**20
+    max_stream_bytes: int | None = None
     """Tensor bytes of one request streamed in chunks (above hivemind's 4 MiB unary message), buffered
-    before it is computed: a backward request carries two tensors of rows × tokens × hidden_size.
-    Raise it with ``max_request_tokens`` for wide models; lower it if concurrent streams exhaust memory."""
+    before it is computed. None: what a backward request of ``max_request_tokens`` carries (two tensors of
+    rows × tokens × hidden size, and a prefix of ``max_prefix_tokens``) in the server's dtype."""
+    max_streams: int = 4
+    """Streamed requests being received or computed at once; more are refused as ``busy``. With
+    ``max_stream_bytes`` it bounds the memory streams hold."""
+    stream_timeout: float = 300.0
+    """Seconds a streamed request may take to arrive; a stalled one is refused and its memory freed."""
     max_batch_tokens: int = 16384
     """Rows × tokens of one computed batch after merging concurrent requests."""
     max_queue: int = 64
     """Requests waiting for the compute thread; more are refused as ``busy``."""
     max_sessions: int = 64
     max_cache_tokens: int = 65536
-    max_prefix_tokens: int = 256
+    """Rows × tokens over all open inference sessions (the attention caches' memory), prefixes included."""
+    max_prefix_tokens: int = MAX_PREFIX_TOKENS
     """Tokens of a client's prefix (prefix tuning) per request."""
-    """Rows × tokens over all open inference sessions (the attention caches' memory)."""
     session_ttl: float = 300.0
     """An inference session idle this long is closed and its cache freed."""
 
@@ -105,6 +111,8 @@ class ShardServicer(ServicerBase):
         self.executor = BatchingExecutor(limits.max_batch_tokens, limits.max_queue)
         self.executor.on_batch = self.metrics.observe_batch
         self.sessions: dict[tuple[str, str], _Session] = {}
+        self._streams = 0
+        """Streamed requests now being received or computed (the event loop's thread alone counts them)."""
 
     # -- handlers ----------------------------------------------------------------------------------
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
@@ -190,14 +198,26 @@ class ShardServicer(ServicerBase):
         the response sent back in chunks."""
 
         async def combined(stream: AsyncIterator) -> list[torch.Tensor]:
-            bound = self.limits.max_stream_bytes
-            return await handler(await streaming.combine(stream, bound, wire.BAD_REQUEST, self._max_elements))
+            if self._streams >= self.limits.max_streams:
+                raise ServerBusy(f"too many streamed requests at once ({self.limits.max_streams})")
+            self._streams += 1
+            try:
+                arriving = streaming.combine(stream, self._stream_bytes, wire.BAD_REQUEST, self._max_elements)
+                try:
+                    request = await asyncio.wait_for(arriving, self.limits.stream_timeout)
+                except asyncio.TimeoutError:
+                    raise _BadRequest(
+                        f"stream: not all of it arrived within {self.limits.stream_timeout:g} s"
+                    ) from None
+                return await handler(request)
+            finally:
+                self._streams -= 1
 
         for part in streaming.split(await self._handle(method, requests, combined)):
             yield part
-        # a refused stream may still be arriving: discard the rest (hivemind's reader waits on us)
-        async for _ in requests:
-            pass
+        # a refused stream may still be arriving: discard the rest (hivemind's reader waits on us), for a while
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_drain(requests), self.limits.stream_timeout)
 
     # -- computations ------------------------------------------------------------------------------
     def _through(
@@ -223,6 +243,8 @@ class ShardServicer(ServicerBase):
         their own (each client's prefix is its own)."""
         if meta["prefix_tokens"]:
             return None
+        if kind == "backward" and self.adapter is not None and meta["adapter"]:
+            return None  # each request is one of the adapter's backward requests (accumulate_backwards)
         return (kind, meta["blocks"], meta["position_offset"], hidden.shape[1], meta["adapter"])
 
     async def _forward(self, request) -> list[torch.Tensor]:
@@ -290,7 +312,8 @@ class ShardServicer(ServicerBase):
             raise _BadRequest(
                 f"position_offset: {offset} does not match the session's {session.tokens} tokens"
             )
-        if self._cached_tokens() + rows * tokens > self.limits.max_cache_tokens:
+        new = rows * (tokens + (offset if key not in self.sessions else 0))  # a new session's prefix too
+        if self._cached_tokens() + new > self.limits.max_cache_tokens:
             raise ServerBusy(f"the attention-cache budget ({self.limits.max_cache_tokens} tokens) is full")
         session.pending = tokens
         self.sessions[key] = session
@@ -328,8 +351,10 @@ class ShardServicer(ServicerBase):
         prefix_tokens = meta.get("prefix_tokens", 0)
         if not isinstance(prefix_tokens, int) or not 0 <= prefix_tokens <= self.limits.max_prefix_tokens:
             raise _BadRequest(f"prefix_tokens: expected an integer from 0 to {self.limits.max_prefix_tokens}")
-        if prefix_tokens and offset < prefix_tokens:
-            raise _BadRequest(f"position_offset: {offset} is inside the prefix of {prefix_tokens} tokens")
+        if prefix_tokens and offset != prefix_tokens:
+            raise _BadRequest(
+                f"position_offset: {offset}, but the tokens after a prefix of {prefix_tokens} start there"
+            )
         adapter = meta.get("adapter", True)
         if not isinstance(adapter, bool):
             raise _BadRequest("adapter: expected true or false")
@@ -373,6 +398,16 @@ class ShardServicer(ServicerBase):
     def _max_elements(self) -> int:
         """The most elements a request's tensor may declare."""
         return self.limits.max_request_tokens * self.span.hidden_size
+
+    @property
+    def _stream_bytes(self) -> int:
+        """The most tensor bytes one streamed request may carry (:attr:`ServerLimits.max_stream_bytes`)."""
+        if self.limits.max_stream_bytes is not None:
+            return self.limits.max_stream_bytes
+        attention = self.span.layers[0].self_attn
+        prefix = self.span.end - self.span.start, 2, self.span.config.num_key_value_heads, attention.head_dim
+        elements = 2 * self._max_elements + math.prod(prefix) * self.limits.max_prefix_tokens
+        return elements * torch.finfo(self.dtype).bits // 8
 
     def _check(self, name: str, tensor: torch.Tensor, offset: int) -> None:
         if tensor.dtype != self.dtype:
@@ -426,6 +461,11 @@ def _parse_padding(value, rows: int, max_positions: int) -> torch.Tensor:
 def _any(padding: torch.Tensor) -> torch.Tensor | None:
     """None for a batch without pads: its mask and positions stay shared by every row."""
     return padding if bool(padding.any()) else None
+
+
+async def _drain(stream: AsyncIterator) -> None:
+    async for _ in stream:
+        pass
 
 
 def _first(tensors: list[torch.Tensor]) -> torch.Tensor | None:
