@@ -11,6 +11,9 @@ system prompt), in the tiny tokenizer's alphabet:
   byte in the vocabulary, no unknown token); Qwen3 adds a norm on queries and keys;
 - ``mistral``: v0.3's ``<s>[INST] …[/INST] …</s>`` with ``[INST]`` and ``[/INST]`` control tokens, no pad token,
   untied embeddings;
+- ``mixtral``: a mixture of experts (``MixtralForCausalLM``) with Mistral's tokenizer and template: every
+  block's feed-forward layer is 4 experts, 2 per token, and the config asks for the router's load-balancing loss
+  (``output_router_logits``), so ``.loss`` includes it as Mixtral's training does (``peer/shard/experts/``);
 - ``gemma3``: Gemma 3's text model (``Gemma3ForCausalLM``, the 1B checkpoint's class) and template,
   ``<bos><start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n``, whose turns end with ``<end_of_turn>``
   rather than EOS (its generation config stops at both); sliding-window and global layers alternate, and the
@@ -27,6 +30,7 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     Qwen2Config,
     Qwen2Tokenizer,
@@ -60,6 +64,11 @@ GEMMA_TEMPLATE = (
 def _per_head(sizes) -> dict[str, Any]:
     """An explicit head size, for the config classes whose default is a real checkpoint's (128 or 256)."""
     return {"head_dim": sizes.hidden_size // sizes.num_heads}
+
+
+def _mixtral(sizes) -> dict[str, Any]:
+    return {**_per_head(sizes), "sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "output_router_logits": True}  # fmt: skip
 
 
 def _gemma3(sizes) -> dict[str, Any]:
@@ -106,6 +115,10 @@ QWEN_TOKENS = {"special_tokens": ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
                "pad": "<|endoftext|>", "bos": None, "unk": None, "chat_template": CHATML_TEMPLATE,
                "turn_tokens": ("<|im_start|>",), "byte_level_class": Qwen2Tokenizer}  # fmt: skip
 
+MISTRAL_TOKENS = {"special_tokens": ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), "eos": "</s>", "pad": None,
+                  "bos": "<s>", "unk": "<unk>", "chat_template": MISTRAL_TEMPLATE,
+                  "turn_tokens": ("[INST]", "[/INST]"), "adds_bos": True, "tie_word_embeddings": False}  # fmt: skip
+
 FAMILIES: dict[str, TinyFamily] = {
     "llama": TinyFamily(
         LlamaConfig, ("<pad>", "<s>", "</s>", "<unk>"), eos="</s>", pad="<pad>", bos="<s>", unk="<unk>",
@@ -114,10 +127,9 @@ FAMILIES: dict[str, TinyFamily] = {
     "qwen2": TinyFamily(Qwen2Config, **QWEN_TOKENS),
     "qwen3": TinyFamily(Qwen3Config, **QWEN_TOKENS, extra_config=_per_head),
     "mistral": TinyFamily(
-        MistralConfig, ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), eos="</s>", pad=None, bos="<s>",
-        unk="<unk>", chat_template=MISTRAL_TEMPLATE, turn_tokens=("[INST]", "[/INST]"), adds_bos=True,
-        tie_word_embeddings=False, extra_config=lambda sizes: {"sliding_window": None},
+        MistralConfig, **MISTRAL_TOKENS, extra_config=lambda sizes: {"sliding_window": None},
     ),
+    "mixtral": TinyFamily(MixtralConfig, **MISTRAL_TOKENS, extra_config=_mixtral),
     "gemma3": TinyFamily(
         Gemma3TextConfig, ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), eos="<eos>",
         pad="<pad>", bos="<bos>", unk="<unk>", chat_template=GEMMA_TEMPLATE,
