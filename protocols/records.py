@@ -241,6 +241,57 @@ def read_run_status(dht: DHT, run_id: str, trusted_key: bytes) -> RunStatusRead:
     return RunStatusRead(found.records.get(run_id), forged)
 
 
+class ServerAnnouncement(BaseModel):
+    """What every shard server tells others about itself (a block-span server's ``shards.ShardAnnouncement`` and
+    an expert server's ``experts.ExpertAnnouncement`` add what they serve)."""
+
+    run_id: constr(regex=r"^[a-z0-9][a-z0-9_-]{0,62}$", strict=True)
+    peer_id: constr(min_length=1, max_length=128, strict=True)
+    """The libp2p peer id to call (base58)."""
+    throughput: StrictFloat
+    """Tokens per second this server pushes through one block or one expert (measured at start-up)."""
+    state: constr(regex=r"^(joining|online|offline)$", strict=True)
+    version: constr(max_length=64, strict=True)
+    announced_at: StrictFloat
+    addresses: conlist(constr(max_length=256, strict=True), max_items=8) = []
+    """The server's multiaddrs, so a client that never met it in the DHT can dial it."""
+
+    class Config:
+        extra = "forbid"
+
+    @validator("throughput", "announced_at")
+    def _finite(cls, value):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("must be finite and non-negative")
+        return value
+
+
+def store_owned(dht: DHT, key: str, key_tag: bytes, record: BaseModel, ttl: float, wait: bool = True):
+    """Store ``record`` under ``key`` and this peer's owner subkey ``key_tag``, for ``ttl`` seconds (a server's
+    announcement: shard spans, experts)."""
+    from hivemind.utils.timed_storage import get_dht_time
+
+    return dht.store(
+        key, subkey=key_tag, value=record.dict(), expiration_time=get_dht_time() + ttl, return_future=not wait
+    )
+
+
+def read_servers(dht: DHT, key: str, schema: type[BaseModel], run_id: str, version: str) -> ReadResult:
+    """Servers' announcements under ``key`` by owner key (``schema`` has ``run_id``, ``version``, ``peer_id``):
+    re-validated, of protocol ``version`` only, and naming the peer id of the key that signed them (a server signs
+    with its identity's key, ``hivemind_ext/keys.py``): one announcing another server's id would send clients
+    there, and get it banned for failing them."""
+
+    def check(owner: bytes, announcement) -> str | None:
+        if announcement.run_id != run_id:
+            return "malformed"  # filed under another run's key
+        if announcement.version != version:
+            return "version"
+        return "peer_id_mismatch" if peer_id_of_owner(owner) != announcement.peer_id else None
+
+    return read_owned(dht, key, schema, check)
+
+
 def read_owned(dht: DHT, key: str, schema: type[BaseModel], check=None) -> ReadResult:
     """Entries under ``key`` whose subkey carries an owner's public key, re-validated with ``schema``, by
     owner. ``check(owner, record)`` may name a reason to skip a valid record (counted under it), or return

@@ -25,7 +25,6 @@ averaged, served or checkpointed: a restart loses at most ``accumulate_backwards
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -44,8 +43,9 @@ from potluck.hivemind_ext.donors import (
     download_with_retries,
     other_donors,
 )
-from potluck.peer.averaging.gradient import ADAM_STATISTICS, adamw_with_state, lr_lambda
+from potluck.peer.averaging.gradient import ADAM_STATISTICS
 from potluck.peer.shard.blocks import BlockSpan
+from potluck.peer.shard.server.steps import ServerSteps
 from potluck.protocols.runspec import LoraAdapter, RunSpec
 from potluck.runtime.periodic import Periodic
 
@@ -57,7 +57,7 @@ class AdapterMismatch(ValueError):
     """A saved or downloaded adapter state whose tensors are not this adapter's."""
 
 
-class SpanAdapter:
+class SpanAdapter(ServerSteps):
     """The span's LoRA tensors, their AdamW and its schedule. ``lock`` guards them: the compute thread holds it
     for every pass and step, the averaging thread while it copies them in and out, a donor while it reads them.
     """
@@ -71,53 +71,9 @@ class SpanAdapter:
         for _, parameter in self.named:
             parameter.requires_grad_(True)
         self.names = [n for n, _ in self.named]
-        self.parameters = [p for _, p in self.named]
-        opt = spec.optimizer
-        # the statistics exist from the start: they are averaged with the replicas and served to late joiners
-        self.optimizer = adamw_with_state(self.parameters, opt)
-        self._factor = lr_lambda(opt.warmup_steps, opt.schedule, spec.max_global_steps)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._factor)
-        self.accumulate = spec.span_adapter.accumulate_backwards
-        self.max_grad_norm = opt.max_grad_norm
-        self.lock = threading.Lock()
-        self.steps = 0
-        """Span steps taken (this server's optimizer steps, or those of the state it resumed or downloaded)."""
-        self.pending = 0
-        """Backward requests whose gradients wait in ``.grad`` for the next span step."""
-        self.dropped = 0
-        """Span steps not taken because their gradients held NaN or Inf."""
-        self.on_step: Callable[[int], None] | None = None
-        """Called after each span step with the step count, ``lock`` held (the periodic checkpoint)."""
-
-    def after_backward(self) -> bool:
-        """Count a backward request whose gradients backward just added to the adapter's ``.grad`` (call with
-        ``lock`` held); on every ``accumulate``-th, take a span step on their mean. True if it stepped."""
-        self.pending += 1
-        if self.pending < self.accumulate:
-            return False
-        grads = [p.grad for p in self.parameters if p.grad is not None]
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
-            # finite inputs can still overflow: one such request must not turn every client's adapter to NaN
-            logger.warning(
-                f"span adapter: dropped {self.pending} backward request(s) whose gradients hold NaN or Inf"
-            )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.pending = 0
-            self.dropped += 1
-            return False
-        for parameter in self.parameters:
-            if parameter.grad is not None:
-                parameter.grad.div_(self.pending)
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.pending = 0
-        self.steps += 1
-        if self.on_step is not None:
-            self.on_step(self.steps)
-        return True
+        super().__init__(
+            [p for _, p in self.named], spec, spec.span_adapter.accumulate_backwards, "span adapter"
+        )
 
     def tensors(self) -> list[torch.Tensor]:
         with self.lock:

@@ -1,5 +1,5 @@
-"""A shard server's announcement in the DHT, refreshed in the background; and the choice of span for
-a server started without ``--blocks``: the blocks the swarm serves worst."""
+"""A shard server's announcement in the DHT (a block span's, or experts'), refreshed in the background; and the
+choice of span for a server started without ``--blocks``: the blocks the swarm serves worst."""
 
 from __future__ import annotations
 
@@ -45,9 +45,52 @@ def choose_span(announcements: list[ShardAnnouncement], num_blocks: int, length:
     )
 
 
-class ShardAnnouncer:
-    """Re-announces this server every ``interval`` seconds with a TTL of a few intervals, so a
-    server that dies silently disappears from routes within ``ttl_intervals × interval``."""
+class Announcer:
+    """Re-announces a server every ``interval`` seconds with a TTL of a few intervals, so a server that dies
+    silently disappears from routes within ``ttl_intervals × interval``. Subclasses say what is announced
+    (:meth:`announcement`) and where (:meth:`store`): a block span, or experts (``expert_service.py``)."""
+
+    def __init__(
+        self, dht: DHT, key_tag: bytes, run_id: str, interval: float = 5.0, ttl_intervals: float = 3.0
+    ):
+        self.dht, self.key_tag, self.run_id = dht, key_tag, run_id
+        self.interval, self.ttl = interval, interval * ttl_intervals
+        self.addresses = [] if dht.client_mode else [str(a) for a in dht.get_visible_maddrs()][:8]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{type(self).__name__}", daemon=True)
+
+    def announcement(self, state: str):
+        raise NotImplementedError
+
+    def store(self, record, ttl: float) -> bool:
+        raise NotImplementedError
+
+    def announce(self, state: str) -> bool:
+        return bool(self.store(self.announcement(state), self.ttl))
+
+    def start(self):
+        self.announce("online")
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.announce("online")
+            except Exception as e:  # noqa: BLE001 (best effort: the next interval tries again)
+                logger.warning(f"could not announce the server: {e!r}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 1)
+        try:
+            self.announce("offline")
+        except Exception as e:  # noqa: BLE001 (leaving anyway; the record expires by itself)
+            logger.warning(f"could not announce leaving: {e!r}")
+
+
+class ShardAnnouncer(Announcer):
+    """A block-span server's :class:`ShardAnnouncement`."""
 
     def __init__(
         self,
@@ -59,12 +102,8 @@ class ShardAnnouncer:
         interval: float = 5.0,
         ttl_intervals: float = 3.0,
     ):
-        self.dht, self.key_tag, self.run_id = dht, key_tag, run_id
+        super().__init__(dht, key_tag, run_id, interval, ttl_intervals)
         self.span, self.throughput = span, throughput
-        self.interval, self.ttl = interval, interval * ttl_intervals
-        self.addresses = [] if dht.client_mode else [str(a) for a in dht.get_visible_maddrs()][:8]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shard-announcer", daemon=True)
 
     def announcement(self, state: str) -> ShardAnnouncement:
         return ShardAnnouncement(
@@ -79,25 +118,5 @@ class ShardAnnouncer:
             addresses=self.addresses,
         )
 
-    def announce(self, state: str) -> bool:
-        return bool(announce_shard(self.dht, self.key_tag, self.announcement(state), ttl=self.ttl))
-
-    def start(self) -> ShardAnnouncer:
-        self.announce("online")
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.announce("online")
-            except Exception as e:  # noqa: BLE001 (best effort: the next interval tries again)
-                logger.warning(f"could not announce the shard: {e!r}")
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 1)
-        try:
-            self.announce("offline")
-        except Exception as e:  # noqa: BLE001 (leaving anyway; the record expires by itself)
-            logger.warning(f"could not announce leaving: {e!r}")
+    def store(self, record: ShardAnnouncement, ttl: float) -> bool:
+        return announce_shard(self.dht, self.key_tag, record, ttl=ttl)

@@ -77,7 +77,8 @@ class BatchingExecutor:
         batch = [first]
         if first.key is None:
             return batch
-        tokens_per_row = int(first.inputs[0].shape[1]) if first.inputs[0].dim() > 1 else 1
+        # [rows, tokens, hidden] (a span's) or [tokens, hidden] (an expert's: every row one token)
+        tokens_per_row = int(first.inputs[0].shape[1]) if first.inputs[0].dim() > 2 else 1
         budget = self.max_batch_tokens - first.rows * tokens_per_row
         for task in list(self._queue):
             if task.key == first.key and task.rows * tokens_per_row <= budget:

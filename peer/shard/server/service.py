@@ -26,18 +26,19 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's name)
 
 import torch
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.cache_utils import DynamicCache
 
 from potluck.peer.quantization import base_parameter
-from potluck.peer.shard import streaming, wire
+from potluck.peer.shard import wire
 from potluck.peer.shard.blocks import BlockSpan
 from potluck.peer.shard.metrics import ShardServerMetrics
 from potluck.peer.shard.server.adapters import SpanAdapter
 from potluck.peer.shard.server.batching import BatchingExecutor, ServerBusy
+from potluck.peer.shard.server.handling import BadRequest, RequestHandling, decode_tensors
 from potluck.protocols.shards import MAX_PREFIX_TOKENS, SHARD_PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
@@ -87,11 +88,7 @@ class _Session:
     last_used: float = field(default_factory=time.monotonic)
 
 
-class _BadRequest(ValueError):
-    pass
-
-
-class ShardServicer(ServicerBase):
+class ShardServicer(RequestHandling):
     """The RPC handlers of a block-span server (registered on a replica of the DHT's p2p daemon)."""
 
     def __init__(
@@ -176,49 +173,6 @@ class ShardServicer(ServicerBase):
             return wire.error_response("adapter_state: this server holds no adapter", wire.BAD_REQUEST)
         return wire.response(self.adapter.tensors(), steps=self.adapter.steps)
 
-    async def _handle(self, method: str, request, handler) -> runtime_pb2.ExpertResponse:
-        started = time.perf_counter()
-        self.metrics.requests.labels(self.run_id, method).inc()
-        try:
-            return wire.response(await handler(request))
-        except (_BadRequest, wire.RemoteError) as e:
-            kind, message = wire.BAD_REQUEST, str(e)
-        except ServerBusy as e:
-            kind, message = wire.BUSY, str(e)
-        except Exception as e:  # noqa: BLE001 (reported to the client, which fails over)
-            logger.exception(f"{method} failed")
-            kind, message = wire.INTERNAL, f"{type(e).__name__}: {e}"
-        finally:
-            self.metrics.latency.labels(self.run_id, method).observe(time.perf_counter() - started)
-        self.metrics.failures.labels(self.run_id, method, kind).inc()
-        return wire.error_response(f"{method}: {message}", kind)
-
-    async def _streamed(self, method: str, requests: AsyncIterator, handler) -> AsyncIterator:
-        """The chunks put together into one request (bounded as they arrive), the same handler, and
-        the response sent back in chunks."""
-
-        async def combined(stream: AsyncIterator) -> list[torch.Tensor]:
-            if self._streams >= self.limits.max_streams:
-                raise ServerBusy(f"too many streamed requests at once ({self.limits.max_streams})")
-            self._streams += 1
-            try:
-                arriving = streaming.combine(stream, self._stream_bytes, wire.BAD_REQUEST, self._max_elements)
-                try:
-                    request = await asyncio.wait_for(arriving, self.limits.stream_timeout)
-                except asyncio.TimeoutError:
-                    raise _BadRequest(
-                        f"stream: not all of it arrived within {self.limits.stream_timeout:g} s"
-                    ) from None
-                return await handler(request)
-            finally:
-                self._streams -= 1
-
-        for part in streaming.split(await self._handle(method, requests, combined)):
-            yield part
-        # a refused stream may still be arriving: discard the rest (hivemind's reader waits on us), for a while
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(_drain(requests), self.limits.stream_timeout)
-
     # -- computations ------------------------------------------------------------------------------
     def _through(
         self, hidden: torch.Tensor, meta: dict, padding: torch.Tensor, prefix, cache=None
@@ -261,7 +215,7 @@ class ShardServicer(ServicerBase):
     async def _backward(self, request) -> list[torch.Tensor]:
         meta, (hidden, grad_output, *prefix) = self._parse(request, ["hidden", "grad_output"])
         if grad_output.shape != hidden.shape:
-            raise _BadRequest(f"grad_output: shape {tuple(grad_output.shape)} differs from hidden's")
+            raise BadRequest(f"grad_output: shape {tuple(grad_output.shape)} differs from hidden's")
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             hidden, grad_output, padding, *prefix = inputs
@@ -284,14 +238,14 @@ class ShardServicer(ServicerBase):
         meta, (hidden, *prefix) = self._parse(request, ["hidden"])
         session_id = meta.get("session")
         if not isinstance(session_id, str) or not 0 < len(session_id) <= 64:
-            raise _BadRequest("session: expected a string id of 1 to 64 characters")
+            raise BadRequest("session: expected a string id of 1 to 64 characters")
         self._evict_idle()
         key = (client, session_id)
         session = self.sessions.get(key)
         rows, tokens, offset = hidden.shape[0], hidden.shape[1], meta["position_offset"]
         if session is None:
             if offset != meta["prefix_tokens"]:
-                raise _BadRequest(
+                raise BadRequest(
                     f"position_offset: a new session starts at {meta['prefix_tokens']}, not {offset}"
                 )
             if len(self.sessions) >= self.limits.max_sessions:
@@ -301,15 +255,15 @@ class ShardServicer(ServicerBase):
                 cache = self.span.prefilled_cache(prefix[0].to(self.device), meta["blocks"], rows)
             session = _Session(cache, meta, rows, offset)
         elif prefix:
-            raise _BadRequest("prefix: only a session's first step may send one")
+            raise BadRequest("prefix: only a session's first step may send one")
         elif (rows, meta["blocks"]) != (session.rows, session.meta["blocks"]):
-            raise _BadRequest(f"hidden: rows {rows} and blocks {meta['blocks']} differ from the session's")
+            raise BadRequest(f"hidden: rows {rows} and blocks {meta['blocks']} differ from the session's")
         elif not torch.equal(meta["padding"], session.meta["padding"]):
-            raise _BadRequest("padding: differs from the session's first step")
+            raise BadRequest("padding: differs from the session's first step")
         elif session.pending:
-            raise _BadRequest("session: its previous step is still running (send steps one at a time)")
+            raise BadRequest("session: its previous step is still running (send steps one at a time)")
         elif offset != session.tokens:  # history and positions out of sync (Petals issue #587)
-            raise _BadRequest(
+            raise BadRequest(
                 f"position_offset: {offset} does not match the session's {session.tokens} tokens"
             )
         new = rows * (tokens + (offset if key not in self.sessions else 0))  # a new session's prefix too
@@ -341,36 +295,24 @@ class ShardServicer(ServicerBase):
         meta = wire.metadata_of(request)
         start, end = meta.get("start"), meta.get("end")
         if not (isinstance(start, int) and isinstance(end, int)):
-            raise _BadRequest("start/end: expected integers")
+            raise BadRequest("start/end: expected integers")
         if not self.span.start <= start < end <= self.span.end:
-            raise _BadRequest(f"start/end: {start}:{end} is not within this server's blocks "
+            raise BadRequest(f"start/end: {start}:{end} is not within this server's blocks "
                               f"{self.span.start}:{self.span.end}")  # fmt: skip
         offset = meta.get("position_offset", 0)
         if not isinstance(offset, int) or offset < 0:
-            raise _BadRequest("position_offset: expected a non-negative integer")
+            raise BadRequest("position_offset: expected a non-negative integer")
         prefix_tokens = meta.get("prefix_tokens", 0)
         if not isinstance(prefix_tokens, int) or not 0 <= prefix_tokens <= self.limits.max_prefix_tokens:
-            raise _BadRequest(f"prefix_tokens: expected an integer from 0 to {self.limits.max_prefix_tokens}")
+            raise BadRequest(f"prefix_tokens: expected an integer from 0 to {self.limits.max_prefix_tokens}")
         if prefix_tokens and offset != prefix_tokens:
-            raise _BadRequest(
+            raise BadRequest(
                 f"position_offset: {offset}, but the tokens after a prefix of {prefix_tokens} start there"
             )
         adapter = meta.get("adapter", True)
         if not isinstance(adapter, bool):
-            raise _BadRequest("adapter: expected true or false")
-        expected = [*names, "prefix"] if prefix_tokens else names
-        if len(request.tensors) != len(expected):
-            raise _BadRequest(
-                f"tensors: expected {len(expected)} ({', '.join(expected)}), got {len(request.tensors)}"
-            )
-        # refuse oversized tensors by their declared shape, before decoding allocates them
-        for name, serialized in zip(expected, request.tensors, strict=True):
-            if math.prod(serialized.size) > self._max_elements:
-                raise _BadRequest(f"{name}: shape {tuple(serialized.size)} exceeds this server's limits")
-        try:
-            tensors = wire.tensors_of(request)
-        except Exception as e:  # noqa: BLE001 (malformed tensor bytes are the client's fault)
-            raise _BadRequest(f"tensors: cannot decode ({e})") from None
+            raise BadRequest("adapter: expected true or false")
+        tensors = decode_tensors(request, [*names, "prefix"] if prefix_tokens else names, self._max_elements)
         for name, tensor in zip(names, tensors, strict=False):
             self._check(name, tensor, offset)
         if prefix_tokens:
@@ -386,13 +328,13 @@ class ShardServicer(ServicerBase):
         heads = self.span.config.num_key_value_heads
         expected = (blocks[1] - blocks[0], 2, heads, tokens, attention.head_dim)
         if prefix.dtype != self.dtype:
-            raise _BadRequest(f"prefix: dtype {prefix.dtype} but this server runs {self.dtype}")
+            raise BadRequest(f"prefix: dtype {prefix.dtype} but this server runs {self.dtype}")
         if tuple(prefix.shape) != expected:
-            raise _BadRequest(
+            raise BadRequest(
                 f"prefix: shape {tuple(prefix.shape)}, expected {expected} (blocks, key and value, heads, tokens, head size)"
             )
         if not torch.isfinite(prefix).all():
-            raise _BadRequest("prefix: contains NaN or Inf")
+            raise BadRequest("prefix: contains NaN or Inf")
 
     @property
     def _max_elements(self) -> int:
@@ -411,24 +353,24 @@ class ShardServicer(ServicerBase):
 
     def _check(self, name: str, tensor: torch.Tensor, offset: int) -> None:
         if tensor.dtype != self.dtype:
-            raise _BadRequest(f"{name}: dtype {tensor.dtype} but this server runs {self.dtype}")
+            raise BadRequest(f"{name}: dtype {tensor.dtype} but this server runs {self.dtype}")
         if tensor.dim() != 3 or tensor.shape[-1] != self.span.hidden_size or 0 in tensor.shape:
-            raise _BadRequest(
+            raise BadRequest(
                 f"{name}: shape {tuple(tensor.shape)}, expected (rows, tokens, {self.span.hidden_size})"
             )
         rows, tokens = tensor.shape[0], tensor.shape[1]
         if rows > self.limits.max_rows or rows * tokens > self.limits.max_request_tokens:
-            raise _BadRequest(
+            raise BadRequest(
                 f"{name}: {rows} rows × {tokens} tokens exceeds this server's limits "
                 f"({self.limits.max_rows} rows, {self.limits.max_request_tokens} rows × tokens)"
             )
         max_positions = self.span.config.max_position_embeddings
         if offset + tokens > max_positions:
-            raise _BadRequest(
+            raise BadRequest(
                 f"position_offset: {offset} + {tokens} tokens exceeds the model's {max_positions}"
             )
         if not torch.isfinite(tensor).all():
-            raise _BadRequest(f"{name}: contains NaN or Inf")
+            raise BadRequest(f"{name}: contains NaN or Inf")
 
     def _cached_tokens(self) -> int:
         return sum(s.rows * (s.tokens + s.pending) for s in self.sessions.values())
@@ -452,20 +394,15 @@ def _parse_padding(value, rows: int, max_positions: int) -> torch.Tensor:
     if value is None:
         return torch.zeros(rows, dtype=torch.int64)
     if not isinstance(value, list) or len(value) != rows:
-        raise _BadRequest(f"padding: expected a list of {rows} integers, one per row")
+        raise BadRequest(f"padding: expected a list of {rows} integers, one per row")
     if not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= max_positions for p in value):
-        raise _BadRequest(f"padding: expected integers from 0 to {max_positions}")
+        raise BadRequest(f"padding: expected integers from 0 to {max_positions}")
     return torch.tensor(value, dtype=torch.int64)
 
 
 def _any(padding: torch.Tensor) -> torch.Tensor | None:
     """None for a batch without pads: its mask and positions stay shared by every row."""
     return padding if bool(padding.any()) else None
-
-
-async def _drain(stream: AsyncIterator) -> None:
-    async for _ in stream:
-        pass
 
 
 def _first(tensors: list[torch.Tensor]) -> torch.Tensor | None:

@@ -1,0 +1,105 @@
+"""What every shard servicer does around its computations (block spans: ``service.py``; experts:
+``expert_service.py``): count and time each request, turn errors into the wire's kinds (``bad_request`` names
+the field, ``busy`` and ``internal`` make the client fail over), put streamed requests together within their
+bounds (:mod:`..streaming`), and decode a request's tensors only after checking their count and declared sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from typing import AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's name)
+
+import torch
+from hivemind.p2p import ServicerBase
+from hivemind.proto import runtime_pb2
+
+from potluck.peer.shard import streaming, wire
+from potluck.peer.shard.server.batching import ServerBusy
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """The request is malformed; the message names the field."""
+
+
+class RequestHandling(ServicerBase):
+    """A servicer's request plumbing. Subclasses set ``run_id``, ``limits`` (``service.ServerLimits``), ``metrics``
+    (``metrics.ShardServerMetrics``) and ``_streams = 0``, and define :attr:`_max_elements` and
+    :attr:`_stream_bytes`; they declare no RPC here (hivemind names handlers by the subclass)."""
+
+    @property
+    def _max_elements(self) -> int:
+        """The most elements a request's tensor may declare."""
+        raise NotImplementedError
+
+    @property
+    def _stream_bytes(self) -> int:
+        """The most tensor bytes one streamed request may carry."""
+        raise NotImplementedError
+
+    async def _handle(self, method: str, request, handler) -> runtime_pb2.ExpertResponse:
+        started = time.perf_counter()
+        self.metrics.requests.labels(self.run_id, method).inc()
+        try:
+            return wire.response(await handler(request))
+        except (BadRequest, wire.RemoteError) as e:
+            kind, message = wire.BAD_REQUEST, str(e)
+        except ServerBusy as e:
+            kind, message = wire.BUSY, str(e)
+        except Exception as e:  # noqa: BLE001 (reported to the client, which fails over)
+            logger.exception(f"{method} failed")
+            kind, message = wire.INTERNAL, f"{type(e).__name__}: {e}"
+        finally:
+            self.metrics.latency.labels(self.run_id, method).observe(time.perf_counter() - started)
+        self.metrics.failures.labels(self.run_id, method, kind).inc()
+        return wire.error_response(f"{method}: {message}", kind)
+
+    async def _streamed(self, method: str, requests: AsyncIterator, handler) -> AsyncIterator:
+        """The chunks put together into one request (bounded as they arrive), the same handler, and
+        the response sent back in chunks."""
+
+        async def combined(stream: AsyncIterator) -> list[torch.Tensor]:
+            if self._streams >= self.limits.max_streams:
+                raise ServerBusy(f"too many streamed requests at once ({self.limits.max_streams})")
+            self._streams += 1
+            try:
+                arriving = streaming.combine(stream, self._stream_bytes, wire.BAD_REQUEST, self._max_elements)
+                try:
+                    request = await asyncio.wait_for(arriving, self.limits.stream_timeout)
+                except asyncio.TimeoutError:
+                    raise BadRequest(
+                        f"stream: not all of it arrived within {self.limits.stream_timeout:g} s"
+                    ) from None
+                return await handler(request)
+            finally:
+                self._streams -= 1
+
+        for part in streaming.split(await self._handle(method, requests, combined)):
+            yield part
+        # a refused stream may still be arriving: discard the rest (hivemind's reader waits on us), for a while
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_drain(requests), self.limits.stream_timeout)
+
+
+def decode_tensors(request, names: list[str], max_elements: int) -> list[torch.Tensor]:
+    """The request's tensors, one per name in ``names``: their count and declared shapes checked before decoding
+    allocates them."""
+    if len(request.tensors) != len(names):
+        raise BadRequest(f"tensors: expected {len(names)} ({', '.join(names)}), got {len(request.tensors)}")
+    for name, serialized in zip(names, request.tensors, strict=True):
+        if math.prod(serialized.size) > max_elements:
+            raise BadRequest(f"{name}: shape {tuple(serialized.size)} exceeds this server's limits")
+    try:
+        return wire.tensors_of(request)
+    except Exception as e:  # noqa: BLE001 (malformed tensor bytes are the client's fault)
+        raise BadRequest(f"tensors: cannot decode ({e})") from None
+
+
+async def _drain(stream: AsyncIterator) -> None:
+    async for _ in stream:
+        pass
