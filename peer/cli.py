@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-dir",
         type=Path,
         default=None,
-        help="write checkpoints here and resume from them (--role shard: the span's LoRA adapter)",
+        help="write checkpoints here and resume from them (--role shard: the span's LoRA adapter; --role experts: "
+        "the experts)",
     )
     p.add_argument(
         "--max-steps", type=int, default=None, help="stop at this global step (default: the spec's)"
@@ -110,11 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     shard = p.add_argument_group("roles: layer shards (peer/shard/)")
     shard.add_argument(
         "--role",
-        choices=["trainer", "shard", "client"],
+        choices=["trainer", "shard", "client", "experts"],
         default="trainer",
         help="trainer (default): hold the whole model and train it data-parallel; shard: serve a span "
         "of its blocks to clients (a lora run trains its adapter on the servers); client: keep "
-        "embeddings and head, train the run's prompt_tuning adapter through shard servers",
+        "embeddings and head, train the run's prompt_tuning adapter through shard servers; experts: serve and "
+        "train --experts of the run's mixture-of-experts model",
     )
     shard.add_argument(
         "--blocks",
@@ -126,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="--role shard without --blocks: how many blocks to serve (default: half the model)",
+    )
+    shard.add_argument(
+        "--experts",
+        metavar="LIST",
+        help="--role experts: which experts, comma-separated: E or A-B (those of every MoE layer), L:E or L:A-B "
+        "(of layer L); e.g. 0-3 or 0:0-1,1:2-3",
     )
     return p
 
@@ -173,12 +181,22 @@ def user_error(message: object, results: PeerResults, status: int = 2) -> int:
 def run_shard_role(
     args: argparse.Namespace, spec: RunSpec | None, options: PeerOptions, device, results: PeerResults
 ) -> int:
-    """``--role shard`` serves blocks until stopped; ``--role client`` trains through the servers."""
+    """``--role shard`` serves blocks and ``--role experts`` experts until stopped; ``--role client`` trains through
+    the servers."""
     if spec is None:
         return user_error(f"--role {args.role} needs --run-spec or --coordinator", results)
     # a client also reports, in one line, a missing route or failover giving up (RuntimeErrors)
-    user_errors = (ValueError, OSError) if args.role == "shard" else (ValueError, OSError, RuntimeError)
+    user_errors = (
+        (ValueError, OSError) if args.role in ("shard", "experts") else (ValueError, OSError, RuntimeError)
+    )
     try:
+        if args.role == "experts":
+            from potluck.peer.roles.expert_server import serve_experts
+
+            if not args.experts:
+                return user_error("--role experts needs --experts (e.g. --experts 0-3)", results)
+            serve_experts(spec, options, threading.Event(), args.experts, device=device, results=results)
+            return 0
         if args.role == "shard":
             from potluck.peer.roles.shard_server import parse_blocks, serve_shard
 

@@ -91,8 +91,8 @@ def check_client_spec(spec: RunSpec) -> None:
 
 def check_run_inputs(spec: RunSpec, role: str = "trainer", save_dir: Path | None = None) -> None:
     """The models and data that ``role`` reads for ``spec`` are there and well formed. A trainer loads every
-    model of its stage (``init_from`` and run ids resolved in ``save_dir``); a shard server or client loads
-    ``model`` only, and a shard server reads no data."""
+    model of its stage (``init_from`` and run ids resolved in ``save_dir``); a shard or expert server or a client
+    loads ``model`` only, and servers read no data."""
     if role == "client":
         check_client_spec(spec)
     if role == "trainer":
@@ -102,5 +102,5 @@ def check_run_inputs(spec: RunSpec, role: str = "trainer", save_dir: Path | None
         check_model_spec(spec.model)
     if role in ("trainer", "shard"):  # a shard client holds no base weights
         check_quantization(spec.model)
-    if role != "shard":
+    if role not in ("shard", "experts"):  # servers read no data
         check_stage_data(spec)

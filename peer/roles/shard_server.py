@@ -11,11 +11,10 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.utils.crypto import RSAPrivateKey
 
 from potluck.hivemind_ext.allreduce import aggregate_with
-from potluck.hivemind_ext.dht import start_dht, visible_addresses
-from potluck.hivemind_ext.keys import sign_records_with_identity
+from potluck.hivemind_ext.dht import visible_addresses
 from potluck.peer.quantization import held_bytes, quantize_linears
 from potluck.peer.results import PeerResults
-from potluck.peer.roles.trainer import PeerOptions, install_stop_handlers
+from potluck.peer.roles.trainer import PeerOptions, install_stop_handlers, start_peer_dht
 from potluck.peer.shard.blocks import load_block_span, load_config, resolve_model_dir
 from potluck.peer.shard.metrics import ShardServerMetrics
 from potluck.peer.shard.server.adapters import ReplicaAveraging, SpanAdapter
@@ -48,6 +47,21 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def start_server_dht(spec: RunSpec, options: PeerOptions):
+    """The DHT of a shard server (block span or experts), with the run's shard record schemas."""
+    return start_peer_dht(options, validators=lambda: shard_record_validators(None, spec.run_id))
+
+
+def joined_as_server(dht, spec: RunSpec, results: PeerResults, what: str) -> bytes:
+    """Tell the user and the results that ``what`` joined; the key tag its announcements are filed under."""
+    addresses = visible_addresses(dht)
+    print(f"run-peer: {what} {dht.peer_id} in run {spec.run_id!r}", file=sys.stderr)
+    results.joined(str(dht.peer_id), spec.run_id, addresses)
+    if addresses:
+        print(f"run-peer: others can join with --initial-peers {addresses[0]}", file=sys.stderr, flush=True)
+    return public_key_tag(RSAPrivateKey.process_wide())
+
+
 def serve_shard(
     spec: RunSpec,
     options: PeerOptions,
@@ -68,28 +82,11 @@ def serve_shard(
     results = results or PeerResults(None, "shard")
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = load_config(model_dir)
-    identity = sign_records_with_identity(options.identity_path)  # before anything takes the process-wide key
-    dht = start_dht(
-        options.initial_peers,
-        options.host_maddrs,
-        options.announce_maddrs,
-        None,
-        options.client_mode,
-        record_validators=shard_record_validators(None, spec.run_id),
-        join_timeout=options.join_timeout,
-        identity=identity,
-    )
+    dht = start_server_dht(spec, options)
     servicer = announcer = p2p = averaging = adapter = None
     lora, served = isinstance(spec.adapter, LoraAdapter), False
     try:
-        addresses = visible_addresses(dht)
-        print(f"run-peer: shard server {dht.peer_id} in run {spec.run_id!r}", file=sys.stderr)
-        results.joined(str(dht.peer_id), spec.run_id, addresses)
-        if addresses:
-            print(
-                f"run-peer: others can join with --initial-peers {addresses[0]}", file=sys.stderr, flush=True
-            )
-        key_tag = public_key_tag(RSAPrivateKey.process_wide())
+        key_tag = joined_as_server(dht, spec, results, "shard server")
         if blocks is None and lora and options.save_dir is not None:
             blocks = checkpointed_blocks(options.save_dir, spec.run_id)  # a restart serves its span again
         if blocks is None:

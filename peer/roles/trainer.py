@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,9 +116,13 @@ def exit_reason(result: TrainResult, options: PeerOptions) -> str:
     return "max_steps" if options.max_steps is not None else "finished"
 
 
-def start_peer_dht(options: PeerOptions, run_ids: tuple[str, ...] = ()) -> DHT:
-    """This peer's DHT node, with Potluck's record validators (signatures, schemas, sizes) first, signing its
-    records with the key behind its peer id (``hivemind_ext/keys.py``)."""
+def start_peer_dht(
+    options: PeerOptions, run_ids: tuple[str, ...] = (), validators: Callable[[], list] | None = None
+) -> DHT:
+    """This peer's DHT node, with Potluck's record validators (signatures, schemas, sizes; ``validators()``
+    instead when given: a shard server's) first, signing its records with the key behind its peer id
+    (``hivemind_ext/keys.py``). NOTE: ``validators`` is called only once the identity's key is the process-wide
+    one: a signature validator made before would sign with another key, and every node would refuse its records."""
     identity = sign_records_with_identity(options.identity_path)  # before anything takes the process-wide key
     return start_dht(
         options.initial_peers,
@@ -126,7 +131,7 @@ def start_peer_dht(options: PeerOptions, run_ids: tuple[str, ...] = ()) -> DHT:
         None,
         options.client_mode,
         # None: sign with the process-wide key (the identity's), the one hivemind's progress tracker uses too
-        record_validators=record_validators(None, run_ids),
+        record_validators=validators() if validators is not None else record_validators(None, run_ids),
         join_timeout=options.join_timeout,
         identity=identity,
     )

@@ -1,4 +1,4 @@
-"""Metrics of shard servers (Prometheus, on ``--metrics-port``) and of shard clients (plain counters).
+"""Metrics of shard servers (Prometheus, on ``--metrics-port``) and of shard clients and MoE trainers (plain counters).
 
 Server series carry ``run_id`` and the request ``method`` (forward, backward, inference, info); no
 per-client labels. Client counters are what a trainer or ``potluck generate --remote`` reports.
@@ -6,7 +6,7 @@ per-client labels. Client counters are what a trainer or ``potluck generate --re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from prometheus_client import start_http_server
 
@@ -14,7 +14,8 @@ from potluck.runtime.metrics import MetricSet
 
 
 class ShardServerMetrics:
-    def __init__(self, run_id: str, start: int, end: int):
+    def __init__(self, run_id: str, start: int | None = None, end: int | None = None):
+        """``start``/``end``: a block-span server's blocks (none for an expert server)."""
         run = MetricSet(labels=["run_id"])
         series = MetricSet(run.registry, labels=["run_id", "method"])  # per request method
         self.registry = run.registry
@@ -39,9 +40,10 @@ class ShardServerMetrics:
         self.sessions = run.gauge(
             "potluck_shard_inference_sessions", "Open inference sessions (attention caches)"
         )
-        span = run.gauge("potluck_shard_span", "The blocks this server holds", "edge")
-        span.labels(run_id, "start").set(start)
-        span.labels(run_id, "end").set(end)
+        if start is not None and end is not None:
+            span = run.gauge("potluck_shard_span", "The blocks this server holds", "edge")
+            span.labels(run_id, "start").set(start)
+            span.labels(run_id, "end").set(end)
 
     def observe_batch(self, requests: int, rows: int) -> None:
         self.batch_requests.labels(self.run_id).observe(requests)
@@ -63,6 +65,31 @@ class ShardClientMetrics:
     bans: int = 0
     retry_seconds: float = 0.0
     """Wall time spent on failed requests and replays: the latency that failover added."""
+
+    def snapshot(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ExpertClientMetrics:
+    """What a trainer's calls to expert servers did, and what the fault rule (``client/expert_calls.py``) cost:
+    ``rerouted`` counts expert calls that a replica answered after another server failed, ``dropped`` those no
+    server answered (that expert's output left out for its tokens, their other gates renormalised),
+    ``dropped_tokens`` the token-expert pairs so left out, ``backward_dropped`` backward calls no server answered
+    (those tokens' gradient through that expert is lost, and the expert does not learn from them)."""
+
+    requests: int = 0
+    failures: int = 0
+    bans: int = 0
+    rerouted: int = 0
+    dropped: int = 0
+    dropped_tokens: int = 0
+    backward_dropped: int = 0
+    retry_seconds: float = 0.0
+    """Wall time spent on failed requests: the latency that failures added."""
+    tokens_by_expert: dict[str, int] = field(default_factory=dict)
+    """Tokens sent forward to each expert (``<layer>.<expert>``): how the router balances them."""
+    failures_by_expert: dict[str, int] = field(default_factory=dict)
 
     def snapshot(self) -> dict:
         return asdict(self)

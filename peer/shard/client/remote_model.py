@@ -200,6 +200,21 @@ def left_padding(attention_mask: torch.Tensor | None) -> list[int] | None:
     return [int(p) for p in pads] if bool(pads.any()) else None
 
 
+def join_shard_swarm(
+    spec: RunSpec, initial_peers: list[str], host_maddrs: list[str] | None = None, client_mode: bool = True
+) -> DHT:
+    """A DHT node of the run's shard swarm for a client or trainer (by default a DHT client: no incoming
+    connections), with the run's shard record schemas."""
+    return start_dht(
+        initial_peers,
+        host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
+        [],
+        None,
+        client_mode=client_mode,
+        record_validators=shard_record_validators(None, spec.run_id),
+    )
+
+
 def open_remote_model(
     spec: RunSpec,
     initial_peers: list[str],
@@ -217,14 +232,7 @@ def open_remote_model(
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = load_config(model_dir)
     parts = load_client_parts(model_dir, dtype=getattr(torch, spec.model.dtype))
-    dht = start_dht(
-        initial_peers,
-        host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
-        [],
-        None,
-        client_mode=client_mode,
-        record_validators=shard_record_validators(None, spec.run_id),
-    )
+    dht = join_shard_swarm(spec, initial_peers, host_maddrs, client_mode)
     client = ShardClient(dht, spec.run_id, config.num_hidden_layers, **client_options)
     model = RemoteCausalLM(
         parts, client, prompt_tokens=prompt_tokens, seed=spec.seed, prefix_tokens=prefix_tokens

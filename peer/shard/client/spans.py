@@ -12,7 +12,6 @@ A request too big for one hivemind unary message goes in chunks to the method's 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -23,14 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.dht import DHT
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.serializer import MSGPackSerializer
 
-from potluck.hivemind_ext.p2p import connect
-from potluck.peer.shard import streaming, wire
+from potluck.peer.shard import wire
 from potluck.peer.shard.client.routing import ForgedAnnouncement, Hop, Router
+from potluck.peer.shard.client.transport import Transport
 from potluck.peer.shard.metrics import ShardClientMetrics
 from potluck.peer.shard.server.service import ShardServicer
 from potluck.protocols.shards import SHARD_PROTOCOL_VERSION, ShardAnnouncement
@@ -95,28 +92,11 @@ class ShardClient:
         self.p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
         self.router = Router(dht, run_id, ban_seconds=ban_seconds, probe=self._probe, spread=route_spread)
         self.metrics = ShardClientMetrics()
-        self._dialed: set[str] = set()
+        self.transport = Transport(self.p2p, ShardServicer, self.router.address_of)
 
     # -- transport ---------------------------------------------------------------------------------
-    async def _stub(self, peer_id: str):
-        peer = PeerID.from_base58(peer_id)
-        if peer_id not in self._dialed:
-            # the DHT may not have met this server yet: dial the addresses it announced
-            # (suppressed: a stale or malformed address in a record must not make the server unreachable)
-            with contextlib.suppress(Exception):
-                addresses = [Multiaddr(a) for a in self.router.address_of(peer_id)]
-                if addresses:
-                    await connect(self.p2p, peer, addresses)
-            self._dialed.add(peer_id)
-        return ShardServicer.get_stub(self.p2p, peer)
-
     async def _call_async(self, peer_id: str, method: str, message):
-        stub = await self._stub(peer_id)
-        streamed = getattr(stub, f"rpc_{method}_stream", None)
-        if streamed is None or not streaming.needs_streaming(message):
-            return await getattr(stub, f"rpc_{method}")(message, timeout=self.request_timeout)
-        # hivemind's streams take no timeout of their own
-        return await asyncio.wait_for(streaming.call(streamed, message), self.request_timeout)
+        return await self.transport.call(peer_id, method, message, self.request_timeout)
 
     def _probe(self, peer_id: str, announcement: ShardAnnouncement) -> float:
         started = time.perf_counter()

@@ -14,7 +14,7 @@ import time
 from typing import AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's name)
 
 import torch
-from hivemind.p2p import ServicerBase
+from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from potluck.peer.shard import streaming, wire
@@ -84,6 +84,38 @@ class RequestHandling(ServicerBase):
         # a refused stream may still be arriving: discard the rest (hivemind's reader waits on us), for a while
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(_drain(requests), self.limits.stream_timeout)
+
+
+class ForwardBackward(RequestHandling):
+    """The ``forward`` and ``backward`` RPCs and their streaming twins, handled by the subclass's ``_forward`` and
+    ``_backward`` (request → result tensors). hivemind names the handlers by the concrete class, so a span
+    server's and an expert server's do not clash."""
+
+    async def _forward(self, request) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    async def _backward(self, request) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    async def rpc_forward(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        return await self._handle("forward", request, self._forward)
+
+    async def rpc_backward(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        return await self._handle("backward", request, self._backward)
+
+    def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return self._streamed("forward", requests, self._forward)
+
+    def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return self._streamed("backward", requests, self._backward)
 
 
 def decode_tensors(request, names: list[str], max_elements: int) -> list[torch.Tensor]:

@@ -38,7 +38,7 @@ from potluck.peer.shard.blocks import BlockSpan
 from potluck.peer.shard.metrics import ShardServerMetrics
 from potluck.peer.shard.server.adapters import SpanAdapter
 from potluck.peer.shard.server.batching import BatchingExecutor, ServerBusy
-from potluck.peer.shard.server.handling import BadRequest, RequestHandling, decode_tensors
+from potluck.peer.shard.server.handling import BadRequest, ForwardBackward, RequestHandling, decode_tensors
 from potluck.protocols.shards import MAX_PREFIX_TOKENS, SHARD_PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class _Session:
     last_used: float = field(default_factory=time.monotonic)
 
 
-class ShardServicer(RequestHandling):
+class ShardServicer(ForwardBackward):
     """The RPC handlers of a block-span server (registered on a replica of the DHT's p2p daemon)."""
 
     def __init__(
@@ -124,32 +124,12 @@ class ShardServicer(RequestHandling):
         }
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
 
-    async def rpc_forward(
-        self, request: runtime_pb2.ExpertRequest, context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
-        return await self._handle("forward", request, self._forward)
-
-    async def rpc_backward(
-        self, request: runtime_pb2.ExpertRequest, context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
-        return await self._handle("backward", request, self._backward)
-
     async def rpc_inference(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
         return await self._handle("inference", request, lambda r: self._inference(r, str(context.remote_id)))
 
-    # the streaming twins, for requests above hivemind's unary message size
-    def rpc_forward_stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return self._streamed("forward", requests, self._forward)
-
-    def rpc_backward_stream(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return self._streamed("backward", requests, self._backward)
-
+    # the streaming twin, for requests above hivemind's unary message size (forward's and backward's: ForwardBackward)
     def rpc_inference_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -438,9 +418,9 @@ def measure_throughput(span: BlockSpan, tokens: int = 128, repeats: int = 3) -> 
     return hidden.shape[1] * repeats * (span.end - span.start) / seconds
 
 
-async def serve_on(p2p, servicer: ShardServicer) -> None:
+async def serve_on(p2p, servicer: RequestHandling) -> None:
     await servicer.add_p2p_handlers(p2p)
 
 
-async def stop_serving(p2p, servicer: ShardServicer) -> None:
+async def stop_serving(p2p, servicer: RequestHandling) -> None:
     await asyncio.wait_for(servicer.remove_p2p_handlers(p2p), timeout=5)

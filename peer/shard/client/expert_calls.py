@@ -1,0 +1,176 @@
+"""Which expert server to call for an expert, and the fault rule when it does not answer.
+
+The trainer finds servers in the DHT (``protocols/experts.read_experts``, re-read at most every
+``refresh_seconds``) and calls the experts of one MoE layer all at once. **Fault rule**, per expert call (one
+expert, the tokens routed to it):
+
+1. try the expert's servers in turn, best first (the one that answered this expert last, then by announced
+   throughput); a server that fails, times out or is busy is banned for ``ban_seconds`` and the next one tried;
+   success after a failure counts as ``rerouted``;
+2. when none answers, the call is ``dropped``: the expert's output is left out for those tokens and their
+   remaining gates are renormalised to sum to one (``remote_experts.renormalised``); a token whose every expert was
+   dropped passes the layer through its residual alone;
+3. a backward call goes to the server that answered forward, else to a replica (backward is stateless: the
+   server recomputes the forward pass); when none answers, ``backward_dropped``: those tokens get no gradient
+   through that expert, and the expert does not learn from them.
+
+A call that the server refuses as malformed (``bad_request``) is the caller's bug: it is raised. Counts are in
+:class:`ExpertClientMetrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import torch
+from hivemind.dht import DHT
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+
+from potluck.peer.shard import wire
+from potluck.peer.shard.client.transport import Transport
+from potluck.peer.shard.metrics import ExpertClientMetrics
+from potluck.peer.shard.server.expert_service import ExpertServicer
+from potluck.protocols.experts import ExpertAnnouncement, expert_uid, read_experts
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertDirectory:
+    """The online servers of every expert of a run, from the DHT, and the bans of those that failed."""
+
+    def __init__(self, dht: DHT, run_id: str, refresh_seconds: float = 2.0, ban_seconds: float = 60.0):
+        self.dht, self.run_id = dht, run_id
+        self.refresh_seconds, self.ban_seconds = refresh_seconds, ban_seconds
+        self.servers: dict[str, ExpertAnnouncement] = {}
+        self._read_at = -float("inf")
+        self._banned_until: dict[str, float] = {}
+        self.last_good: dict[str, str] = {}
+        """By expert uid: the server that answered it last."""
+
+    def refresh(self, force: bool = False) -> None:
+        if force or time.monotonic() - self._read_at > self.refresh_seconds:
+            found = read_experts(self.dht, self.run_id).records.values()
+            self.servers = {a.peer_id: a for a in found if a.state == "online"}
+            self._read_at = time.monotonic()
+
+    def candidates(self, uid: str) -> list[str]:
+        """Peer ids serving ``uid`` and not banned, best first."""
+        now = time.monotonic()
+        serving = [
+            a for a in self.servers.values() if uid in a.uids and self._banned_until.get(a.peer_id, 0) < now
+        ]
+        serving.sort(key=lambda a: (a.peer_id != self.last_good.get(uid), -a.throughput, a.peer_id))
+        return [a.peer_id for a in serving]
+
+    def covers(self, uids: list[str]) -> bool:
+        """Every expert in ``uids`` has a server (after a fresh read)."""
+        self.refresh(force=True)
+        return all(self.candidates(uid) for uid in uids)
+
+    def ban(self, peer_id: str) -> None:
+        self._banned_until[peer_id] = time.monotonic() + self.ban_seconds
+
+    def addresses_of(self, peer_id: str) -> list[str]:
+        found = self.servers.get(peer_id)
+        return list(found.addresses) if found is not None else []
+
+
+class ExpertClient:
+    """Calls experts of a run through their servers, applying the fault rule. Tune ``request_timeout`` to the
+    slowest expert call you expect: a dead server costs at most this per attempt."""
+
+    def __init__(self, dht: DHT, run_id: str, request_timeout: float = 10.0, ban_seconds: float = 60.0):
+        self.request_timeout = request_timeout
+        self.directory = ExpertDirectory(dht, run_id, ban_seconds=ban_seconds)
+        self.p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
+        self.transport = Transport(self.p2p, ExpertServicer, self.directory.addresses_of)
+        self.metrics = ExpertClientMetrics()
+
+    def forward(
+        self, layer: int, inputs: dict[int, torch.Tensor]
+    ) -> dict[int, tuple[torch.Tensor | None, str]]:
+        """Each expert of ``layer`` on its tokens ``[tokens, hidden]``, all at once: by expert, its output (None:
+        dropped) and the server that answered."""
+        self.directory.refresh()
+        for expert, hidden in inputs.items():
+            uid = expert_uid(layer, expert)
+            self.metrics.tokens_by_expert[uid] = self.metrics.tokens_by_expert.get(uid, 0) + hidden.shape[0]
+        calls = [self._call(expert_uid(layer, e), "forward", [x]) for e, x in inputs.items()]
+        answers = dict(zip(inputs, RemoteExpertWorker.run_coroutine(_gather(calls)), strict=True))
+        for expert, (output, _) in answers.items():
+            if output is None:
+                self.metrics.dropped += 1
+                self.metrics.dropped_tokens += inputs[expert].shape[0]
+        return answers
+
+    def backward(
+        self, layer: int, inputs: dict[int, tuple[torch.Tensor, torch.Tensor]], served_by: dict[int, str]
+    ) -> dict[int, torch.Tensor | None]:
+        """The gradient of each expert's input, given its input and output gradient (None: no server answered)."""
+        calls = [
+            self._call(expert_uid(layer, e), "backward", list(pair), served_by.get(e))
+            for e, pair in inputs.items()
+        ]
+        answers = RemoteExpertWorker.run_coroutine(_gather(calls))
+        self.metrics.backward_dropped += sum(grad is None for grad, _ in answers)
+        return {expert: grad for expert, (grad, _) in zip(inputs, answers, strict=True)}
+
+    async def _call(
+        self, uid: str, method: str, tensors: list[torch.Tensor], preferred: str | None = None
+    ) -> tuple[torch.Tensor | None, str]:
+        candidates = self.directory.candidates(uid)
+        if preferred in candidates:
+            candidates.remove(preferred)
+            candidates.insert(0, preferred)
+        for attempt, peer_id in enumerate(candidates):
+            started = time.perf_counter()
+            self.metrics.requests += 1
+            try:
+                reply = await self.transport.call(
+                    peer_id, method, wire.request(tensors, uid=uid), self.request_timeout
+                )
+                (result,) = wire.unpack_response(reply)
+                if result.shape != tensors[0].shape or not torch.isfinite(result).all():
+                    raise wire.RemoteError(
+                        f"answered a tensor of shape {tuple(result.shape)} or non-finite", "internal"
+                    )
+            except wire.RemoteError as e:
+                if e.kind == wire.BAD_REQUEST:
+                    raise
+                self._failed(uid, peer_id, started, e)
+                continue
+            except Exception as e:  # noqa: BLE001 (connection refused, reset, timeout: all mean the next server)
+                self._failed(uid, peer_id, started, e)
+                continue
+            self.metrics.rerouted += attempt > 0
+            self.directory.last_good[uid] = peer_id
+            return result, peer_id
+        return None, ""
+
+    def _failed(self, uid: str, peer_id: str, started: float, error: BaseException) -> None:
+        self.metrics.failures += 1
+        self.metrics.bans += 1
+        self.metrics.failures_by_expert[uid] = self.metrics.failures_by_expert.get(uid, 0) + 1
+        self.metrics.retry_seconds += time.perf_counter() - started
+        self.directory.ban(peer_id)
+        logger.warning(f"expert {uid} on {peer_id} failed: {error!r}; trying a replica or dropping it")
+
+    def expert_state(self, peer_id: str, uid: str) -> tuple[list[torch.Tensor], int]:
+        """A server's expert ``uid``: its weights (gate, up, down) and how many optimizer steps it has taken."""
+        reply = RemoteExpertWorker.run_coroutine(
+            self.transport.call(peer_id, "expert_state", wire.request([], uid=uid), self.request_timeout)
+        )
+        *weights, steps = wire.unpack_response(reply)
+        return weights, int(steps)
+
+    def shutdown(self) -> None:
+        """Close this client's connection to the p2p daemon (before the DHT that runs it)."""
+        with contextlib.suppress(Exception):
+            RemoteExpertWorker.run_coroutine(self.p2p.shutdown())
+
+
+async def _gather(calls):
+    return await asyncio.gather(*calls)
