@@ -27,6 +27,7 @@ a signal, an error. Event kinds (all roles: ``joined`` and ``summary``):
 - ``forged_run_status``: ``key`` (fingerprint of the key it was stored under), ``status``: an announcement of
   this peer's run not signed by its coordinator, ignored (each one once)
 - ``--role shard``: ``blocks_chosen`` (``start``, ``end``; picked by coverage), ``serving`` (``start``, ``end``,
+  ``tokens_per_second``); ``--role experts``: ``serving`` (``experts``: uids ``<layer>.<expert>``,
   ``tokens_per_second``); ``--role client``: ``route`` (``hops``: ``peer_id``, ``start``, ``end``)
 """
 
