@@ -1,6 +1,6 @@
 """Expert shards without a server process: the ``--experts`` syntax, one expert loaded from the checkpoint computes
-what the model's own experts do, the fault rule's gates, the record schema and the trainer's model without
-experts."""
+what the model's own experts do, the fault rule's gates, the record schema, the trainer's model without
+experts, and a server's optimizer step and checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from transformers import AutoModelForCausalLM
 from potluck.peer.shard.blocks import ShardLoadError
 from potluck.peer.shard.client.remote_experts import renormalised
 from potluck.peer.shard.experts import load_experts, load_without_experts, moe_config, parse_experts
+from potluck.peer.shard.server.expert_checkpoint import resume_experts, save_experts
+from potluck.peer.shard.server.expert_service import ServedExperts
 from potluck.protocols.experts import ExpertAnnouncement
+from potluck.protocols.runspec import parse_run_spec
 
 pytestmark = pytest.mark.unit
 
@@ -69,3 +72,32 @@ def test_an_expert_record_is_strict():
     for uids in (["0.1", "0.1"], ["expert.1"], []):
         with pytest.raises(ValueError, match="uids"):
             ExpertAnnouncement(uids=uids, **fields)
+
+
+def _served(model_dir):
+    spec = parse_run_spec({"run_id": "moe-run", "model": {"name_or_path": str(model_dir)}, "data": {"path": "x"},
+                           "optimizer": {"lr": 0.01}, "batch": {"target_batch_size": 1, "per_peer_batch_size": 1}})  # fmt: skip
+    return ServedExperts(load_experts(model_dir, [(0, 1), (1, 2)]), spec)
+
+
+def test_a_backward_request_steps_its_expert_and_a_checkpoint_resumes_it(family_model, tmp_path):
+    model_dir = family_model("mixtral")
+    served = _served(model_dir)
+    hidden, grad = torch.randn(3, 128), torch.randn(3, 128)
+    before, _ = served.state((0, 1))
+    served.backward((0, 1), hidden, grad)
+    after, steps = served.state((0, 1))
+    assert steps == 1 and served.state((1, 2))[1] == 0  # only the expert asked stepped
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    save_experts(tmp_path, "moe-run", served, keep=1)
+
+    resumed = _served(model_dir)
+    assert resume_experts(tmp_path, "moe-run", resumed) is not None
+    assert resumed.state((0, 1))[1] == 1
+    for saved, loaded in zip(after, resumed.state((0, 1))[0], strict=True):
+        assert torch.equal(saved, loaded)
+    # the same next step from the saved AdamW statistics as from the live ones
+    served.backward((0, 1), hidden, grad)
+    resumed.backward((0, 1), hidden, grad)
+    for live, again in zip(served.state((0, 1))[0], resumed.state((0, 1))[0], strict=True):
+        torch.testing.assert_close(live, again, atol=0, rtol=0)
