@@ -142,7 +142,7 @@ class _NullListener:
     def averaging_round(self, *args) -> None:
         pass
 
-    def state_download(self, succeeded: bool, seconds: float, discarded: int = 0) -> None:
+    def state_download(self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0) -> None:
         pass
 
 

@@ -275,6 +275,11 @@ class CheckedDownloads(DecentralizedAverager):
         """Downloads discarded because they did not match their donor's manifest, since start."""
         return self._discarded.value
 
+    def download_counts(self) -> tuple[int, int]:
+        """(:attr:`discarded_downloads`, :attr:`unvouched_downloads`): subtract a reading before a download
+        from one after it for that download's."""
+        return self.discarded_downloads, self.unvouched_downloads
+
     @property
     def unvouched_downloads(self) -> int:
         """Downloads under a robust aggregator for which no two donors vouched, since start (each then

@@ -500,7 +500,7 @@ class BoundedOptimizer(Optimizer):
             self._tag_along_with_zero_weight(self.scheduled_grads)
             self.scheduled_grads = None
         self.state_averager.step(wait_for_delayed_updates=True)
-        started, discarded = time.perf_counter(), self.state_averager.discarded_downloads
+        started, counted = time.perf_counter(), self.state_averager.download_counts()
         self.state_averager.last_download_ok = False
         own_epoch = self.local_epoch
         if own_epoch > self.tracker.global_epoch:
@@ -561,8 +561,12 @@ class BoundedOptimizer(Optimizer):
         self.last_state_download_ok = self.state_averager.last_download_ok
         self.last_state_download_epoch = self.state_averager.last_download_epoch
         self.last_state_download_donor = self.state_averager.last_download_donor
-        discarded = self.state_averager.discarded_downloads - discarded
-        self._listener.state_download(self.last_state_download_ok, time.perf_counter() - started, discarded)
+        discarded, unvouched = (
+            after - before
+            for after, before in zip(self.state_averager.download_counts(), counted, strict=True)
+        )
+        seconds = time.perf_counter() - started
+        self._listener.state_download(self.last_state_download_ok, seconds, discarded, unvouched)
 
     def release_scheduled_rounds(self) -> None:
         """This peer takes no step for a while, or none again (its run is paused or finished): ``hold``, and

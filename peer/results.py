@@ -95,6 +95,8 @@ class PeerSummary:
     """Download attempts (initial and catch-up) that got no state."""
     state_downloads_discarded: int = 0
     """Downloads that did not match their donor's manifest (cut short, corrupted), thrown away unused."""
+    state_downloads_unvouched: int = 0
+    """Downloads taken from the newest donor under a robust aggregator because no two donors vouched for one state."""
     resumed_from: int | None = None
     """The global step of the ``--save-dir`` checkpoint this peer resumed from."""
     checkpoint: str | None = None
@@ -265,13 +267,16 @@ class PeerResults:
         self.event("averaging_round", outcome=outcome, group_size=group_size, bytes_sent=sent,
                    bytes_received=received, seconds=seconds)  # fmt: skip
 
-    def _state_download(self, succeeded: bool, seconds: float, discarded: int = 0) -> None:
+    def _state_download(
+        self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0
+    ) -> None:
         with self._lock:
             self._pending_round = None  # a step right after a download was not taken by averaging
             self.summary.state_downloads_failed += not succeeded
             self.summary.state_downloads_discarded += discarded
+            self.summary.state_downloads_unvouched += unvouched
         self.event("state_download", outcome="succeeded" if succeeded else "failed", seconds=seconds,
-                   discarded=discarded)  # fmt: skip
+                   discarded=discarded, unvouched=unvouched)  # fmt: skip
 
     def _fill_from_metrics(self) -> None:
         latest = getattr(self._metrics, "latest", None)
@@ -332,9 +337,9 @@ class RecordingListener:
         self._metrics.averaging_round(succeeded, group_size, bytes_sent, bytes_received, seconds)
         self._results._averaging_round(succeeded, group_size, bytes_sent, bytes_received, seconds)
 
-    def state_download(self, succeeded: bool, seconds: float, discarded: int = 0) -> None:
-        self._metrics.state_download(succeeded, seconds, discarded)
-        self._results._state_download(succeeded, seconds, discarded)
+    def state_download(self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0) -> None:
+        self._metrics.state_download(succeeded, seconds, discarded, unvouched)
+        self._results._state_download(succeeded, seconds, discarded, unvouched)
 
     def communication_wait(self, seconds: float) -> None:
         self._metrics.communication_wait(seconds)

@@ -33,7 +33,9 @@ def test_events_and_summary_of_a_training_peer(tmp_path):
         metrics.local_step(float("nan"), 8, 0.1, 80.0)  # a NaN loss must not make the line invalid JSON
         results.global_step(5)
         listener.averaging_round(True, 3, 10, 10, 0.5)
-        listener.state_download(True, 1.0)  # the next step came by download, not by this round
+        # the next step came by download, not by this round; one download before it was thrown away, and the one
+        # taken had no two donors vouching for it (a robust aggregator's last resort)
+        listener.state_download(True, 1.0, discarded=1, unvouched=1)
         results.global_step(6)
         listener.averaging_round(True, 1, 0, 0)
         results.checkpoint(6, tmp_path / "checkpoint-6")
@@ -65,11 +67,20 @@ def test_events_and_summary_of_a_training_peer(tmp_path):
         bytes_received=110,
         compute_utilisation=summary.compute_utilisation,
         state_loads=[StateLoad(3, "QmDonor", 4)],
+        state_downloads_discarded=1,
+        state_downloads_unvouched=1,
         checkpoint=str(tmp_path / "checkpoint-6"),
         seconds=summary.seconds,
     )
     # the metrics saw the rounds too (Prometheus, the DHT report)
     assert (metrics.latest["averaging_succeeded"], metrics.latest["averaging_alone"]) == (2, 1)
+    downloads = {
+        outcome: metrics.registry.get_sample_value(
+            "potluck_state_downloads_total", {"run_id": "run", "outcome": outcome}
+        )
+        for outcome in ("succeeded", "discarded", "unvouched")
+    }
+    assert downloads == {"succeeded": 1, "discarded": 1, "unvouched": 1}
 
 
 def test_the_summary_is_written_when_the_role_raises(tmp_path):

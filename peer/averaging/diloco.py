@@ -316,7 +316,7 @@ class DiLoCoAveraging(AveragingStrategy):
         if self._round is not None:
             self._round.control.cancel()
             self._round = None
-        started, discarded = time.perf_counter(), self._averager.discarded_downloads
+        started, counted = time.perf_counter(), self._averager.download_counts()
 
         def attempt() -> int | None:
             loaded = self._averager.load_state_from_peers(timeout=self._load_state_timeout)
@@ -334,8 +334,10 @@ class DiLoCoAveraging(AveragingStrategy):
             stopping=self._stop.is_set,
         )
         seconds = time.perf_counter() - started
-        discarded = self._averager.discarded_downloads - discarded
-        self._listener.state_download(adopted is not None, seconds, discarded)
+        discarded, unvouched = (
+            after - before for after, before in zip(self._averager.download_counts(), counted, strict=True)
+        )
+        self._listener.state_download(adopted is not None, seconds, discarded, unvouched)
         self._communication_wait(seconds)
         return adopted
 

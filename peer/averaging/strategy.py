@@ -32,7 +32,7 @@ class AveragingListener(Protocol):
     ) -> None:
         """One round ended; ``seconds``: how long it took, for rounds that formed a group."""
 
-    def state_download(self, succeeded: bool, seconds: float, discarded: int = 0) -> None:
+    def state_download(self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0) -> None:
         """One download attempt ended; ``discarded``: downloads in it that did not match their donor's
         manifest (``hivemind_ext/donors.py``) and were thrown away."""
 

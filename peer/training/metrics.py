@@ -106,7 +106,8 @@ class PeerMetrics:
         self._state_downloads = series.counter(
             "potluck_state_downloads",
             "Attempts to download the swarm's state, by outcome (discarded: a download that did not match"
-            " its donor's manifest or held NaN or Inf, thrown away before use)",
+            " its donor's manifest or held NaN or Inf, thrown away before use; unvouched: one taken, under a robust"
+            " aggregator, from the newest donor because no two donors vouched for one state)",
             "outcome",
         )
         self._state_download_seconds = series.histogram(
@@ -209,7 +210,8 @@ class PeerMetrics:
         self._wait_seconds.labels(self.run_id).inc(seconds)
         self._pending_wait += seconds
 
-    def state_download(self, succeeded: bool, seconds: float, discarded: int = 0) -> None:
+    def state_download(self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0) -> None:
         self._state_downloads.labels(self.run_id, "succeeded" if succeeded else "failed").inc()
         self._state_downloads.labels(self.run_id, "discarded").inc(discarded)
+        self._state_downloads.labels(self.run_id, "unvouched").inc(unvouched)
         self._state_download_seconds.labels(self.run_id).observe(seconds)
