@@ -220,7 +220,7 @@ def test_streams_over_the_servers_count_are_busy_and_a_stalled_one_is_refused_in
     async def stalled() -> AsyncIterator:
         yield _declaring(4)[0]  # the first of 4 chunks, then nothing
         arrived.set()
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # and never the rest
 
     async def scenario():
         holding = asyncio.ensure_future(anext(servicer.rpc_forward_stream(stalled(), None)))

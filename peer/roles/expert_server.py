@@ -3,7 +3,6 @@ them from the gradients trainers send, announce them, checkpoint them, leave cle
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 
@@ -23,7 +22,7 @@ from potluck.peer.shard.server.expert_service import (
     ServedExperts,
     measure_expert_throughput,
 )
-from potluck.peer.shard.server.service import ServerLimits, serve_on, stop_serving
+from potluck.peer.shard.server.service import ServerLimits, serve_on, stop_server
 from potluck.protocols.experts import expert_uid
 from potluck.protocols.runspec import NoAdapter, RunSpec
 
@@ -79,13 +78,7 @@ def serve_experts(
         results.summary.exit_reason = "signal"  # nothing else ends serving
         clean = True
     finally:
-        if announcer is not None:
-            announcer.stop()
-        if servicer is not None:
-            if p2p is not None:
-                with contextlib.suppress(Exception):  # leaving anyway; the daemon goes with the DHT
-                    RemoteExpertWorker.run_coroutine(stop_serving(p2p, servicer))
-            servicer.shutdown()
+        stop_server(announcer, p2p, servicer)
         if clean and served is not None and options.save_dir is not None:
             saved = save_experts(options.save_dir, spec.run_id, served, spec.checkpoint.keep)
             results.checkpoint(saved.global_step, saved.path)

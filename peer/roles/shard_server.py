@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 
@@ -24,7 +23,7 @@ from potluck.peer.shard.server.service import (
     ShardServicer,
     measure_throughput,
     serve_on,
-    stop_serving,
+    stop_server,
 )
 from potluck.peer.shard.server.span_checkpoint import (
     checkpointed_blocks,
@@ -130,15 +129,9 @@ def serve_shard(
         results.summary.exit_reason = "signal"  # nothing else ends serving
         served = True
     finally:
-        if announcer is not None:
-            announcer.stop()
-        if averaging is not None:
+        stop_server(announcer, p2p, servicer)
+        if averaging is not None:  # before the last checkpoint: no round may change the adapter after it
             averaging.shutdown()
-        if servicer is not None:
-            if p2p is not None:
-                with contextlib.suppress(Exception):  # leaving anyway; the daemon goes with the DHT
-                    RemoteExpertWorker.run_coroutine(stop_serving(p2p, servicer))
-            servicer.shutdown()
         if served and adapter is not None and options.save_dir is not None:
             with adapter.lock:  # the last span steps, once no request can take another
                 saved = save_span_adapter(

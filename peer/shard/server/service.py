@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's name)
 
 import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
@@ -424,3 +425,16 @@ async def serve_on(p2p, servicer: RequestHandling) -> None:
 
 async def stop_serving(p2p, servicer: RequestHandling) -> None:
     await asyncio.wait_for(servicer.remove_p2p_handlers(p2p), timeout=5)
+
+
+def stop_server(announcer, p2p, servicer: RequestHandling | None) -> None:
+    """A span or expert server's leaving: announced offline, its handlers off the p2p daemon, its compute
+    thread stopped. Each may be None (the role stopped before it made it)."""
+    if announcer is not None:
+        announcer.stop()
+    if servicer is None:
+        return
+    if p2p is not None:
+        with contextlib.suppress(Exception):  # leaving anyway; the daemon goes with the DHT
+            RemoteExpertWorker.run_coroutine(stop_serving(p2p, servicer))
+    servicer.shutdown()
