@@ -21,8 +21,9 @@ from pydantic.v1 import BaseModel, conlist, constr, validator
 
 from potluck.protocols.records import ReadResult, ServerAnnouncement, read_servers, store_owned
 
-EXPERT_PROTOCOL_VERSION = "potluck-experts/1"
-"""Servers and trainers of another version do not talk: the trainer skips such servers."""
+EXPERT_PROTOCOL_VERSION = "potluck-experts/2"
+"""Servers and trainers of another version do not talk: the trainer skips such servers. /2: ``expert_state``
+carries AdamW's statistics and answers averaging rounds; ``info`` each expert's steps."""
 MAX_EXPERTS_PER_SERVER = 4096
 UID_PATTERN = r"^[0-9]{1,4}\.[0-9]{1,4}$"
 

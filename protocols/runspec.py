@@ -362,6 +362,19 @@ class SpanAdapterSpec(_Strict):
     ``averaging.averaging_timeout``."""
 
 
+class ExpertReplicasSpec(_Strict):
+    """How expert servers (``run-peer --role experts``) that host the same expert keep it one expert
+    (``peer/shard/server/expert_replicas.py``). Each server trains its experts with the run's ``optimizer``, one
+    step per backward request (``optimizer.warmup_steps`` and ``schedule`` counted in those steps)."""
+
+    average_every: float = Field(30.0, ge=1, le=3600)
+    """Seconds of the swarm's clock (DHT time) between averaging rounds of an expert's replicas: every replica
+    snapshots the expert at each multiple of it and averages it (weights and AdamW statistics) with the other
+    replicas' snapshots. Lower it if trainers see replicas drift apart; raise it to spend less bandwidth (each
+    round moves an expert's whole state between every pair of its replicas). A round lasts at most
+    ``min(averaging.averaging_timeout, average_every / 2)``."""
+
+
 StageName = Literal["sft", "rm", "dpo", "grpo", "ppo", "distill"]
 STAGE_DATA_FORMATS: dict[str, str] = {
     "sft": "TRL's language-modeling formats: prompt/completion, messages or text",
@@ -468,6 +481,8 @@ class RunSpec(_Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     span_adapter: SpanAdapterSpec = SpanAdapterSpec()
     """How shard servers train a ``lora`` adapter in their spans: accumulation and averaging rounds."""
+    expert_replicas: ExpertReplicasSpec = ExpertReplicasSpec()
+    """How expert servers average the replicas of an expert."""
     seed: int = 0
     """Seeds adapter initialisation (identical on every peer) and, with the peer id, each peer's data order."""
 

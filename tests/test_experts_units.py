@@ -1,6 +1,6 @@
 """Expert shards without a server process: the ``--experts`` syntax, one expert loaded from the checkpoint computes
 what the model's own experts do, the fault rule's gates, the record schema, the trainer's model without
-experts, and a server's optimizer step and checkpoint."""
+experts, a server's optimizer step and checkpoint, and how replicas average an expert."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from potluck.peer.shard.blocks import ShardLoadError
 from potluck.peer.shard.client.remote_experts import renormalised
 from potluck.peer.shard.experts import load_experts, load_without_experts, moe_config, parse_experts
 from potluck.peer.shard.server.expert_checkpoint import resume_experts, save_experts
+from potluck.peer.shard.server.expert_replicas import Refused, checked_state, mean_in_order
 from potluck.peer.shard.server.expert_service import ServedExperts
 from potluck.protocols.experts import ExpertAnnouncement
 from potluck.protocols.runspec import parse_run_spec
@@ -101,3 +102,45 @@ def test_a_backward_request_steps_its_expert_and_a_checkpoint_resumes_it(family_
     resumed.backward((0, 1), hidden, grad)
     for live, again in zip(served.state((0, 1))[0], resumed.state((0, 1))[0], strict=True):
         torch.testing.assert_close(live, again, atol=0, rtol=0)
+
+
+def test_replicas_that_average_the_same_parts_hold_the_same_expert_to_the_bit(family_model):
+    model_dir = family_model("mixtral")
+    a, c = _served(model_dir), _served(model_dir)
+    uid = (0, 1)
+    a.backward(uid, torch.randn(3, 128), torch.randn(3, 128))  # a trained, c did not: they differ
+    sent = {"peer-a": a.state(uid), "peer-c": c.state(uid)}
+    parts = {peer: tensors for peer, (tensors, _) in sent.items()}
+    for served, peer in ((a, "peer-a"), (c, "peer-c")):
+        mean = mean_in_order(
+            dict(reversed(parts.items())) if peer == "peer-c" else parts
+        )  # the order received
+        with served.steps[uid].lock:
+            served.steps[uid].move_to(mean, *sent[peer])
+    for x, y in zip(a.state(uid)[0], c.state(uid)[0], strict=True):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.state(uid)[0][0], sent["peer-a"][0][0])  # a moved towards c
+
+    # a step taken during the round is kept on top of the average
+    tensors, steps = c.state(uid)
+    c.backward(uid, torch.randn(3, 128), torch.randn(3, 128))
+    stepped = c.state(uid)[0]
+    with c.steps[uid].lock:
+        c.steps[uid].move_to(tensors, tensors, steps)  # a round whose average is what c sent
+    for x, y in zip(c.state(uid)[0], stepped, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_a_replicas_state_that_is_malformed_or_not_finite_is_refused(family_model):
+    served = _served(family_model("mixtral"))
+    steps = served.steps[(0, 1)]
+    tensors, count = served.state((0, 1))
+    assert checked_state(tensors, torch.tensor(count), steps, "x")[1] == count
+    poisoned = [t.clone() for t in tensors]
+    poisoned[1][0, 0] = float("nan")
+    with pytest.raises(Refused, match="the state from c holds NaN or Inf"):
+        checked_state(poisoned, torch.tensor(count), steps, "the state from c")
+    with pytest.raises(Refused, match="other shapes"):
+        checked_state(tensors[:3], torch.tensor(count), steps, "the state from c")
+    with pytest.raises(Refused, match="no step count"):
+        checked_state(tensors, torch.tensor(-1), steps, "the state from c")

@@ -1,5 +1,6 @@
-"""``run-peer --role experts``: join the DHT, load the chosen experts of the run's mixture-of-experts model, train
-them from the gradients trainers send, announce them, checkpoint them, leave cleanly."""
+"""``run-peer --role experts``: join the DHT, load the chosen experts of the run's mixture-of-experts model, take
+the state of the replicas further on, train them from the gradients trainers send, average them with their
+replicas, announce them, checkpoint them, leave cleanly."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from potluck.peer.roles.shard_server import joined_as_server, start_server_dht
 from potluck.peer.roles.trainer import PeerOptions, install_stop_handlers
 from potluck.peer.shard.blocks import resolve_model_dir
 from potluck.peer.shard.experts import load_experts, moe_config, parse_experts
-from potluck.peer.shard.metrics import ShardServerMetrics
+from potluck.peer.shard.metrics import ExpertServerMetrics
 from potluck.peer.shard.server.expert_checkpoint import resume_experts, save_experts
+from potluck.peer.shard.server.expert_replicas import ExpertReplicas
 from potluck.peer.shard.server.expert_service import (
     ExpertAnnouncer,
     ExpertServicer,
@@ -48,7 +50,7 @@ def serve_experts(
     config, _ = moe_config(model_dir)
     uids = parse_experts(experts, config)
     dht = start_server_dht(spec, options)
-    servicer = announcer = p2p = served = None
+    servicer = announcer = p2p = served = replicas = None
     clean = False
     try:
         key_tag = joined_as_server(dht, spec, results, "expert server")
@@ -62,14 +64,25 @@ def serve_experts(
                 results.resumed(resumed.global_step, resumed.path)
             served.on_step = lambda: _checkpoint_every(spec, options, served, results)
         throughput = measure_expert_throughput(next(iter(served.experts.values())), config.hidden_size)
-        metrics = ShardServerMetrics(spec.run_id)
+        metrics = ExpertServerMetrics(spec.run_id)
         if options.metrics_port is not None:
             metrics.serve(options.metrics_port, options.metrics_host)
         install_stop_handlers(stop)
-        servicer = ExpertServicer(served, spec.run_id, config.hidden_size, limits or ServerLimits(), metrics)
         p2p = RemoteExpertWorker.run_coroutine(dht.replicate_p2p())
+        replicas = ExpertReplicas(dht, p2p, spec, served, metrics)
+        for got in replicas.download():
+            taken = "took" if got.adopted else "kept its own, further on than"
+            print(f"run-peer: expert {got.uid}: {taken} the state of replica {got.donor} (step {got.steps})",
+                  file=sys.stderr)  # fmt: skip
+            results.event(
+                "expert_downloaded", uid=got.uid, donor=got.donor, steps=got.steps, adopted=got.adopted
+            )
+        servicer = ExpertServicer(
+            served, spec.run_id, config.hidden_size, limits or ServerLimits(), metrics, replicas.round_state
+        )
         RemoteExpertWorker.run_coroutine(serve_on(p2p, servicer))
         announcer = ExpertAnnouncer(dht, key_tag, spec.run_id, uids, throughput, announce_interval).start()
+        replicas.start()
         names = [expert_uid(*uid) for uid in uids]
         print(f"run-peer: serving experts {' '.join(names)} ({throughput:.0f} tokens/s per expert)",
               file=sys.stderr, flush=True)  # fmt: skip
@@ -78,6 +91,8 @@ def serve_experts(
         results.summary.exit_reason = "signal"  # nothing else ends serving
         clean = True
     finally:
+        if replicas is not None:
+            replicas.shutdown()
         stop_server(announcer, p2p, servicer)
         if clean and served is not None and options.save_dir is not None:
             saved = save_experts(options.save_dir, spec.run_id, served, spec.checkpoint.keep)

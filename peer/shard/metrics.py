@@ -53,6 +53,31 @@ class ShardServerMetrics:
         start_http_server(port, addr=host, registry=self.registry)
 
 
+class ExpertServerMetrics(ShardServerMetrics):
+    """A shard server's series, and an expert server's own: tokens per expert, and its replicas' rounds."""
+
+    def __init__(self, run_id: str):
+        super().__init__(run_id)
+        expert = MetricSet(self.registry, labels=["run_id", "expert"])
+        run = MetricSet(self.registry, labels=["run_id"])
+        self.tokens = expert.counter(
+            "potluck_expert_tokens", "Tokens sent forward to each expert (<layer>.<expert>) of this server"
+        )
+        self.replica_rounds = run.counter(
+            "potluck_expert_replica_rounds",
+            "Averaging rounds of this server's replicated experts, per expert, by outcome (averaged: with every "
+            "replica it asked; partial: some did not answer; alone: none did; refused: a replica's state was "
+            "malformed or non-finite)",
+            "outcome",
+        )
+        self.downloads = run.counter(
+            "potluck_expert_state_downloads",
+            "Experts whose state this server took from a replica when it started, by outcome (adopted; kept: "
+            "its own resumed state was further on; failed)",
+            "outcome",
+        )
+
+
 @dataclass
 class ShardClientMetrics:
     """What a client did to keep going: ``replays`` counts spans re-sent to a replica from kept

@@ -63,13 +63,15 @@ async def combine(
     return assembly.finish()
 
 
-async def call(rpc: Callable, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+async def call(
+    rpc: Callable, request: runtime_pb2.ExpertRequest, response_bytes: int | None = None
+) -> runtime_pb2.ExpertResponse:
     """``request`` sent in chunks through a streaming stub method, and its response put back together.
-    A shard response carries no more tensor bytes than its request (hidden states in; hidden states
-    or their gradient out), so more is the server's fault."""
+    A pass's response carries no more tensor bytes than its request (hidden states in; hidden states
+    or their gradient out), a state download's ``response_bytes``; more is the server's fault."""
     responses = await rpc(iter_as_aiter(split(request)))
     try:
-        return await combine(responses, request.ByteSize(), wire.INTERNAL)
+        return await combine(responses, max(request.ByteSize(), response_bytes or 0), wire.INTERNAL)
     finally:
         await responses.aclose()  # closes the stream, also when the server refused it half-sent
 

@@ -30,9 +30,9 @@ from hivemind.dht import DHT
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
 from potluck.peer.shard import wire
-from potluck.peer.shard.client.transport import Transport
 from potluck.peer.shard.metrics import ExpertClientMetrics
 from potluck.peer.shard.server.expert_service import ExpertServicer
+from potluck.peer.shard.transport import Transport
 from potluck.protocols.experts import ExpertAnnouncement, expert_uid, read_experts
 
 logger = logging.getLogger(__name__)
@@ -163,8 +163,8 @@ class ExpertClient:
         reply = RemoteExpertWorker.run_coroutine(
             self.transport.call(peer_id, "expert_state", wire.request([], uid=uid), self.request_timeout)
         )
-        *weights, steps = wire.unpack_response(reply)
-        return weights, int(steps)
+        *state, steps = wire.unpack_response(reply)
+        return state[:3], int(steps)  # then AdamW's statistics
 
     def shutdown(self) -> None:
         """Close this client's connection to the p2p daemon (before the DHT that runs it)."""

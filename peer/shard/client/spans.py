@@ -27,9 +27,9 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from potluck.peer.shard import wire
 from potluck.peer.shard.client.routing import ForgedAnnouncement, Hop, Router
-from potluck.peer.shard.client.transport import Transport
 from potluck.peer.shard.metrics import ShardClientMetrics
 from potluck.peer.shard.server.service import ShardServicer
+from potluck.peer.shard.transport import Transport
 from potluck.protocols.shards import SHARD_PROTOCOL_VERSION, ShardAnnouncement
 
 logger = logging.getLogger(__name__)

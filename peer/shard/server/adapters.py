@@ -43,18 +43,13 @@ from potluck.hivemind_ext.donors import (
     download_with_retries,
     other_donors,
 )
-from potluck.peer.averaging.gradient import ADAM_STATISTICS
 from potluck.peer.shard.blocks import BlockSpan
-from potluck.peer.shard.server.steps import ServerSteps
+from potluck.peer.shard.server.steps import ServerSteps, StateMismatch
 from potluck.protocols.runspec import LoraAdapter, RunSpec
 from potluck.runtime.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class AdapterMismatch(ValueError):
-    """A saved or downloaded adapter state whose tensors are not this adapter's."""
 
 
 class SpanAdapter(ServerSteps):
@@ -78,42 +73,6 @@ class SpanAdapter(ServerSteps):
     def tensors(self) -> list[torch.Tensor]:
         with self.lock:
             return [p.detach().clone() for p in self.parameters]
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        """The live tensors that make the adapter's state: its parameters, then AdamW's ``exp_avg`` and
-        ``exp_avg_sq`` of each (the order of ``names``). Read or write them with ``lock`` held."""
-        statistics = [self.optimizer.state[p][key] for key in ADAM_STATISTICS for p in self.parameters]
-        return [p.data for p in self.parameters] + statistics
-
-    def snapshot(self) -> tuple[list[torch.Tensor], int]:
-        """A copy of :meth:`state_tensors` and the span step they are of (call with ``lock`` held)."""
-        return [t.detach().clone() for t in self.state_tensors()], self.steps
-
-    def adopt(self, tensors: list[torch.Tensor], steps: int, source: str) -> None:
-        """Take a state (:meth:`snapshot`'s, saved or downloaded) in place of this one (call with ``lock`` held):
-        its tensors, and its span step for AdamW's bias correction and the schedule. Raises
-        :class:`AdapterMismatch` naming ``source`` when the tensors are not this adapter's."""
-        own = self.state_tensors()
-        shapes = [tuple(t.shape) for t in tensors]
-        if shapes != [tuple(t.shape) for t in own]:
-            raise AdapterMismatch(
-                f"{source} holds {len(tensors) // 3} LoRA tensors of other shapes than this run's "
-                f"{len(own) // 3} (adapter.r or target_modules changed?)"
-            )
-        for target, value in zip(own, tensors, strict=True):
-            target.copy_(value)
-        for parameter in self.parameters:
-            self.optimizer.state[parameter]["step"].fill_(steps)
-        self.steps, self.pending = steps, 0
-        self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.last_epoch = steps
-        for group, base in zip(self.optimizer.param_groups, self.schedule.base_lrs, strict=True):
-            group["lr"] = base * self._factor(steps)
-
-    @property
-    def learning_rate(self) -> float:
-        """The rate of the next span step."""
-        return self.optimizer.param_groups[0]["lr"]
 
 
 class _ReplicaAverager(ServesState, StoppableDownloads, LimitedDonor, SameAverages, KeepsCtrlC):
@@ -194,7 +153,7 @@ class ReplicaAveraging:
                     return Downloaded(steps, donor, adopted=False)
                 try:
                     self.adapter.adopt(tensors, steps, f"the state from {donor}")
-                except AdapterMismatch as e:  # another run's spec under the same run id: try another donor
+                except StateMismatch as e:  # another run's spec under the same run id: try another donor
                     logger.warning(str(e))
                     return None
             self._offer_state()
@@ -225,7 +184,7 @@ class ReplicaAveraging:
         are kept. True if a group was found and averaged."""
         self._offer_state()
         with self.adapter.lock, self.averager.get_tensors() as shared:
-            sent, _ = self.adapter.snapshot()
+            sent, sent_at = self.adapter.snapshot()
             for target, value in zip(shared, sent, strict=True):
                 target.copy_(value)
         try:
@@ -238,11 +197,7 @@ class ReplicaAveraging:
         if result is None:
             return False
         with self.adapter.lock, self.averager.get_tensors() as shared:
-            live = self.adapter.state_tensors()
-            for tensor, averaged, value in zip(live, shared, sent, strict=True):
-                tensor.add_(averaged - value)
-            for second_moment in live[-len(self.adapter.parameters) :]:
-                second_moment.clamp_(min=0)  # steps taken meanwhile decayed it under what was averaged away
+            self.adapter.move_to(list(shared), sent, sent_at)
         self.rounds += 1
         return True
 

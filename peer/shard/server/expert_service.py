@@ -16,6 +16,8 @@ trainers step it in turn. Replicas of an expert are not averaged yet (docs/archi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's name)
 
 import torch
 from hivemind.p2p import P2PContext
@@ -24,7 +26,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from potluck.peer.shard import wire
 from potluck.peer.shard.experts import ExpertFFN
-from potluck.peer.shard.metrics import ShardServerMetrics
+from potluck.peer.shard.metrics import ExpertServerMetrics
 from potluck.peer.shard.server.announce import Announcer
 from potluck.peer.shard.server.batching import BatchingExecutor
 from potluck.peer.shard.server.handling import BadRequest, ForwardBackward, decode_tensors
@@ -76,24 +78,33 @@ class ServedExperts:
         return hidden.grad
 
     def state(self, uid: Uid) -> tuple[list[torch.Tensor], int]:
-        """A copy of the expert's weights (gate, up, down) and its step count."""
+        """A copy of the expert's state (weights gate, up, down, then their AdamW ``exp_avg`` and ``exp_avg_sq``:
+        ``ServerSteps.state_tensors``) and its step count."""
         with self.steps[uid].lock:
-            expert = self.experts[uid]
-            return [p.detach().clone() for p in (expert.gate.weight, expert.up.weight, expert.down.weight)], (
-                self.steps[uid].steps
-            )
+            return self.steps[uid].snapshot()
+
+    def state_bytes(self, uid: Uid) -> int:
+        return sum(t.numel() * t.element_size() for t in self.steps[uid].state_tensors())
 
 
 class ExpertServicer(ForwardBackward):
-    """The RPC handlers of an expert server (registered on a replica of the DHT's p2p daemon)."""
+    """The RPC handlers of an expert server (registered on a replica of the DHT's p2p daemon). ``round_state(uid,
+    round)``: the expert's state as snapshot for an averaging round of its replicas (``expert_replicas.py``)."""
 
     def __init__(
-        self, experts: ServedExperts, run_id: str, hidden_size: int, limits: ServerLimits, metrics=None
+        self,
+        experts: ServedExperts,
+        run_id: str,
+        hidden_size: int,
+        limits: ServerLimits,
+        metrics: ExpertServerMetrics | None = None,
+        round_state: Callable[[Uid, int], tuple[list[torch.Tensor], int]] | None = None,
     ):
         self.served, self.run_id, self.hidden_size, self.limits = experts, run_id, hidden_size, limits
         first = next(iter(experts.experts.values())).down.weight
         self.dtype, self.device = first.dtype, first.device
-        self.metrics = metrics or ShardServerMetrics(run_id)
+        self.metrics = metrics or ExpertServerMetrics(run_id)
+        self.round_state = round_state
         self.executor = BatchingExecutor(limits.max_batch_tokens, limits.max_queue)
         self.executor.on_batch = self.metrics.observe_batch
         self._streams = 0
@@ -106,23 +117,39 @@ class ExpertServicer(ForwardBackward):
             "hidden_size": self.hidden_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "version": EXPERT_PROTOCOL_VERSION,
+            "steps": {expert_uid(*uid): steps.steps for uid, steps in self.served.steps.items()},
         }
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
 
     async def rpc_expert_state(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        """An expert's weights (gate, up, down) and its optimizer steps: for checks and tests."""
+        """An expert's state (``ServedExperts.state``) and its optimizer steps, as a last tensor: now, or as
+        snapshot for averaging round ``round`` (metadata; ``busy`` until this server took that snapshot)."""
+        return await self._handle("expert_state", request, self._state)
 
-        async def state(request) -> list[torch.Tensor]:
-            tensors, steps = self.served.state(self._uid(wire.metadata_of(request)))
-            return [*tensors, torch.tensor(steps)]
+    def rpc_expert_state_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """:meth:`rpc_expert_state` for a state above the unary cap: the response comes back in chunks."""
+        return self._streamed("expert_state", requests, self._state)
 
-        return await self._handle("expert_state", request, state)
+    async def _state(self, request) -> list[torch.Tensor]:
+        meta = wire.metadata_of(request)
+        uid, round_ = self._uid(meta), meta.get("round")
+        if round_ is None:
+            tensors, steps = self.served.state(uid)
+        elif type(round_) is not int or self.round_state is None:
+            raise BadRequest(f"round: {round_!r} is not an averaging round of this server")
+        else:
+            tensors, steps = self.round_state(uid, round_)
+        return [*tensors, torch.tensor(steps)]
 
     # -- computations ------------------------------------------------------------------------------
     async def _forward(self, request) -> list[torch.Tensor]:
         uid, (hidden,) = self._parse(request, ["hidden"])
+
+        self.metrics.tokens.labels(self.run_id, expert_uid(*uid)).inc(hidden.shape[0])
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
             return [self.served.forward(uid, inputs[0].to(self.device)).cpu()]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from potluck.peer.shard.server.adapters import AdapterMismatch, SpanAdapter
+from potluck.peer.shard.server.adapters import SpanAdapter
+from potluck.peer.shard.server.steps import StateMismatch
 from potluck.runtime.checkpoints import Checkpoint, latest_checkpoint, write_checkpoint
 
 PREFIX = "span-checkpoint-"
@@ -73,7 +74,7 @@ def resume_span_adapter(
     with adapter.lock:
         try:
             adapter.adopt(tensors, steps, f"--save-dir {save_dir}: {found.path.name}")
-        except AdapterMismatch as e:
+        except StateMismatch as e:
             raise SpanCheckpointError(str(e)) from None
     return found
 

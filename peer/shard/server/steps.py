@@ -14,10 +14,14 @@ from collections.abc import Callable
 
 import torch
 
-from potluck.peer.averaging.gradient import adamw_with_state, lr_lambda
+from potluck.peer.averaging.gradient import ADAM_STATISTICS, adamw_with_state, lr_lambda
 from potluck.protocols.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
+
+
+class StateMismatch(ValueError):
+    """A saved, downloaded or averaged state whose tensors are not these parameters'."""
 
 
 class ServerSteps:
@@ -72,3 +76,57 @@ class ServerSteps:
         if self.on_step is not None:
             self.on_step(self.steps)
         return True
+
+    # -- the state that replicas average, late joiners download and checkpoints hold ------------------
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The live tensors that make the state: the parameters, then AdamW's ``exp_avg`` and ``exp_avg_sq`` of
+        each (in ``parameters``' order). Read or write them with ``lock`` held."""
+        statistics = [self.optimizer.state[p][key] for key in ADAM_STATISTICS for p in self.parameters]
+        return [p.data for p in self.parameters] + statistics
+
+    def snapshot(self) -> tuple[list[torch.Tensor], int]:
+        """A copy of :meth:`state_tensors` and the step they are of (call with ``lock`` held)."""
+        return [t.detach().clone() for t in self.state_tensors()], self.steps
+
+    def check_shapes(self, tensors: list[torch.Tensor], source: str) -> None:
+        """Raise :class:`StateMismatch` naming ``source`` unless ``tensors`` have the shapes of this state's."""
+        own = [tuple(t.shape) for t in self.state_tensors()]
+        if [tuple(t.shape) for t in tensors] != own:
+            raise StateMismatch(
+                f"{source} holds {len(tensors)} tensors of other shapes than this {self.what}'s {len(own)} "
+                f"(another model, or adapter.r or target_modules changed?)"
+            )
+
+    def adopt(self, tensors: list[torch.Tensor], steps: int, source: str) -> None:
+        """Take a state (:meth:`snapshot`'s, saved or downloaded) in place of this one (call with ``lock`` held):
+        its tensors, and its step for AdamW's bias correction and the schedule. Raises :class:`StateMismatch`
+        naming ``source`` when the tensors are not this state's."""
+        self.check_shapes(tensors, source)
+        for target, value in zip(self.state_tensors(), tensors, strict=True):
+            target.copy_(value)
+        for parameter in self.parameters:
+            self.optimizer.state[parameter]["step"].fill_(steps)
+        self.steps, self.pending = steps, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.last_epoch = steps
+        for group, base in zip(self.optimizer.param_groups, self.schedule.base_lrs, strict=True):
+            group["lr"] = base * self._factor(steps)
+
+    def move_to(self, averaged: list[torch.Tensor], sent: list[torch.Tensor], sent_at: int) -> None:
+        """Take the replicas' average of the state this one sent at step ``sent_at`` (call with ``lock`` held):
+        exactly, when no step was taken since (replicas that averaged together then hold the same tensors to the
+        bit); else move by (average − sent), so the steps taken meanwhile are kept."""
+        live = self.state_tensors()
+        if self.steps == sent_at:
+            for tensor, value in zip(live, averaged, strict=True):
+                tensor.copy_(value)
+            return
+        for tensor, value, before in zip(live, averaged, sent, strict=True):
+            tensor.add_(value - before)
+        for second_moment in live[-len(self.parameters) :]:
+            second_moment.clamp_(min=0)  # steps taken meanwhile decayed it under what was averaged away
+
+    @property
+    def learning_rate(self) -> float:
+        """The rate of the next step."""
+        return self.optimizer.param_groups[0]["lr"]

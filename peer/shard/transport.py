@@ -1,4 +1,5 @@
-"""How a client calls a shard server's RPC (a block-span server's or an expert server's): dial the addresses the
+"""How a client, or a server asking its replicas, calls a shard server's RPC (a block-span server's or an expert
+server's): dial the addresses the
 server announced the first time (the DHT may not have met it yet), send a message above hivemind's unary cap in
 chunks to the method's streaming twin (:mod:`..streaming`), and give the whole exchange one timeout."""
 
@@ -34,10 +35,15 @@ class Transport:
             self._dialed.add(peer_id)
         return self.servicer.get_stub(self.p2p, peer)
 
-    async def call(self, peer_id: str, method: str, message, timeout: float):
+    async def call(
+        self, peer_id: str, method: str, message, timeout: float, response_bytes: int | None = None
+    ):
+        """``response_bytes``: the tensor bytes the response may carry, when more than the request's (a state
+        download); above the unary cap, the response comes back in chunks too."""
         stub = await self.stub(peer_id)
         streamed = getattr(stub, f"rpc_{method}_stream", None)
-        if streamed is None or not streaming.needs_streaming(message):
+        big_response = response_bytes is not None and response_bytes > streaming.UNARY_BYTES
+        if streamed is None or not (streaming.needs_streaming(message) or big_response):
             return await getattr(stub, f"rpc_{method}")(message, timeout=timeout)
         # hivemind's streams take no timeout of their own
-        return await asyncio.wait_for(streaming.call(streamed, message), timeout)
+        return await asyncio.wait_for(streaming.call(streamed, message, response_bytes), timeout)
