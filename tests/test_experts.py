@@ -19,6 +19,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from potluck.peer.shard.client.generate import generate_text
 from potluck.peer.shard.client.remote_experts import open_remote_moe_model
 from potluck.peer.shard.experts import load_experts
 from potluck.protocols.experts import parse_uid, read_experts
@@ -123,6 +124,15 @@ def test_remote_greedy_generation_equals_the_local_model(remote, batch, family_m
         expected = local.generate(batch, **settings)
         got = model.generate(batch, **settings)
     assert got.tolist() == expected.tolist()
+
+
+def test_potluck_generate_remote_through_experts_equals_local(servers, moe_spec):
+    spec = load_run_spec(moe_spec)
+    addresses = [peer.join_address() for peer in servers.peers]
+    local = generate_text(spec, "4+5=", 6)
+    remote = generate_text(spec, "4+5=", 6, initial_peers=addresses)
+    assert remote.text == local.text and remote.prompt == local.prompt
+    assert remote.counters["tokens_by_expert"] and remote.counters["dropped"] == 0
 
 
 def test_a_training_step_trains_the_local_router_and_attention_and_the_servers_experts(

@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--run-spec", type=Path, required=True)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--remote", action="store_true", help="run the blocks on the run's shard servers")
+    gen.add_argument(
+        "--remote",
+        action="store_true",
+        help="run the blocks (or a mixture of experts' experts) on the run's shard servers",
+    )
     gen.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="with --remote")
     add_prompt_options(gen)
     commands.add_parser(

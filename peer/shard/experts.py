@@ -19,7 +19,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.activations import ACT2FN
 
-from potluck.peer.shard.blocks import ShardLoadError, read_tensors
+from potluck.peer.shard.blocks import ShardLoadError, read_tensors, resolve_model_dir
+from potluck.protocols.runspec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ def moe_config(model_dir: Path) -> tuple[PretrainedConfig, MoEFamily]:
         )
     config._attn_implementation = "sdpa"  # as a local from_pretrained model, so results agree
     return config, family
+
+
+def serves_experts(spec: RunSpec) -> bool:
+    """Whether the run's model is a mixture of experts whose experts expert servers serve (else block spans)."""
+    config = AutoConfig.from_pretrained(resolve_model_dir(spec.model.name_or_path, spec.model.revision))
+    return config.model_type in MOE_FAMILIES
 
 
 def num_experts(config: PretrainedConfig) -> int:

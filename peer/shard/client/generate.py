@@ -1,4 +1,5 @@
-"""``potluck generate``: greedy text from a run's model, locally or through its shard servers."""
+"""``potluck generate``: greedy text from a run's model, locally or through its shard servers (block spans, or the
+experts of a mixture-of-experts model)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from potluck.peer.shard.experts import serves_experts
 from potluck.peer.training.data import Turn, encode_prompt
 from potluck.peer.training.model import load_base_model, load_tokenizer
 from potluck.protocols.runspec import RunSpec
@@ -24,8 +26,8 @@ class Generation:
 def generate_text(
     spec: RunSpec, prompt: Turn, max_new_tokens: int, initial_peers: list[str] | None = None
 ) -> Generation:
-    """The prompt's greedy continuation, through shards when ``initial_peers`` are given (else the whole model is
-    loaded here). ``prompt``: text, or a conversation for the chat template; laid out as the stages train
+    """The prompt's greedy continuation, through shards when ``initial_peers`` are given (expert servers for a
+    mixture-of-experts model, else block spans; without, the whole model is loaded here). ``prompt``: text, or a conversation for the chat template; laid out as the stages train
     (``encode_prompt``: one BOS)."""
     tokenizer = load_tokenizer(spec.model)
     ids = torch.tensor([encode_prompt(prompt, tokenizer)])
@@ -39,6 +41,23 @@ def generate_text(
             pad_token_id=tokenizer.pad_token_id,
         )
         counters: dict = {}
+    elif serves_experts(spec):
+        from potluck.peer.shard.client.remote_experts import open_remote_moe_model
+
+        dht, model, client = open_remote_moe_model(spec, initial_peers)
+        try:
+            with torch.no_grad():
+                tokens = model.eval().generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            counters = client.metrics.snapshot()
+        finally:
+            client.shutdown()
+            dht.shutdown()
     else:
         from potluck.peer.shard.client.remote_model import open_remote_model
 
