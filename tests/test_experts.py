@@ -135,6 +135,27 @@ def test_potluck_generate_remote_through_experts_equals_local(servers, moe_spec)
     assert remote.counters["tokens_by_expert"] and remote.counters["dropped"] == 0
 
 
+def test_a_capacity_factor_caps_the_tokens_each_expert_takes(remote, batch):
+    model, client = remote
+    layers = [layer.mlp.experts for layer in model.model.layers]
+    tokens, overflow = dict(client.metrics.tokens_by_expert), client.metrics.overflow_tokens
+    pairs = batch.numel() * model.config.num_experts_per_tok  # per layer
+    for experts in layers:
+        experts.capacity_factor = 0.5
+    try:
+        with torch.no_grad():
+            loss = model(batch, labels=batch).loss
+        limit = layers[0].capacity(pairs)
+    finally:
+        for experts in layers:
+            experts.capacity_factor = None
+    sent = {uid: n - tokens.get(uid, 0) for uid, n in client.metrics.tokens_by_expert.items()}
+    assert limit == pairs // 8 and max(sent.values()) <= limit, sent  # half of an even share of 4 experts
+    assert sum(sent.values()) < 2 * pairs  # some pairs overflowed, and every one is counted
+    assert client.metrics.overflow_tokens - overflow == 2 * pairs - sum(sent.values())
+    assert torch.isfinite(loss) and client.metrics.dropped == 0
+
+
 def test_a_training_step_trains_the_local_router_and_attention_and_the_servers_experts(
     servers, remote, batch
 ):

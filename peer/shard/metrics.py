@@ -98,10 +98,11 @@ class ShardClientMetrics:
 @dataclass
 class ExpertClientMetrics:
     """What a trainer's calls to expert servers did, and what the fault rule (``client/expert_calls.py``) cost:
-    ``rerouted`` counts expert calls that a replica answered after another server failed, ``dropped`` those no
-    server answered (that expert's output left out for its tokens, their other gates renormalised),
-    ``dropped_tokens`` the token-expert pairs so left out, ``backward_dropped`` backward calls no server answered
-    (those tokens' gradient through that expert is lost, and the expert does not learn from them)."""
+        ``rerouted`` counts expert calls that a replica answered because the server that answered the expert last
+    failed (in that call, or before it and is banned), ``dropped`` those no
+        server answered (that expert's output left out for its tokens, their other gates renormalised),
+        ``dropped_tokens`` the token-expert pairs so left out, ``backward_dropped`` backward calls no server answered
+        (those tokens' gradient through that expert is lost, and the expert does not learn from them)."""
 
     requests: int = 0
     failures: int = 0
@@ -110,6 +111,8 @@ class ExpertClientMetrics:
     dropped: int = 0
     dropped_tokens: int = 0
     backward_dropped: int = 0
+    overflow_tokens: int = 0
+    """Token-expert pairs beyond an expert's capacity (``RemoteExperts.capacity_factor``), left out like dropped."""
     retry_seconds: float = 0.0
     """Wall time spent on failed requests: the latency that failures added."""
     tokens_by_expert: dict[str, int] = field(default_factory=dict)

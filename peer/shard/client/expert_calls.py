@@ -6,7 +6,8 @@ expert, the tokens routed to it):
 
 1. try the expert's servers in turn, best first (the one that answered this expert last, then by announced
    throughput); a server that fails, times out or is busy is banned for ``ban_seconds`` and the next one tried;
-   success after a failure counts as ``rerouted``;
+   an answer from another server than the one that answered the expert last, because that one failed (in this
+   call or, banned, before it), counts as ``rerouted``;
 2. when none answers, the call is ``dropped``: the expert's output is left out for those tokens and their
    remaining gates are renormalised to sum to one (``remote_experts.renormalised``); a token whose every expert was
    dropped passes the layer through its residual alone;
@@ -70,6 +71,9 @@ class ExpertDirectory:
         self.refresh(force=True)
         return all(self.candidates(uid) for uid in uids)
 
+    def banned(self, peer_id: str) -> bool:
+        return self._banned_until.get(peer_id, 0) >= time.monotonic()
+
     def ban(self, peer_id: str) -> None:
         self._banned_until[peer_id] = time.monotonic() + self.ban_seconds
 
@@ -122,6 +126,7 @@ class ExpertClient:
         self, uid: str, method: str, tensors: list[torch.Tensor], preferred: str | None = None
     ) -> tuple[torch.Tensor | None, str]:
         candidates = self.directory.candidates(uid)
+        previous = self.directory.last_good.get(uid)
         if preferred in candidates:
             candidates.remove(preferred)
             candidates.insert(0, preferred)
@@ -145,7 +150,10 @@ class ExpertClient:
             except Exception as e:  # noqa: BLE001 (connection refused, reset, timeout: all mean the next server)
                 self._failed(uid, peer_id, started, e)
                 continue
-            self.metrics.rerouted += attempt > 0
+            # re-routed: the server that answered this expert before failed, in this call or in one before it
+            self.metrics.rerouted += attempt > 0 or (
+                previous not in (None, peer_id) and self.directory.banned(previous)
+            )
             self.directory.last_good[uid] = peer_id
             return result, peer_id
         return None, ""

@@ -12,6 +12,8 @@ does; greedy ``generate`` works as on the local model (the attention cache is lo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from hivemind.dht import DHT
 from torch import nn
@@ -43,6 +45,12 @@ class _ExpertsCall(torch.autograd.Function):
         routed = {
             int(expert): torch.where(top_k_index == expert) for expert in torch.unique(top_k_index).tolist()
         }
+        limit = module.capacity(top_k_index.numel())
+        if limit is not None:
+            for expert, (tokens, slots) in routed.items():
+                if len(tokens) > limit:  # the batch's first tokens keep their place, as in Switch Transformer
+                    module.client.metrics.overflow_tokens += len(tokens) - limit
+                    routed[expert] = tokens[:limit], slots[:limit]
         answers = module.client.forward(
             module.layer, {e: hidden[tokens] for e, (tokens, _) in routed.items()}
         )
@@ -75,11 +83,20 @@ class _ExpertsCall(torch.autograd.Function):
 
 
 class RemoteExperts(nn.Module):
-    """The experts of MoE layer ``layer``, called like the family's experts module."""
+    """The experts of MoE layer ``layer``, called like the family's experts module. ``capacity_factor``: each
+    expert takes at most ``ceil(capacity_factor × token-expert pairs / experts)`` of a call's tokens; the rest
+    skip it, their other gates renormalised as for a dropped expert, and are counted (``overflow_tokens``). None:
+    no limit, as the local model."""
 
-    def __init__(self, client: ExpertClient, layer: int, count: int):
+    def __init__(self, client: ExpertClient, layer: int, count: int, capacity_factor: float | None = None):
         super().__init__()
         self.client, self.layer, self.count = client, layer, count
+        self.capacity_factor = capacity_factor
+
+    def capacity(self, pairs: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * pairs / self.count))
 
     @property
     def uids(self) -> list[str]:
@@ -98,10 +115,14 @@ def open_remote_moe_model(
     initial_peers: list[str],
     host_maddrs: list[str] | None = None,
     client_mode: bool = True,
+    capacity_factor: float | None = None,
     **client_options,
 ) -> tuple[DHT, nn.Module, ExpertClient]:
     """Join the swarm (by default as a DHT client) and build the run's MoE model over its expert servers. Shut the
-    client, then the DHT, down when done. ``client_options``: :class:`ExpertClient`'s."""
+    client, then the DHT, down when done. ``capacity_factor``: :class:`RemoteExperts`'; ``client_options``:
+    :class:`ExpertClient`'s."""
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ValueError(f"capacity_factor: {capacity_factor} is not positive")
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = moe_config(model_dir)
     dht = join_shard_swarm(spec, initial_peers, host_maddrs, client_mode)
@@ -110,7 +131,7 @@ def open_remote_moe_model(
         count = num_experts(config)
         model = load_without_experts(
             model_dir,
-            lambda layer: RemoteExperts(client, layer, count),
+            lambda layer: RemoteExperts(client, layer, count, capacity_factor),
             dtype=getattr(torch, spec.model.dtype),
         )
     except BaseException:
