@@ -25,6 +25,7 @@ from pathlib import Path
 from potluck.hivemind_ext.dht import MultiaddrError, check_multiaddrs
 from potluck.hivemind_ext.keys import IdentityError, read_identity
 from potluck.peer.quantization import QuantizationUnavailableError, check_quantization
+from potluck.peer.shard.experts import serves_experts
 from potluck.peer.training.architecture import UnsupportedModelError, check_architecture
 from potluck.peer.training.data import DatasetFormatError
 from potluck.peer.training.model import check_model_spec
@@ -69,6 +70,17 @@ CLIENT_STAGES = ("sft", "dpo")
 
 def check_client_spec(spec: RunSpec) -> None:
     """What ``--role client`` can train, in one line naming the field."""
+    if serves_experts(spec):  # the client trains all but the experts, in full; the expert servers train those
+        if spec.adapter.kind != "none":
+            raise ClientRoleError(
+                f"adapter.kind: a mixture-of-experts run trains its experts on the expert servers and the rest on "
+                f"the client, in full: set none, not {spec.adapter.kind!r}"
+            )
+        if spec.stage != "sft":
+            raise ClientRoleError(
+                f"stage: --role client trains a mixture of experts in sft, got {spec.stage!r}"
+            )
+        return
     if spec.adapter.kind not in CLIENT_ADAPTERS:
         raise ClientRoleError(
             f"adapter.kind: --role client trains {', '.join(CLIENT_ADAPTERS)} adapters, got {spec.adapter.kind!r}"
@@ -93,13 +105,13 @@ def check_run_inputs(spec: RunSpec, role: str = "trainer", save_dir: Path | None
     """The models and data that ``role`` reads for ``spec`` are there and well formed. A trainer loads every
     model of its stage (``init_from`` and run ids resolved in ``save_dir``); a shard or expert server or a client
     loads ``model`` only, and servers read no data."""
-    if role == "client":
-        check_client_spec(spec)
     if role == "trainer":
         check_stage_models(spec, save_dir)
         check_architecture(spec)
     else:
         check_model_spec(spec.model)
+    if role == "client":  # after the model's own check: it reads the model's config
+        check_client_spec(spec)
     if role in ("trainer", "shard"):  # a shard client holds no base weights
         check_quantization(spec.model)
     if role not in ("shard", "experts"):  # servers read no data

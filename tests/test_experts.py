@@ -180,6 +180,24 @@ def test_a_training_step_trains_the_local_router_and_attention_and_the_servers_e
     assert client.metrics.backward_dropped == 0
 
 
+def test_run_peer_client_role_trains_a_mixture_of_experts_through_its_servers(servers, remote, moe_spec):
+    _, client = remote
+    b = next(peer for peer in servers.peers if peer.name == "b")
+    steps_before = client.expert_state(b.peer_id(), "0.2")[1] + client.expert_state(b.peer_id(), "1.2")[1]
+    trainer = servers.start_peer(
+        "moe-client", ["--role", "client", "--run-spec", str(moe_spec), "--max-steps", "3"],
+        initial_peers=[b.join_address()],
+    )  # fmt: skip
+    assert trainer.process.wait(timeout=180) == 0, trainer.log()[-3000:]
+    summary = trainer.summary()
+    assert (summary.role, summary.global_step, summary.exit_reason) == ("client", 3, "max_steps"), summary
+    assert summary.last_loss is not None and summary.last_loss >= 0, summary
+    assert "trains through 3 expert servers" in trainer.log()
+    # the servers trained their experts from its gradients (expert 2 of some layer took tokens in 3 steps)
+    steps_after = client.expert_state(b.peer_id(), "0.2")[1] + client.expert_state(b.peer_id(), "1.2")[1]
+    assert steps_after > steps_before
+
+
 def _weights_equal(client, peers: list[str], uid: str) -> bool:
     first, *others = (client.expert_state(peer, uid)[0] for peer in peers)
     return all(torch.equal(w, v) for other in others for w, v in zip(first, other, strict=True))

@@ -144,3 +144,28 @@ def test_a_replicas_state_that_is_malformed_or_not_finite_is_refused(family_mode
         checked_state(tensors[:3], torch.tensor(count), steps, "the state from c")
     with pytest.raises(Refused, match="no step count"):
         checked_state(tensors, torch.tensor(-1), steps, "the state from c")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"adapter": {"kind": "lora"}}, "adapter.kind: a mixture-of-experts run trains its experts on the expert servers "
+                                      "and the rest on the client, in full: set none, not 'lora'"),
+     ({"stage": "dpo"}, "stage: --role client trains a mixture of experts in sft, got 'dpo'")],
+)  # fmt: skip
+def test_run_peer_client_role_refuses_what_it_cannot_train_of_a_mixture_in_one_line(
+    family_model, tiny_assets, tmp_path, capsys, overrides, message
+):
+    import yaml
+
+    from potluck.peer.cli import main
+
+    spec = {"run_id": "moe-run", "model": {"name_or_path": str(family_model("mixtral"))},
+            "data": {"path": str(tiny_assets["train"])}, "batch": {"target_batch_size": 4, "per_peer_batch_size": 4},
+            **overrides}  # fmt: skip
+    if overrides.get("stage") == "dpo":
+        spec["data"]["path"] = str(tiny_assets["train"].parent / "preferences_train.jsonl")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()  # building the model printed its progress
+    assert main(["--role", "client", "--run-spec", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"run-peer: {message}"

@@ -1,5 +1,6 @@
 """``run-peer --role client``: train the run's adapter through its shard servers, with the same stage, optimizer
-and averaging strategy as a data-parallel trainer.
+and averaging strategy as a data-parallel trainer; for a mixture-of-experts model, everything but the experts (in
+full: attention, embeddings, norms, routers, head), through its expert servers, which train the experts.
 
 What trains where, by ``adapter.kind``: ``prompt_tuning`` and ``prefix`` train on the client (clients average them
 as trainers average adapters); ``lora`` trains on the servers, from the gradients the client sends back (the span
@@ -21,8 +22,11 @@ from potluck.peer.averaging.choose import make_strategy
 from potluck.peer.preflight import check_client_spec
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, exit_reason, install_stop_handlers
+from potluck.peer.shard.client.expert_calls import ExpertClient
+from potluck.peer.shard.client.remote_experts import RemoteExperts, open_remote_moe_model
 from potluck.peer.shard.client.remote_model import RemoteCausalLM, open_remote_model
 from potluck.peer.shard.client.routing import NoRouteError
+from potluck.peer.shard.experts import serves_experts
 from potluck.peer.training.data import PeerDataStream, peer_seed
 from potluck.peer.training.loop import Trainer, TrainResult
 from potluck.peer.training.metrics import PeerMetrics
@@ -45,6 +49,17 @@ def wait_for_route(model: RemoteCausalLM, timeout: float, stop: threading.Event)
         stop.wait(1.0)
 
 
+def wait_for_experts(model, client: ExpertClient, timeout: float, stop: threading.Event) -> None:
+    """Servers may still be announcing themselves: wait until every expert of every MoE layer is served."""
+    uids = [uid for module in model.modules() if isinstance(module, RemoteExperts) for uid in module.uids]
+    deadline = time.monotonic() + timeout
+    while not client.directory.covers(uids):
+        if time.monotonic() > deadline or stop.is_set():
+            missing = [uid for uid in uids if not client.directory.candidates(uid)]
+            raise NoRouteError(f"no expert server serves {', '.join(missing[:8])} (waited {timeout:g} s)")
+        stop.wait(1.0)
+
+
 def train_through_shards(
     spec: RunSpec,
     options: PeerOptions,
@@ -64,28 +79,40 @@ def train_through_shards(
     data = PeerDataStream(
         spec.data, context.tokenizer, spec.batch.per_peer_batch_size, stage_data(spec, context.tokenizer)
     )
-    adapter = spec.adapter
-    dht, model = open_remote_model(
-        spec,
-        options.initial_peers,
-        prompt_tokens=adapter.num_virtual_tokens if isinstance(adapter, PromptTuningAdapter) else 0,
-        prefix_tokens=adapter.num_virtual_tokens if isinstance(adapter, PrefixTuningAdapter) else 0,
-        host_maddrs=options.host_maddrs,
-        client_mode=options.client_mode,
-        device=device,
-    )
+    if serves_experts(spec):
+        dht, model, client = open_remote_moe_model(
+            spec, options.initial_peers, options.host_maddrs, options.client_mode
+        )
+        model.to(device)
+    else:
+        adapter = spec.adapter
+        dht, model = open_remote_model(
+            spec,
+            options.initial_peers,
+            prompt_tokens=adapter.num_virtual_tokens if isinstance(adapter, PromptTuningAdapter) else 0,
+            prefix_tokens=adapter.num_virtual_tokens if isinstance(adapter, PrefixTuningAdapter) else 0,
+            host_maddrs=options.host_maddrs,
+            client_mode=options.client_mode,
+            device=device,
+        )
+        client = model.client
     metrics = PeerMetrics(spec.run_id)
     if options.metrics_port is not None:
         metrics.serve(options.metrics_port, options.metrics_host)
     try:
         results.joined(str(dht.peer_id), spec.run_id, visible_addresses(dht))
-        wait_for_route(model, route_timeout, stop)
-        route = model.client.router.route(0, model.client.num_blocks)
-        print(f"run-peer: client {dht.peer_id} routes through {route}", file=sys.stderr)
-        results.event(
-            "route", hops=[{"peer_id": str(h.peer_id), "start": h.start, "end": h.end} for h in route]
-        )
-        # the prompt or the prefix; none for lora (the servers train and average it)
+        if isinstance(client, ExpertClient):
+            wait_for_experts(model, client, route_timeout, stop)
+            print(f"run-peer: client {dht.peer_id} trains through {len(client.directory.servers)} expert servers",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            wait_for_route(model, route_timeout, stop)
+            route = client.router.route(0, client.num_blocks)
+            print(f"run-peer: client {dht.peer_id} routes through {route}", file=sys.stderr)
+            results.event(
+                "route", hops=[{"peer_id": str(h.peer_id), "start": h.start, "end": h.end} for h in route]
+            )
+        # the prompt or the prefix; none for lora (the servers train and average it); all but the experts of a MoE
         trained = [p for p in model.parameters() if p.requires_grad]
         if trained:
             strategy = make_strategy(spec, dht, trained, listener=results.listener(metrics))
@@ -120,10 +147,10 @@ def train_through_shards(
                 result.last_loss,
                 exit_reason(result, options),
             )
-            print(f"run-peer: shard client {model.client.metrics.snapshot()}", file=sys.stderr)
+            print(f"run-peer: shard client {client.metrics.snapshot()}", file=sys.stderr)
             return result
         finally:
             strategy.shutdown()
     finally:
-        model.client.shutdown()
+        client.shutdown()
         dht.shutdown()

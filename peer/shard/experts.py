@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.activations import ACT2FN
 
-from potluck.peer.shard.blocks import ShardLoadError, read_tensors, resolve_model_dir
+from potluck.peer.shard.blocks import ShardLoadError, read_tensors
 from potluck.protocols.runspec import RunSpec
 
 
@@ -60,8 +60,9 @@ def moe_config(model_dir: Path) -> tuple[PretrainedConfig, MoEFamily]:
 
 
 def serves_experts(spec: RunSpec) -> bool:
-    """Whether the run's model is a mixture of experts whose experts expert servers serve (else block spans)."""
-    config = AutoConfig.from_pretrained(resolve_model_dir(spec.model.name_or_path, spec.model.revision))
+    """Whether the run's model is a mixture of experts whose experts expert servers serve (else block spans). Reads
+    the model's config alone."""
+    config = AutoConfig.from_pretrained(spec.model.name_or_path, revision=spec.model.revision)
     return config.model_type in MOE_FAMILIES
 
 
