@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo swarm test test-fast test-compose images docker-engine lint format bench clean system-packages
+.PHONY: demo demo-moe swarm test test-fast test-compose images docker-engine lint format bench clean system-packages
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/potluck demo
+
+# A tiny mixture of experts: two expert servers and a client that trains through them (about 2 minutes).
+demo-moe: $(STAMP)
+	$(VENV)/bin/potluck demo --moe
 
 # The docker-compose topology as local processes: coordinator, demo run, 2 peers (Ctrl-C stops all).
 swarm: $(STAMP)
@@ -83,4 +87,4 @@ bench: $(STAMP)
 	$(PY) bench/convergence.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .demo .demo-moe .pytest_cache .ruff_cache *.egg-info

@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workdir", type=Path, default=Path(".demo"))
     demo.add_argument("--peers", type=int, default=2)
     demo.add_argument("--max-steps", type=int, default=None)
+    demo.add_argument(
+        "--moe",
+        action="store_true",
+        help="a tiny mixture of experts instead: two expert servers and a client that trains through them",
+    )
     gen = commands.add_parser(
         "generate", help="greedy text from a run's model (--remote: through shard servers)"
     )
@@ -106,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             print(generation.text)
             if generation.counters:
                 print(f"shard client: {generation.counters}", file=sys.stderr)
+        elif args.command == "demo" and args.moe:
+            from potluck.tools.demo_moe import main as demo_moe_main
+
+            workdir = args.workdir if args.workdir != Path(".demo") else Path(".demo-moe")
+            return demo_moe_main(workdir, args.max_steps)
         elif args.command == "demo":
             from potluck.tools.demo import main as demo_main
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -67,10 +68,12 @@ def train_through_shards(
     route_timeout: float = 120.0,
     results: PeerResults | None = None,
     device: torch.device | None = None,
+    on_trained: Callable[[torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train the run's adapter through the shard servers until its last global step or ``stop``;
     ``route_timeout``: seconds to wait for servers covering every block. ``results``: see ``--results``.
-    ``device``: where the client's own parts compute (``--gpu``; default the CPU)."""
+    ``device``: where the client's own parts compute (``--gpu``; default the CPU). ``on_trained(model)``: called
+    once training ended, while the servers are still reachable through the model (the MoE demo evaluates it)."""
     results = results or PeerResults(None, "client")
     check_client_spec(spec)
     device = device or torch.device("cpu")
@@ -148,6 +151,8 @@ def train_through_shards(
                 exit_reason(result, options),
             )
             print(f"run-peer: shard client {client.metrics.snapshot()}", file=sys.stderr)
+            if on_trained is not None:
+                on_trained(model)
             return result
         finally:
             strategy.shutdown()
