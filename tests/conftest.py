@@ -16,6 +16,7 @@ import yaml
 
 import potluck.runtime.grpc_fork  # noqa: F401 (this process forks DHTs after gRPC tests: see that module)
 from potluck.tools.coordinator_process import LocalCoordinator
+from potluck.tools.expert_swarm import start_expert_servers
 from potluck.tools.peer_processes import LocalSwarm
 from potluck.tools.tiny.assets import build_assets, write_conversations
 from potluck.tools.tiny.encoder import build_tiny_encoder
@@ -123,6 +124,42 @@ def family_model(tmp_path_factory) -> Callable[[str], Path]:
         return built[family]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def write_moe_spec(family_model, tiny_assets, tmp_path_factory) -> Callable[..., Path]:
+    """Write a run spec of the tiny ``mixtral`` model (``family_model``) on the tiny task, held-out split included,
+    in a folder of its own: ``write_moe_spec(run_id, **top-level fields)`` → its path."""
+
+    def write(run_id: str, **fields) -> Path:
+        spec = {
+            "run_id": run_id,
+            "model": {"name_or_path": str(family_model("mixtral"))},
+            "data": {
+                "path": str(tiny_assets["train"]),
+                "eval_path": str(tiny_assets["eval"]),
+                "max_length": 16,
+            },
+            "seed": 0,
+            **fields,
+        }
+        path = tmp_path_factory.mktemp(run_id) / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    return write
+
+
+@contextlib.contextmanager
+def serving_experts(spec_path: Path, placement: dict[str, str]) -> Iterator[LocalSwarm]:
+    """``run-peer --role experts`` servers of the run ``spec_path``, ``placement`` as
+    ``tools/expert_swarm.start_expert_servers`` takes it, serving when this yields; stopped on exit."""
+    swarm = _TrackedSwarm(spec_path, spec_path.parent / "servers")
+    try:
+        start_expert_servers(swarm, placement)
+        yield swarm
+    finally:
+        swarm.stop(grace=10)
 
 
 @pytest.fixture(scope="session")

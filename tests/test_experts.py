@@ -15,14 +15,12 @@ import signal
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from potluck.peer.shard.client.remote_experts import open_remote_moe_model
 from potluck.protocols.experts import read_experts
 from potluck.protocols.runspec import load_run_spec
-from tests.conftest import _TrackedSwarm
-from tests.helpers import wait_until
+from potluck.tools.expert_swarm import moe_trainer
+from tests.conftest import serving_experts
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 PLACEMENT = {"a": "0-1", "b": "2-3", "c": "1"}
@@ -31,52 +29,22 @@ PROBLEMS = ["1+2=3", "4+5=9", "3+3=6", "7+1=8"]
 
 
 @pytest.fixture(scope="module")
-def moe_spec(family_model, tiny_assets, tmp_path_factory):
-    spec = {
-        "run_id": "moe-run",
-        "model": {"name_or_path": str(family_model("mixtral"))},
-        "data": {"path": str(tiny_assets["train"]), "max_length": 16},
-        "optimizer": {"lr": 0.01},
-        "batch": {"target_batch_size": 4, "per_peer_batch_size": 4},
-        "seed": 0,
-    }
-    path = tmp_path_factory.mktemp("experts") / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+def moe_spec(write_moe_spec):
+    return write_moe_spec(
+        "moe-run", optimizer={"lr": 0.01}, batch={"target_batch_size": 4, "per_peer_batch_size": 4}
+    )
 
 
 @pytest.fixture(scope="module")
 def servers(moe_spec):
-    swarm = _TrackedSwarm(moe_spec, moe_spec.parent / "servers", extra_args=["--role", "experts"])
-    try:
-        first = swarm.start_peer("a", ["--experts", PLACEMENT["a"]])
-        address = swarm.wait_for_address(first)
-        for name in ("b", "c"):
-            swarm.start_peer(name, ["--experts", PLACEMENT[name]], initial_peers=[address])
-        for peer in swarm.peers:
-            wait_until(lambda p=peer: _serving(p), 180, f"{peer.name} serving its experts")
+    with serving_experts(moe_spec, PLACEMENT) as swarm:
         yield swarm
-    finally:
-        swarm.stop(grace=10)
-
-
-def _serving(peer) -> bool:
-    if not peer.running:
-        raise RuntimeError(f"{peer.name} exited:\n{peer.log()[-3000:]}")
-    return bool(peer.events("serving"))
 
 
 @pytest.fixture(scope="module")
 def remote(servers, moe_spec):
-    addresses = [peer.join_address() for peer in servers.peers]
-    dht, model, client = open_remote_moe_model(load_run_spec(moe_spec), addresses, request_timeout=10.0)
-    try:
-        wait_until(lambda: client.directory.covers(ALL_UIDS), 60, "every expert announced in the DHT")
-        wait_until(lambda: len(client.directory.candidates("0.1")) == 2, 60, "expert 0.1's replica announced")
-        yield model, client
-    finally:
-        client.shutdown()
-        dht.shutdown()
+    with moe_trainer(load_run_spec(moe_spec), servers.peers, request_timeout=10.0) as trainer:
+        yield trainer
 
 
 @pytest.fixture(scope="module")
