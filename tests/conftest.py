@@ -16,7 +16,6 @@ import yaml
 
 import potluck.runtime.grpc_fork  # noqa: F401 (this process forks DHTs after gRPC tests: see that module)
 from potluck.tools.coordinator_process import LocalCoordinator
-from potluck.tools.expert_swarm import start_expert_servers
 from potluck.tools.peer_processes import LocalSwarm
 from potluck.tools.tiny.assets import build_assets, write_conversations
 from potluck.tools.tiny.encoder import build_tiny_encoder
@@ -154,6 +153,9 @@ def write_moe_spec(family_model, tiny_assets, tmp_path_factory) -> Callable[...,
 def serving_experts(spec_path: Path, placement: dict[str, str]) -> Iterator[LocalSwarm]:
     """``run-peer --role experts`` servers of the run ``spec_path``, ``placement`` as
     ``tools/expert_swarm.start_expert_servers`` takes it, serving when this yields; stopped on exit."""
+    # imported here: hivemind's MoE client would add 2 s to every session's start
+    from potluck.tools.expert_swarm import start_expert_servers
+
     swarm = _TrackedSwarm(spec_path, spec_path.parent / "servers")
     try:
         start_expert_servers(swarm, placement)
