@@ -126,6 +126,45 @@ def family_model(tmp_path_factory) -> Callable[[str], Path]:
 
 
 @pytest.fixture(scope="session")
+def write_moe_spec(family_model, tiny_assets, tmp_path_factory) -> Callable[..., Path]:
+    """Write a run spec of the tiny ``mixtral`` model (``family_model``) on the tiny task, held-out split included,
+    in a folder of its own: ``write_moe_spec(run_id, **top-level fields)`` → its path."""
+
+    def write(run_id: str, **fields) -> Path:
+        spec = {
+            "run_id": run_id,
+            "model": {"name_or_path": str(family_model("mixtral"))},
+            "data": {
+                "path": str(tiny_assets["train"]),
+                "eval_path": str(tiny_assets["eval"]),
+                "max_length": 16,
+            },
+            "seed": 0,
+            **fields,
+        }
+        path = tmp_path_factory.mktemp(run_id) / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    return write
+
+
+@contextlib.contextmanager
+def serving_experts(spec_path: Path, placement: dict[str, str]) -> Iterator[LocalSwarm]:
+    """``run-peer --role experts`` servers of the run ``spec_path``, ``placement`` as
+    ``tools/expert_swarm.start_expert_servers`` takes it, serving when this yields; stopped on exit."""
+    # imported here: hivemind's MoE client would add 2 s to every session's start
+    from potluck.tools.expert_swarm import start_expert_servers
+
+    swarm = _TrackedSwarm(spec_path, spec_path.parent / "servers")
+    try:
+        start_expert_servers(swarm, placement)
+        yield swarm
+    finally:
+        swarm.stop(grace=10)
+
+
+@pytest.fixture(scope="session")
 def chat_data(tiny_assets, tmp_path_factory) -> dict[str, Path]:
     """The tiny task's files as TRL conversations, the first 1,000 rows of each (``train``, ``eval``,
     ``preferences_train``, ``prompts_train``...), for a model to read through its chat template."""

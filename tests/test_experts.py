@@ -16,15 +16,14 @@ import signal
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from potluck.peer.shard.client.generate import generate_text
-from potluck.peer.shard.client.remote_experts import open_remote_moe_model
 from potluck.peer.shard.experts import load_experts
 from potluck.protocols.experts import parse_uid, read_experts
 from potluck.protocols.runspec import load_run_spec
-from tests.conftest import _TrackedSwarm
+from potluck.tools.expert_swarm import moe_trainer
+from tests.conftest import serving_experts
 from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -34,53 +33,25 @@ PROBLEMS = ["1+2=3", "4+5=9", "3+3=6", "7+1=8"]
 
 
 @pytest.fixture(scope="module")
-def moe_spec(family_model, tiny_assets, tmp_path_factory):
-    spec = {
-        "run_id": "moe-run",
-        "model": {"name_or_path": str(family_model("mixtral"))},
-        "data": {"path": str(tiny_assets["train"]), "max_length": 16},
-        "optimizer": {"lr": 0.01},
-        "batch": {"target_batch_size": 4, "per_peer_batch_size": 4},
-        "expert_replicas": {"average_every": 2},
-        "seed": 0,
-    }
-    path = tmp_path_factory.mktemp("experts") / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+def moe_spec(write_moe_spec):
+    return write_moe_spec(
+        "moe-run",
+        optimizer={"lr": 0.01},
+        batch={"target_batch_size": 4, "per_peer_batch_size": 4},
+        expert_replicas={"average_every": 2},
+    )
 
 
 @pytest.fixture(scope="module")
 def servers(moe_spec):
-    swarm = _TrackedSwarm(moe_spec, moe_spec.parent / "servers", extra_args=["--role", "experts"])
-    try:
-        first = swarm.start_peer("a", ["--experts", PLACEMENT["a"]])
-        address = swarm.wait_for_address(first)
-        for name in ("b", "c"):
-            swarm.start_peer(name, ["--experts", PLACEMENT[name]], initial_peers=[address])
-        for peer in swarm.peers:
-            wait_until(lambda p=peer: _serving(p), 180, f"{peer.name} serving its experts")
+    with serving_experts(moe_spec, PLACEMENT) as swarm:
         yield swarm
-    finally:
-        swarm.stop(grace=10)
-
-
-def _serving(peer) -> bool:
-    if not peer.running:
-        raise RuntimeError(f"{peer.name} exited:\n{peer.log()[-3000:]}")
-    return bool(peer.events("serving"))
 
 
 @pytest.fixture(scope="module")
 def remote(servers, moe_spec):
-    addresses = [peer.join_address() for peer in servers.peers]
-    dht, model, client = open_remote_moe_model(load_run_spec(moe_spec), addresses, request_timeout=10.0)
-    try:
-        wait_until(lambda: client.directory.covers(ALL_UIDS), 60, "every expert announced in the DHT")
-        wait_until(lambda: len(client.directory.candidates("0.1")) == 2, 60, "expert 0.1's replica announced")
-        yield model, client
-    finally:
-        client.shutdown()
-        dht.shutdown()
+    with moe_trainer(load_run_spec(moe_spec), servers.peers, request_timeout=10.0) as trainer:
+        yield trainer
 
 
 @pytest.fixture(scope="module")
@@ -261,8 +232,10 @@ def test_a_restarted_expert_server_takes_its_replicas_state_and_serves_again(ser
     model.train()
     peer_of = {peer.name: peer.peer_id() for peer in servers.peers}
     b = next(peer for peer in servers.peers if peer.name == "b")
-    again = servers.start_peer("a-again", ["--experts", PLACEMENT["a"]], initial_peers=[b.join_address()])
-    wait_until(lambda: _serving(again), 180, "the restarted server serving")
+    again = servers.start_peer(
+        "a-again", ["--role", "experts", "--experts", PLACEMENT["a"]], initial_peers=[b.join_address()]
+    )
+    servers.wait_for_event(again, "serving", 180)
     downloaded = {event["uid"]: event for event in again.events("expert_downloaded")}
     assert set(downloaded) == {"0.1", "1.1"}  # expert 0 has no replica: it starts from the checkpoint
     for uid, event in downloaded.items():

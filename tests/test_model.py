@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from potluck.peer.training.checkpoint import save_checkpoint
 from potluck.peer.training.data import PeerDataStream, collate, load_rows, tokenize_example
-from potluck.peer.training.exact_match import evaluate_spec
+from potluck.peer.training.exact_match import evaluate_spec, held_out_loss
 from potluck.peer.training.model import (
     PEFT_UPSTREAM,
     PROMPT_ENCODER_FILE,
@@ -187,6 +187,21 @@ def test_peft_method_trains_checkpoints_resumes_evaluates_and_generates(tiny_ass
         eos = tokenizer.eos_token_id
         answer = expected_ids[: expected_ids.index(eos)] if eos in expected_ids else expected_ids
         assert chat.answer(prompt) == tokenizer.decode(answer, skip_special_tokens=True)
+
+
+def test_held_out_loss_is_the_mean_loss_per_completion_token_over_every_batch(tiny_assets):
+    spec = spec_for(tiny_assets, {"kind": "none"})
+    tokenizer = load_tokenizer(spec.model)
+    model = build_model(spec, torch.device("cpu"))
+    rows = load_rows(spec.data.eval_path)
+    held_out = collate(
+        [tokenize_example(r, "prompt_completion", tokenizer, 16) for r in rows], tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        expected = model(**held_out).loss.item()  # transformers' mean over every labelled token at once
+    # in batches of 100: three of other widths and sizes, each weighted by its completion tokens
+    loss = held_out_loss(model, tokenizer, spec.data.eval_path, max_length=16, limit=None, batch_size=100)
+    assert len(rows) > 200 and loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_peft_generation_code_worked_around_is_the_pinned_one():

@@ -26,6 +26,7 @@ from potluck.peer.training.exact_match import EvalResult, evaluate, evaluate_spe
 from potluck.peer.training.model import load_tokenizer
 from potluck.protocols.runspec import load_run_spec
 from potluck.tools.demo import DEMO_SPEC, DEMO_TASK, print_examples, print_table
+from potluck.tools.expert_swarm import start_expert_servers
 from potluck.tools.peer_processes import LocalSwarm
 from potluck.tools.tiny.model import TinyModelConfig, build_tiny_model
 from potluck.tools.tiny.task import ALPHABET
@@ -64,10 +65,13 @@ def main(workdir: Path = Path(".demo-moe"), max_steps: int | None = None) -> int
     before = evaluate_spec(spec, checkpoint=None)
     print(f"== before training: held-out loss {before.loss:.3f}, accuracy {before.accuracy:.1%}", flush=True)
 
-    servers = LocalSwarm(spec_path, workdir / "logs", extra_args=["--role", "experts"])
+    servers = LocalSwarm(spec_path, workdir / "logs")
     found: dict[str, EvalResult] = {}
     try:
-        address = start_servers(servers)
+        started_servers = start_expert_servers(servers, PLACEMENT)
+        for peer in started_servers:
+            print(f"== {peer.name} serves experts {PLACEMENT[peer.name]} of every layer", flush=True)
+        address = started_servers[0].join_address()
         stop = threading.Event()
         tokenizer = load_tokenizer(spec.model)
 
@@ -95,20 +99,3 @@ def main(workdir: Path = Path(".demo-moe"), max_steps: int | None = None) -> int
         f"\n== done in {time.monotonic() - started:.0f}s; the servers' logs and results: {workdir / 'logs'}"
     )
     return 0 if after.accuracy > before.accuracy else 1
-
-
-def start_servers(servers: LocalSwarm) -> str:
-    """Start the expert servers (the second joins the first) and wait until both serve; the first's address."""
-    names = list(PLACEMENT)
-    first = servers.start_peer(names[0], ["--experts", PLACEMENT[names[0]]])
-    address = servers.wait_for_address(first)
-    for name in names[1:]:
-        servers.start_peer(name, ["--experts", PLACEMENT[name]], initial_peers=[address])
-    deadline = time.monotonic() + 180
-    for peer in servers.peers:
-        while not peer.events("serving"):
-            if not peer.running or time.monotonic() > deadline:
-                raise RuntimeError(f"{peer.name} did not start serving:\n{peer.log()[-2000:]}")
-            time.sleep(0.5)
-        print(f"== {peer.name} serves experts {PLACEMENT[peer.name]} of every layer", flush=True)
-    return address

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,19 +108,16 @@ class LocalSwarm:
         return peer
 
     def wait_for_address(self, peer: PeerProcess, timeout: float = 120.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            address = peer.join_address()
-            if address:
-                return address
-            if not peer.running:
-                raise RuntimeError(
-                    f"peer {peer.name} exited with {peer.process.returncode}:\n{peer.log()[-3000:]}"
-                )
-            time.sleep(0.2)
-        raise TimeoutError(
-            f"peer {peer.name} printed no join address within {timeout}s:\n{peer.log()[-3000:]}"
-        )
+        return wait_on(peer.join_address, timeout, f"peer {peer.name} printed no join address", peer)
+
+    def wait_for_event(self, peer: PeerProcess, kind: str, timeout: float = 120.0) -> dict[str, Any]:
+        """The peer's first ``kind`` event (``serving``, ``joined``...), once it wrote one."""
+
+        def first() -> dict[str, Any] | None:
+            found = peer.events(kind)
+            return found[0] if found else None
+
+        return wait_on(first, timeout, f"peer {peer.name} wrote no {kind!r} event", peer)
 
     def wait_all(self, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout
@@ -152,3 +150,22 @@ class LocalSwarm:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_on(
+    condition: Callable[[], Any], timeout: float, failure: str, peer: PeerProcess | None = None
+) -> Any:
+    """``condition()``'s first truthy value, polled until ``timeout``; ``failure`` says what did not happen in the
+    error. With ``peer``: fails at once, with its log, if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        if peer is not None and not peer.running:
+            raise RuntimeError(
+                f"peer {peer.name} exited with {peer.process.returncode}:\n{peer.log()[-3000:]}"
+            )
+        time.sleep(0.2)
+    raise TimeoutError(
+        f"{failure} within {timeout}s" + (f":\n{peer.log()[-3000:]}" if peer is not None else "")
+    )

@@ -39,21 +39,10 @@ def evaluate(
     fmt = detect_format(rows[0], "auto")
     was_training = model.training
     model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     total_loss, total_tokens, answers = 0.0, 0, []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = collate([tokenize_example(r, fmt, tokenizer, max_length) for r in chunk], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            reduction="sum",
-            ignore_index=-100,
-        )
-        total_loss += losses.item()
-        total_tokens += int((targets != -100).sum())
+    for chunk, batch in _eval_batches(rows, fmt, tokenizer, max_length, batch_size):
+        loss, tokens = _completion_loss(model, batch)
+        total_loss, total_tokens = total_loss + loss, total_tokens + tokens
         answers += greedy_completions(model, tokenizer, chunk, fmt)
     model.train(was_training)
     references = [turn_text(row_turns(r, fmt)[1]) for r in rows]
@@ -64,6 +53,39 @@ def evaluate(
         examples=len(rows),
         answers=tuple(answers),
     )
+
+
+@torch.no_grad()
+def held_out_loss(
+    model, tokenizer, eval_path: str, max_length: int = 256, limit: int | None = 500, batch_size: int = 64
+) -> float:
+    """:func:`evaluate`'s loss alone (no generation): the mean per-token cross-entropy on the completions, without
+    any auxiliary loss the model adds to ``.loss`` (a mixture of experts' router loss)."""
+    rows = load_rows(eval_path)[:limit]
+    was_training = model.training
+    model.eval()
+    batches = _eval_batches(rows, detect_format(rows[0], "auto"), tokenizer, max_length, batch_size)
+    sums = [_completion_loss(model, batch) for _, batch in batches]
+    model.train(was_training)
+    return sum(loss for loss, _ in sums) / max(sum(tokens for _, tokens in sums), 1)
+
+
+def _eval_batches(rows: list[dict], fmt: str, tokenizer, max_length: int, batch_size: int):
+    """``(rows, their collated batch)``, ``batch_size`` rows at a time."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        yield chunk, collate([tokenize_example(r, fmt, tokenizer, max_length) for r in chunk], pad_id)
+
+
+def _completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """The summed cross-entropy of the batch's completion tokens (next-token, labels shifted) and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum", ignore_index=-100
+    )
+    return loss.item(), int((targets != -100).sum())
 
 
 def greedy_completions(model, tokenizer, rows, fmt) -> list[str]:
