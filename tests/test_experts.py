@@ -11,6 +11,7 @@ from ``c`` and serves again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -199,6 +200,32 @@ def test_replicas_of_an_expert_hold_equal_weights_after_averaging(servers, remot
         assert not torch.equal(weights[0], original.gate.weight), uid  # c's copy took a's training
 
 
+class _ToExperts0And1(torch.nn.Module):
+    """A layer's remote experts with every token sent to experts 0 and 1, whatever the router chose."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.inner = experts
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        return self.inner(hidden, torch.tensor([0, 1]).expand_as(top_k_index), top_k_weights)
+
+
+@contextlib.contextmanager
+def routed_to_experts_0_and_1(model):
+    """Every token of every layer goes to experts 0 and 1 (a's): the routers trained by the tests before may
+    send a's experts no token in the step that matters."""
+    blocks = [layer.mlp for layer in model.model.layers]
+    originals = [block.experts for block in blocks]
+    for block, experts in zip(blocks, originals, strict=True):
+        block.experts = _ToExperts0And1(experts)
+    try:
+        yield
+    finally:
+        for block, experts in zip(blocks, originals, strict=True):
+            block.experts = experts
+
+
 def test_training_goes_on_when_an_expert_server_is_killed(servers, remote, batch):
     model, client = remote
     model.train()
@@ -207,15 +234,16 @@ def test_training_goes_on_when_an_expert_server_is_killed(servers, remote, batch
     for uid in ("0.1", "1.1"):  # a serves them when it dies (else the throughput a server measured picks)
         client.directory.last_good[uid] = a.peer_id()
     losses = []
-    for step in range(6):
-        loss = model(batch, labels=batch).loss
-        if step == 2:  # between forward and backward: the step in flight loses a's backward
-            os.killpg(a.process.pid, signal.SIGKILL)
-            a.process.wait(timeout=30)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    with routed_to_experts_0_and_1(model):
+        for step in range(6):
+            loss = model(batch, labels=batch).loss
+            if step == 2:  # between forward and backward: the step in flight loses a's backward
+                os.killpg(a.process.pid, signal.SIGKILL)
+                a.process.wait(timeout=30)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))), losses
     metrics = client.metrics
     # expert 1 of each layer has a replica on c: re-routed; expert 0 has none: dropped, gates renormalised
@@ -245,9 +273,9 @@ def test_a_restarted_expert_server_takes_its_replicas_state_and_serves_again(ser
 
     wait_until(lambda: again.peer_id() in client.directory.candidates("0.0") or client.directory.refresh(force=True),
                60, "the trainer seeing the restarted server")  # fmt: skip
-    dropped = client.metrics.dropped
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    loss = model(batch, labels=batch).loss
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss) and client.metrics.dropped == dropped  # expert 0 is served again
+    dropped, tokens = client.metrics.dropped, client.metrics.tokens_by_expert["0.0"]
+    with routed_to_experts_0_and_1(model):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+    assert client.metrics.tokens_by_expert["0.0"] > tokens  # expert 0 was asked
+    assert torch.isfinite(loss) and client.metrics.dropped == dropped  # and served again

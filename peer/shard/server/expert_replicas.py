@@ -41,6 +41,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from potluck.peer.shard import wire
 from potluck.peer.shard.server.batching import ServerBusy
 from potluck.peer.shard.server.expert_service import ExpertServicer, ServedExperts, Uid
+from potluck.peer.shard.server.handling import BadRequest
 from potluck.peer.shard.server.steps import ServerSteps, StateMismatch
 from potluck.peer.shard.transport import Transport
 from potluck.protocols.experts import ExpertAnnouncement, expert_uid, parse_uid, read_experts
@@ -157,10 +158,7 @@ class ExpertReplicas:
     def _take(self, uid: Uid, peer: str) -> Downloaded | None:
         text = expert_uid(*uid)
         try:
-            (
-                tensors,
-                steps,
-            ) = self._run(self._fetch(uid, peer, None, self.download_timeout))[0]
+            ((tensors, steps),) = self._run(self._fetch(uid, peer, None, self.download_timeout))
         except Exception as e:  # noqa: BLE001 (a replica that fails or sends a malformed state: the next one)
             logger.warning(f"expert {text}: the state from {peer} was not usable: {e}")
             return None
@@ -182,8 +180,8 @@ class ExpertReplicas:
             taken = self._snapshots.get(uid)
         if taken is None or taken[0] < round_:
             raise ServerBusy(f"round {round_}: not snapshot yet")
-        if taken[0] > round_:
-            raise ServerBusy(f"round {round_} is over (now {taken[0]})")
+        if taken[0] > round_:  # not busy: the asker stops asking
+            raise BadRequest(f"round: {round_} is over here (this server is at round {taken[0]})")
         return taken[1], taken[2]
 
     def average_once(self) -> dict[Uid, str]:
@@ -191,6 +189,8 @@ class ExpertReplicas:
         round_ = round(get_dht_time() / self.every)
         deadline = time.monotonic() + self.round_seconds
         replicas = self.replicas()
+        if not replicas:
+            return {}
         sent = {}
         for uid in replicas:
             steps = self.served.steps[uid]
