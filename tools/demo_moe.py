@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from potluck.peer.results import PeerResults
 from potluck.peer.roles.shard_client import train_through_shards
 from potluck.peer.roles.trainer import PeerOptions
 from potluck.peer.training.exact_match import EvalResult, evaluate, evaluate_spec
@@ -44,6 +45,14 @@ MOE_SPEC = {
     "max_global_steps": 500,
     "checkpoint": {"save_every": 100, "keep": 1},
 }
+
+
+RESULTS = "client.events.jsonl"
+"""In the workdir: the client's ``--results`` events and summary, with ``evaluated`` before and after training."""
+
+
+def _figures(result: EvalResult) -> dict:
+    return {"loss": result.loss, "accuracy": result.accuracy, "examples": result.examples}
 
 
 def main(workdir: Path = Path(".demo-moe"), max_steps: int | None = None) -> int:
@@ -75,13 +84,18 @@ def main(workdir: Path = Path(".demo-moe"), max_steps: int | None = None) -> int
         stop = threading.Event()
         tokenizer = load_tokenizer(spec.model)
 
-        def evaluate_through_servers(model: torch.nn.Module) -> None:
-            print("== evaluating the trained model through the expert servers", flush=True)
-            found["after"] = evaluate(model, tokenizer, spec.data.eval_path, max_length=spec.data.max_length)
-
         options = PeerOptions(initial_peers=[address], host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=True)
         print("== training here, as run-peer --role client does, through the expert servers", flush=True)
-        train_through_shards(spec, options, stop, results=None, on_trained=evaluate_through_servers)
+        with PeerResults(workdir / RESULTS, "client") as results:
+            results.event("evaluated", when="before", **_figures(before))
+
+            def evaluate_through_servers(model: torch.nn.Module) -> None:
+                print("== evaluating the trained model through the expert servers", flush=True)
+                after = evaluate(model, tokenizer, spec.data.eval_path, max_length=spec.data.max_length)
+                found["after"] = after
+                results.event("evaluated", when="after", **_figures(after))
+
+            train_through_shards(spec, options, stop, results=results, on_trained=evaluate_through_servers)
     finally:
         servers.stop()
     failed = [p for p in servers.peers if p.process.returncode not in (0, None)]
@@ -95,7 +109,6 @@ def main(workdir: Path = Path(".demo-moe"), max_steps: int | None = None) -> int
     after = found["after"]
     print_table(before, after)
     print_examples(spec.data.eval_path, before, after)
-    print(
-        f"\n== done in {time.monotonic() - started:.0f}s; the servers' logs and results: {workdir / 'logs'}"
-    )
+    print(f"\n== done in {time.monotonic() - started:.0f}s; the client's results: {workdir / RESULTS}; the servers' "
+          f"logs and results: {workdir / 'logs'}")  # fmt: skip
     return 0 if after.accuracy > before.accuracy else 1

@@ -106,8 +106,12 @@ def train_through_shards(
         results.joined(str(dht.peer_id), spec.run_id, visible_addresses(dht))
         if isinstance(client, ExpertClient):
             wait_for_experts(model, client, route_timeout, stop)
-            print(f"run-peer: client {dht.peer_id} trains through {len(client.directory.servers)} expert servers",
-                  file=sys.stderr)  # fmt: skip
+            servers = sorted(client.directory.servers)
+            print(
+                f"run-peer: client {dht.peer_id} trains through {len(servers)} expert servers",
+                file=sys.stderr,
+            )
+            results.event("expert_servers", peer_ids=servers)
         else:
             wait_for_route(model, route_timeout, stop)
             route = client.router.route(0, client.num_blocks)
@@ -150,7 +154,9 @@ def train_through_shards(
                 result.last_loss,
                 exit_reason(result, options),
             )
-            print(f"run-peer: shard client {client.metrics.snapshot()}", file=sys.stderr)
+            counters = client.metrics.snapshot()
+            print(f"run-peer: shard client {counters}", file=sys.stderr)
+            results.event("shard_client", **counters)
             if on_trained is not None:
                 on_trained(model)
             return result

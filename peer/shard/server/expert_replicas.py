@@ -28,7 +28,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +82,6 @@ class ExpertReplicas:
         self.round_seconds = min(spec.averaging.averaging_timeout, self.every / 2)
         self.request_timeout = spec.averaging.request_timeout
         self.download_timeout = spec.averaging.load_state_timeout
-        self.outcomes: Counter[str] = Counter()
-        """Per expert and round: averaged, partial, alone, refused (as on ``/metrics``)."""
         self._announced: dict[str, ExpertAnnouncement] = {}
         self.transport = Transport(p2p, ExpertServicer, self._addresses_of)
         self._snapshots: dict[Uid, tuple[int, list[torch.Tensor], int]] = {}
@@ -242,7 +239,6 @@ class ExpertReplicas:
             steps = self.served.steps[uid]
             with steps.lock:
                 steps.move_to(mean_in_order(parts), sent[0], sent[1])
-        self.outcomes[outcome] += 1
         if self.metrics is not None:
             self.metrics.replica_rounds.labels(self.run_id, outcome).inc()
         if outcome != "averaged":
