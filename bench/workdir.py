@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from potluck.peer.training.checkpoint import list_checkpoints
 from potluck.protocols.runspec import AveragingSpec
+from potluck.tools.peer_processes import wait_on
 
 
 def run_in_workdir(
@@ -50,12 +50,7 @@ def median_min_max(name: str, values: list[float], digits: int = 3) -> str:
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, every: float = 0.2):
     """``condition()``'s first truthy value, polled every ``every`` seconds for up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"no {what} within {timeout:.0f} s")
+    return wait_on(condition, timeout, f"no {what}", every=every)
 
 
 def write_tiny_spec(

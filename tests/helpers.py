@@ -4,20 +4,15 @@ nobody serves yet."""
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 from pathlib import Path
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.3):
     """Poll ``condition`` until it returns something truthy (returned) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)  # the poll period of a deadline-bounded wait, not a guess at timing
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+    from potluck.tools.peer_processes import wait_on
+
+    return wait_on(condition, timeout, f"timed out waiting for {what}", every=interval)
 
 
 def scrape(port: int) -> str:

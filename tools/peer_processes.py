@@ -153,10 +153,15 @@ class LocalSwarm:
 
 
 def wait_on(
-    condition: Callable[[], Any], timeout: float, failure: str, peer: PeerProcess | None = None
+    condition: Callable[[], Any],
+    timeout: float,
+    failure: str,
+    peer: PeerProcess | None = None,
+    every: float = 0.2,
 ) -> Any:
-    """``condition()``'s first truthy value, polled until ``timeout``; ``failure`` says what did not happen in the
-    error. With ``peer``: fails at once, with its log, if it exits first."""
+    """``condition()``'s first truthy value, polled every ``every`` seconds until ``timeout``; ``failure`` says what
+    did not happen in the error. With ``peer``: fails at once, with its log, if it exits first. The one poll loop
+    of the tools, tests (``tests/helpers.wait_until``) and benchmarks (``bench/workdir.wait_for``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := condition():
@@ -165,7 +170,7 @@ def wait_on(
             raise RuntimeError(
                 f"peer {peer.name} exited with {peer.process.returncode}:\n{peer.log()[-3000:]}"
             )
-        time.sleep(0.2)
+        time.sleep(every)  # the poll period of a deadline-bounded wait, not a guess at timing
     raise TimeoutError(
         f"{failure} within {timeout}s" + (f":\n{peer.log()[-3000:]}" if peer is not None else "")
     )
