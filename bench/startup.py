@@ -7,18 +7,22 @@ What is measured
     ``imports`` (Python and the libraries, before ``main``), ``inputs_checked`` (spec, data, model files),
     ``model_loaded``, ``dht_joined`` (the libp2p daemon and the DHT node up and bootstrapped),
     ``strategy_ready`` (the averagers' processes started), ``peers_found`` (``--min-peers``), ``state_loaded``
-    (the download of the swarm's state, or the attempt to find one), ``first_step``. Two cases, alternating:
+    (the download of the swarm's state, or the attempt to find one), ``first_step``. Three cases, in rotated
+    order:
 
     - ``alone``: the first peer of a new swarm (nobody to download from);
-    - ``joining``: a peer joining a running one-peer swarm (it downloads the state first).
+    - ``joining``: a peer joining a running one-peer swarm (it downloads the state first);
+    - ``alone_bnb``: ``alone`` with bitsandbytes imported first, as every peer did where it was installed before
+      ``runtime/unused_libraries.py`` left it out of runs that quantise nothing (the baseline of that change).
 
     ``beyond model`` is ``first_step`` minus the time ``model_loaded`` took (from ``inputs_checked``).
 
 How to read it
-    Per case, min / median / max of each phase's end; last line ``alone_beyond_model=MEDIAN
+    Per case, min / median / max of each phase's end; then what importing bitsandbytes costs (``alone_bnb`` minus
+    ``alone`` in the same run); last line ``alone_beyond_model=MEDIAN
     joining_beyond_model=MEDIAN …`` (seconds).
 
-Run: ``.venv/bin/python bench/startup.py --runs 5`` (about 20 s per run on 2 CPU cores).
+Run: ``.venv/bin/python bench/startup.py --runs 5`` (about 30 s per run on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -46,12 +50,25 @@ def startup_of(peer, timeout: float) -> dict[str, float]:
     return phases
 
 
+CASES = ("alone", "joining", "alone_bnb")
+WITH_BITSANDBYTES = (
+    "-c",
+    "import sys, potluck.peer, bitsandbytes\n"  # potluck.peer first: its guard keeps bitsandbytes off the hub
+    "from potluck.peer.launch import main\n"
+    "sys.exit(main(sys.argv[1:]))",
+)
+
+
 def one_trial(case: str, spec_path: Path, folder: Path, timeout: float) -> dict[str, float]:
     with LocalSwarm(spec_path, folder) as swarm:
         if case == "joining":
             first = swarm.start_peer("first", initial_peers=[])
             startup_of(first, timeout)  # training before the newcomer starts
-        peer = swarm.start_peer(case, initial_peers=[] if case == "alone" else None)
+            peer = swarm.start_peer(case)
+        elif case == "alone_bnb":
+            peer = swarm.start_peer(case, initial_peers=[], entry=WITH_BITSANDBYTES)
+        else:
+            peer = swarm.start_peer(case, initial_peers=[])
         return startup_of(peer, timeout)
 
 
@@ -65,9 +82,9 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
         64,
         {"matchmaking_time": 0.5, "averaging_timeout": 5},
     )
-    found: dict[str, list[dict[str, float]]] = {"alone": [], "joining": []}
+    found: dict[str, list[dict[str, float]]] = {case: [] for case in CASES}
     for r in range(args.runs):
-        for case in ("alone", "joining") if r % 2 == 0 else ("joining", "alone"):
+        for case in CASES[r % len(CASES) :] + CASES[: r % len(CASES)]:
             phases = one_trial(case, spec_path, workdir / f"run{r + 1}-{case}", args.timeout)
             found[case].append(phases)
             steps = " ".join(
@@ -86,6 +103,10 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
         for case, trials in found.items()
         for name in ("beyond_model", "first_step")
     }
+    print("what importing bitsandbytes costs (alone_bnb - alone, same run; min / median / max):")
+    for name in ("imports", "first_step"):
+        cost = [b[name] - a[name] for a, b in zip(found["alone"], found["alone_bnb"], strict=True)]
+        print(f"  {name:>15}: {min(cost):6.2f} {statistics.median(cost):6.2f} {max(cost):6.2f}")
     print(" ".join(f"{k}={v:.2f}" for k, v in medians.items()) + f" runs={args.runs}")
     return 0
 

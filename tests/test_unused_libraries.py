@@ -1,0 +1,69 @@
+"""A peer whose run quantises nothing never imports bitsandbytes (``runtime/unused_libraries.py``); one that does,
+and one whose spec cannot be read yet, still can.
+
+Each case is a fresh process doing what ``run-peer`` does: leave out what the ``--run-spec`` does not need, then
+import the whole peer, then ask peft and transformers whether bitsandbytes is there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("bitsandbytes")  # installed with the dev extra; without it there is nothing to leave out
+
+PEER = """
+import json, sys
+from potluck.runtime.unused_libraries import leave_out_unused_libraries
+left_out = leave_out_unused_libraries(sys.argv[1:])
+import potluck.peer.cli  # everything run-peer imports
+from peft.import_utils import is_bnb_available
+from transformers.utils import is_bitsandbytes_available
+print(json.dumps({
+    "left_out": left_out,
+    "imported": sys.modules.get("bitsandbytes") is not None,
+    "peft_sees_it": is_bnb_available(),
+    "transformers_sees_it": is_bitsandbytes_available(),
+}))
+"""
+
+
+def _peer_imports(*argv: str) -> dict[str, bool]:
+    done = subprocess.run(
+        [sys.executable, "-c", PEER, *argv], capture_output=True, text=True, check=True, timeout=120
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _spec(tmp_path, **model) -> str:
+    path = tmp_path / "run.yaml"
+    spec = {
+        "run_id": "imports",
+        "model": {"name_or_path": "tiny-model", **model},
+        "adapter": {"kind": "lora"},
+        "data": {"path": "train.jsonl"},
+        "batch": {"target_batch_size": 8, "per_peer_batch_size": 8},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_a_run_that_quantises_nothing_leaves_bitsandbytes_out(tmp_path):
+    found = _peer_imports("--run-spec", _spec(tmp_path), "--max-steps", "3")
+    assert found == {
+        "left_out": True,
+        "imported": False,
+        "peft_sees_it": False,
+        "transformers_sees_it": False,
+    }
+
+
+def test_a_quantised_run_and_an_unread_spec_keep_bitsandbytes(tmp_path):
+    quantised = _peer_imports("--run-spec", _spec(tmp_path, quantization="4bit"))
+    assert quantised["left_out"] is False and quantised["peft_sees_it"] and quantised["transformers_sees_it"]
+    for argv in (("--coordinator", "127.0.0.1:1"), ("--run-spec", str(tmp_path / "missing.yaml"))):
+        assert _peer_imports(*argv)["left_out"] is False, argv
