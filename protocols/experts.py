@@ -7,8 +7,8 @@
 An expert is named by its uid ``<layer>.<expert>`` (``1.3``: expert 3 of the model's block 1). Trust is as for
 block-span servers (``protocols/shards.py``): every DHT node refuses a record under an ``[owner:…]`` subkey that
 its owner did not sign, or one off the strict schema; readers (``read_experts``) keep only records of our
-protocol version whose peer id is the signer's. Throughput is self-asserted; the trainer bans a server that
-fails a request.
+protocol version whose peer id is the signer's. Throughput and load are self-asserted; the trainer bans a server
+that fails a request.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from typing import Dict  # noqa: UP035 (pydantic v1 schemas for hivemind want ty
 
 from hivemind.dht import DHT
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
-from pydantic.v1 import BaseModel, conlist, constr, validator
+from pydantic.v1 import BaseModel, StrictFloat, conlist, constr, validator
 
 from potluck.protocols.records import ReadResult, ServerAnnouncement, read_servers, store_owned
 
-EXPERT_PROTOCOL_VERSION = "potluck-experts/2"
+EXPERT_PROTOCOL_VERSION = "potluck-experts/3"
 """Servers and trainers of another version do not talk: the trainer skips such servers. /2: ``expert_state``
-carries AdamW's statistics and answers averaging rounds; ``info`` each expert's steps."""
+carries AdamW's statistics and answers averaging rounds; ``info`` each expert's steps. /3: announcements carry
+the server's ``load``."""
 MAX_EXPERTS_PER_SERVER = 4096
 UID_PATTERN = r"^[0-9]{1,4}\.[0-9]{1,4}$"
 
@@ -47,6 +48,15 @@ class ExpertAnnouncement(ServerAnnouncement):
 
     uids: conlist(constr(regex=UID_PATTERN, strict=True), min_items=1, max_items=MAX_EXPERTS_PER_SERVER)
     """The experts served, ``<layer>.<expert>`` each."""
+    load: StrictFloat = 0.0
+    """The share of the last announcement interval the server spent computing, 0 to 1
+    (``server/batching.LoadMeter``): trainers route an expert's tokens away from a replica near 1."""
+
+    @validator("load")
+    def _share(cls, value):
+        if not 0.0 <= value <= 1.0:  # NaN fails both
+            raise ValueError("must be between 0 and 1")
+        return value
 
     @validator("uids")
     def _distinct(cls, uids):

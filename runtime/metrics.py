@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 
 class MetricSet:
@@ -35,3 +35,7 @@ class MetricSet:
         return Histogram(
             name, documentation, self._labels(extra_labels), buckets=buckets, registry=self.registry
         )
+
+    def summary(self, name: str, documentation: str, *extra_labels: str) -> Summary:
+        """A count and a sum (no buckets): an average per label set, cheap where the labels are many."""
+        return Summary(name, documentation, self._labels(extra_labels), registry=self.registry)

@@ -23,9 +23,11 @@ from potluck.peer.shard.client.generate import generate_text
 from potluck.peer.shard.experts import load_experts
 from potluck.protocols.experts import parse_uid, read_experts
 from potluck.protocols.runspec import load_run_spec
+from potluck.tools.coordinator_process import free_port
 from potluck.tools.expert_swarm import moe_trainer
 from tests.conftest import serving_experts
 from tests.helpers import wait_until
+from tests.test_ops_prometheus import every_dashboard_query_returns_data, query, running_prometheus
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 PLACEMENT = {"a": "0-1", "b": "2-3", "c": "1"}
@@ -44,8 +46,13 @@ def moe_spec(write_moe_spec):
 
 
 @pytest.fixture(scope="module")
-def servers(moe_spec):
-    with serving_experts(moe_spec, PLACEMENT) as swarm:
+def metrics_ports() -> dict[str, int]:
+    return {name: free_port() for name in PLACEMENT}
+
+
+@pytest.fixture(scope="module")
+def servers(moe_spec, metrics_ports):
+    with serving_experts(moe_spec, PLACEMENT, metrics_ports) as swarm:
         yield swarm
 
 
@@ -201,6 +208,31 @@ def routed_to_experts_0_and_1(model):
     finally:
         for block, experts in zip(blocks, originals, strict=True):
             block.experts = experts
+
+
+def test_the_experts_dashboard_shows_every_expert_servers_series(servers, remote, metrics_ports, tmp_path):
+    """After the training above: a real Prometheus scraping the three servers has data for every query of
+    Grafana's experts dashboard, tokens for the experts trained, and no failure."""
+    targets = [f"127.0.0.1:{port}" for port in metrics_ports.values()]
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "potluck-experts", "static_configs": [{"targets": targets}]}],
+    }
+    variables = {"$run_id": "moe-run", "$__rate_interval": "20s", "$__interval": "5s", "$__range": "5m"}
+    with running_prometheus(config, tmp_path) as url:
+        every_dashboard_query_returns_data(url, variables, 120, "potluck-experts.json")
+        tokens = query(url, 'sum by (expert) (potluck_expert_tokens_total{run_id="moe-run"})')["data"][
+            "result"
+        ]
+        served = {r["metric"]["expert"] for r in tokens if float(r["value"][1]) > 0}
+        sent = {uid for uid, n in remote[1].metrics.tokens_by_expert.items() if n > 0}
+        assert sent and sent <= served <= set(ALL_UIDS)  # the servers count what this trainer sent (and more)
+        failures = query(url, 'sum(potluck_expert_request_failures_total{run_id="moe-run"})')["data"][
+            "result"
+        ]
+        assert float(failures[0]["value"][1]) == 0
+        loads = query(url, "potluck_expert_server_load")["data"]["result"]
+        assert len(loads) == len(PLACEMENT) and all(0 <= float(r["value"][1]) <= 1 for r in loads)
 
 
 def test_replicas_of_an_expert_hold_equal_weights_after_averaging(servers, remote, batch, family_model):

@@ -4,16 +4,22 @@ experts, a server's optimizer step and checkpoint, and how replicas average an e
 
 from __future__ import annotations
 
+import asyncio
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from potluck.peer.shard import wire
 from potluck.peer.shard.blocks import ShardLoadError
+from potluck.peer.shard.client.expert_calls import BUSY_LOAD, ExpertDirectory
 from potluck.peer.shard.client.remote_experts import renormalised
 from potluck.peer.shard.experts import load_experts, load_without_experts, moe_config, parse_experts
 from potluck.peer.shard.server.expert_checkpoint import resume_experts, save_experts
 from potluck.peer.shard.server.expert_replicas import Refused, checked_state, mean_in_order
-from potluck.peer.shard.server.expert_service import ServedExperts
+from potluck.peer.shard.server.expert_service import ExpertServicer, ServedExperts
+from potluck.peer.shard.server.service import ServerLimits
 from potluck.protocols.experts import ExpertAnnouncement
 from potluck.protocols.runspec import parse_run_spec
 
@@ -66,13 +72,87 @@ def test_gates_of_answered_experts_are_renormalised_and_others_kept():
     torch.testing.assert_close(renormalised(gates, answered), expected)
 
 
+RECORD = {
+    "run_id": "r",
+    "peer_id": "p",
+    "throughput": 1.0,
+    "state": "online",
+    "version": "v",
+    "announced_at": 1.0,
+}
+
+
 def test_an_expert_record_is_strict():
-    fields = {"run_id": "r", "peer_id": "p", "throughput": 1.0, "state": "online", "version": "v",
-              "announced_at": 1.0}  # fmt: skip
-    assert ExpertAnnouncement(uids=["0.1", "12.3"], **fields).uids == ["0.1", "12.3"]
+    assert ExpertAnnouncement(uids=["0.1", "12.3"], **RECORD).uids == ["0.1", "12.3"]
     for uids in (["0.1", "0.1"], ["expert.1"], []):
         with pytest.raises(ValueError, match="uids"):
-            ExpertAnnouncement(uids=uids, **fields)
+            ExpertAnnouncement(uids=uids, **RECORD)
+    assert ExpertAnnouncement(uids=["0.1"], **RECORD).load == 0.0
+    for load in (-0.1, 1.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="load"):
+            ExpertAnnouncement(uids=["0.1"], load=load, **RECORD)
+
+
+def _directory(**servers: tuple[float, float]) -> ExpertDirectory:
+    """A trainer's directory of servers of expert 0.1, each ``name=(throughput, load)`` (no DHT read)."""
+    directory = ExpertDirectory(dht=None, run_id="r")
+    directory.servers = {
+        name: ExpertAnnouncement(uids=["0.1"], **{**RECORD, "peer_id": name, "throughput": t, "load": load})
+        for name, (t, load) in servers.items()
+    }
+    return directory
+
+
+def test_an_expert_stays_on_its_last_server_until_that_server_is_busy_then_goes_where_most_throughput_is_spare():
+    directory = _directory(a=(1000.0, 0.5), b=(900.0, 0.0), c=(2000.0, 0.7))
+    assert directory.candidates("0.1") == ["b", "c", "a"]  # spare: 900, 600, 500
+    directory.last_good["0.1"] = "a"
+    assert directory.candidates("0.1") == ["a", "b", "c"]  # it answered last and is not busy
+    directory.servers["a"] = directory.servers["a"].copy(update={"load": BUSY_LOAD})
+    assert directory.candidates("0.1") == ["b", "c", "a"]
+    directory.ban("b")
+    assert directory.candidates("0.1") == ["c", "a"]
+
+
+def test_an_expert_server_times_and_counts_each_experts_requests_and_reports_its_load(family_model):
+    servicer = ExpertServicer(_served(family_model("mixtral")), "moe-run", 128, ServerLimits())
+    try:
+
+        async def ask(method: str, tensors: list[torch.Tensor], uid: str):
+            handler = servicer.rpc_forward if method == "forward" else servicer.rpc_backward
+            return await handler(wire.request(tensors, uid=uid), None)
+
+        async def requests():
+            hidden = torch.randn(3, 128)
+            answered = await ask("forward", [hidden], "0.1")
+            torch.testing.assert_close(
+                wire.unpack_response(answered)[0], servicer.served.forward((0, 1), hidden)
+            )
+            await ask("backward", [hidden, torch.randn(3, 128)], "0.1")
+            refused = await ask("forward", [torch.randn(3, 64)], "1.2")  # the wrong hidden size
+            with pytest.raises(wire.RemoteError, match="expected"):
+                wire.unpack_response(refused)
+            await ask("forward", [hidden], "0.3")  # not served: refused before any expert is named
+
+        asyncio.run(requests())
+        registry = servicer.metrics.registry
+
+        def value(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, {"run_id": "moe-run", **labels})
+
+        assert value("potluck_expert_tokens_total", expert="0.1") == 3
+        for method in ("forward", "backward"):
+            assert value("potluck_expert_request_seconds_count", expert="0.1", method=method) == 1
+            assert value("potluck_expert_request_seconds_sum", expert="0.1", method=method) > 0
+        failures = "potluck_expert_request_failures_total"
+        assert value(failures, expert="1.2", kind="bad_request") == 1
+        assert value(failures, expert="0.1", kind="bad_request") == 0  # every served expert has its series
+        assert value("potluck_expert_request_seconds_count", expert="0.3", method="forward") is None
+        assert servicer.executor.busy_seconds > 0
+        load = servicer.load()
+        assert 0.0 < load <= 1.0 and value("potluck_expert_server_load") == load
+    finally:
+        servicer.shutdown()
 
 
 def _served(model_dir):

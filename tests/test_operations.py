@@ -258,7 +258,8 @@ def test_grafana_provisioning_is_mounted_and_valid():
             assert panel["targets"], f"{name}: {panel['title']} has no query"
             for ref in [panel["datasource"], *(t["datasource"] for t in panel["targets"])]:
                 assert ref == {"type": "prometheus", "uid": datasource["uid"]}, f"{name}: {panel['title']}"
-        assert len(dashboard_queries(dashboard)) >= 15
+    assert len(dashboard_queries(dashboards()["potluck-swarm.json"])) >= 15
+    assert set(dashboards()) == {"potluck-swarm.json", "potluck-experts.json"}  # each checked live by a test
 
 
 # -- the images ----------------------------------------------------------------------------------------

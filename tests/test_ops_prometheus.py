@@ -110,13 +110,20 @@ def swarm(tmp_path_factory) -> Iterator[Swarm]:
 @pytest.fixture(scope="module")
 def prometheus(swarm, tmp_path_factory) -> Iterator[str]:
     """A Prometheus server with deploy/prometheus.yml rendered for the swarm; yields its base URL."""
+    config = render_prometheus_config(DEPLOY / "prometheus.yml", swarm.coordinator, swarm.peers, "1s")
+    with running_prometheus(config, tmp_path_factory.mktemp("prometheus")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_prometheus(config: dict, root: Path) -> Iterator[str]:
+    """A real Prometheus server with ``config`` (its files under ``root``), ready; yields its base URL, stopped
+    on exit. Skips the test where the binary is missing."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip(
             "the prometheus binary is missing: apt-get install prometheus (make test installs it as root)"
         )
-    root = tmp_path_factory.mktemp("prometheus")
-    config = render_prometheus_config(DEPLOY / "prometheus.yml", swarm.coordinator, swarm.peers, "1s")
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
     address = f"127.0.0.1:{free_port()}"
     with (root / "prometheus.log").open("w") as log:
@@ -170,14 +177,19 @@ def concrete(expr: str, variables: dict[str, str]) -> str:
     return f"count by ({label_values[2]}) ({label_values[1]})" if label_values else expr
 
 
-def every_dashboard_query_returns_data(url: str, variables: dict[str, str], timeout: float) -> dict[str, str]:
-    """Run every query of every provisioned dashboard against the Prometheus at ``url`` until each has
+SWARM_DASHBOARD = "potluck-swarm.json"
+"""The dashboard of a training swarm (the others need other roles: ``potluck-experts.json`` expert servers)."""
+
+
+def every_dashboard_query_returns_data(
+    url: str, variables: dict[str, str], timeout: float, dashboard: str = SWARM_DASHBOARD
+) -> dict[str, str]:
+    """Run every query of the provisioned ``dashboard`` against the Prometheus at ``url`` until each has
     returned at least one series; each must parse. Returns ``{"dashboard: panel": PromQL}``; fails the
     test naming the queries still without data after ``timeout`` seconds."""
     queries = {
-        f"{name}: {title}": concrete(expr, variables)
-        for name, d in dashboards().items()
-        for title, expr in dashboard_queries(d)
+        f"{dashboard}: {title}": concrete(expr, variables)
+        for title, expr in dashboard_queries(dashboards()[dashboard])
     }
     pending = dict(queries)
 

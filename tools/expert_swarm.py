@@ -25,17 +25,26 @@ from potluck.tools.peer_processes import LocalSwarm, PeerProcess, wait_on
 
 
 def start_expert_servers(
-    swarm: LocalSwarm, placement: dict[str, str], timeout: float = 180.0
+    swarm: LocalSwarm,
+    placement: dict[str, str],
+    timeout: float = 180.0,
+    metrics_ports: dict[str, int] | None = None,
 ) -> list[PeerProcess]:
     """One ``run-peer --role experts`` per entry of ``placement`` (its name → its ``--experts``), each joining the
-    first one's DHT; returns them once every one serves. On a loaded 2-core machine imports, loading and the
-    throughput probe take seconds per server: raise ``timeout`` before suspecting them."""
+    first one's DHT; returns them once every one serves. ``metrics_ports``: by name, where a server serves
+    ``/metrics``. On a loaded 2-core machine imports, loading and the throughput probe take seconds per server:
+    raise ``timeout`` before suspecting them."""
+    ports = metrics_ports or {}
+
+    def flags(name: str, experts: str) -> list[str]:
+        metrics = ["--metrics-port", str(ports[name])] if name in ports else []
+        return ["--role", "experts", "--experts", experts, *metrics]
+
     (first_name, first_experts), *others = placement.items()
-    first = swarm.start_peer(first_name, ["--role", "experts", "--experts", first_experts])
+    first = swarm.start_peer(first_name, flags(first_name, first_experts))
     address = swarm.wait_for_address(first, timeout)
     servers = [first] + [
-        swarm.start_peer(name, ["--role", "experts", "--experts", experts], initial_peers=[address])
-        for name, experts in others
+        swarm.start_peer(name, flags(name, experts), initial_peers=[address]) for name, experts in others
     ]
     for server in servers:
         swarm.wait_for_event(server, "serving", timeout)

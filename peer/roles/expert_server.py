@@ -81,7 +81,9 @@ def serve_experts(
             served, spec.run_id, config.hidden_size, limits or ServerLimits(), metrics, replicas.round_state
         )
         RemoteExpertWorker.run_coroutine(serve_on(p2p, servicer))
-        announcer = ExpertAnnouncer(dht, key_tag, spec.run_id, uids, throughput, announce_interval).start()
+        announcer = ExpertAnnouncer(
+            dht, key_tag, spec.run_id, uids, throughput, announce_interval, load=servicer.load
+        ).start()
         replicas.start()
         names = [expert_uid(*uid) for uid in uids]
         print(f"run-peer: serving experts {' '.join(names)} ({throughput:.0f} tokens/s per expert)",

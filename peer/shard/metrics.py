@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from prometheus_client import start_http_server
 
+from potluck.peer.shard.wire import BAD_REQUEST, BUSY, INTERNAL
 from potluck.runtime.metrics import MetricSet
 
 
@@ -54,7 +55,8 @@ class ShardServerMetrics:
 
 
 class ExpertServerMetrics(ShardServerMetrics):
-    """A shard server's series, and an expert server's own: tokens per expert, and its replicas' rounds."""
+    """A shard server's series, and an expert server's own: per expert, tokens, request time and failures; its
+    load; its replicas' rounds."""
 
     def __init__(self, run_id: str):
         super().__init__(run_id)
@@ -63,6 +65,22 @@ class ExpertServerMetrics(ShardServerMetrics):
         self.tokens = expert.counter(
             "potluck_expert_tokens", "Tokens sent forward to each expert (<layer>.<expert>) of this server"
         )
+        self.expert_seconds = expert.summary(
+            "potluck_expert_request_seconds",
+            "Time from a valid request for an expert to its answer (queue and compute), by method",
+            "method",
+        )
+        self.expert_failures = expert.counter(
+            "potluck_expert_request_failures",
+            "Forward and backward requests for an expert of this server that it refused or failed, by kind "
+            "(bad_request, busy, internal)",
+            "kind",
+        )
+        self.load = run.gauge(
+            "potluck_expert_server_load",
+            "Share of the last announcement interval this server spent computing (0 to 1), as it announces it",
+        )
+
         self.replica_rounds = run.counter(
             "potluck_expert_replica_rounds",
             "Averaging rounds of this server's replicated experts, per expert, by outcome (averaged: with every "
@@ -76,6 +94,12 @@ class ExpertServerMetrics(ShardServerMetrics):
             "its own resumed state was further on; failed)",
             "outcome",
         )
+
+    def serving(self, experts: list[str]) -> None:
+        """Start every served expert's failure series at 0 (a dashboard shows a healthy expert's 0, not no data)."""
+        for expert in experts:
+            for kind in (BAD_REQUEST, BUSY, INTERNAL):
+                self.expert_failures.labels(self.run_id, expert, kind)
 
 
 @dataclass

@@ -4,8 +4,8 @@ The trainer finds servers in the DHT (``protocols/experts.read_experts``, re-rea
 ``refresh_seconds``) and calls the experts of one MoE layer all at once. **Fault rule**, per expert call (one
 expert, the tokens routed to it):
 
-1. try the expert's servers in turn, best first (the one that answered this expert last, then by announced
-   throughput); a server that fails, times out or is busy is banned for ``ban_seconds`` and the next one tried;
+1. try the expert's servers in turn, best first: the one that answered this expert last, unless it announces a
+   ``load`` of at least ``BUSY_LOAD``; then by spare throughput (announced throughput × (1 − load)); a server that fails, times out or is busy is banned for ``ban_seconds`` and the next one tried;
    an answer from another server than the one that answered the expert last, because that one failed (in this
    call or, banned, before it), counts as ``rerouted``;
 2. when none answers, the call is ``dropped``: the expert's output is left out for those tokens and their
@@ -38,6 +38,15 @@ from potluck.protocols.experts import ExpertAnnouncement, expert_uid, read_exper
 
 logger = logging.getLogger(__name__)
 
+BUSY_LOAD = 0.9
+"""An expert's last server that announces at least this share of its time busy loses the expert's tokens to the
+replica with the most spare throughput (one without replicas keeps them)."""
+
+
+def spare_throughput(server: ExpertAnnouncement) -> float:
+    """Tokens per second a server has left for more work, by its own announcement."""
+    return server.throughput * (1.0 - server.load)
+
 
 class ExpertDirectory:
     """The online servers of every expert of a run, from the DHT, and the bans of those that failed."""
@@ -63,7 +72,10 @@ class ExpertDirectory:
         serving = [
             a for a in self.servers.values() if uid in a.uids and self._banned_until.get(a.peer_id, 0) < now
         ]
-        serving.sort(key=lambda a: (a.peer_id != self.last_good.get(uid), -a.throughput, a.peer_id))
+        last = self.last_good.get(uid)
+        serving.sort(
+            key=lambda a: (not (a.peer_id == last and a.load < BUSY_LOAD), -spare_throughput(a), a.peer_id)
+        )
         return [a.peer_id for a in serving]
 
     def covers(self, uids: list[str]) -> bool:

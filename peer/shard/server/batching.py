@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -50,6 +51,8 @@ class BatchingExecutor:
         self._closed = False
         self.on_batch: Callable[[int, int], None] = lambda tasks, rows: None
         """Called with (requests, rows) for every batch run: metrics hook."""
+        self.busy_seconds = 0.0
+        """Seconds the compute thread has spent computing since it started (:class:`LoadMeter` reads it)."""
         self._thread = threading.Thread(target=self._work, name="shard-compute", daemon=True)
         self._thread.start()
 
@@ -98,6 +101,7 @@ class BatchingExecutor:
             self._run(batch)
 
     def _run(self, batch: list[_Task]) -> None:
+        started = time.perf_counter()
         try:
             if len(batch) == 1:
                 outputs = [batch[0].run(batch[0].inputs)]
@@ -112,12 +116,30 @@ class BatchingExecutor:
             logger.warning(f"shard compute failed: {e!r}")
             for task in batch:
                 task.loop.call_soon_threadsafe(_resolve, task.future, None, e)
+        finally:
+            self.busy_seconds += time.perf_counter() - started
 
     def shutdown(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout=10)
+
+
+class LoadMeter:
+    """The share of wall time a server's compute thread was busy since the last reading: its ``load``, 0 (idle)
+    to 1 (computing all the time, requests likely waiting), as an expert server announces it."""
+
+    def __init__(self, executor: BatchingExecutor):
+        self.executor = executor
+        self._at, self._busy = time.monotonic(), executor.busy_seconds
+
+    def read(self) -> float:
+        now, busy = time.monotonic(), self.executor.busy_seconds
+        elapsed = now - self._at
+        load = (busy - self._busy) / elapsed if elapsed > 0 else 0.0
+        self._at, self._busy = now, busy
+        return min(max(load, 0.0), 1.0)
 
 
 def _resolve(future: asyncio.Future, result, error: BaseException | None) -> None:

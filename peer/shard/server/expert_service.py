@@ -16,7 +16,7 @@ trainers step it in turn. Replicas of an expert are not averaged yet (docs/archi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import AsyncIterator  # noqa: UP035 (hivemind finds streaming RPCs by typing's name)
 
 import torch
@@ -28,7 +28,7 @@ from potluck.peer.shard import wire
 from potluck.peer.shard.experts import ExpertFFN
 from potluck.peer.shard.metrics import ExpertServerMetrics
 from potluck.peer.shard.server.announce import Announcer
-from potluck.peer.shard.server.batching import BatchingExecutor
+from potluck.peer.shard.server.batching import BatchingExecutor, LoadMeter, ServerBusy
 from potluck.peer.shard.server.handling import BadRequest, ForwardBackward, decode_tensors
 from potluck.peer.shard.server.service import ServerLimits
 from potluck.peer.shard.server.steps import ServerSteps
@@ -107,6 +107,8 @@ class ExpertServicer(ForwardBackward):
         self.round_state = round_state
         self.executor = BatchingExecutor(limits.max_batch_tokens, limits.max_queue)
         self.executor.on_batch = self.metrics.observe_batch
+        self._load_meter = LoadMeter(self.executor)
+        self.metrics.serving([expert_uid(*uid) for uid in experts.experts])
         self._streams = 0
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
@@ -147,8 +149,11 @@ class ExpertServicer(ForwardBackward):
 
     # -- computations ------------------------------------------------------------------------------
     async def _forward(self, request) -> list[torch.Tensor]:
-        uid, (hidden,) = self._parse(request, ["hidden"])
+        uid = self._uid(wire.metadata_of(request))
+        return await self._per_expert(uid, "forward", self._forward_on(uid, request))
 
+    async def _forward_on(self, uid: Uid, request) -> list[torch.Tensor]:
+        (hidden,) = self._tensors(request, ["hidden"])
         self.metrics.tokens.labels(self.run_id, expert_uid(*uid)).inc(hidden.shape[0])
 
         def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -157,7 +162,11 @@ class ExpertServicer(ForwardBackward):
         return await self.executor.submit([hidden], run, key=("forward", uid))
 
     async def _backward(self, request) -> list[torch.Tensor]:
-        uid, (hidden, grad_output) = self._parse(request, ["hidden", "grad_output"])
+        uid = self._uid(wire.metadata_of(request))
+        return await self._per_expert(uid, "backward", self._backward_on(uid, request))
+
+    async def _backward_on(self, uid: Uid, request) -> list[torch.Tensor]:
+        hidden, grad_output = self._tensors(request, ["hidden", "grad_output"])
         if grad_output.shape != hidden.shape:
             raise BadRequest(f"grad_output: shape {tuple(grad_output.shape)} differs from hidden's")
 
@@ -167,6 +176,35 @@ class ExpertServicer(ForwardBackward):
 
         # each backward request is one optimizer step of its expert: never merged with another's
         return await self.executor.submit([hidden, grad_output], run)
+
+    async def _per_expert(
+        self, uid: Uid, method: str, answer: Awaitable[list[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """``answer``, timed and its failure counted under the expert (``potluck_expert_request_*``)."""
+        label, started, kind = expert_uid(*uid), time.perf_counter(), None
+        try:
+            return await answer
+        except (BadRequest, wire.RemoteError):  # as ``handling.RequestHandling._handle`` counts them
+            kind = wire.BAD_REQUEST
+            raise
+        except ServerBusy:
+            kind = wire.BUSY
+            raise
+        except Exception:
+            kind = wire.INTERNAL
+            raise
+        finally:
+            self.metrics.expert_seconds.labels(self.run_id, label, method).observe(
+                time.perf_counter() - started
+            )
+            if kind is not None:
+                self.metrics.expert_failures.labels(self.run_id, label, kind).inc()
+
+    def load(self) -> float:
+        """The compute thread's busy share since the last call (announced; also the ``load`` gauge)."""
+        value = self._load_meter.read()
+        self.metrics.load.labels(self.run_id).set(value)
+        return value
 
     # -- validation --------------------------------------------------------------------------------
     def _uid(self, meta: dict) -> Uid:
@@ -180,8 +218,7 @@ class ExpertServicer(ForwardBackward):
             raise BadRequest(f"uid: {uid!r} is not an expert this server holds ({served})")
         return parsed
 
-    def _parse(self, request, names: list[str]) -> tuple[Uid, list[torch.Tensor]]:
-        uid = self._uid(wire.metadata_of(request))
+    def _tensors(self, request, names: list[str]) -> list[torch.Tensor]:
         tensors = decode_tensors(request, names, self._max_elements)
         for name, tensor in zip(names, tensors, strict=True):
             if tensor.dtype != self.dtype:
@@ -192,7 +229,7 @@ class ExpertServicer(ForwardBackward):
                 )
             if not torch.isfinite(tensor).all():
                 raise BadRequest(f"{name}: contains NaN or Inf")
-        return uid, tensors
+        return tensors
 
     @property
     def _max_elements(self) -> int:
@@ -209,13 +246,21 @@ class ExpertServicer(ForwardBackward):
 
 
 class ExpertAnnouncer(Announcer):
-    """An expert server's :class:`ExpertAnnouncement`."""
+    """An expert server's :class:`ExpertAnnouncement`. ``load``: its compute thread's busy share since the last
+    announcement (``batching.LoadMeter.read``; also set on the ``potluck_expert_server_load`` gauge)."""
 
     def __init__(
-        self, dht, key_tag: bytes, run_id: str, uids: list[Uid], throughput: float, interval: float = 5.0
+        self,
+        dht,
+        key_tag: bytes,
+        run_id: str,
+        uids: list[Uid],
+        throughput: float,
+        interval: float = 5.0,
+        load: Callable[[], float] = lambda: 0.0,
     ):
         super().__init__(dht, key_tag, run_id, interval)
-        self.uids, self.throughput = [expert_uid(*uid) for uid in uids], throughput
+        self.uids, self.throughput, self.load = [expert_uid(*uid) for uid in uids], throughput, load
 
     def announcement(self, state: str) -> ExpertAnnouncement:
         return ExpertAnnouncement(
@@ -223,6 +268,7 @@ class ExpertAnnouncer(Announcer):
             peer_id=str(self.dht.peer_id),
             uids=self.uids,
             throughput=float(self.throughput),
+            load=float(self.load()) if state == "online" else 0.0,
             state=state,
             version=EXPERT_PROTOCOL_VERSION,
             announced_at=time.time(),
