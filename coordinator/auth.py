@@ -75,6 +75,7 @@ class OperatorGate:
 
     def refuse(self, method: str, reason: str, caller: str) -> str:
         """Count and log a refusal; return the one-line message to send back."""
+        method = method[:200]  # the caller chose it, and it goes back in a response header
         # a label per made-up method path would let anyone grow the metrics without bound
         label = method if method in _KNOWN_METHODS or method == "http" else "other"
         self.refused.labels(method=label, reason=reason).inc()

@@ -119,6 +119,16 @@ def test_publish_needs_the_operator_token_and_nothing_is_stored_without_it(secur
     assert secured.refused(PUBLISH, "missing_token") == 1  # accepted calls are not counted
 
 
+def test_a_method_not_in_the_open_list_is_closed_and_counted_without_its_name(secured):
+    credentials = grpc.ssl_channel_credentials(secured.cert_path.read_bytes())
+    with grpc.secure_channel(secured.address, credentials) as channel:
+        made_up = channel.unary_unary("/potluck.v1.Coordinator/DeleteEverything" + "x" * 500)
+        with pytest.raises(grpc.RpcError) as refused:
+            made_up(b"", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert secured.refused("other", "missing_token") == 1  # a made-up path never becomes a label
+
+
 def test_reads_stay_open_over_tls(secured):
     with secured.client(token=secured.token) as operator:
         operator.publish(json.dumps(base_spec("readable")))
