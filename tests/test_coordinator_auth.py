@@ -31,6 +31,7 @@ from potluck.coordinator.grpc_service import CoordinatorService, start_grpc_serv
 from potluck.coordinator.store import RunStore
 from potluck.coordinator.tls import self_signed_certificate
 from potluck.coordinator.web import start_web_server, stop_web_server
+from potluck.peer.net.discovery import DiscoveryError, join_via_coordinator
 from potluck.protocols.coordinator_access import CoordinatorAccess
 from potluck.protocols.coordinator_client import CoordinatorClient
 from tests.test_grpc_api import expect_error
@@ -142,6 +143,16 @@ def test_reads_stay_open_over_tls(secured):
     with grpc.secure_channel(f"localhost:{port}", credentials) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_peer_joins_through_a_tls_coordinator_with_only_its_certificate(secured):
+    with secured.client(token=secured.token) as operator:
+        operator.publish(json.dumps(base_spec("joinable")))
+    access = CoordinatorAccess(secured.cert_path.read_bytes())  # what run-peer --coordinator-tls-ca reads
+    joined = join_via_coordinator(secured.address, "joinable", timeout=10, access=access)
+    assert joined.spec.run_id == "joinable" and joined.coordinator_key == b"key"
+    with pytest.raises(DiscoveryError, match="UNAVAILABLE"):  # without it: refused, and said so
+        join_via_coordinator(secured.address, "joinable", timeout=10)
 
 
 def test_a_generic_client_lists_and_calls_the_read_api_through_reflection(secured):
