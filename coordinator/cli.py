@@ -100,18 +100,23 @@ def security_from_args(args: argparse.Namespace) -> Security:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise AccessError("--tls-cert and --tls-key go together")
     if args.tls_cert is not None and args.tls_self_signed is not None:
-        raise AccessError("--tls-self-signed writes its own certificate: drop --tls-cert/--tls-key, or it")
+        raise AccessError("--tls-self-signed and --tls-cert/--tls-key exclude each other: give one")
     certificate = None
     if args.tls_cert is not None:
         certificate = load_certificate(args.tls_cert, args.tls_key)
-    elif args.tls_self_signed is not None:
-        certificate = self_signed_certificate(args.tls_self_signed, args.host)
     token_path, token = args.operator_token_file, None
     if token_path is not None:
         token = read_operator_token(token_path)
-    elif args.tls_self_signed is not None:
-        token_path = args.tls_self_signed / "operator.token"
-        token = create_operator_token(token_path)
+    if args.tls_self_signed is not None:
+        try:
+            certificate = self_signed_certificate(args.tls_self_signed, args.host)
+            if token_path is None:
+                token_path = args.tls_self_signed / "operator.token"
+                token = create_operator_token(token_path)
+        except OSError as e:
+            raise AccessError(
+                f"--tls-self-signed {args.tls_self_signed}: cannot write there ({e.strerror})"
+            ) from None
     if args.http_auth and token is None:
         raise AccessError("--http-auth needs an operator token: --operator-token-file or --tls-self-signed")
     return Security(certificate, token, token_path)

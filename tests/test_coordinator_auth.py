@@ -247,6 +247,7 @@ def test_bad_server_files_are_one_line_before_anything_loads(tmp_path, capsys):
         (["--tls-cert", str(mine.cert_path)], "--tls-cert and --tls-key go together"),
         (["--operator-token-file", str(tmp_path / "empty.token")], "the operator token is empty"),
         (["--http-auth"], "--http-auth needs an operator token"),
+        (["--tls-self-signed", str(tmp_path / "empty.token" / "sub")], "cannot write there"),
     ]  # fmt: skip
     for argv, message in cases:
         assert coordinator_cli.main(["--db", str(tmp_path / "never.db"), *argv]) == 2, argv
