@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-moe swarm test test-fast test-compose images docker-engine lint format bench clean system-packages
+.PHONY: demo demo-moe swarm test test-fast test-compose compose-env images docker-engine lint format bench clean system-packages
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -63,6 +63,13 @@ docker-engine:
 	  setsid dockerd >build/dockerd.log 2>&1 </dev/null & \
 	  for i in $$(seq 60); do docker info >/dev/null 2>&1 && exit 0; sleep 1; done; \
 	  echo "make: dockerd did not answer within 60 s (build/dockerd.log)"; exit 2; }
+
+# Grafana's admin password for `docker compose up` (docker-compose.yml has no default): a random one
+# written once into .env, which compose reads (GRAFANA_ADMIN_PASSWORD in the environment wins), and printed.
+compose-env:
+	@if ! grep -qs '^GRAFANA_ADMIN_PASSWORD=.' .env; then \
+	  umask 077; echo "GRAFANA_ADMIN_PASSWORD=$$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')" >> .env; fi
+	@echo "make: Grafana's admin password (user admin) is in .env: $$(sed -n 's/^GRAFANA_ADMIN_PASSWORD=//p' .env)"
 
 # The compose swarm for real, on the images just built (tests/test_compose.py; minutes; CI runs it after
 # `make test`, which leaves it out).

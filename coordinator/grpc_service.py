@@ -7,9 +7,10 @@ and ``grpc_health_probe`` work against it without the ``.proto``).
 Every error is a gRPC status code with a details string meant for the operator, and is raised before
 anything is written: a failed call leaves the database as it was.
 
-NOTE: the server is insecure (no TLS, no authentication): anyone who can reach the port can publish
-runs and change their status. Bind it to 127.0.0.1 or a private network, or put it behind a proxy
-that authenticates. TODO: token or mTLS authentication for the operator methods.
+With a key pair it serves TLS only (a plaintext client is refused), and with an :class:`OperatorGate`
+(``coordinator/auth.py``) every call that changes the registry needs the operator token; reads stay
+open. Without them the server is plaintext and open: anyone who reaches the port can publish runs and
+change their status (``run-coordinator`` warns when that port is not on loopback).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from potluck.coordinator.auth import OperatorGate, OperatorInterceptor
 from potluck.coordinator.store import RunExists, RunNotFound, RunRecord, RunStore
 from potluck.protocols.coordinator_client import status_from_proto, status_to_proto
 from potluck.protocols.generated import coordinator_pb2 as pb
@@ -207,6 +209,8 @@ def start_grpc_server(
     port: int,
     max_message_bytes: int = 1 << 20,
     max_workers: int = 8,
+    tls_key_pair: tuple[bytes, bytes] | None = None,
+    operator_gate: OperatorGate | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve ``service`` (plus health checking and reflection) on ``host:port``; return the started server
     and its bound port (pass ``port=0`` to pick a free one). Stop it with ``server.stop(grace)``.
@@ -215,9 +219,13 @@ def start_grpc_server(
     handler runs. Raise it only if real specs hit it — it bounds the memory one call can make the
     server spend parsing YAML. ``max_workers`` is how many calls run at once; more wait in gRPC's queue.
     Raise it if ``Join`` latency grows while many peers start together.
+
+    ``tls_key_pair`` (certificate PEM, private key PEM): serve TLS only. ``operator_gate``: calls outside
+    ``auth.OPEN_METHODS`` need its token.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="coordinator-grpc"),
+        interceptors=[OperatorInterceptor(operator_gate)] if operator_gate is not None else [],
         options=[("grpc.max_receive_message_length", max_message_bytes)],
     )
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
@@ -234,9 +242,19 @@ def start_grpc_server(
 
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 literal
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if tls_key_pair is None:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
+    else:  # grpc wants (private key, certificate chain)
+        bound_port = server.add_secure_port(
+            f"{host}:{port}", grpc.ssl_server_credentials([tls_key_pair[::-1]])
+        )
     if bound_port == 0:  # older grpcio reports a failed bind this way instead of raising
         raise RuntimeError(f"cannot listen on {host}:{port}")
     server.start()
-    logger.info("coordinator gRPC API listening on %s:%d", host, bound_port)
+    logger.info(
+        "coordinator gRPC API listening on %s:%d (%s)",
+        host,
+        bound_port,
+        "TLS" if tls_key_pair else "plaintext",
+    )
     return server, bound_port

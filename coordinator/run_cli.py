@@ -5,7 +5,9 @@
     potluck run show RUN_ID
     potluck run status RUN_ID {active,paused,finished}
 
-The coordinator address defaults to ``$POTLUCK_COORDINATOR``, else 127.0.0.1:50051. Output is a table
+The coordinator address defaults to ``$POTLUCK_COORDINATOR``, else 127.0.0.1:50051. A coordinator with
+TLS needs ``--tls-ca CERT.pem``; ``publish`` and ``status`` need its operator token
+(``--operator-token-file FILE`` or ``$POTLUCK_OPERATOR_TOKEN``). Output is a table
 for people; ``--json`` prints the runs as JSON for scripts. Failures print one line
 (``potluck run: NOT_FOUND: no run 'x'``) and exit 1.
 """
@@ -21,6 +23,7 @@ from dataclasses import asdict
 
 import yaml
 
+from potluck.protocols.coordinator_access import AccessError, access_from_args, add_access_arguments
 from potluck.protocols.coordinator_client import RUN_STATUSES, CoordinatorClient, CoordinatorError, RunInfo
 from potluck.protocols.runspec import RunSpecError, load_run_spec, parse_run_spec
 
@@ -40,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default: %(default)s)")
+    add_access_arguments(common)
 
     parser = argparse.ArgumentParser(prog=_PROG, description="Manage the runs registered on a coordinator.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -63,14 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
         return e.code if isinstance(e.code, int) else 2
     try:
-        with CoordinatorClient(args.coordinator, timeout=args.timeout) as client:
+        access = access_from_args(args)
+    except AccessError as e:
+        return _fail(str(e))
+    try:
+        with CoordinatorClient(args.coordinator, timeout=args.timeout, access=access) as client:
             return _run(args, client)
     except RunSpecError as e:
         return _fail(str(e))
     except CoordinatorError as e:
         hint = ""
         if e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-            hint = f" (is a coordinator running at {args.coordinator}? set --coordinator or $POTLUCK_COORDINATOR)"
+            hint = (
+                f" (is a coordinator running at {args.coordinator}? set --coordinator or $POTLUCK_COORDINATOR"
+            )
+            hint += "; does it run TLS? give --tls-ca)" if access.tls_ca is None else ")"
         return _fail(f"{e.code}: {e.details}{hint}")
 
 

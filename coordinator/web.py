@@ -16,7 +16,11 @@ A history point and a peer row carry the averaging accounting the peers report: 
 and ``compute_utilisation`` (time computing / wall time; a history point averages the peers that
 report it). Each is ``null`` where unknown (points stored by an older coordinator, a peer that has not
 stepped yet).
-    /healthz              ``ok``
+    /healthz              ``ok`` (always open: container health checks call it)
+
+With an ``OperatorGate`` (``run-coordinator --http-auth``) every route but ``/healthz`` needs the
+operator token: ``Authorization: Bearer <token>`` (Prometheus' ``authorization.credentials_file``) or
+HTTP Basic with any user name and the token as password (a browser asks for it after the 401).
 
 The chart library is served from the Python package rather than a CDN so that the dashboard works on a
 coordinator with no internet access (and so that its version is pinned with the other dependencies).
@@ -39,6 +43,7 @@ from urllib.parse import unquote, urlsplit
 
 import prometheus_client
 
+from potluck.coordinator.auth import OperatorGate
 from potluck.coordinator.store import HistoryPoint, RunNotFound, RunRecord, RunStore
 
 log = logging.getLogger(__name__)
@@ -66,21 +71,31 @@ class DashboardServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], store: RunStore, registry: prometheus_client.CollectorRegistry
+        self,
+        address: tuple[str, int],
+        store: RunStore,
+        registry: prometheus_client.CollectorRegistry,
+        operator_gate: OperatorGate | None = None,
     ):
         self.store = store
         self.registry = registry
+        self.operator_gate = operator_gate
         super().__init__(address, _DashboardHandler)
 
 
 def start_web_server(
-    store: RunStore, registry: prometheus_client.CollectorRegistry, host: str, port: int
+    store: RunStore,
+    registry: prometheus_client.CollectorRegistry,
+    host: str,
+    port: int,
+    operator_gate: OperatorGate | None = None,
 ) -> tuple[DashboardServer, int]:
     """Serve the dashboard, API and metrics on ``host:port`` from a daemon thread.
 
     ``port=0`` binds a free port; the port actually bound is returned. Stop with ``stop_web_server``.
+    ``operator_gate``: every route but ``/healthz`` needs its token.
     """
-    server = DashboardServer((host, port), store, registry)
+    server = DashboardServer((host, port), store, registry, operator_gate)
     thread = threading.Thread(target=server.serve_forever, name=f"web:{server.server_port}", daemon=True)
     thread.start()
     log.info("dashboard on http://%s:%d/", host, server.server_port)
@@ -187,6 +202,8 @@ class _DashboardHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         try:
+            if path != "/healthz" and not self._authorized():
+                return
             if path in ("/", "/index.html"):
                 self._send_static("index.html", cache=False)
             elif path.startswith("/static/"):
@@ -212,6 +229,20 @@ class _DashboardHandler(BaseHTTPRequestHandler):
             # One bad request must not take the page down for everyone: log it and answer 500.
             log.exception("dashboard request %s failed", self.path)
             self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+
+    def _authorized(self) -> bool:
+        """True if no token is asked for or the request carries it; else answer 401 and return False."""
+        gate = self.server.operator_gate
+        if gate is None:
+            return True
+        reason = gate.judge(self.headers.get("Authorization"))
+        if reason is None:
+            return True
+        message = gate.refuse("http", reason, "{}:{}".format(*self.client_address[:2]))
+        body = json.dumps({"error": message}).encode()
+        challenge = {"WWW-Authenticate": 'Basic realm="potluck coordinator", charset="UTF-8"'}
+        self._send(HTTPStatus.UNAUTHORIZED, body, "application/json", challenge)
+        return False
 
     def _send_static(self, name: str, cache: bool) -> None:
         found = _static_file(name)

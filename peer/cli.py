@@ -14,6 +14,7 @@ from potluck.peer.preflight import INPUT_ERRORS, check_addresses, check_identity
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, run_peer, start_peer_dht
 from potluck.peer.training.loop import NonFiniteLossError
+from potluck.protocols.coordinator_access import AccessError, access_from_args, add_access_arguments
 from potluck.protocols.runspec import RunSpec, load_run_spec
 
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "announced under it are accepted, and the run's status there (paused, finished) is obeyed "
         "(with --coordinator: the key it hands out)",
     )
+    add_access_arguments(source, prefix="coordinator-", operator=False)
     p.add_argument(
         "--initial-peers",
         nargs="*",
@@ -233,7 +235,8 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
         check_addresses(args.initial_peers, args.host_maddrs, args.announce_maddrs)
         check_identity(args.identity_path)
         coordinator_key = read_trusted_key(args.coordinator_key) if args.coordinator_key else None
-    except (DeviceError, DiscoveryError, *INPUT_ERRORS) as e:
+        coordinator_access = access_from_args(args, prefix="coordinator-")
+    except (DeviceError, DiscoveryError, AccessError, *INPUT_ERRORS) as e:
         return user_error(e, results)
     if args.save_dir is not None:
         # before anything heavy: it was found out at the first checkpoint, after loading and joining
@@ -251,7 +254,7 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
     initial_peers = list(args.initial_peers)
     if spec is None and args.coordinator:
         try:
-            joined = join_via_coordinator(args.coordinator, args.run)
+            joined = join_via_coordinator(args.coordinator, args.run, access=coordinator_access)
             check_run_inputs(joined.spec, args.role, args.save_dir)
         except (DiscoveryError, *INPUT_ERRORS) as e:
             return user_error(e, results)

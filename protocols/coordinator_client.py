@@ -3,6 +3,7 @@
 Peers call :meth:`CoordinatorClient.join`; operators reach the rest through ``potluck run ...``. Every
 method returns plain dataclasses and raises :class:`CoordinatorError` (the gRPC status code's name and
 the server's details) on failure, so callers never handle ``grpc.RpcError`` or protobuf messages.
+A coordinator with TLS and an operator token needs a :class:`CoordinatorAccess` (``coordinator_access.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from potluck.protocols.coordinator_access import CoordinatorAccess
 from potluck.protocols.generated import coordinator_pb2 as pb
 from potluck.protocols.generated import coordinator_pb2_grpc as pb_grpc
 
@@ -82,29 +84,42 @@ class CoordinatorClient:
     ``timeout`` (seconds) bounds each call; raise it if calls over a slow link fail with
     ``DEADLINE_EXCEEDED``. A coordinator that is down fails fast with ``UNAVAILABLE`` (no waiting for it
     to come up): retry in the caller if a peer may start before its coordinator.
+
+    ``access`` says which certificate to trust (TLS) and the operator token; :meth:`publish` and
+    :meth:`set_status` send the token, the read calls never do. Without a token, a coordinator that
+    asks for one answers those two with ``UNAUTHENTICATED``.
     """
 
     # ListRuns carries every spec; gRPC's default 4 MiB receive limit would cap a registry at a few
     # thousand runs. TODO: paginate ListRuns instead once registries grow that large.
     _MAX_RECEIVE_BYTES = 64 << 20
 
-    def __init__(self, address: str, timeout: float = 10):
+    def __init__(self, address: str, timeout: float = 10, access: CoordinatorAccess | None = None):
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", self._MAX_RECEIVE_BYTES)]
+        access = access or CoordinatorAccess()
+        options = [("grpc.max_receive_message_length", self._MAX_RECEIVE_BYTES)]
+        if access.tls_ca is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=access.tls_ca)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._operator_metadata = (
+            (("authorization", f"Bearer {access.operator_token}"),) if access.operator_token else ()
         )
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
-    def _call(self, method: Any, request: Any) -> Any:
+    def _call(self, method: Any, request: Any, operator: bool = False) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._operator_metadata if operator else ())
         except grpc.RpcError as e:
             raise CoordinatorError(e.code().name, e.details() or "") from None
 
     def publish(self, spec_text: str) -> RunInfo:
         """Register a run from its spec (YAML or JSON text); it starts ``active``."""
-        return RunInfo.from_proto(self._call(self._stub.PublishRun, pb.PublishRunRequest(spec=spec_text)))
+        return RunInfo.from_proto(
+            self._call(self._stub.PublishRun, pb.PublishRunRequest(spec=spec_text), operator=True)
+        )
 
     def list_runs(self) -> list[RunInfo]:
         """Every run, oldest first."""
@@ -129,7 +144,7 @@ class CoordinatorClient:
     def set_status(self, run_id: str, status: str) -> RunInfo:
         """Set a run's status to ``'active'``, ``'paused'`` or ``'finished'`` (``ValueError`` otherwise)."""
         request = pb.UpdateRunStatusRequest(run_id=run_id, status=status_to_proto(status))
-        return RunInfo.from_proto(self._call(self._stub.UpdateRunStatus, request))
+        return RunInfo.from_proto(self._call(self._stub.UpdateRunStatus, request, operator=True))
 
     def close(self) -> None:
         self._channel.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import urllib.error
@@ -138,6 +139,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     )
     ports = {name: free_port() for name in ("HTTP", "GRPC", "DHT", "PROMETHEUS", "GRAFANA")}
     env = dict(os.environ, **{f"POTLUCK_{name}_PORT": f"127.0.0.1:{port}" for name, port in ports.items()})
+    env["GRAFANA_ADMIN_PASSWORD"] = secrets.token_urlsafe(18)  # docker-compose.yml has no default
     stack = Stack(
         program,
         [COMPOSE_FILE, override],
@@ -158,15 +160,21 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             stack.compose("down", "-v", "--remove-orphans", "--timeout", "10", timeout=300)
 
 
-def test_every_installed_compose_accepts_the_file():
+def test_every_installed_compose_accepts_the_file(tmp_path):
     programs = compose_programs()
     if not programs:
         pytest.skip("neither docker compose nor docker-compose: make test-compose installs docker-compose")
     for program in programs:
-        done = subprocess.run(
-            [*program, "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True, text=True, timeout=60
-        )
+        config = [*program, "-f", str(COMPOSE_FILE), "config", "-q"]
+        env = dict(os.environ, GRAFANA_ADMIN_PASSWORD=secrets.token_urlsafe(18))
+        done = subprocess.run(config, capture_output=True, text=True, timeout=60, env=env)
         assert done.returncode == 0, f"{' '.join(program)} config: {done.stderr}"
+        # without a password, compose refuses the file rather than start Grafana with a default one
+        env.pop("GRAFANA_ADMIN_PASSWORD")
+        (tmp_path / "empty.env").write_text("")  # not the .env that `make compose-env` wrote
+        unset = [*program, "--env-file", str(tmp_path / "empty.env"), *config[len(program) :]]
+        refused = subprocess.run(unset, capture_output=True, text=True, timeout=60, env=env)
+        assert refused.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in refused.stderr, refused
 
 
 @pytest.mark.timeout(1200)  # the stack's start (model builds, the first rounds) is part of this test

@@ -3,10 +3,15 @@
 Raw bytes and truncated requests go through an untyped channel (no client-side serialisation); random
 field values go through the typed stubs. An unexpected exception in a handler would reach the client as
 ``UNKNOWN``, which every test here rejects. Each test ends by checking the server still works.
+
+Every test runs twice: against the open, plaintext server and against one with TLS and the operator token
+(``run-coordinator --tls-self-signed``), whose channel carries the token; a caller without it, or with a
+random ``authorization`` value, is refused before anything is parsed or stored.
 """
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import sqlite3
@@ -19,9 +24,13 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
+from potluck.coordinator.auth import OperatorGate, create_operator_token
 from potluck.coordinator.grpc_service import CoordinatorService, start_grpc_server
 from potluck.coordinator.store import RunStore
+from potluck.coordinator.tls import self_signed_certificate
+from potluck.protocols.coordinator_access import CoordinatorAccess
 from potluck.protocols.coordinator_client import CoordinatorClient
 from potluck.protocols.generated import coordinator_pb2 as pb
 from potluck.protocols.generated import coordinator_pb2_grpc as pb_grpc
@@ -82,22 +91,40 @@ class Server:
     channel: grpc.Channel
     stub: pb_grpc.CoordinatorStub
     client: CoordinatorClient
+    anonymous: grpc.Channel | None = None
+    """With the operator token on: a TLS channel without it."""
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    db_path = tmp_path_factory.mktemp("fuzz") / "coordinator.sqlite"
+@pytest.fixture(scope="module", params=["open", "tls+token"])
+def server(request, tmp_path_factory) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("fuzz")
+    db_path = folder / "coordinator.sqlite"
     store = RunStore(db_path)
     service = CoordinatorService(store, lambda: ["/ip4/127.0.0.1/tcp/31337/p2p/QmBootstrap"], b"key")
-    grpc_server, port = start_grpc_server(service, "127.0.0.1", 0)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    client = CoordinatorClient(f"127.0.0.1:{port}")
+    if request.param == "open":
+        grpc_server, port = start_grpc_server(service, "127.0.0.1", 0)
+        channel, anonymous = grpc.insecure_channel(f"127.0.0.1:{port}"), None
+        access = CoordinatorAccess()
+    else:
+        certificate = self_signed_certificate(folder, "127.0.0.1")
+        access = CoordinatorAccess(certificate.cert_pem, create_operator_token(folder / "operator.token"))
+        grpc_server, port = start_grpc_server(
+            service, "127.0.0.1", 0, tls_key_pair=(certificate.cert_pem, certificate.key_pem),
+            operator_gate=OperatorGate(access.operator_token, CollectorRegistry()),
+        )  # fmt: skip
+        tls = grpc.ssl_channel_credentials(certificate.cert_pem)
+        token = grpc.access_token_call_credentials(access.operator_token)  # "authorization: Bearer ..."
+        channel = grpc.secure_channel(f"127.0.0.1:{port}", grpc.composite_channel_credentials(tls, token))
+        anonymous = grpc.secure_channel(f"127.0.0.1:{port}", tls)
+    client = CoordinatorClient(f"127.0.0.1:{port}", access=access)
     client.publish(json.dumps(base_spec(SEED_RUN)))
     try:
-        yield Server(store, str(db_path), channel, pb_grpc.CoordinatorStub(channel), client)
+        yield Server(store, str(db_path), channel, pb_grpc.CoordinatorStub(channel), client, anonymous)
     finally:
         client.close()
         channel.close()
+        if anonymous is not None:
+            anonymous.close()
         grpc_server.stop(grace=None)
 
 
@@ -275,6 +302,32 @@ def test_one_random_field_value(server, path, value):
     stored = strict_json(run.spec_json)
     assert parse_run_spec(stored).model_dump(mode="json") == stored
     assert server.store.get_run(run.run_id).spec == stored
+
+
+authorizations = st.one_of(
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=120),
+    st.builds("Bearer {}".format, st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=80)),
+    st.builds("Basic {}".format, st.binary(max_size=60).map(lambda b: base64.b64encode(b).decode())),
+)
+
+
+@FUZZ
+@given(authorization=authorizations, method=st.sampled_from(["PublishRun", "UpdateRunStatus"]))
+def test_random_authorization_is_refused_and_stores_nothing(server, authorization, method):
+    if server.anonymous is None:
+        pytest.skip("the open server asks for no token")
+    run_id = f"unauthorized-{next(_run_ids)}"
+    request = {
+        "PublishRun": pb.PublishRunRequest(spec=yaml.safe_dump(base_spec(run_id))),
+        "UpdateRunStatus": pb.UpdateRunStatusRequest(run_id=SEED_RUN, status=pb.RUN_STATUS_FINISHED),
+    }[method]
+    seed_before = server.store.get_run(SEED_RUN)
+    call = getattr(pb_grpc.CoordinatorStub(server.anonymous), method)
+    with pytest.raises(grpc.RpcError) as refused:
+        call(request, timeout=10, metadata=[("authorization", authorization)])
+    assert refused.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    assert run_id not in {run.run_id for run in server.store.list_runs()}
+    assert server.store.get_run(SEED_RUN) == seed_before
 
 
 def test_server_still_serves_after_fuzzing(server):

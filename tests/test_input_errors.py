@@ -201,6 +201,20 @@ def test_a_bad_coordinator_key_is_named_before_the_model_or_dht_starts(spec_of, 
     )
 
 
+def test_a_bad_coordinator_certificate_is_named_before_anything_dials(tmp_path, capsys):
+    not_pem = tmp_path / "coordinator.crt"
+    not_pem.write_text("a certificate, honest")
+    code = run_peer("--coordinator", "127.0.0.1:1", "--coordinator-tls-ca", str(not_pem))
+    assert the_one_line(capsys, code).startswith(
+        f"run-peer: --coordinator-tls-ca {not_pem}: not a PEM certificate"
+    )
+    code = run_peer("--coordinator", "127.0.0.1:1", "--coordinator-tls-ca", str(tmp_path / "missing.crt"))
+    assert (
+        the_one_line(capsys, code)
+        == f"run-peer: --coordinator-tls-ca {tmp_path / 'missing.crt'}: no such file"
+    )
+
+
 def test_generate_remote_names_a_bad_initial_peer(spec_of, capsys):
     code = generate("--run-spec", str(spec_of()), "--remote", "--initial-peers", "/ip4/127.0.0.1/tcp/31337")
     assert the_one_line(capsys, code).startswith(

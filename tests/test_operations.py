@@ -230,6 +230,12 @@ def test_prometheus_scrapes_the_ports_the_services_serve_metrics_on():
     assert "9090" in flag(prometheus["command"], "--web.listen-address")
 
 
+def test_grafana_has_no_default_admin_password():
+    # `${VAR:?message}`: compose refuses the file while it is unset (tests/test_compose.py runs that)
+    password = compose()["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?") and password.endswith("}"), password
+
+
 def test_grafana_provisioning_is_mounted_and_valid():
     services = compose()["services"]
     grafana = services["grafana"]

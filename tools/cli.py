@@ -10,6 +10,7 @@ from potluck.peer.preflight import INPUT_ERRORS, check_addresses
 from potluck.peer.training.data import user_prompt
 from potluck.peer.training.exact_match import evaluate_spec
 from potluck.peer.training.model import check_model_spec
+from potluck.protocols.coordinator_access import AccessError, access_from_args, add_access_arguments
 from potluck.protocols.runspec import RunSpec, load_run_spec
 from potluck.tools.chat import add_prompt_options, show_prompt
 from potluck.tools.tiny.assets import build_assets
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="HOST:PORT",
         help="publish each stage there and join it through it (default: local)",
     )
+    add_access_arguments(pipe)
     commands.add_parser(
         "chat", help="answer prompts with a trained checkpoint: potluck chat MODEL_DIR", add_help=False
     )
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pipeline":
             from potluck.tools.pipeline import load_pipeline
 
-            load_pipeline(args.pipeline_file, args.coordinator).run()
+            access = access_from_args(args)
+            load_pipeline(args.pipeline_file, args.coordinator, access, args.tls_ca).run()
         elif args.command == "generate":
             from potluck.peer.shard.client.generate import generate_text
 
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             from potluck.tools.demo import main as demo_main
 
             return demo_main(args.workdir, args.peers, args.max_steps)
-    except INPUT_ERRORS as e:
+    except (AccessError, *INPUT_ERRORS) as e:
         print(f"potluck: {e}", file=sys.stderr)
         return 2
     return 0

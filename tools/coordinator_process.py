@@ -20,8 +20,16 @@ def free_port() -> int:
 
 
 class LocalCoordinator:
-    def __init__(self, workdir: Path, dht_port: int | None = None, collect_interval: float = 1.0):
+    def __init__(
+        self,
+        workdir: Path,
+        dht_port: int | None = None,
+        collect_interval: float = 1.0,
+        extra_args: tuple[str, ...] = (),
+    ):
+        """``extra_args``: more ``run-coordinator`` flags (TLS, the operator token)."""
         self.workdir = workdir
+        self.extra_args = extra_args
         self.db = workdir / "coordinator.db"
         self.grpc_port, self.http_port = free_port(), free_port()
         self.dht_port = dht_port or free_port()
@@ -36,7 +44,7 @@ class LocalCoordinator:
             "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
             "--dht-host-maddrs", f"/ip4/127.0.0.1/tcp/{self.dht_port}",
             "--identity-path", str(self.workdir / "coordinator.id"),
-            "--collect-interval", str(self.collect_interval),
+            "--collect-interval", str(self.collect_interval), *self.extra_args,
         ]  # fmt: skip
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("a") as log:
@@ -72,8 +80,11 @@ class LocalCoordinator:
     def dht_addresses(self) -> list[str]:
         return re.findall(r"DHT bootstrap address (\S+)", self.log())
 
-    def get(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as response:
+    def get(self, path: str, token: str | None = None) -> str:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}")
+        if token is not None:  # a coordinator started with --http-auth
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.read().decode()
 
     def run_report(self, run_id: str) -> dict:

@@ -41,6 +41,7 @@ from potluck.peer.training.checkpoint import latest_checkpoint
 from potluck.peer.training.stages.data import check_stage_data
 from potluck.peer.training.stages.evaluation import evaluate_stage
 from potluck.peer.training.stages.models import resolve_weights
+from potluck.protocols.coordinator_access import CoordinatorAccess, read_pem_certificates
 from potluck.protocols.coordinator_client import CoordinatorClient
 from potluck.protocols.runspec import RunSpec, RunSpecError, _Strict, load_run_spec, parse_run_spec
 from potluck.tools.peer_processes import LocalSwarm
@@ -77,7 +78,17 @@ class Pipeline:
     """Makes the swarm of a stage from (spec file, log folder); tests pass one that tracks the processes."""
     coordinator: str | None = None
     """``HOST:PORT`` of a coordinator to publish each stage at and join it through; ``None``: local only."""
+    coordinator_tls_ca: Path | None = None
+    """The coordinator's certificate (it runs TLS): the pipeline and its peers trust it."""
+    operator_token: str | None = None
+    """The coordinator's operator token, to publish and finish each stage."""
     outcomes: list[StageOutcome] = field(default_factory=list)
+
+    def coordinator_access(self) -> CoordinatorAccess:
+        tls_ca = (
+            read_pem_certificates(self.coordinator_tls_ca, "--tls-ca") if self.coordinator_tls_ca else None
+        )
+        return CoordinatorAccess(tls_ca, self.operator_token)
 
     def save_dir(self, run_id: str, peer: int) -> Path:
         return self.workdir / run_id / f"peer{peer}"
@@ -130,7 +141,7 @@ class Pipeline:
         spec_path.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         started = time.monotonic()
         if self.coordinator is not None:
-            with CoordinatorClient(self.coordinator) as client:
+            with CoordinatorClient(self.coordinator, access=self.coordinator_access()) as client:
                 client.publish(spec.model_dump_json())
             print(f"   published at the coordinator {self.coordinator}", file=out, flush=True)
         with self.swarm_factory(spec_path, self.workdir / "logs" / spec.run_id) as swarm:
@@ -140,6 +151,8 @@ class Pipeline:
                     peer = swarm.start_peer(f"peer{i}", args)
                 else:  # as a volunteer would: the coordinator hands out the spec and the swarm's addresses
                     args += ["--coordinator", self.coordinator, "--run", spec.run_id]
+                    if self.coordinator_tls_ca is not None:
+                        args += ["--coordinator-tls-ca", str(self.coordinator_tls_ca)]
                     peer = swarm.start_peer(f"peer{i}", args, initial_peers=[], use_spec=False)
                 if i == 1 and self.peers > 1:
                     swarm.wait_for_address(peer)
@@ -157,7 +170,7 @@ class Pipeline:
                     print(f"   {line}", file=out, flush=True)
         seconds = time.monotonic() - started
         if self.coordinator is not None:
-            with CoordinatorClient(self.coordinator) as client:
+            with CoordinatorClient(self.coordinator, access=self.coordinator_access()) as client:
                 client.set_status(spec.run_id, "finished")
         checkpoint = latest_checkpoint(self.save_dir(spec.run_id, 1), spec.run_id)
         after = evaluate_stage(spec, str(checkpoint.path)) if spec.data.eval_path else {}
@@ -194,9 +207,15 @@ def print_summary(outcomes: list[StageOutcome], out=sys.stdout) -> None:
     print(f"\nfinal weights: {outcomes[-1].weights}" if outcomes else "", file=out, flush=True)
 
 
-def load_pipeline(path: Path, coordinator: str | None = None) -> Pipeline:
+def load_pipeline(
+    path: Path,
+    coordinator: str | None = None,
+    access: CoordinatorAccess | None = None,
+    tls_ca: Path | None = None,
+) -> Pipeline:
     """Parse and validate the pipeline file and every stage's run spec (relative paths against the file);
-    ``coordinator``: run the stages through it (module docstring)."""
+    ``coordinator``: run the stages through it (module docstring), trusting ``tls_ca`` if it runs TLS,
+    with the operator token in ``access``."""
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as e:
@@ -215,4 +234,8 @@ def load_pipeline(path: Path, coordinator: str | None = None) -> Pipeline:
             specs.append(parse_run_spec(stage, f"{path} stages[{i}]").resolve_paths(base))
     workdir = Path(pipeline.workdir)
     workdir = workdir if workdir.is_absolute() else (base / workdir).resolve()
-    return Pipeline(specs, workdir, pipeline.peers, pipeline.stage_timeout, coordinator=coordinator)
+    token = access.operator_token if access is not None else None
+    return Pipeline(
+        specs, workdir, pipeline.peers, pipeline.stage_timeout, coordinator=coordinator,
+        coordinator_tls_ca=tls_ca.resolve() if tls_ca else None, operator_token=token,
+    )  # fmt: skip

@@ -24,6 +24,12 @@ from pathlib import Path
 
 import yaml
 
+from potluck.protocols.coordinator_access import (
+    AccessError,
+    CoordinatorAccess,
+    access_from_args,
+    add_access_arguments,
+)
 from potluck.protocols.coordinator_client import CoordinatorClient, CoordinatorError
 from potluck.protocols.runspec import load_run_spec
 from potluck.tools.coordinator_process import LocalCoordinator
@@ -57,7 +63,9 @@ def prepare_demo_run(workdir: Path, max_steps: int | None = None) -> Path:
     return spec_path
 
 
-def publish_run(coordinator: str, spec_path: Path, wait: float = 60.0) -> tuple[str, bool]:
+def publish_run(
+    coordinator: str, spec_path: Path, wait: float = 60.0, access: CoordinatorAccess | None = None
+) -> tuple[str, bool]:
     """Publish the spec at ``coordinator``; return ``(run_id, newly_published)``.
 
     A run with the same id already there counts as published (a restarted init). A coordinator that is
@@ -67,7 +75,7 @@ def publish_run(coordinator: str, spec_path: Path, wait: float = 60.0) -> tuple[
     deadline = time.monotonic() + wait
     while True:
         try:
-            with CoordinatorClient(coordinator) as client:
+            with CoordinatorClient(coordinator, access=access) as client:
                 return client.publish(spec.model_dump_json()).run_id, True
         except CoordinatorError as e:
             if e.code == "ALREADY_EXISTS":
@@ -190,11 +198,17 @@ def up(workdir: Path, peers: int, max_steps: int | None) -> int:
     return 1 if failed else 0
 
 
-def init(workdir: Path, coordinator: str, max_steps: int | None, wait: float) -> int:
+def init(
+    workdir: Path,
+    coordinator: str,
+    max_steps: int | None,
+    wait: float,
+    access: CoordinatorAccess | None = None,
+) -> int:
     """Build the demo assets in ``workdir`` (once) and publish the demo run at ``coordinator``."""
     spec_path = prepare_demo_run(workdir.resolve(), max_steps)
     try:
-        run_id, new = publish_run(coordinator, spec_path, wait)
+        run_id, new = publish_run(coordinator, spec_path, wait, access)
     except CoordinatorError as e:
         print(f"potluck swarm: coordinator {coordinator}: {e}", file=sys.stderr)
         return 1
@@ -218,11 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="its gRPC address")
     setup.add_argument("--max-steps", type=int, default=None, help="global steps of the demo run")
     setup.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the coordinator")
+    add_access_arguments(setup)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        access = access_from_args(args) if args.command == "init" else None
+    except AccessError as e:
+        print(f"potluck swarm: {e}", file=sys.stderr)
+        return 2
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
@@ -231,4 +251,4 @@ def main(argv: list[str] | None = None) -> int:
             print("potluck swarm: --peers must be at least 1", file=sys.stderr)
             return 2
         return up(args.workdir, args.peers, args.max_steps)
-    return init(args.workdir, args.coordinator, args.max_steps, args.wait)
+    return init(args.workdir, args.coordinator, args.max_steps, args.wait, access)

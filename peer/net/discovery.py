@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hivemind.dht import DHT
 
+from potluck.protocols.coordinator_access import CoordinatorAccess
 from potluck.protocols.records import read_announcements
 from potluck.protocols.runspec import RunSpec, parse_run_spec
 
@@ -24,11 +25,14 @@ class JoinedRun:
     coordinator_key: bytes
 
 
-def join_via_coordinator(address: str, run_id: str | None, timeout: float = 30.0) -> JoinedRun:
+def join_via_coordinator(
+    address: str, run_id: str | None, timeout: float = 30.0, access: CoordinatorAccess | None = None
+) -> JoinedRun:
+    """Ask the coordinator for the run; ``access`` carries the certificate to trust if it runs TLS."""
     from potluck.protocols.coordinator_client import CoordinatorClient, CoordinatorError
 
     try:
-        with CoordinatorClient(address, timeout=timeout) as client:
+        with CoordinatorClient(address, timeout=timeout, access=access) as client:
             joined = client.join(run_id)
     except CoordinatorError as e:
         raise DiscoveryError(f"coordinator {address}: {e}") from None
