@@ -6,18 +6,15 @@ What is measured
     (``tools/tiny/families.py``: hidden 128, 2 MoE layers of 4 experts, 2 per token, router loss on): experts 0-1
     and 2-3 of every layer. This process is the trainer (``open_remote_moe_model``: attention, embeddings, norms,
     routers and head here, under AdamW; each server steps an expert with the spec's AdamW once per backward
-    request, which is once per training step that routed tokens to it) and, side by side, the baseline: the same
+    request, and the trainer asks for a step on a zero gradient of every expert a step routed no token to, so that
+    every expert steps once per training step, as one AdamW over the local model does) and, side by side, the
+    baseline: the same
     checkpoint by ``from_pretrained``, AdamW over all its parameters with the spec's settings. Both train on the
     same batches of the demo's arithmetic task (``tools/demo.DEMO_TASK``), in the same order, for ``--steps``
     steps at a constant learning rate, without clipping on either side. Then:
 
     - **held-out loss**: the mean cross-entropy per completion token over the task's held-out problems
       (``exact_match.held_out_loss``; the router's load-balancing loss is not in it); ``ratio`` = remote / local;
-    - **separate experts**: the checkpoint in this process with each expert a module of its own
-      (``tools/expert_swarm.load_with_separate_experts``), on the same batches: its AdamW steps only the experts a
-      batch routed tokens to, as the servers do, where ``from_pretrained``'s steps every expert of a layer (one
-      tensor) at every step; ``vs separate`` = remote's held-out loss / its: 1 when the servers compute and step
-      what local training with that rule does;
     - **noise floor**: a second ``from_pretrained`` model on the same batches with each batch's rows in another
       order, so that only floating-point rounding differs from the baseline; ``floor`` = its held-out loss /
       local's. Training this task is chaotic (it crosses a plateau whose length varies, ``tools/demo.py``): a
@@ -28,8 +25,7 @@ What is measured
 How it is measured
     Trainer, baseline and servers run one thread each (``torch.set_num_threads(1)``, servers with
     ``OMP_NUM_THREADS=1``). Steps go in blocks of ``--block``: remote and local train on a block's batches in
-    turn, alternating which goes first (ABBA), and the separate-experts and noise-floor models after them,
-    untimed; the first block
+    turn, alternating which goes first (ABBA), and the noise-floor model after them, untimed; the first block
     warms up and is not timed; a run's tokens/s is the median over its timed blocks. Each of ``--runs`` runs
     starts fresh servers (experts back at the checkpoint) and walks the data in its own order (seed + run
     number), so the loss figures' spread is over data orders; min / median / max over runs are printed.
@@ -60,7 +56,7 @@ from potluck.peer.training.exact_match import held_out_loss
 from potluck.peer.training.model import NO_HUB_KERNELS, load_tokenizer
 from potluck.protocols.runspec import RunSpec, load_run_spec
 from potluck.tools.demo import DEMO_TASK
-from potluck.tools.expert_swarm import load_with_separate_experts, moe_trainer, start_expert_servers
+from potluck.tools.expert_swarm import moe_trainer, start_expert_servers
 from potluck.tools.peer_processes import LocalSwarm
 from potluck.tools.tiny.model import TinyModelConfig, build_tiny_model
 from potluck.tools.tiny.task import ALPHABET
@@ -71,7 +67,6 @@ FIGURES = (
     "loss_remote",
     "loss_local",
     "loss_ratio",
-    "loss_vs_separate",
     "loss_floor",
     "tokens_per_s_remote",
     "tokens_per_s_local",
@@ -102,8 +97,8 @@ def train_step(model, optimizer, batch: dict[str, torch.Tensor]) -> None:
 
 
 def train_side_by_side(models: dict[str, nn.Module], spec: RunSpec, tokenizer, args) -> dict[str, float]:
-    """Train ``remote`` and ``local`` on the same batches in ABBA blocks, then ``separate`` on them and ``floor``
-    on them with their rows reordered; tokens/s of remote and local (median over the timed blocks)."""
+    """Train ``remote`` and ``local`` on the same batches in ABBA blocks, then ``floor`` on them with their rows
+    reordered; tokens/s of remote and local (median over the timed blocks)."""
     sides = {
         name: (model.train(), adamw_with_state(model.parameters(), spec.optimizer))
         for name, model in models.items()
@@ -122,7 +117,6 @@ def train_side_by_side(models: dict[str, nn.Module], spec: RunSpec, tokenizer, a
             if block > 0:  # the first block warms up
                 rates[name].append(tokens / (time.perf_counter() - started))
         for batch in chunk:
-            train_step(*sides["separate"], batch)
             rows = torch.randperm(batch["input_ids"].shape[0], generator=reorder)
             train_step(*sides["floor"], {key: value[rows] for key, value in batch.items()})
     remote_rate, local_rate = (statistics.median(rates[name]) for name in ("remote", "local"))
@@ -153,13 +147,7 @@ def one_run(workdir: Path, args: argparse.Namespace, run: int) -> dict[str, floa
     try:
         servers = start_expert_servers(swarm, PLACEMENT)
         with moe_trainer(spec, servers) as (remote, client):
-            separate = load_with_separate_experts(spec.model.name_or_path)
-            models = {
-                "remote": remote,
-                "local": load_local(spec),
-                "separate": separate,
-                "floor": load_local(spec),
-            }
+            models = {"remote": remote, "local": load_local(spec), "floor": load_local(spec)}
             start = held_out(models["local"])
             figures = train_side_by_side(models, spec, tokenizer, args)
             loss = {name: held_out(model) for name, model in models.items()}
@@ -170,16 +158,15 @@ def one_run(workdir: Path, args: argparse.Namespace, run: int) -> dict[str, floa
         "loss_remote": loss["remote"],
         "loss_local": loss["local"],
         "loss_ratio": loss["remote"] / loss["local"],
-        "loss_vs_separate": loss["remote"] / loss["separate"],
         "loss_floor": loss["floor"] / loss["local"],
     }
     print(
         f"run {run + 1}: held-out loss {start:.3f} -> remote {loss['remote']:.4f}, local {loss['local']:.4f} "
-        f"(ratio {figures['loss_ratio']:.4f}, vs separate {figures['loss_vs_separate']:.4f}, floor "
+        f"(ratio {figures['loss_ratio']:.4f}, floor "
         f"{figures['loss_floor']:.4f}); tokens/s remote "
         f"{figures['tokens_per_s_remote']:.0f}, local {figures['tokens_per_s_local']:.0f} (ratio "
         f"{figures['tokens_ratio']:.3f}); expert requests {metrics.requests}, failed {metrics.failures}, "
-        f"dropped {metrics.dropped}, backward dropped {metrics.backward_dropped}",
+        f"dropped {metrics.dropped}, backward dropped {metrics.backward_dropped}, idle steps {metrics.idle_steps}",
         flush=True,
     )
     return figures
@@ -203,7 +190,7 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
             f"{name:22}"
             + "".join(f"{v:10.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
         )
-    last = (("loss_ratio", 4), ("loss_vs_separate", 4), ("loss_floor", 4), ("tokens_ratio", 3))
+    last = (("loss_ratio", 4), ("loss_floor", 4), ("tokens_ratio", 3))
     print(" ".join(median_min_max(name, [r[name] for r in results], digits) for name, digits in last))
     return 0
 

@@ -133,6 +133,14 @@ def test_an_expert_server_times_and_counts_each_experts_requests_and_reports_its
             with pytest.raises(wire.RemoteError, match="expected"):
                 wire.unpack_response(refused)
             await ask("forward", [hidden], "0.3")  # not served: refused before any expert is named
+            steps = servicer.served.state((1, 2))[1]
+            wire.unpack_response(await servicer.rpc_idle_steps(wire.request([], uids=["1.2"]), None))
+            assert servicer.served.state((1, 2))[1] == steps + 1  # a step on a zero gradient
+            assert servicer.served.state((0, 1))[1] == 1  # only the expert named
+            for uids in (["1.2", "1.2"], ["0.3"], "1.2", []):
+                with pytest.raises(wire.RemoteError, match="uid"):
+                    wire.unpack_response(await servicer.rpc_idle_steps(wire.request([], uids=uids), None))
+            assert servicer.served.state((1, 2))[1] == steps + 1
 
         asyncio.run(requests())
         registry = servicer.metrics.registry

@@ -1,25 +1,15 @@
-"""Expert servers of a mixture-of-experts run as ``run-peer --role experts`` processes on loopback, a trainer over
-them in this process, and the same model trained as they train it but all in this process: what
-``tests/test_experts*.py`` and ``bench/moe.py`` start and compare."""
+"""Expert servers of a mixture-of-experts run as ``run-peer --role experts`` processes on loopback, and a trainer
+over them in this process: what ``tests/test_experts*.py`` and ``bench/moe.py`` start."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
-import torch
 from torch import nn
 
 from potluck.peer.shard.client.expert_calls import ExpertClient
 from potluck.peer.shard.client.remote_experts import open_remote_moe_model
-from potluck.peer.shard.experts import (
-    ExpertFFN,
-    load_experts,
-    load_without_experts,
-    moe_config,
-    num_experts,
-)
 from potluck.protocols.runspec import RunSpec
 from potluck.tools.peer_processes import LocalSwarm, PeerProcess, wait_on
 
@@ -70,42 +60,3 @@ def moe_trainer(
     finally:
         client.shutdown()
         dht.shutdown()
-
-
-class SeparateExperts(nn.Module):
-    """One MoE layer's experts in this process, one module each, called like the family's experts module."""
-
-    def __init__(self, experts: list[ExpertFFN]):
-        super().__init__()
-        self.experts = nn.ModuleList(experts)
-
-    def forward(
-        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        mixed = torch.zeros_like(hidden)
-        for expert in torch.unique(top_k_index).tolist():
-            tokens, slots = torch.where(top_k_index == expert)
-            mixed.index_add_(
-                0, tokens, self.experts[expert](hidden[tokens]) * top_k_weights[tokens, slots, None]
-            )
-        return mixed
-
-
-def load_with_separate_experts(model_dir: Path | str) -> nn.Module:
-    """The checkpoint's MoE model in this process, trained as expert servers train it: each expert is a module of
-    its own (:class:`SeparateExperts`), so an AdamW over the model steps only the experts a batch routed tokens to,
-    as a server steps an expert once per backward request. ``from_pretrained`` (transformers 5) keeps a layer's
-    experts in one tensor instead: its AdamW steps every expert at every step, on momentum alone when the batch
-    routed it no token, and training parts from the servers' from the first such step."""
-    model_dir = Path(model_dir)
-    config, family = moe_config(model_dir)
-    count = num_experts(config)
-    # the experts go in after loading: load_without_experts re-allocates (to_empty) every module it is given
-    model = load_without_experts(model_dir, lambda layer: nn.Identity())
-    experts = load_experts(
-        model_dir, [(layer, e) for layer in range(len(model.model.layers)) for e in range(count)]
-    )
-    for index, layer in enumerate(model.model.layers):
-        separate = [experts[(index, e)].requires_grad_(True) for e in range(count)]
-        getattr(layer, family.module_block).experts = SeparateExperts(separate)
-    return model

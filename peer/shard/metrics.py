@@ -137,6 +137,10 @@ class ExpertClientMetrics:
     backward_dropped: int = 0
     overflow_tokens: int = 0
     """Token-expert pairs beyond an expert's capacity (``RemoteExperts.capacity_factor``), left out like dropped."""
+    idle_steps: int = 0
+    """Steps on a zero gradient of experts a backward pass routed no token to (``expert_calls.py``)."""
+    idle_steps_failed: int = 0
+    """Idle steps no server took (it failed, or the expert had none): those experts missed a step."""
     retry_seconds: float = 0.0
     """Wall time spent on failed requests: the latency that failures added."""
     tokens_by_expert: dict[str, int] = field(default_factory=dict)

@@ -15,6 +15,12 @@ expert, the tokens routed to it):
    server recomputes the forward pass); when none answers, ``backward_dropped``: those tokens get no gradient
    through that expert, and the expert does not learn from them.
 
+With a layer's backward calls go its **idle steps**: each expert of the layer that the batch routed no token to
+takes a step on a zero gradient at its first candidate server (one request per server), as local training's
+optimizer steps every expert at every step, on momentum alone when it got no token. So every backward pass steps
+every expert once, and the servers train what one AdamW over the local model would. An idle step that fails is
+counted (``idle_steps_failed``) and its server banned; it is not retried on a replica.
+
 A call that the server refuses as malformed (``bad_request``) is the caller's bug: it is raised. Counts are in
 :class:`ExpertClientMetrics`.
 """
@@ -123,16 +129,55 @@ class ExpertClient:
         return answers
 
     def backward(
-        self, layer: int, inputs: dict[int, tuple[torch.Tensor, torch.Tensor]], served_by: dict[int, str]
+        self,
+        layer: int,
+        inputs: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        served_by: dict[int, str],
+        idle: list[int] = (),
     ) -> dict[int, torch.Tensor | None]:
-        """The gradient of each expert's input, given its input and output gradient (None: no server answered)."""
+        """The gradient of each expert's input, given its input and output gradient (None: no server answered);
+        with them, an idle step for each expert of ``idle`` (those the batch routed no token to)."""
         calls = [
             self._call(expert_uid(layer, e), "backward", list(pair), served_by.get(e))
             for e, pair in inputs.items()
         ]
-        answers = RemoteExpertWorker.run_coroutine(_gather(calls))
+        answers = RemoteExpertWorker.run_coroutine(_gather([*calls, self._idle_steps(layer, idle)]))[:-1]
         self.metrics.backward_dropped += sum(grad is None for grad, _ in answers)
         return {expert: grad for expert, (grad, _) in zip(inputs, answers, strict=True)}
+
+    async def _idle_steps(self, layer: int, experts: list[int]) -> tuple[None, str]:
+        by_server: dict[str, list[str]] = {}
+        for expert in experts:
+            uid = expert_uid(layer, expert)
+            candidates = self.directory.candidates(uid)
+            if candidates:
+                by_server.setdefault(candidates[0], []).append(uid)
+            else:
+                self.metrics.idle_steps_failed += 1
+        await asyncio.gather(*(self._idle_step(peer_id, uids) for peer_id, uids in by_server.items()))
+        return None, ""
+
+    async def _idle_step(self, peer_id: str, uids: list[str]) -> None:
+        started = time.perf_counter()
+        self.metrics.requests += 1
+        try:
+            reply = await self.transport.call(
+                peer_id, "idle_steps", wire.request([], uids=uids), self.request_timeout
+            )
+            wire.unpack_response(reply)
+        except wire.RemoteError as e:
+            if e.kind == wire.BAD_REQUEST:
+                raise
+            self._idle_failed(uids, peer_id, started, e)
+        except Exception as e:  # noqa: BLE001 (the server is gone or slow: these experts miss one step)
+            self._idle_failed(uids, peer_id, started, e)
+        else:
+            self.metrics.idle_steps += len(uids)
+
+    def _idle_failed(self, uids: list[str], peer_id: str, started: float, error: BaseException) -> None:
+        self.metrics.idle_steps_failed += len(uids)
+        for uid in uids:
+            self._failed(uid, peer_id, started, error)
 
     async def _call(
         self, uid: str, method: str, tensors: list[torch.Tensor], preferred: str | None = None

@@ -63,6 +63,7 @@ class _ExpertsCall(torch.autograd.Function):
                 answered[tokens, slots] = True
         ctx.save_for_backward(hidden)
         ctx.module = module
+        ctx.idle = [e for e in range(module.count) if e not in routed]
         ctx.routed = {e: pair for e, pair in routed.items() if answers[e][0] is not None}
         ctx.served_by = {e: answers[e][1] for e in ctx.routed}
         ctx.mark_non_differentiable(answered)
@@ -74,7 +75,7 @@ class _ExpertsCall(torch.autograd.Function):
         requests = {
             e: (hidden[tokens], grad_outputs[tokens, slots]) for e, (tokens, slots) in ctx.routed.items()
         }
-        grads = ctx.module.client.backward(ctx.module.layer, requests, ctx.served_by)
+        grads = ctx.module.client.backward(ctx.module.layer, requests, ctx.served_by, ctx.idle)
         grad_hidden = torch.zeros_like(hidden)
         for expert, grad in grads.items():
             if grad is not None:

@@ -77,6 +77,13 @@ class ServedExperts:
             self.on_step()
         return hidden.grad
 
+    def idle_step(self, uid: Uid) -> None:
+        """The step of an expert that a trainer's backward pass sent no token (``ServerSteps.idle_step``)."""
+        with self.steps[uid].lock:
+            stepped = self.steps[uid].idle_step()
+        if stepped:
+            self.on_step()
+
     def state(self, uid: Uid) -> tuple[list[torch.Tensor], int]:
         """A copy of the expert's state (weights gate, up, down, then their AdamW ``exp_avg`` and ``exp_avg_sq``:
         ``ServerSteps.state_tensors``) and its step count."""
@@ -122,6 +129,28 @@ class ExpertServicer(ForwardBackward):
             "steps": {expert_uid(*uid): steps.steps for uid, steps in self.served.steps.items()},
         }
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(info))
+
+    async def rpc_idle_steps(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """A step on a zero gradient for each expert in metadata ``uids``: those of a MoE layer that a trainer's
+        backward pass routed no token to (local training's optimizer steps them too, on momentum alone)."""
+        return await self._handle("idle_steps", request, self._idle_steps)
+
+    async def _idle_steps(self, request) -> list[torch.Tensor]:
+        uids = wire.metadata_of(request).get("uids")
+        if not isinstance(uids, list) or not 0 < len(uids) <= len(self.served.experts):
+            raise BadRequest(f"uids: {uids!r} is not a list of at most {len(self.served.experts)} experts")
+        parsed = [self._uid({"uid": uid}) for uid in uids]
+        if len(set(parsed)) != len(parsed):
+            raise BadRequest("uids: an expert is listed twice")
+
+        def run(_: list[torch.Tensor]) -> list[torch.Tensor]:
+            for uid in parsed:
+                self.served.idle_step(uid)
+            return []
+
+        return await self.executor.submit([], run)
 
     async def rpc_expert_state(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext

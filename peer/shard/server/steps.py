@@ -77,6 +77,15 @@ class ServerSteps:
             self.on_step(self.steps)
         return True
 
+    def idle_step(self) -> bool:
+        """A step on a zero gradient (call with ``lock`` held): the step a trainer's optimizer takes on an expert its
+        batch routed no token to, moving it on AdamW's momentum and weight decay alone. With backward requests
+        waiting (``accumulate`` > 1) it counts as one more, with nothing added."""
+        for parameter in self.parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        return self.after_backward()
+
     # -- the state that replicas average, late joiners download and checkpoints hold ------------------
     def state_tensors(self) -> list[torch.Tensor]:
         """The live tensors that make the state: the parameters, then AdamW's ``exp_avg`` and ``exp_avg_sq`` of
