@@ -375,6 +375,22 @@ class ExpertReplicasSpec(_Strict):
     ``min(averaging.averaging_timeout, average_every / 2)``."""
 
 
+class ExpertCallsSpec(_Strict):
+    """How a trainer of a mixture-of-experts run (``run-peer --role client``) calls its experts' servers
+    (``peer/shard/client/expert_calls.py``, whose fault rule these tune)."""
+
+    capacity_factor: float | None = Field(None, gt=0)
+    """Each expert takes at most ``ceil(capacity_factor × token-expert pairs / experts)`` of a layer's tokens per
+    call, the batch's first ones; the rest skip it as if it were dropped (their other gates renormalised) and are
+    counted (``overflow_tokens``). Unset (the default): no limit, as the local model. 1.0–1.25 bounds the work
+    one hot expert's server gets from a batch."""
+    request_timeout: float = Field(10.0, gt=0, le=600)
+    """Seconds one expert call may take before the trainer tries a replica (a dead server costs this per
+    attempt): above the slowest call you expect."""
+    ban_seconds: float = Field(60.0, ge=0, le=3600)
+    """Seconds a server that failed a call is left out before the trainer tries it again."""
+
+
 StageName = Literal["sft", "rm", "dpo", "grpo", "ppo", "distill"]
 STAGE_DATA_FORMATS: dict[str, str] = {
     "sft": "TRL's language-modeling formats: prompt/completion, messages or text",
@@ -483,6 +499,8 @@ class RunSpec(_Strict):
     """How shard servers train a ``lora`` adapter in their spans: accumulation and averaging rounds."""
     expert_replicas: ExpertReplicasSpec = ExpertReplicasSpec()
     """How expert servers average the replicas of an expert."""
+    expert_calls: ExpertCallsSpec = ExpertCallsSpec()
+    """How trainers call expert servers: capacity factor, timeout, bans."""
     seed: int = 0
     """Seeds adapter initialisation (identical on every peer) and, with the peer id, each peer's data order."""
 

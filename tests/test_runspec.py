@@ -65,6 +65,8 @@ def test_missing_nested_field_is_named():
         ("optimizer__lr", "fast", "optimizer.lr"),
         ("max_global_steps", [1, 2], "max_global_steps"),
         ("model", "just-a-string", "model"),
+        ("expert_calls__capacity_factor", 0, "expert_calls.capacity_factor"),
+        ("expert_calls__request_timeout", -1, "expert_calls.request_timeout"),
     ],
 )
 def test_wrong_type_is_named(dotted, value, named):

@@ -116,23 +116,22 @@ def open_remote_moe_model(
     initial_peers: list[str],
     host_maddrs: list[str] | None = None,
     client_mode: bool = True,
-    capacity_factor: float | None = None,
     **client_options,
 ) -> tuple[DHT, nn.Module, ExpertClient]:
-    """Join the swarm (by default as a DHT client) and build the run's MoE model over its expert servers. Shut the
-    client, then the DHT, down when done. ``capacity_factor``: :class:`RemoteExperts`'; ``client_options``:
-    :class:`ExpertClient`'s."""
-    if capacity_factor is not None and capacity_factor <= 0:
-        raise ValueError(f"capacity_factor: {capacity_factor} is not positive")
+    """Join the swarm (by default as a DHT client) and build the run's MoE model over its expert servers, calling
+    them as ``spec.expert_calls`` says (``client_options``, :class:`ExpertClient`'s, override its timeout and
+    bans). Shut the client, then the DHT, down when done."""
+    calls = spec.expert_calls
+    options = {"request_timeout": calls.request_timeout, "ban_seconds": calls.ban_seconds, **client_options}
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = moe_config(model_dir)
     dht = join_shard_swarm(spec, initial_peers, host_maddrs, client_mode)
     try:
-        client = ExpertClient(dht, spec.run_id, **client_options)
+        client = ExpertClient(dht, spec.run_id, **options)
         count = num_experts(config)
         model = load_without_experts(
             model_dir,
-            lambda layer: RemoteExperts(client, layer, count, capacity_factor),
+            lambda layer: RemoteExperts(client, layer, count, calls.capacity_factor),
             dtype=getattr(torch, spec.model.dtype),
         )
     except BaseException:
