@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from potluck.peer.shard.client.client_checkpoint import ClientCheckpointMismatch, resume_client, save_client
 from potluck.peer.training.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 
 pytestmark = pytest.mark.unit
@@ -40,3 +41,51 @@ def test_interrupted_and_corrupt_checkpoints_are_ignored(tmp_path):
     broken.mkdir()
     (broken / "trainer_state.json").write_text("{not json")
     assert list_checkpoints(tmp_path) == []
+
+
+class _Strategy:
+    """An averaging strategy's checkpoint surface: its state, a global step."""
+
+    def __init__(self, global_step: int = 0):
+        self.global_step = global_step
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.global_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = state["global_step"]
+
+
+def _client_model(width: int = 4) -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, 2))
+    model[1].requires_grad_(False)  # a frozen part (a MoE client's experts live on servers: not its own)
+    return model
+
+
+def test_a_shard_client_resumes_what_it_trains_and_its_strategy_from_its_own_checkpoint(tmp_path):
+    model = _client_model()
+    saved = save_client(tmp_path, "r", 7, model, _Strategy(7), keep=2)
+    assert (
+        saved.path.name == "client-checkpoint-0000007" and latest_checkpoint(tmp_path, "r") is None
+    )  # not a trainer's
+    trained = model[0].weight.detach().clone()
+
+    fresh, strategy = _client_model(), _Strategy()
+    assert resume_client(tmp_path, "r", fresh, strategy).global_step == 7
+    assert torch.equal(fresh[0].weight, trained) and strategy.global_step == 7
+    assert not torch.equal(fresh[1].weight, model[1].weight)  # frozen parts are not the checkpoint's business
+    assert resume_client(tmp_path, "another-run", _client_model(), _Strategy()) is None
+
+
+def test_a_client_checkpoint_of_other_parameters_is_refused_naming_it_and_a_client_training_nothing_writes_none(
+    tmp_path,
+):
+    save_client(tmp_path, "r", 3, _client_model(), _Strategy(3), keep=1)
+    other, strategy = _client_model(width=8), _Strategy()
+    before = other[0].weight.detach().clone()
+    with pytest.raises(ClientCheckpointMismatch, match="client-checkpoint-0000003: its parameters are not"):
+        resume_client(tmp_path, "r", other, strategy)
+    assert torch.equal(other[0].weight, before) and strategy.global_step == 0  # nothing loaded
+    frozen = _client_model().requires_grad_(False)  # a lora client: the servers train and checkpoint it
+    assert save_client(tmp_path / "lora", "r", 1, frozen, _Strategy(1), keep=1) is None
+    assert not (tmp_path / "lora").exists()

@@ -164,11 +164,18 @@ def test_run_peer_client_role_trains_a_mixture_of_experts_through_its_servers(se
     b = next(peer for peer in servers.peers if peer.name == "b")
     b_experts = ("0.2", "0.3", "1.2", "1.3")
     steps_before = sum(client.expert_state(b.peer_id(), uid)[1] for uid in b_experts)
-    trainer = servers.start_peer(
-        "moe-client", ["--role", "client", "--run-spec", str(moe_spec), "--max-steps", "3"],
-        initial_peers=[b.join_address()],
-    )  # fmt: skip
-    assert trainer.process.wait(timeout=180) == 0, trainer.log()[-3000:]
+    save_dir = moe_spec.parent / "moe-client"
+
+    def train_client(name: str, steps: int):
+        trainer = servers.start_peer(
+            name,
+            ["--role", "client", "--run-spec", str(moe_spec), "--max-steps", str(steps), "--save-dir", str(save_dir)],
+            initial_peers=[b.join_address()],
+        )  # fmt: skip
+        assert trainer.process.wait(timeout=180) == 0, trainer.log()[-3000:]
+        return trainer
+
+    trainer = train_client("moe-client", 3)
     summary = trainer.summary()
     assert (summary.role, summary.global_step, summary.exit_reason) == ("client", 3, "max_steps"), summary
     assert summary.last_loss is not None and summary.last_loss >= 0, summary
@@ -177,6 +184,11 @@ def test_run_peer_client_role_trains_a_mixture_of_experts_through_its_servers(se
     # the servers trained their experts from its gradients (b's took tokens in 3 steps)
     steps_after = sum(client.expert_state(b.peer_id(), uid)[1] for uid in b_experts)
     assert steps_after > steps_before
+    # it checkpointed what it trains (attention, routers...) and a restart resumes from it
+    assert trainer.events("checkpoint")[-1]["global_step"] == 3
+    again = train_client("moe-client-again", 4)
+    (resumed,) = again.events("resumed")
+    assert resumed["global_step"] == 3 and again.summary().global_step == 4, again.summary()
 
 
 def _weights_equal(client, peers: list[str], uid: str) -> bool:

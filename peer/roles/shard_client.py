@@ -23,6 +23,7 @@ from potluck.peer.averaging.choose import make_strategy
 from potluck.peer.preflight import check_client_spec
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, exit_reason, install_stop_handlers
+from potluck.peer.shard.client.client_checkpoint import resume_client, save_client
 from potluck.peer.shard.client.expert_calls import ExpertClient
 from potluck.peer.shard.client.remote_experts import RemoteExperts, open_remote_moe_model
 from potluck.peer.shard.client.remote_model import RemoteCausalLM, open_remote_model
@@ -132,6 +133,28 @@ def train_through_shards(
         stage = make_stage(spec.stage, context, **references)
         try:
             install_stop_handlers(stop, strategy)
+            if options.save_dir is not None:
+                resumed = resume_client(options.save_dir, spec.run_id, model, strategy)
+                if resumed is not None:
+                    print(
+                        f"run-peer: resuming from {resumed.path} (global step {resumed.global_step})",
+                        file=sys.stderr,
+                    )
+                    results.resumed(resumed.global_step, resumed.path)
+
+            def save(step: int) -> None:
+                if options.save_dir is not None:
+                    saved = save_client(
+                        options.save_dir, spec.run_id, step, model, strategy, spec.checkpoint.keep
+                    )
+                    if saved is not None:
+                        results.checkpoint(step, saved.path)
+
+            def on_global_step(step: int) -> None:
+                results.global_step(step)
+                if step % spec.checkpoint.save_every == 0:
+                    save(step)
+
             trainer = Trainer(
                 model=model,
                 stage=stage,
@@ -144,9 +167,10 @@ def train_through_shards(
                 stop=stop,
                 max_grad_norm=spec.optimizer.max_grad_norm,
                 max_nonfinite_losses=spec.optimizer.max_nonfinite_losses,
-                on_global_step=results.global_step,
+                on_global_step=on_global_step,
             )
             result = trainer.run()
+            save(result.global_step)
             results.trained(
                 result.global_step,
                 result.local_steps,
