@@ -13,7 +13,7 @@ What is measured
     - ``alone``: the first peer of a new swarm (nobody to download from);
     - ``joining``: a peer joining a running one-peer swarm (it downloads the state first);
     - ``alone_bnb``: ``alone`` with bitsandbytes imported first, as every peer did where it was installed before
-      ``runtime/unused_libraries.py`` left it out of runs that quantise nothing (the baseline of that change).
+      ``peer/unused_libraries.py`` left it out of runs that quantise nothing (the baseline of that change).
 
     ``beyond model`` is ``first_step`` minus the time ``model_loaded`` took (from ``inputs_checked``).
 

@@ -32,7 +32,7 @@ def _interrupted_while_starting(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
-    from potluck.runtime.unused_libraries import leave_out_unused_libraries
+    from potluck.peer.unused_libraries import leave_out_unused_libraries
 
     leave_out_unused_libraries(sys.argv[1:] if argv is None else argv)
     from potluck.peer.cli import main as run_peer_main

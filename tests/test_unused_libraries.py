@@ -1,4 +1,4 @@
-"""A peer whose run quantises nothing never imports bitsandbytes (``runtime/unused_libraries.py``); one that does,
+"""A peer whose run quantises nothing never imports bitsandbytes (``peer/unused_libraries.py``); one that does,
 and one whose spec cannot be read yet, still can.
 
 Each case is a fresh process doing what ``run-peer`` does: leave out what the ``--run-spec`` does not need, then
@@ -18,7 +18,7 @@ pytest.importorskip("bitsandbytes")  # installed with the dev extra; without it 
 
 PEER = """
 import json, sys
-from potluck.runtime.unused_libraries import leave_out_unused_libraries
+from potluck.peer.unused_libraries import leave_out_unused_libraries
 left_out = leave_out_unused_libraries(sys.argv[1:])
 import potluck.peer.cli  # everything run-peer imports
 from peft.import_utils import is_bnb_available
