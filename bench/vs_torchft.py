@@ -15,7 +15,8 @@ Setup
       (``Trainer``'s own step timing, ``PeerMetrics.local_step``) and whether the step ended an outer step.
     - **torchft 0.2.0**: ``torchft_lighthouse --min_replicas N`` on a host of its own, then N replicas, each
       ``torchrun --nproc_per_node 1 bench/torchft_replica.py`` (a ``Manager`` over gloo, synchronous quorum,
-      ``min_replica_size`` N, torchft's ``DiLoCo``).
+      ``min_replica_size`` N, ``init_sync`` off as torchft advises for weights that start identical, torchft's
+      ``DiLoCo``).
 
     The order of the two sides alternates per repeat; ``--runs`` repeats for each ``--replicas`` count.
 
