@@ -18,6 +18,9 @@ Setup
       ``min_replica_size`` N, ``init_sync`` off as torchft advises for weights that start identical, torchft's
       ``DiLoCo``).
 
+    ``--fixed-group`` sets Potluck's ``averaging.target_group_size`` to the replica count (a round then stops
+    matchmaking as soon as the group is full instead of waiting out ``matchmaking_time``).
+
     The order of the two sides alternates per repeat; ``--runs`` repeats for each ``--replicas`` count.
 
 What is measured (each a ratio Potluck ÷ torchft of one repeat; min / median / max over repeats)
@@ -277,6 +280,8 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
     }  # fmt: skip
     found: dict[int, list[dict[str, dict]]] = {}
     for n in args.replicas:
+        if args.fixed_group:
+            averaging["target_group_size"] = n
         spec_path = write_tiny_spec(
             workdir / f"run-{n}.yaml", workdir, f"bench-vs-torchft-{n}", 64 * n, 64, averaging,
             max_global_steps=args.outer_steps, optimizer={"lr": 3e-3},
@@ -312,7 +317,7 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
             f"replicas={n} round_ratio={medians['round']:.3f} wall_ratio={medians['wall']:.3f} "
             f"step_ratio={medians['step']:.3f} loss_ratio={medians['loss']:.3f} "
             f"beyond_ratio={medians['beyond']:.3f} inner_steps={args.inner_steps} "
-            f"outer_steps={args.outer_steps} repeats={args.runs}"
+            f"outer_steps={args.outer_steps} repeats={args.runs} fixed_group={args.fixed_group}"
         )
     return 0
 
@@ -334,6 +339,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--inner-steps", type=int, default=50, help="H")
     p.add_argument("--outer-steps", type=int, default=10)
+    p.add_argument(
+        "--fixed-group", action="store_true",
+        help="Potluck: averaging.target_group_size = the replica count, as a swarm of known size (the demo) sets it",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one trial may take")
     return p.parse_args(argv)
 
