@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-moe swarm test test-fast test-compose compose-env images docker-engine lint format bench clean system-packages
+.PHONY: demo demo-moe swarm test test-fast test-compose compose-env images docker-engine lint format bench bench-vs-torchft clean system-packages
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -92,6 +92,16 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/convergence.py
+
+# Potluck's DiLoCo side by side with torchft's (bench/vs_torchft.py; root, for the network namespaces; about
+# 15 minutes on 2 cores). Installs the vs-torchft extra of pyproject.toml first: torchft without its
+# dependencies (pip must not replace torch), then the OpenTelemetry packages it imports.
+VS_TORCHFT_ARGS ?= --runs 3 --replicas 2,4
+VS_TORCHFT_EXTRA = $(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["vs-torchft"]))'
+bench-vs-torchft: $(STAMP) system-packages
+	$(PY) -m pip install --quiet --no-deps $$($(VS_TORCHFT_EXTRA) | grep '^torchft')
+	$(PY) -m pip install --quiet $$($(VS_TORCHFT_EXTRA) | grep -v '^torchft')
+	$(PY) bench/vs_torchft.py $(VS_TORCHFT_ARGS)
 
 clean:
 	rm -rf $(VENV) .demo .demo-moe .pytest_cache .ruff_cache *.egg-info
