@@ -11,17 +11,19 @@ What is measured
     received). A catch-up's state download in that window would count too: each trial line says how many
     there were.
 
-    Two modes, alternated within each repeat (the order rotates):
+    Three modes, in rotated order within each repeat; the first two set a constant of
+    ``peer/averaging/diloco.py`` back to what it was before a change (``--with NAME=VALUE`` in this file run as
+    the peers' entry, so ``run-peer`` has no benchmark-only branch):
 
-    - ``per-step``: every inner step publishes the peer's progress record, as Potluck did before
-      (``diloco.PROGRESS_REPORT_SECONDS = 0``, set by ``--report-every-step`` in this file run as the
-      peer's entry, so ``run-peer`` has no benchmark-only branch);
-    - ``timed``: today's ``run-peer``: a record at the start of an outer step, when H are taken, and at
-      most every ``PROGRESS_REPORT_SECONDS`` in between.
+    - ``per-step``: every inner step publishes the peer's progress record (``PROGRESS_REPORT_SECONDS = 0``);
+    - ``poll-0.5``: a peer that has taken H reads the swarm's progress every 0.5 s while it waits for the others
+      (``READY_POLL_SECONDS = 0.5``, the tracker's refresh period) instead of every 0.1 s;
+    - ``now``: today's ``run-peer``: a record at the start of an outer step, when H are taken, and at most every
+      ``PROGRESS_REPORT_SECONDS`` in between; the others' readiness read every ``READY_POLL_SECONDS``.
 
 How to read it
     One line per trial (control-plane bytes per peer and outer step, seconds per outer step), then per mode
-    the min/median/max over repeats, and ``ratio=…`` (median per-step ÷ median timed).
+    the min/median/max over repeats, and ``ratio=…`` (median per-step ÷ median now, bytes).
 
 Run: ``.venv/bin/python bench/control_plane.py`` (root; about 1 minute per trial on 2 CPU cores).
 """
@@ -42,7 +44,8 @@ from potluck.tools.tiny.assets import build_assets
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
 PORT = 31337
-MODES = ("per-step", "timed")
+MODES = {"per-step": ("PROGRESS_REPORT_SECONDS=0",), "poll-0.5": ("READY_POLL_SECONDS=0.5",), "now": ()}
+"""Each mode's constants of ``peer/averaging/diloco.py`` (``--with``); ``now`` changes none."""
 
 
 def tx_bytes(host) -> int:
@@ -53,7 +56,8 @@ def one_trial(spec_path: Path, folder: Path, mode: str, args: argparse.Namespace
     sys.path.insert(0, str(REPO_ROOT))  # tests/ is not installed; the test bed lives there
     from tests.netbed import NetBed
 
-    entry = (str(SCRIPT), "--report-every-step") if mode == "per-step" else None
+    constants = MODES[mode]
+    entry = (str(SCRIPT), *(f"--with={c}" for c in constants), "--") if constants else None
     with NetBed() as bed, LocalSwarm(spec_path, folder / "logs") as swarm:
         hosts, peers = [], []
         for i in range(args.peers):
@@ -101,9 +105,9 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
         max_global_steps=args.outer_steps,
     )  # fmt: skip
     found: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    names = list(MODES)
     for r in range(args.runs):
-        order = MODES if r % 2 == 0 else MODES[::-1]
-        for mode in order:
+        for mode in names[r % len(names) :] + names[: r % len(names)]:
             trial = one_trial(spec_path, workdir / f"run{r}-{mode}", mode, args)
             found[mode].append(trial)
             print(
@@ -119,7 +123,7 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
             f"{mode}: {median_min_max('kB_per_peer_step', kilobytes, 1)} {median_min_max('s_per_step', seconds, 2)}"
         )
     ratio = statistics.median(t["control_per_step"] for t in found["per-step"]) / statistics.median(
-        t["control_per_step"] for t in found["timed"]
+        t["control_per_step"] for t in found["now"]
     )
     print(
         f"ratio={ratio:.2f} peers={args.peers} inner_steps={args.inner_steps} outer_steps={args.outer_steps}"
@@ -138,16 +142,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def report_every_step(run_peer_args: list[str]) -> int:
-    """``run-peer`` publishing its progress record at every inner step, as before the change."""
+def run_peer_with(argv: list[str]) -> int:
+    """``run-peer`` (the flags after ``--``) with constants of ``peer/averaging/diloco.py`` set as before a change
+    (``--with=NAME=VALUE`` before ``--``)."""
     from potluck.peer import cli
     from potluck.peer.averaging import diloco
 
-    diloco.PROGRESS_REPORT_SECONDS = 0.0
-    return cli.main(run_peer_args)
+    split = argv.index("--")
+    for setting in argv[:split]:
+        name, value = setting.removeprefix("--with=").split("=")
+        assert hasattr(diloco, name), name
+        setattr(diloco, name, float(value))
+    return cli.main(argv[split + 1 :])
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--report-every-step"]:
-        sys.exit(report_every_step(sys.argv[2:]))
+    if sys.argv[1:2] and sys.argv[1].startswith("--with="):
+        sys.exit(run_peer_with(sys.argv[1:]))
     sys.exit(run_in_workdir(run, parse_args(None), "control-plane"))

@@ -90,6 +90,11 @@ matters to them, and that is published at once)."""
 WAIT_SLICE_SECONDS = 0.05
 """How often an idle peer (H taken, the others not ready) looks again at the swarm's progress and at a stop
 request (the tracker's own refresh period bounds how fresh that view is)."""
+READY_POLL_SECONDS = 0.1
+"""How often a ready peer (H taken) reads the swarm's progress while it waits for the others: the last one's
+"ready" reaches the others within this (plus a DHT read), where the tracker's 0.5 s refresh period left the
+whole swarm idle up to half a second more per outer step (``bench/vs_torchft.py``'s round). A few small DHT
+reads per outer step, only while waiting."""
 GROUP_SEARCH_MATCHMAKING_TIMES = 4
 """A round looks for its group for this many ``matchmaking_time``s (hivemind needs more than one)."""
 
@@ -283,7 +288,7 @@ class DiLoCoAveraging(AveragingStrategy):
         in_round = max(self._tracker.peers_in_round, 1)
         everyone_ready = glob.samples_accumulated >= in_round * self._inner_steps * self._samples_unit
         if not everyone_ready and time.monotonic() - self._ready_since < self._averaging_timeout:
-            self._refresh_swarm_view()
+            self._refresh_swarm_view(READY_POLL_SECONDS)
             return "wait"
         return "start"
 
@@ -564,9 +569,10 @@ class DiLoCoAveraging(AveragingStrategy):
         ]
         return sum(isinstance(e, int) and e < self._outer_step for e in epochs)
 
-    def _refresh_swarm_view(self) -> None:
-        """Make the tracker fetch the swarm's progress now rather than at its next refresh (up to 10 s)."""
-        if time.monotonic() - self._last_refresh < self._tracker.min_refresh_period:
+    def _refresh_swarm_view(self, period: float | None = None) -> None:
+        """Make the tracker fetch the swarm's progress now rather than at its next refresh (up to 10 s), unless it
+        fetched less than ``period`` seconds ago (default: the tracker's ``min_refresh_period``)."""
+        if time.monotonic() - self._last_refresh < (period or self._tracker.min_refresh_period):
             return  # one DHT read per refresh period, not one per local step
         self._last_refresh = time.monotonic()
         self._tracker.fetched_global_progress_this_epoch.clear()
