@@ -28,7 +28,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from potluck.hivemind_ext.dht import start_dht, visible_addresses
@@ -38,17 +38,11 @@ from potluck.peer.shard.experts import load_experts
 from potluck.peer.shard.server.expert_service import ExpertServicer, ServedExperts
 from potluck.peer.shard.server.service import ServerLimits, ShardServicer, serve_on, stop_serving
 from potluck.protocols.runspec import parse_run_spec
+from tests.fuzzing import ANSWER_WITHIN, Raw, fuzz_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,  # the first calls pay for the connection
-    database=None,  # no .hypothesis/ folder in the repository; failures print their example anyway
-    suppress_health_check=[HealthCheck.too_slow],
-)
-ANSWER_WITHIN = 10.0
-"""Seconds any call may take to be answered (or hung up on): more is a hang."""
+FUZZ = fuzz_settings(max_examples=500)
 STREAM_TIMEOUT = 2.0
 """The servers' ``stream_timeout``: a stalled stream is refused after this long."""
 HIDDEN = 128  # both tiny models'
@@ -56,16 +50,6 @@ RUN = "fuzz"
 UID = "0.1"  # the expert served
 SPAN = ShardServicer.__name__
 EXPERT = ExpertServicer.__name__
-
-
-class Raw:
-    """Bytes that hivemind's p2p sends as they are, where it would send a serialised protobuf."""
-
-    def __init__(self, payload: bytes):
-        self.payload = payload
-
-    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
-        return self.payload
 
 
 @dataclass
