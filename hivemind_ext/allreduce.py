@@ -14,9 +14,10 @@ of a peer, gradients, state and DiLoCo's (see :func:`use_in_this_process`).
 A reducer also refuses a sender's part that does not decode, is not of floating point, is not of the part's
 shape (hivemind added a part of one value to every value of the part: tests/test_averager_fuzz.py), is one
 part more than the reducer takes, holds NaN or Inf, or comes with a weight that is not a finite non-negative
-number (:func:`refusal`): the round goes on without that sender, as without one that failed mid-round. A peer refuses an average holding NaN or Inf from a reducer too, and keeps its own
-values for that part, as for a reducer that failed. Each refusal is logged with the peer id and counted
-(:func:`refused_parts`).
+number (:func:`refusal`): the round goes on without that sender, as without one that failed mid-round. A
+peer refuses an average from a reducer that holds NaN or Inf, or is of another shape or dtype than its part
+(hivemind broadcast a one-value average over the whole part), and keeps its own values for that part, as for
+a reducer that failed. Each refusal is logged with the peer id and counted (:func:`refused_parts`).
 
 A run may choose a robust rule instead of the weighted mean (``hivemind_ext/aggregators.py``,
 :func:`aggregate_with`): the reducer then keeps every sender's part of the current chunk (``_Collected``, in
@@ -98,11 +99,16 @@ def refusal(tensor_part: torch.Tensor, weight: float, shape: torch.Size | None) 
         return f"its weight is {weight!r}"
     if shape is None:
         return "it is one part more than this reducer takes"
-    if not tensor_part.dtype.is_floating_point:
-        return f"its dtype is {tensor_part.dtype}"
-    if tensor_part.shape != shape:
-        return f"its shape is {tuple(tensor_part.shape)}, not the part's {tuple(shape)}"
-    if not torch.isfinite(tensor_part).all():
+    return _malformed(tensor_part, shape)
+
+
+def _malformed(tensor: torch.Tensor, shape: torch.Size) -> str | None:
+    """Why a part, or a reducer's average of a part, of ``shape`` must not be averaged in, or None."""
+    if not tensor.dtype.is_floating_point:
+        return f"its dtype is {tensor.dtype}"
+    if tensor.shape != shape:
+        return f"its shape is {tuple(tensor.shape)}, not the part's {tuple(shape)}"
+    if not torch.isfinite(tensor).all():
         return NONFINITE
     return None
 
@@ -200,14 +206,13 @@ class _AverageValueContainer(TensorPartContainer):
     def register_processed_part(self, peer_index: int, part_index: int, part: torch.Tensor):
         # our own reduced part arrives as hivemind's float32 delta: its exact average is the reducer's
         average = self.reducer.decoded[part_index] if peer_index == self.local_index else part
-        if peer_index != self.local_index and not torch.isfinite(average).all():
-            # a reducer that averaged in a NaN (its own, or it accepts anything): as for a failed reducer
-            _count_refusal(
-                f"the average of part {part_index} from peer {self.peer_ids[peer_index]}", NONFINITE
-            )
+        own = self._input_parts_by_peer[peer_index][part_index][0]
+        if peer_index != self.local_index and (why := _malformed(average, own.shape)) is not None:
+            # a reducer that averaged in a NaN (its own, or it accepts anything), or sent a part of another
+            # shape or dtype (hivemind broadcast a one-value part over ours): as for a failed reducer
+            _count_refusal(f"the average of part {part_index} from peer {self.peer_ids[peer_index]}", why)
             self._keep_own(peer_index, part_index)
             return
-        own = self._input_parts_by_peer[peer_index][part_index][0]
         super().register_processed_part(peer_index, part_index, average.double() - own.double())
 
     def register_failed_reducer(self, peer_index: int):
