@@ -56,9 +56,15 @@ MALFORMS = [
     "huge_size",
     "bad_codec",
     "more_parts",
+    "averages_one_value",  # as a reducer: it sends each sender a one-value average
+    "averages_int64",
 ]
 _malform = mp.Value(ctypes.c_int, -1)
 """Index in MALFORMS of how the malformed averager spoils its parts (-1: it does not); shared with its process."""
+
+
+def _how() -> str | None:
+    return MALFORMS[_malform.value] if _malform.value >= 0 else None
 
 
 class _Averager(CheckedDownloads, LimitedDonor, CheckedRounds, SameAverages, KeepsCtrlC):
@@ -74,7 +80,7 @@ class _Averager(CheckedDownloads, LimitedDonor, CheckedRounds, SameAverages, Kee
 def _malformed(part) -> list:
     """The parts a malformed group member sends for reducing, spoilt as ``MALFORMS[_malform]`` says, each
     carrying 1000s where it decodes at all: an accepted one shows in the average."""
-    how = MALFORMS[_malform.value] if _malform.value >= 0 else None
+    how = _how()
     size = math.prod(part.size)
     spoilt = serialize_torch_tensor(torch.full((size,), 1000.0))
     if how == "garbage":
@@ -95,7 +101,7 @@ def _malformed(part) -> list:
         spoilt.compression = 99
     elif how == "more_parts":  # its own part, then one more than the reducer takes
         return [part, part]
-    elif how is None:
+    elif how is None or how.startswith("averages_"):
         return [part]
     return [spoilt]
 
@@ -110,12 +116,27 @@ async def _malformed_input_for_peer(self, peer_index: int) -> AsyncIterator[aver
             yield averaging_pb2.AveragingData(tensor_part=sent, weight=self.weight, **code)
 
 
+_honest_accumulate_part = allreduce._EncodingReducer.accumulate_part
+
+
+async def _malformed_accumulate_part(self, sender_index: int, part_index: int, *args, **kwargs):
+    # a reducer that averages right and sends every sender a spoilt average (its own decoded copy stays right)
+    average = await _honest_accumulate_part(self, sender_index, part_index, *args, **kwargs)
+    if _how() == "averages_one_value":
+        self.encoded[part_index] = serialize_torch_tensor(torch.full((1,), 1000.0))
+    elif _how() == "averages_int64":
+        self.encoded[part_index] = serialize_torch_tensor(torch.full(average.shape, 1000, dtype=torch.int64))
+    return average
+
+
 class _Malformed(_Averager):
-    """A group member whose parts for other reducers are spoilt (:func:`_malformed`); it reduces honestly."""
+    """A group member whose parts for other reducers (:func:`_malformed`), or whose averages as a reducer,
+    are spoilt as ``MALFORMS[_malform]`` says."""
 
     def run(self):
         # in the averager's own (forked) process only
         allreduce.SameAverageAllReduceRunner._generate_input_for_peer = _malformed_input_for_peer
+        allreduce._EncodingReducer.accumulate_part = _malformed_accumulate_part
         super().run()
 
 
@@ -335,8 +356,8 @@ def test_a_group_member_sending_malformed_parts_is_refused_and_the_others_averag
     assert all(len(group_of(o)) == 3 for o in outcomes), outcomes
     tensors = [_tensor(a) for a in averagers[:2]]
     for tensor, own in zip(tensors, (1.0, 3.0), strict=True):
-        # the honest peers' mean with the malformed peer's own value (2.0) wherever it was averaged; a 1000 of
-        # a malformed part anywhere would show
+        # the honest peers' mean with the malformed peer's own value (2.0) wherever it was averaged, its own
+        # value where a reducer's average was refused; a 1000 of a malformed part or average would show
         averaged = tensor == 2.0
         assert torch.equal(tensor[~averaged], torch.full_like(tensor[~averaged], own)), tensor.unique()
         assert averaged.float().mean() > 0.5  # the honest reducers' parts at least
