@@ -32,6 +32,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from potluck.hivemind_ext.dht import start_dht, visible_addresses
+from potluck.hivemind_ext.p2p import MAX_FRAME_BYTES
 from potluck.peer.shard import streaming, wire
 from potluck.peer.shard.blocks import load_block_span
 from potluck.peer.shard.experts import load_experts
@@ -396,6 +397,25 @@ def test_stream_frames_whose_length_lies_leave_the_server_serving(served, declar
         writer.close()
 
     RemoteExpertWorker.run_coroutine(asyncio.wait_for(lie(), ANSWER_WITHIN))
+    (output,) = wire.unpack_response(served.call(SPAN, "forward", valid_request(SPAN)))
+    assert output.shape == (2, 3, HIDDEN)
+
+
+def test_a_stream_frame_declared_above_the_bound_is_refused_unread(served):
+    """hivemind would wait for the 64 MiB + 1 bytes and hold them all before parsing (hivemind_ext/p2p.py)."""
+
+    async def declare_too_much() -> bytes:
+        _, reader, writer = await served.client.call_binary_stream_handler(
+            served.peer, f"{SPAN}.rpc_forward_stream"
+        )
+        try:
+            writer.write(b"\x00" + (MAX_FRAME_BYTES + 1).to_bytes(8, "big") + b"\x00" * 1024)
+            await writer.drain()
+            return await reader.read()  # the server hangs up: end of stream
+        finally:
+            writer.close()
+
+    assert RemoteExpertWorker.run_coroutine(asyncio.wait_for(declare_too_much(), ANSWER_WITHIN)) == b""
     (output,) = wire.unpack_response(served.call(SPAN, "forward", valid_request(SPAN)))
     assert output.shape == (2, 3, HIDDEN)
 
