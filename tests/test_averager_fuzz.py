@@ -31,7 +31,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from potluck.hivemind_ext import allreduce
-from potluck.hivemind_ext.allreduce import SameAverages, refused_parts
+from potluck.hivemind_ext.aggregators import Aggregator
+from potluck.hivemind_ext.allreduce import SameAverages, aggregate_with, refused_parts
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.donors import MANIFEST_KEY, CheckedDownloads, LimitedDonor
@@ -344,15 +345,7 @@ def _round_of_three(averagers) -> list:
     return outcomes
 
 
-@pytest.mark.parametrize("how", MALFORMS)
-def test_a_group_member_sending_malformed_parts_is_refused_and_the_others_average(swarm, how):
-    averagers = swarm.averagers
-    refused_before = refused_parts()
-    _malform.value = MALFORMS.index(how)
-    try:
-        outcomes = _round_of_three(averagers)
-    finally:
-        _malform.value = -1
+def _assert_refused_and_averaged(averagers, outcomes, refused_before: int) -> None:
     assert all(len(group_of(o)) == 3 for o in outcomes), outcomes
     tensors = [_tensor(a) for a in averagers[:2]]
     for tensor, own in zip(tensors, (1.0, 3.0), strict=True):
@@ -364,6 +357,41 @@ def test_a_group_member_sending_malformed_parts_is_refused_and_the_others_averag
     assert torch.equal(tensors[0] == 2.0, tensors[1] == 2.0)
     assert refused_parts() - refused_before >= 2  # each honest reducer refused the malformed part, counted
     assert all(a.is_alive() for a in averagers)
+
+
+def _malformed_round(averagers, how: str) -> None:
+    refused_before = refused_parts()
+    _malform.value = MALFORMS.index(how)
+    try:
+        outcomes = _round_of_three(averagers)
+    finally:
+        _malform.value = -1
+    _assert_refused_and_averaged(averagers, outcomes, refused_before)
+
+
+@pytest.mark.parametrize("how", MALFORMS)
+def test_a_group_member_sending_malformed_parts_is_refused_and_the_others_average(swarm, how):
+    _malformed_round(swarm.averagers, how)
+
+
+def test_under_a_robust_rule_a_part_of_another_shape_is_refused_and_the_others_average():
+    """A reducer under a robust rule keeps every sender's part and combines them when the last one arrives:
+    one part of another shape would fail that combination for every sender. The median of 1, 3 and 2 is the
+    mean, so the same values hold."""
+    dhts, averagers = [], []
+    aggregate_with(Aggregator("median"))  # taken by the averagers' processes when they fork
+    try:
+        for cls, value in ((_Averager, 1.0), (_Averager, 3.0), (_Malformed, 2.0)):
+            averagers.append(_start(dhts, cls, value))
+        aggregate_with(Aggregator())
+        for how in ("too_long", "one_value"):
+            _malformed_round(averagers, how)
+    finally:
+        aggregate_with(Aggregator())
+        for averager in averagers:
+            averager.shutdown()
+        for dht in reversed(dhts):
+            dht.shutdown()
 
 
 def test_after_the_fuzzing_the_honest_averagers_average_right_and_serve_their_state(swarm):
