@@ -11,11 +11,13 @@ in float64 (:class:`_AverageValueContainer`): all peers hold bit-identical avera
 still there, but it is the same everywhere). The bytes on the wire are unchanged. Used by every averager
 of a peer, gradients, state and DiLoCo's (see :func:`use_in_this_process`).
 
-A reducer also refuses a sender's part that holds NaN or Inf, or comes with a weight that is not a
-finite non-negative number (:func:`refusal`): the round goes on without that sender, as without one that
-failed mid-round. A peer refuses an average holding NaN or Inf from a reducer too, and keeps its own
-values for that part, as for a reducer that failed. Each refusal is logged with the peer id and counted
-(:func:`refused_parts`).
+A reducer also refuses a sender's part that does not decode, is not of floating point, is not of the part's
+shape (hivemind added a part of one value to every value of the part: tests/test_averager_fuzz.py), is one
+part more than the reducer takes, holds NaN or Inf, or comes with a weight that is not a finite non-negative
+number (:func:`refusal`): the round goes on without that sender, as without one that failed mid-round. A
+peer refuses an average from a reducer that holds NaN or Inf, or is of another shape or dtype than its part
+(hivemind broadcast a one-value average over the whole part), and keeps its own values for that part, as for
+a reducer that failed. Each refusal is logged with the peer id and counted (:func:`refused_parts`).
 
 A run may choose a robust rule instead of the weighted mean (``hivemind_ext/aggregators.py``,
 :func:`aggregate_with`): the reducer then keeps every sender's part of the current chunk (``_Collected``, in
@@ -44,6 +46,7 @@ from potluck.hivemind_ext.aggregators import Aggregator
 UPSTREAM = {
     "hivemind.averaging.allreduce.AllReduceRunner.__init__": "597a0c8dbbeabbe3",  # builds the part container and reducer whose classes we swap
     "hivemind.averaging.allreduce.AllReduceRunner._accumulate_parts_streaming": "6c5a3c7266060303",  # copied, sends the shared encoded average
+    "hivemind.averaging.partition.TensorPartReducer.__init__": "9ebe1038f511931b",  # part_shapes and num_parts: what a sender's parts must be
     "hivemind.averaging.partition.TensorPartReducer.accumulate_part": "1d64a8bd77052ac4",  # subclassed: returns the average we encode; accumulator.add_ gets each part
     "hivemind.averaging.partition.TensorPartReducer.reset_accumulators": "5d3dc36f344a342e",  # extended: a _Collected accumulator per part
     "hivemind.averaging.partition.TensorPartReducer.check_current_part_finished": "ec9b059c42f3ca27",  # its accumulator.div_(denominator) is the part's result
@@ -79,8 +82,13 @@ def refused_parts() -> int:
     return _refused.value
 
 
-def refusal(tensor_part: torch.Tensor, weight: float) -> str | None:
-    """Why a reducer must not add this part of a sender's tensor to the average, or None.
+def refusal(tensor_part: torch.Tensor, weight: float, shape: torch.Size | None) -> str | None:
+    """Why a reducer must not add this part of a sender's tensor to the average, or None. ``shape``: the
+    part's, None when the reducer takes no such part.
+
+    hivemind added whatever decoded to its running sum: a part of one value (or any shape that broadcasts)
+    was added to every value of the part, and integer or boolean parts as numbers; a part of another shape
+    failed the reducer's whole part for every sender under a robust rule.
 
     One NaN in one sender's part made the average NaN for every peer of the group, and every later
     round spread it (issue 17: a peer sending NaN every 5th step left every honest adapter NaN by step
@@ -89,7 +97,18 @@ def refusal(tensor_part: torch.Tensor, weight: float) -> str | None:
     it, and it keeps its own values."""
     if not (math.isfinite(weight) and weight >= 0):
         return f"its weight is {weight!r}"
-    if not torch.isfinite(tensor_part).all():
+    if shape is None:
+        return "it is one part more than this reducer takes"
+    return _malformed(tensor_part, shape)
+
+
+def _malformed(tensor: torch.Tensor, shape: torch.Size) -> str | None:
+    """Why a part, or a reducer's average of a part, of ``shape`` must not be averaged in, or None."""
+    if not tensor.dtype.is_floating_point:
+        return f"its dtype is {tensor.dtype}"
+    if tensor.shape != shape:
+        return f"its shape is {tuple(tensor.shape)}, not the part's {tuple(shape)}"
+    if not torch.isfinite(tensor).all():
         return NONFINITE
     return None
 
@@ -187,14 +206,13 @@ class _AverageValueContainer(TensorPartContainer):
     def register_processed_part(self, peer_index: int, part_index: int, part: torch.Tensor):
         # our own reduced part arrives as hivemind's float32 delta: its exact average is the reducer's
         average = self.reducer.decoded[part_index] if peer_index == self.local_index else part
-        if peer_index != self.local_index and not torch.isfinite(average).all():
-            # a reducer that averaged in a NaN (its own, or it accepts anything): as for a failed reducer
-            _count_refusal(
-                f"the average of part {part_index} from peer {self.peer_ids[peer_index]}", NONFINITE
-            )
+        own = self._input_parts_by_peer[peer_index][part_index][0]
+        if peer_index != self.local_index and (why := _malformed(average, own.shape)) is not None:
+            # a reducer that averaged in a NaN (its own, or it accepts anything), or sent a part of another
+            # shape or dtype (hivemind broadcast a one-value part over ours): as for a failed reducer
+            _count_refusal(f"the average of part {part_index} from peer {self.peer_ids[peer_index]}", why)
             self._keep_own(peer_index, part_index)
             return
-        own = self._input_parts_by_peer[peer_index][part_index][0]
         super().register_processed_part(peer_index, part_index, average.double() - own.double())
 
     def register_failed_reducer(self, peer_index: int):
@@ -230,15 +248,16 @@ class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
     ):
-        # hivemind 1.1.12's method, sending the shared encoded average instead of a per-sender delta
+        # hivemind 1.1.12's method, sending the shared encoded average instead of a per-sender delta, and
+        # refusing a part that does not decode or is malformed (counted) where hivemind banned or added it
         part_index = 0
+        reducer = self.tensor_part_reducer
         try:
-            async for tensor_part, weight in amap_in_executor(
-                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
-                stream,
-                max_prefetch=self.tensor_part_container.prefetch,
+            async for tensor_part, weight, why in amap_in_executor(
+                _decoded, stream, max_prefetch=self.tensor_part_container.prefetch
             ):
-                if (why := refusal(tensor_part, weight)) is not None:
+                shape = reducer.part_shapes[part_index] if part_index < reducer.num_parts else None
+                if why is not None or (why := refusal(tensor_part, weight, shape)) is not None:
                     _count_refusal(f"part {part_index} from peer {self.sender_peer_ids[sender_index]}", why)
                     break  # banned below: the round averages without it, as without a sender that failed
                 try:
@@ -253,6 +272,14 @@ class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+def _decoded(message: averaging_pb2.AveragingData) -> tuple[torch.Tensor | None, float, str | None]:
+    """A sender's part, its weight, and why it cannot be averaged when it does not decode."""
+    try:
+        return deserialize_torch_tensor(message.tensor_part), message.weight, None
+    except Exception as e:  # noqa: BLE001 (untrusted bytes: whatever fails to decode is the sender's fault)
+        return None, message.weight, f"it does not decode ({type(e).__name__}: {e})"
 
 
 class SameAverages(hivemind_averager.DecentralizedAverager):

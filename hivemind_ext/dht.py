@@ -17,7 +17,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from potluck.hivemind_ext.keys import SigningIdentity
 from potluck.hivemind_ext.lifeline import bind_children
-from potluck.hivemind_ext.p2p import connect
+from potluck.hivemind_ext.p2p import bound_stream_frames, connect
 from potluck.runtime.periodic import Periodic
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def start_dht(
     elif identity_path is not None:
         identity_path.parent.mkdir(parents=True, exist_ok=True)
     bind_children()  # the DHT, averagers and p2pd die with this process, even on SIGKILL
+    bound_stream_frames()  # before any averager forks or shard server registers on this process's p2p
     try:
         started, pause, attempt = time.monotonic(), 1.0, 0
         while True:

@@ -142,7 +142,7 @@ class ShardServicer(ForwardBackward):
         try:
             meta = wire.metadata_of(request)
         except wire.RemoteError as e:
-            return wire.error_response(f"close_session: {e}", wire.BAD_REQUEST)
+            return self._refuse("close_session", str(e))
         self._drop_session((str(context.remote_id), str(meta.get("session"))))
         return wire.response([])
 
@@ -151,7 +151,7 @@ class ShardServicer(ForwardBackward):
     ) -> runtime_pb2.ExpertResponse:
         """The served adapter's tensors (sorted by name) and its step count: for checks and tests."""
         if self.adapter is None:
-            return wire.error_response("adapter_state: this server holds no adapter", wire.BAD_REQUEST)
+            return self._refuse("adapter_state", "this server holds no adapter")
         return wire.response(self.adapter.tensors(), steps=self.adapter.steps)
 
     # -- computations ------------------------------------------------------------------------------
