@@ -11,6 +11,7 @@ prints the current ones).
 from __future__ import annotations
 
 import ast
+import gc
 import hashlib
 import importlib
 import inspect
@@ -28,7 +29,7 @@ def source_of(dotted: str) -> str:
         except ImportError:
             continue
         text = inspect.getsource(module)
-        scope: list[ast.stmt] = ast.parse(text).body
+        scope: list[ast.stmt] = _parse(text).body
         found: list[ast.stmt] = []
         for name in parts[cut:]:
             found = [
@@ -44,6 +45,19 @@ def source_of(dotted: str) -> str:
             scope = found[-1].body
         return "".join(_segment(text, node) for node in found)
     raise ImportError(f"cannot import any prefix of {dotted!r}")
+
+
+def _parse(text: str) -> ast.Module:
+    """``ast.parse`` with the garbage collector held off: CPython 3.11 raises ``SystemError: AST constructor
+    recursion depth mismatch`` when a collection that runs finalizers (here: of coroutines and streams left by
+    failed p2p calls) lands inside the AST's construction."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(text)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _segment(text: str, node: ast.stmt) -> str:
