@@ -148,6 +148,12 @@ def print_security(args: argparse.Namespace, security: Security) -> None:
     elif security.certificate is None:
         print(f"run-coordinator: WARNING: the operator token crosses the network in plaintext to "
               f"{args.host}: add TLS (--tls-cert/--tls-key or --tls-self-signed)", file=sys.stderr)  # fmt: skip
+    if (
+        args.http_auth
+    ):  # the dashboard is plain HTTP, TLS or not: its visitors and scrapes send the token as is
+        print(f"run-coordinator: WARNING: --http-auth asks for the operator token over plain HTTP on "
+              f"{args.host}:{args.http_port}: whoever can watch that traffic can publish runs; keep the dashboard "
+              "on a network you trust or behind an HTTPS proxy", file=sys.stderr)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from potluck.peer.shard.client.client_checkpoint import ClientCheckpointMismatch, resume_client, save_client
+from potluck.peer.shard.client.client_checkpoint import (
+    ClientCheckpointMismatch,
+    load_client_weights,
+    load_strategy_state,
+    save_client,
+)
 from potluck.peer.training.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 
 pytestmark = pytest.mark.unit
@@ -71,21 +76,28 @@ def test_a_shard_client_resumes_what_it_trains_and_its_strategy_from_its_own_che
     trained = model[0].weight.detach().clone()
 
     fresh, strategy = _client_model(), _Strategy()
-    assert resume_client(tmp_path, "r", fresh, strategy).global_step == 7
-    assert torch.equal(fresh[0].weight, trained) and strategy.global_step == 7
+    found = load_client_weights(tmp_path, "r", fresh)
+    load_strategy_state(found, strategy)
+    assert found.global_step == 7 and torch.equal(fresh[0].weight, trained) and strategy.global_step == 7
     assert not torch.equal(fresh[1].weight, model[1].weight)  # frozen parts are not the checkpoint's business
-    assert resume_client(tmp_path, "another-run", _client_model(), _Strategy()) is None
+    assert load_client_weights(tmp_path, "another-run", _client_model()) is None
 
 
-def test_a_client_checkpoint_of_other_parameters_is_refused_naming_it_and_a_client_training_nothing_writes_none(
+def test_a_client_checkpoint_of_other_parameters_is_refused_naming_it_and_a_lora_client_keeps_its_step_count(
     tmp_path,
 ):
     save_client(tmp_path, "r", 3, _client_model(), _Strategy(3), keep=1)
-    other, strategy = _client_model(width=8), _Strategy()
+    other = _client_model(width=8)
     before = other[0].weight.detach().clone()
     with pytest.raises(ClientCheckpointMismatch, match="client-checkpoint-0000003: its parameters are not"):
-        resume_client(tmp_path, "r", other, strategy)
-    assert torch.equal(other[0].weight, before) and strategy.global_step == 0  # nothing loaded
-    frozen = _client_model().requires_grad_(False)  # a lora client: the servers train and checkpoint it
-    assert save_client(tmp_path / "lora", "r", 1, frozen, _Strategy(1), keep=1) is None
-    assert not (tmp_path / "lora").exists()
+        load_client_weights(tmp_path, "r", other)
+    assert torch.equal(other[0].weight, before)  # nothing loaded
+    frozen = _client_model().requires_grad_(
+        False
+    )  # a lora client: the servers train and checkpoint the adapter
+    save_client(tmp_path / "lora", "r", 5, frozen, _Strategy(5), keep=1)
+    strategy = _Strategy()
+    load_strategy_state(
+        load_client_weights(tmp_path / "lora", "r", _client_model().requires_grad_(False)), strategy
+    )
+    assert strategy.global_step == 5

@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from potluck.peer.shard.client.generate import generate_text
@@ -189,6 +191,17 @@ def test_run_peer_client_role_trains_a_mixture_of_experts_through_its_servers(se
     again = train_client("moe-client-again", 4)
     (resumed,) = again.events("resumed")
     assert resumed["global_step"] == 3 and again.summary().global_step == 4, again.summary()
+    # and trains on from the checkpoint's weights: step 4 is one update from step 3's, not from the base model's
+    saved = {e["global_step"]: torch.load(Path(e["path"]) / "client.pt") for e in again.events("checkpoint")}
+    saved[3] = torch.load(Path(trainer.events("checkpoint")[-1]["path"]) / "client.pt")
+    base = load_file(Path(load_run_spec(moe_spec).model.name_or_path) / "model.safetensors")
+    names = [name for name in saved[4] if name in base]
+    assert names, sorted(saved[4])[:5]
+
+    def distance(a: dict, b: dict) -> float:
+        return sum(float((a[n].float() - b[n].float()).norm()) for n in names)
+
+    assert distance(saved[4], saved[3]) < distance(saved[4], base) / 2
 
 
 def _weights_equal(client, peers: list[str], uid: str) -> bool:

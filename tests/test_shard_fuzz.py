@@ -38,6 +38,7 @@ from potluck.peer.shard.blocks import load_block_span
 from potluck.peer.shard.experts import load_experts
 from potluck.peer.shard.server.expert_service import ExpertServicer, ServedExperts
 from potluck.peer.shard.server.service import ServerLimits, ShardServicer, serve_on, stop_serving
+from potluck.protocols.experts import parse_uid
 from potluck.protocols.runspec import parse_run_spec
 from tests.fuzzing import ANSWER_WITHIN, Raw, fuzz_settings
 
@@ -170,7 +171,7 @@ def not_a_protobuf(error: Exception) -> bool:
 
 METHODS = [
     (SPAN, m) for m in ("forward", "backward", "inference", "close_session", "adapter_state", "info")
-] + [(EXPERT, m) for m in ("forward", "backward", "expert_state", "info")]
+] + [(EXPERT, m) for m in ("forward", "backward", "expert_state", "idle_steps", "info")]
 
 
 @FUZZ
@@ -273,6 +274,20 @@ def test_random_metadata_and_tensors_are_refused_or_computed(served, servicer, m
     if kind_of(reply) is None:  # a valid request after all: its result has the input's shape, finite
         (result,) = wire.unpack_response(reply)
         assert result.shape == tensor_list[0].shape and torch.isfinite(result).all()
+
+
+@FUZZ
+@given(
+    uids=values | st.lists(st.sampled_from([UID, "1.2", "0.01", "x.y"]) | values, max_size=6),
+    tensor_list=st.lists(tensors(), max_size=2),
+)
+def test_random_idle_steps_are_refused_or_taken(served, uids, tensor_list):
+    reply = served.call(EXPERT, "idle_steps", wire.request(tensor_list, uids=uids))
+    if (
+        kind_of(reply) is None
+    ):  # only a list naming the served expert once is a valid request ("0.01" names it too)
+        assert isinstance(uids, list) and [parse_uid(u) for u in uids] == [parse_uid(UID)], uids
+        assert wire.unpack_response(reply) == []
 
 
 @st.composite

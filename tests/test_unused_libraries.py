@@ -39,14 +39,26 @@ def _peer_imports(*argv: str) -> dict[str, bool]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _spec(tmp_path, **model) -> str:
+def _model_folder(tmp_path, name: str, **config) -> str:
+    """A model folder as far as this check reads it: its ``config.json``."""
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    return str(folder)
+
+
+def _spec(tmp_path, name_or_path: str | None = None, quantization: str = "none", **sections) -> str:
     path = tmp_path / "run.yaml"
     spec = {
         "run_id": "imports",
-        "model": {"name_or_path": "tiny-model", **model},
+        "model": {
+            "name_or_path": name_or_path or _model_folder(tmp_path, "tiny-model"),
+            "quantization": quantization,
+        },
         "adapter": {"kind": "lora"},
         "data": {"path": "train.jsonl"},
         "batch": {"target_batch_size": 8, "per_peer_batch_size": 8},
+        **sections,
     }
     path.write_text(yaml.safe_dump(spec))
     return str(path)
@@ -62,8 +74,15 @@ def test_a_run_that_quantises_nothing_leaves_bitsandbytes_out(tmp_path):
     }
 
 
-def test_a_quantised_run_and_an_unread_spec_keep_bitsandbytes(tmp_path):
+def test_a_quantised_run_or_model_and_a_spec_or_model_it_cannot_read_keep_bitsandbytes(tmp_path):
     quantised = _peer_imports("--run-spec", _spec(tmp_path, quantization="4bit"))
     assert quantised["left_out"] is False and quantised["peft_sees_it"] and quantised["transformers_sees_it"]
-    for argv in (("--coordinator", "127.0.0.1:1"), ("--run-spec", str(tmp_path / "missing.yaml"))):
+    saved_quantised = _model_folder(tmp_path, "teacher-4bit", quantization_config={"load_in_4bit": True})
+    for argv in (
+        ("--coordinator", "127.0.0.1:1"),  # the spec comes later
+        ("--coordinator", "127.0.0.1:1", "--run", _spec(tmp_path)),  # not --run-spec by abbreviation
+        ("--run-spec", str(tmp_path / "missing.yaml")),
+        ("--run-spec", _spec(tmp_path, name_or_path="HuggingFaceTB/SmolLM2-135M")),  # a hub id: not read here
+        ("--run-spec", _spec(tmp_path, stage="distill", teacher={"path": saved_quantised})),
+    ):
         assert _peer_imports(*argv)["left_out"] is False, argv

@@ -89,7 +89,7 @@ at most this often (the others' view of its inner steps lags by as much; only th
 matters to them, and that is published at once)."""
 WAIT_SLICE_SECONDS = 0.05
 """How often an idle peer (H taken, the others not ready) looks again at the swarm's progress and at a stop
-request (the tracker's own refresh period bounds how fresh that view is)."""
+request (``READY_POLL_SECONDS`` bounds how fresh that view is)."""
 READY_POLL_SECONDS = 0.1
 """How often a ready peer (H taken) reads the swarm's progress while it waits for the others: the last one's
 "ready" reaches the others within this (plus a DHT read), where the tracker's 0.5 s refresh period left the
@@ -572,7 +572,9 @@ class DiLoCoAveraging(AveragingStrategy):
     def _refresh_swarm_view(self, period: float | None = None) -> None:
         """Make the tracker fetch the swarm's progress now rather than at its next refresh (up to 10 s), unless it
         fetched less than ``period`` seconds ago (default: the tracker's ``min_refresh_period``)."""
-        if time.monotonic() - self._last_refresh < (period or self._tracker.min_refresh_period):
+        if time.monotonic() - self._last_refresh < (
+            self._tracker.min_refresh_period if period is None else period
+        ):
             return  # one DHT read per refresh period, not one per local step
         self._last_refresh = time.monotonic()
         self._tracker.fetched_global_progress_this_epoch.clear()

@@ -23,7 +23,7 @@ from potluck.peer.averaging.choose import make_strategy
 from potluck.peer.preflight import check_client_spec
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, exit_reason, install_stop_handlers
-from potluck.peer.shard.client.client_checkpoint import resume_client, save_client
+from potluck.peer.shard.client.client_checkpoint import load_client_weights, load_strategy_state, save_client
 from potluck.peer.shard.client.expert_calls import ExpertClient
 from potluck.peer.shard.client.remote_experts import RemoteExperts, open_remote_moe_model
 from potluck.peer.shard.client.remote_model import RemoteCausalLM, open_remote_model
@@ -120,6 +120,8 @@ def train_through_shards(
             results.event(
                 "route", hops=[{"peer_id": str(h.peer_id), "start": h.start, "end": h.end} for h in route]
             )
+        # before the strategy: hivemind's optimizer takes its own copy of the parameters when it is made
+        resumed = load_client_weights(options.save_dir, spec.run_id, model) if options.save_dir else None
         # the prompt or the prefix; none for lora (the servers train and average it); all but the experts of a MoE
         trained = [p for p in model.parameters() if p.requires_grad]
         if trained:
@@ -133,22 +135,20 @@ def train_through_shards(
         stage = make_stage(spec.stage, context, **references)
         try:
             install_stop_handlers(stop, strategy)
-            if options.save_dir is not None:
-                resumed = resume_client(options.save_dir, spec.run_id, model, strategy)
-                if resumed is not None:
-                    print(
-                        f"run-peer: resuming from {resumed.path} (global step {resumed.global_step})",
-                        file=sys.stderr,
-                    )
-                    results.resumed(resumed.global_step, resumed.path)
+            if resumed is not None:
+                load_strategy_state(resumed, strategy)
+                print(
+                    f"run-peer: resuming from {resumed.path} (global step {resumed.global_step})",
+                    file=sys.stderr,
+                )
+                results.resumed(resumed.global_step, resumed.path)
 
             def save(step: int) -> None:
                 if options.save_dir is not None:
                     saved = save_client(
                         options.save_dir, spec.run_id, step, model, strategy, spec.checkpoint.keep
                     )
-                    if saved is not None:
-                        results.checkpoint(step, saved.path)
+                    results.checkpoint(step, saved.path)
 
             def on_global_step(step: int) -> None:
                 results.global_step(step)
@@ -170,6 +170,7 @@ def train_through_shards(
                 on_global_step=on_global_step,
             )
             result = trainer.run()
+            strategy.settle()  # the swarm's last average into the model before the last checkpoint (trainer.py)
             save(result.global_step)
             results.trained(
                 result.global_step,

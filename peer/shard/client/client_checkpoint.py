@@ -3,7 +3,7 @@ mistaken for) a trainer's or a server's.
 
 What the client trains: a ``prompt_tuning`` prompt or a ``prefix``, or for a mixture-of-experts model everything
 but the experts (attention, embeddings, norms, routers, head); a ``lora`` client trains nothing itself (the servers
-checkpoint the adapter) and writes none. ``client-checkpoint-<global step>/`` folders, written atomically by
+checkpoint the adapter), and its checkpoint holds its step count alone. ``client-checkpoint-<global step>/`` folders, written atomically by
 ``runtime/checkpoints.write_checkpoint`` and kept ``checkpoint.keep`` at a time: ``client.pt`` holds the trained
 parameters by name, ``strategy_state.pt`` the averaging strategy's state (optimizer statistics, global step). A
 client saves every ``checkpoint.save_every`` global steps and when it stops, and resumes from its newest checkpoint
@@ -34,11 +34,10 @@ def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def save_client(
     save_dir: Path, run_id: str, global_step: int, model: nn.Module, strategy, keep: int
-) -> Checkpoint | None:
-    """Write the client's trained parameters and its strategy's state; None (nothing written) if it trains none."""
+) -> Checkpoint:
+    """Write the client's trained parameters (none for a ``lora`` client: its step count alone) and its strategy's
+    state."""
     trained = {name: p.detach().cpu().clone() for name, p in trained_parameters(model).items()}
-    if not trained:
-        return None
     strategy_state = strategy.state_dict()
 
     def write(folder: Path) -> None:
@@ -48,10 +47,12 @@ def save_client(
     return write_checkpoint(save_dir, run_id, global_step, write, keep, PREFIX)
 
 
-def resume_client(save_dir: Path, run_id: str, model: nn.Module, strategy) -> Checkpoint | None:
-    """Load the run's newest client checkpoint in ``save_dir`` into ``model``'s trained parameters and ``strategy``;
-    None if there is none. Raises :class:`ClientCheckpointMismatch` naming the folder when its parameters are not
-    this client's (nothing is loaded then)."""
+def load_client_weights(save_dir: Path, run_id: str, model: nn.Module) -> Checkpoint | None:
+    """Load the run's newest client checkpoint in ``save_dir`` into ``model``'s trained parameters; None if there is
+    none. Call it before the averaging strategy is made: hivemind's optimizer keeps its own copy of the parameters
+    from then on (``offload_optimizer``), and would step the weights from before the resume. Then give the strategy
+    its state with :func:`load_strategy_state`. Raises :class:`ClientCheckpointMismatch` naming the folder when
+    its parameters are not this client's (nothing is loaded then)."""
     found = latest_checkpoint(save_dir, run_id, PREFIX)
     if found is None:
         return None
@@ -67,5 +68,9 @@ def resume_client(save_dir: Path, run_id: str, model: nn.Module, strategy) -> Ch
     with torch.no_grad():
         for name, parameter in own.items():
             parameter.copy_(saved[name].to(parameter.device, parameter.dtype))
-    strategy.load_state_dict(torch.load(found.strategy_state_path, weights_only=False))
     return found
+
+
+def load_strategy_state(found: Checkpoint, strategy) -> None:
+    """The averaging strategy's state (optimizer statistics, global step) from ``found``."""
+    strategy.load_state_dict(torch.load(found.strategy_state_path, weights_only=False))

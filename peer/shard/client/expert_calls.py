@@ -18,8 +18,10 @@ expert, the tokens routed to it):
 With a layer's backward calls go its **idle steps**: each expert of the layer that the batch routed no token to
 takes a step on a zero gradient at its first candidate server (one request per server), as local training's
 optimizer steps every expert at every step, on momentum alone when it got no token. So every backward pass steps
-every expert once, and the servers train what one AdamW over the local model would. An idle step that fails is
-counted (``idle_steps_failed``) and its server banned; it is not retried on a replica.
+every expert once, and the servers train what one AdamW over the local model would. An idle step that fails, for
+any reason (a refusal too: it is a best-effort step, and a server's word on what is malformed is not trusted to
+stop training), is counted (``idle_steps_failed``, one failure per request) and its server banned; it is not
+retried on a replica.
 
 A call that the server refuses as malformed (``bad_request``) is the caller's bug: it is raised. Counts are in
 :class:`ExpertClientMetrics`.
@@ -133,7 +135,7 @@ class ExpertClient:
         layer: int,
         inputs: dict[int, tuple[torch.Tensor, torch.Tensor]],
         served_by: dict[int, str],
-        idle: list[int] = (),
+        idle: list[int] | None = None,
     ) -> dict[int, torch.Tensor | None]:
         """The gradient of each expert's input, given its input and output gradient (None: no server answered);
         with them, an idle step for each expert of ``idle`` (those the batch routed no token to)."""
@@ -141,11 +143,13 @@ class ExpertClient:
             self._call(expert_uid(layer, e), "backward", list(pair), served_by.get(e))
             for e, pair in inputs.items()
         ]
-        answers = RemoteExpertWorker.run_coroutine(_gather([*calls, self._idle_steps(layer, idle)]))[:-1]
+        answers, _ = RemoteExpertWorker.run_coroutine(
+            _gather([_gather(calls), self._idle_steps(layer, idle or [])])
+        )
         self.metrics.backward_dropped += sum(grad is None for grad, _ in answers)
         return {expert: grad for expert, (grad, _) in zip(inputs, answers, strict=True)}
 
-    async def _idle_steps(self, layer: int, experts: list[int]) -> tuple[None, str]:
+    async def _idle_steps(self, layer: int, experts: list[int]) -> None:
         by_server: dict[str, list[str]] = {}
         for expert in experts:
             uid = expert_uid(layer, expert)
@@ -155,7 +159,6 @@ class ExpertClient:
             else:
                 self.metrics.idle_steps_failed += 1
         await asyncio.gather(*(self._idle_step(peer_id, uids) for peer_id, uids in by_server.items()))
-        return None, ""
 
     async def _idle_step(self, peer_id: str, uids: list[str]) -> None:
         started = time.perf_counter()
@@ -165,19 +168,14 @@ class ExpertClient:
                 peer_id, "idle_steps", wire.request([], uids=uids), self.request_timeout
             )
             wire.unpack_response(reply)
-        except wire.RemoteError as e:
-            if e.kind == wire.BAD_REQUEST:
-                raise
-            self._idle_failed(uids, peer_id, started, e)
-        except Exception as e:  # noqa: BLE001 (the server is gone or slow: these experts miss one step)
-            self._idle_failed(uids, peer_id, started, e)
+        except Exception as e:  # noqa: BLE001 (any refusal, even "bad_request": a best-effort step, never fatal)
+            # one request: one failure, one ban; each expert in it missed its step
+            self.metrics.idle_steps_failed += len(uids)
+            for uid in uids:
+                self.metrics.failures_by_expert[uid] = self.metrics.failures_by_expert.get(uid, 0) + 1
+            self._failed_request(peer_id, started, f"idle steps of {', '.join(uids)}", e)
         else:
             self.metrics.idle_steps += len(uids)
-
-    def _idle_failed(self, uids: list[str], peer_id: str, started: float, error: BaseException) -> None:
-        self.metrics.idle_steps_failed += len(uids)
-        for uid in uids:
-            self._failed(uid, peer_id, started, error)
 
     async def _call(
         self, uid: str, method: str, tensors: list[torch.Tensor], preferred: str | None = None
@@ -216,12 +214,15 @@ class ExpertClient:
         return None, ""
 
     def _failed(self, uid: str, peer_id: str, started: float, error: BaseException) -> None:
+        self.metrics.failures_by_expert[uid] = self.metrics.failures_by_expert.get(uid, 0) + 1
+        self._failed_request(peer_id, started, f"expert {uid}", error)
+
+    def _failed_request(self, peer_id: str, started: float, what: str, error: BaseException) -> None:
         self.metrics.failures += 1
         self.metrics.bans += 1
-        self.metrics.failures_by_expert[uid] = self.metrics.failures_by_expert.get(uid, 0) + 1
         self.metrics.retry_seconds += time.perf_counter() - started
         self.directory.ban(peer_id)
-        logger.warning(f"expert {uid} on {peer_id} failed: {error!r}; trying a replica or dropping it")
+        logger.warning(f"{what} on {peer_id} failed: {error!r}; trying a replica or dropping it")
 
     def expert_state(self, peer_id: str, uid: str) -> tuple[list[torch.Tensor], int]:
         """A server's expert ``uid``: its weights (gate, up, down) and how many optimizer steps it has taken."""
