@@ -12,12 +12,12 @@ What is measured
     there were.
 
     Three modes, in rotated order within each repeat; the first two set a constant of
-    ``peer/averaging/diloco.py`` back to what it was before a change (``--with NAME=VALUE`` in this file run as
+    ``peer/averaging/diloco.py`` to another value (what it was before a change, or an experiment) (``--with NAME=VALUE`` in this file run as
     the peers' entry, so ``run-peer`` has no benchmark-only branch):
 
     - ``per-step``: every inner step publishes the peer's progress record (``PROGRESS_REPORT_SECONDS = 0``);
-    - ``poll-0.5``: a peer that has taken H reads the swarm's progress every 0.5 s while it waits for the others
-      (``READY_POLL_SECONDS = 0.5``, the tracker's refresh period) instead of every 0.1 s;
+    - ``poll-0.1``: a peer that has taken H reads the swarm's progress every 0.1 s while it waits for the others
+      (``READY_POLL_SECONDS = 0.1``, an experiment) instead of the tracker's refresh period, 0.5 s;
     - ``now``: today's ``run-peer``: a record at the start of an outer step, when H are taken, and at most every
       ``PROGRESS_REPORT_SECONDS`` in between; the others' readiness read every ``READY_POLL_SECONDS``.
 
@@ -44,7 +44,7 @@ from potluck.tools.tiny.assets import build_assets
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
 PORT = 31337
-MODES = {"per-step": ("PROGRESS_REPORT_SECONDS=0",), "poll-0.5": ("READY_POLL_SECONDS=0.5",), "now": ()}
+MODES = {"per-step": ("PROGRESS_REPORT_SECONDS=0",), "poll-0.1": ("READY_POLL_SECONDS=0.1",), "now": ()}
 """Each mode's constants of ``peer/averaging/diloco.py`` (``--with``); ``now`` changes none."""
 
 
@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_peer_with(argv: list[str]) -> int:
-    """``run-peer`` (the flags after ``--``) with constants of ``peer/averaging/diloco.py`` set as before a change
+    """``run-peer`` (the flags after ``--``) with constants of ``peer/averaging/diloco.py`` set otherwise
     (``--with=NAME=VALUE`` before ``--``)."""
     from potluck.peer import cli
     from potluck.peer.averaging import diloco

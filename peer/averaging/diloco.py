@@ -90,11 +90,12 @@ matters to them, and that is published at once)."""
 WAIT_SLICE_SECONDS = 0.05
 """How often an idle peer (H taken, the others not ready) looks again at the swarm's progress and at a stop
 request (``READY_POLL_SECONDS`` bounds how fresh that view is)."""
-READY_POLL_SECONDS = 0.1
-"""How often a ready peer (H taken) reads the swarm's progress while it waits for the others: the last one's
-"ready" reaches the others within this (plus a DHT read), where the tracker's 0.5 s refresh period left the
-whole swarm idle up to half a second more per outer step (``bench/vs_torchft.py``'s round). A few small DHT
-reads per outer step, only while waiting."""
+READY_POLL_SECONDS = 0.5
+"""How often a ready peer (H taken) reads the swarm's progress while it waits for the others: the tracker's refresh
+period, so the last one's "ready" reaches the others up to this late. 0.1 s was tried (2026-12-06): the outer step
+looked 0.3 s shorter but within the spread, and in 2 of 4 runs of ``tests/test_diloco.py``'s client-mode pair a
+round then split (one peer averaged alone while the other timed out looking for a group), against none in the
+sessions before; not kept. ``bench/control_plane.py --runs 3`` compares it (mode ``poll-0.1``)."""
 GROUP_SEARCH_MATCHMAKING_TIMES = 4
 """A round looks for its group for this many ``matchmaking_time``s (hivemind needs more than one)."""
 
