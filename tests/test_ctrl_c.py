@@ -28,6 +28,8 @@ def ignores_sigint(pid: int) -> bool:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("averager_class", [KeepsCtrlC, DecentralizedAverager], ids=["ours", "hivemind"])
 def test_the_process_that_starts_an_averager_keeps_its_ctrl_c(averager_class):
+    # from Python's own Ctrl-C, whatever the tests before left: an ignored one would hide the loss shown below
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
     before = signal.getsignal(signal.SIGINT)
     averager = averager_class([torch.zeros(4)], dht, prefix="ctrl-c", start=True)
@@ -38,7 +40,7 @@ def test_the_process_that_starts_an_averager_keeps_its_ctrl_c(averager_class):
             [sys.executable, "-c", CHILD_HANDLES_CTRL_C], capture_output=True, text=True, check=True
         ).stdout.strip()
     finally:
-        signal.signal(signal.SIGINT, before)  # for hivemind's own class, whose loss this shows
+        signal.signal(signal.SIGINT, outer)  # for hivemind's own class, whose loss this shows
         averager.shutdown()
         dht.shutdown()
     assert averager_ignores  # Ctrl-C is its parent's to handle

@@ -161,6 +161,9 @@ def up(workdir: Path, peers: int, max_steps: int | None) -> int:
     # SIGTERM (docker, systemd) stops the swarm the way Ctrl-C does: through the finally below
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # "Ctrl-C stops everything", whatever this process inherited: Python keeps an inherited ignored SIGINT (a
+    # launcher's background job, or a parent whose library ignored it) and Ctrl-C would then do nothing
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     coordinator = LocalCoordinator(workdir / "coordinator", collect_interval=2.0)
     swarm = _ObservedSwarm(spec_path, workdir / "logs", peers, write_prometheus_config)
     interrupted = False
