@@ -30,6 +30,15 @@ def leave_out_unused_libraries(argv: Sequence[str]) -> bool:
     spec that quantises nothing. Returns whether it did; imports only the run spec's parser."""
     if sys.modules.get(LEFT_OUT) is not None:  # already imported: nothing to save
         return False
+    if not quantises_nothing(argv):
+        return False
+    sys.modules[LEFT_OUT] = None  # type: ignore[assignment]  (find_spec → None; ``import`` → ImportError)
+    return True
+
+
+def quantises_nothing(argv: Sequence[str]) -> bool:
+    """Whether ``argv``'s ``--run-spec`` can be told, from its file and the ``config.json`` of the models it
+    names, to quantise nothing (False where it cannot be told). Changes nothing."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--run-spec")
     known, _ = parser.parse_known_args(list(argv))
@@ -43,10 +52,7 @@ def leave_out_unused_libraries(argv: Sequence[str]) -> bool:
         return False
     named = [spec.model.name_or_path, spec.init_from, spec.reference.path, spec.teacher and spec.teacher.path]
     named.append(spec.rl.reward if spec.rl.reward != EXACT_ANSWER else None)
-    if spec.model.quantized or not all(_plainly_unquantised(path) for path in named if path):
-        return False
-    sys.modules[LEFT_OUT] = None  # type: ignore[assignment]  (find_spec → None; ``import`` → ImportError)
-    return True
+    return not spec.model.quantized and all(_plainly_unquantised(path) for path in named if path)
 
 
 def _plainly_unquantised(path: str) -> bool:

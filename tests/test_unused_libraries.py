@@ -13,6 +13,8 @@ import sys
 import pytest
 import yaml
 
+from potluck.peer.unused_libraries import quantises_nothing
+
 pytestmark = pytest.mark.integration
 pytest.importorskip("bitsandbytes")  # installed with the dev extra; without it there is nothing to leave out
 
@@ -74,15 +76,24 @@ def test_a_run_that_quantises_nothing_leaves_bitsandbytes_out(tmp_path):
     }
 
 
-def test_a_quantised_run_or_model_and_a_spec_or_model_it_cannot_read_keep_bitsandbytes(tmp_path):
+def test_a_quantised_run_keeps_bitsandbytes_for_peft_and_transformers(tmp_path):
     quantised = _peer_imports("--run-spec", _spec(tmp_path, quantization="4bit"))
     assert quantised["left_out"] is False and quantised["peft_sees_it"] and quantised["transformers_sees_it"]
+
+
+def test_a_spec_or_model_that_is_quantised_or_cannot_be_read_here_is_not_taken_for_unquantised(tmp_path):
+    """The same decision the process above acts on, asked in this process for each case it must not leave
+    bitsandbytes out in (a process each cost 5 s of the suite)."""
+    assert quantises_nothing(
+        ("--run-spec", _spec(tmp_path), "--max-steps", "3")
+    )  # the case above, as a control
     saved_quantised = _model_folder(tmp_path, "teacher-4bit", quantization_config={"load_in_4bit": True})
     for argv in (
+        ("--run-spec", _spec(tmp_path, quantization="4bit")),
         ("--coordinator", "127.0.0.1:1"),  # the spec comes later
         ("--coordinator", "127.0.0.1:1", "--run", _spec(tmp_path)),  # not --run-spec by abbreviation
         ("--run-spec", str(tmp_path / "missing.yaml")),
         ("--run-spec", _spec(tmp_path, name_or_path="HuggingFaceTB/SmolLM2-135M")),  # a hub id: not read here
         ("--run-spec", _spec(tmp_path, stage="distill", teacher={"path": saved_quantised})),
     ):
-        assert _peer_imports(*argv)["left_out"] is False, argv
+        assert not quantises_nothing(argv), argv
