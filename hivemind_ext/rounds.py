@@ -14,6 +14,7 @@ skip its all-reduce.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import InvalidStateError
 
 from hivemind.averaging import DecentralizedAverager
 
@@ -23,6 +24,7 @@ UPSTREAM = {
     "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group": "c297d8a435ce2b1c",  # overridden; keeps its runner in _running_groups
     "hivemind.averaging.averager.DecentralizedAverager._register_allreduce_group": "5bf43ed9b95db37d",  # a skipped round's runner future is cancelled, so it does not warn
     "hivemind.averaging.averager.DecentralizedAverager._shutdown": "f1777b2ac329932a",  # copied: finalizes the runners, not their futures
+    "hivemind.averaging.averager.DecentralizedAverager._step": "dfbb4416e9ebba51",  # catches asyncio's InvalidStateError, not concurrent.futures'
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
 
@@ -82,6 +84,16 @@ class CheckedRounds(DecentralizedAverager):
                 future.result().finalize(cancel=True)
             else:
                 future.cancel()
+
+    async def _step(self, *, step, future_for_init):
+        try:
+            return await super()._step(step=step, future_for_init=future_for_init)
+        except InvalidStateError:
+            # a round cancelled (its peer leaving) just as its all-reduce ended: hivemind's set_result raises
+            # concurrent.futures' InvalidStateError, which its handler (asyncio's) does not catch, and the
+            # averager's log got "Task exception was never retrieved"; nobody waits for the result
+            if not step.cancelled():
+                raise
 
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
         if aggregator_in_use().robust and len(group_info.peer_ids) < MIN_ROBUST_GROUP:

@@ -12,7 +12,7 @@ a signal, an error. Event kinds (all roles: ``joined`` and ``summary``):
 - ``state_download``: ``outcome`` (succeeded / failed), ``seconds``, ``discarded`` (downloads that did not
   match their donor's manifest); every attempt, catch-ups included
 - ``averaging_round``: ``outcome`` (succeeded / failed / alone), ``group_size``, ``bytes_sent``,
-  ``bytes_received``, ``seconds``
+  ``bytes_received``, ``seconds``, ``kept`` (true: the last round's group, re-formed without matchmaking)
 - ``global_step``: ``global_step``, ``local_steps``, ``samples``, ``loss``, ``round`` (``outcome`` and
   ``group_size`` of the last averaging round since the previous global step; null if a state download
   came after it or there was none, i.e. the step was not taken by averaging)
@@ -260,12 +260,14 @@ class PeerResults:
         self.attach(metrics)
         return RecordingListener(metrics, self)
 
-    def _averaging_round(self, succeeded: bool, group_size: int, sent: int, received: int, seconds) -> None:
+    def _averaging_round(
+        self, succeeded: bool, group_size: int, sent: int, received: int, seconds, kept: bool = False
+    ) -> None:
         outcome = round_outcome(succeeded, group_size)
         with self._lock:
             self._pending_round = {"outcome": outcome, "group_size": group_size}
         self.event("averaging_round", outcome=outcome, group_size=group_size, bytes_sent=sent,
-                   bytes_received=received, seconds=seconds)  # fmt: skip
+                   bytes_received=received, seconds=seconds, kept=kept)  # fmt: skip
 
     def _state_download(
         self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0
@@ -333,9 +335,10 @@ class RecordingListener:
         bytes_sent: int,
         bytes_received: int,
         seconds: float | None = None,
+        kept: bool = False,
     ) -> None:
-        self._metrics.averaging_round(succeeded, group_size, bytes_sent, bytes_received, seconds)
-        self._results._averaging_round(succeeded, group_size, bytes_sent, bytes_received, seconds)
+        self._metrics.averaging_round(succeeded, group_size, bytes_sent, bytes_received, seconds, kept)
+        self._results._averaging_round(succeeded, group_size, bytes_sent, bytes_received, seconds, kept)
 
     def state_download(self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0) -> None:
         self._metrics.state_download(succeeded, seconds, discarded, unvouched)

@@ -3,8 +3,10 @@ nobody serves yet."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -104,3 +106,29 @@ class QuietListener:
     def averaging_round(self, *args) -> None: ...
 
     def state_download(self, *args) -> None: ...
+
+
+@contextlib.contextmanager
+def loopback_averagers(classes_and_values: Sequence, size: int, prefix: str, **options) -> Iterator[list]:
+    """One real hivemind averager per (class, value) in this process, each on its own DHT node of one loopback
+    DHT, averaging one tensor: the value's, or ``size`` elements filled with it; ``options`` override the
+    averagers' timings. All shut down at the end."""
+    import torch
+
+    from potluck.hivemind_ext.dht import start_dht
+
+    settings = {"min_matchmaking_time": 1.0, "request_timeout": 0.5, "allreduce_timeout": 10.0,
+                "next_chunk_timeout": 2.0, **options}  # fmt: skip
+    dhts, averagers = [], []
+    try:
+        for cls, value in classes_and_values:
+            initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
+            dhts.append(start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None))
+            tensor = value if isinstance(value, torch.Tensor) else torch.full((size,), float(value))
+            averagers.append(cls([tensor], dhts[-1], prefix=prefix, start=True, **settings))
+        yield averagers
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in reversed(dhts):
+            dht.shutdown()

@@ -17,6 +17,7 @@ EXPECTED_MODULES = {
     "donors",
     "keys",
     "optimizer",
+    "kept_groups",
     "p2p",
     "rounds",
     "tracker",

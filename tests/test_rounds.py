@@ -3,7 +3,6 @@ averagers on a loopback DHT in this process."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import AsyncIterator  # noqa: UP035 (hivemind reads the stream type from typing's alias only)
 
@@ -15,8 +14,8 @@ from hivemind.proto import averaging_pb2
 from potluck.hivemind_ext.aggregators import Aggregator
 from potluck.hivemind_ext.allreduce import SameAverages, aggregate_with, refused_parts
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
-from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
+from tests.helpers import loopback_averagers
 
 SIZE = 300_000
 """Elements averaged: several of hivemind's parts, so that each peer reduces some (a tiny tensor is one
@@ -45,32 +44,8 @@ class _DeadReducer(_Averager):
 _DeadReducer.__name__ = _Averager.__name__  # hivemind names its RPC handlers after the averager's class
 
 
-@contextlib.contextmanager
 def _averagers(*classes_and_values):
-    """One averager per (class, value), each averaging one tensor: the value's, or filled with it."""
-    dhts, averagers = [], []
-    try:
-        for cls, value in classes_and_values:
-            initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
-            dhts.append(start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None))
-            averagers.append(
-                cls(
-                    [value if isinstance(value, torch.Tensor) else torch.full((SIZE,), float(value))],
-                    dhts[-1],
-                    prefix="rounds-test",
-                    min_matchmaking_time=1.0,
-                    request_timeout=0.5,
-                    allreduce_timeout=10.0,
-                    next_chunk_timeout=2.0,
-                    start=True,
-                )
-            )
-        yield averagers
-    finally:
-        for averager in averagers:
-            averager.shutdown()
-        for dht in reversed(dhts):
-            dht.shutdown()
+    return loopback_averagers(classes_and_values, size=SIZE, prefix="rounds-test")
 
 
 def _outcome(control, timeout: float = 30.0):

@@ -18,6 +18,9 @@ outer step) to late joiners; the tracker publishes each peer's round and inner s
 Rounds and consistency
     - Peers at outer step s average only with peers at outer step s: the averager's group key carries
       s (``rounds.round_bits``), so a straggler never mixes an old pseudo-gradient into a newer round.
+    - Kept groups: while the last round's group is every peer the tracker counts in this round, a peer that
+      has taken H inner steps asks its group's keeper to re-form it without matchmaking (the others'
+      check-ins are then the wait for them; ``hivemind_ext/kept_groups.py``). Otherwise, as below.
     - A peer that has taken H inner steps waits until every peer the tracker knows of has taken H, or
       ``averaging_timeout`` passes; then the round starts. Slow peers therefore bound the round. The
       wait is idle: every peer takes exactly H inner steps per outer step, as the spec says, unless
@@ -74,6 +77,7 @@ from potluck.hivemind_ext.donors import (
     download_with_retries,
     other_donors,
 )
+from potluck.hivemind_ext.kept_groups import KEEP, KeptGroups
 from potluck.hivemind_ext.optimizer import StopRequest
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, round_bits
 from potluck.hivemind_ext.tracker import RoundTracker, announce_and_count, own_subkey, published_records
@@ -104,6 +108,7 @@ class _OuterAverager(
     ServesState,
     StoppableDownloads,
     LimitedDonor,
+    KeptGroups,
     CheckedRounds,
     consistent_allreduce.SameAverages,
     KeepsCtrlC,
@@ -120,6 +125,8 @@ class _Round:
     """Local weights when the round started (overlap): the inner steps taken since are kept."""
     inner_steps_since: int = 0
     started: float = field(default_factory=time.monotonic)
+    kept_before: int = 0
+    """The averager's kept rounds before this one (``KeptGroups.kept_rounds``)."""
 
 
 class DiLoCoAveraging(AveragingStrategy):
@@ -139,7 +146,9 @@ class DiLoCoAveraging(AveragingStrategy):
         self._compute_while_waiting = averaging.compute_while_waiting
         self._averaging_timeout = averaging.averaging_timeout
         self._deadlines = DeadlineWatch(averaging.averaging_timeout)
-        self._round_deadline = 2 * averaging.averaging_timeout + 2 * averaging.matchmaking_time
+        self._round_deadline = 2 * averaging.averaging_timeout + (GROUP_SEARCH_MATCHMAKING_TIMES + 2) * (
+            averaging.matchmaking_time
+        )
         """Seconds after which a background round that has not ended is abandoned."""
         self._matchmaking_time = averaging.matchmaking_time
         self._load_state_timeout = averaging.load_state_timeout
@@ -174,6 +183,9 @@ class DiLoCoAveraging(AveragingStrategy):
         self._last_refresh = 0.0
         self._last_report = -float("inf")
         self._round: _Round | None = None
+        self._kept_for: int | None = None
+        """The outer step whose round last succeeded here, in a group of ``_kept_size`` peers."""
+        self._kept_size = 0
         self._state_lock = threading.Lock()  # hivemind's state thread reads while the trainer writes
 
         compression = COMPRESSIONS[averaging.compression]()
@@ -196,6 +208,7 @@ class DiLoCoAveraging(AveragingStrategy):
             request_timeout=request_timeout,
             allreduce_timeout=averaging.averaging_timeout,
             next_chunk_timeout=averaging.download_chunk_timeout,
+            kept_group_wait=averaging.averaging_timeout,  # as long as a ready peer waits for the others
             compression=compression,
             state_compression=NoCompression(),  # joiners need the exact outer state
             donor_slots=averaging.donor_slots,
@@ -277,6 +290,8 @@ class DiLoCoAveraging(AveragingStrategy):
             return "catch up"
         if self._inner_in_round < self._inner_steps:
             return "train"
+        if self._keeps_group():
+            return "start"  # the kept group's check-ins are the wait for the others (hivemind_ext/kept_groups.py)
         if self._ready_since is None:
             self._ready_since = time.monotonic()
             self._refresh_swarm_view()
@@ -292,6 +307,11 @@ class DiLoCoAveraging(AveragingStrategy):
             self._refresh_swarm_view(READY_POLL_SECONDS)
             return "wait"
         return "start"
+
+    def _keeps_group(self) -> bool:
+        """Whether this round asks to re-form the last round's group without matchmaking: that round succeeded
+        here, and its group is as many peers as the tracker counts in this round (nobody joined or left)."""
+        return self._kept_for == self._outer_step - 1 and self._kept_size == self._tracker.peers_in_round
 
     def _idle_a_slice(self) -> bool:
         """H means H: a peer that may not take another inner step yet idles one slice, counted as time
@@ -419,17 +439,20 @@ class DiLoCoAveraging(AveragingStrategy):
             for buffer, (g, p) in zip(buffers, self._local_pairs(), strict=True):
                 torch.sub(g, p.detach().to("cpu", torch.float32), out=buffer)
         snapshot = [p.detach().clone() for p in self._params] if self._overlap else None
+        keep, kept_before = self._keeps_group(), self._averager.kept_rounds
         control = self._averager.step(
-            gather={"outer_step": self._outer_step},
+            gather={"outer_step": self._outer_step, KEEP: keep},
             # finding the group: the round starts when the tracker shows everyone ready, so the others come
-            # within about a matchmaking time (and the DHT's refresh) or not at all
-            timeout=GROUP_SEARCH_MATCHMAKING_TIMES * self._matchmaking_time,
+            # within about a matchmaking time (and the DHT's refresh) or not at all; a kept group's members
+            # wait for each other first, up to averaging_timeout, and search only if one does not come
+            timeout=(self._averaging_timeout if keep else 0.0)
+            + GROUP_SEARCH_MATCHMAKING_TIMES * self._matchmaking_time,
             # One attempt: hivemind would retry a failed all-reduce on the buffer it had already changed in
             # part. A failed round is retried here, on a fresh pseudo-gradient, once the swarm is ready.
             allow_retries=False,
             wait=False,
         )
-        self._round = _Round(control, self._outer_step, snapshot)
+        self._round = _Round(control, self._outer_step, snapshot, kept_before=kept_before)
 
     def _finish_round(self) -> bool:
         current, self._round = self._round, None
@@ -454,6 +477,7 @@ class DiLoCoAveraging(AveragingStrategy):
             error = repr(e)
         self._communication_wait(time.perf_counter() - waited)
         if error is not None:
+            self._kept_for = None
             logger.info(f"outer round {current.outer_step} failed, training on: {error}")
             self._listener.averaging_round(False, group_size, 0, 0)
             self._ready_since = None  # wait for the others again (or catch up), then retry
@@ -463,10 +487,13 @@ class DiLoCoAveraging(AveragingStrategy):
         # butterfly all-reduce: a peer sends (g-1)/g of its pseudo-gradient and as much of the averaged result
         share = 2 * self._payload_bytes * (group_size - 1) // group_size
         seconds = time.monotonic() - current.started  # matchmaking included: DiLoCo does not schedule ahead
-        self._listener.averaging_round(True, group_size, share, share, seconds)
+        kept = self._averager.kept_rounds > current.kept_before
+        self._listener.averaging_round(True, group_size, share, share, seconds, kept=kept)
         self._deadlines.observe(seconds)
+        self._kept_for, self._kept_size = current.outer_step, group_size
         self._apply_outer(average, current.snapshot, current.inner_steps_since)
-        logger.info(f"outer step {self._outer_step}: averaged pseudo-gradients of {group_size} peers")
+        how = " (kept group)" if kept else ""
+        logger.info(f"outer step {self._outer_step}: averaged pseudo-gradients of {group_size} peers{how}")
         return True
 
     def _apply_outer(

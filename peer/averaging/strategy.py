@@ -29,8 +29,10 @@ class AveragingListener(Protocol):
         bytes_sent: int,
         bytes_received: int,
         seconds: float | None = None,
+        kept: bool = False,
     ) -> None:
-        """One round ended; ``seconds``: how long it took, for rounds that formed a group."""
+        """One round ended; ``seconds``: how long it took, for rounds that formed a group; ``kept``: its group was
+        the last round's, re-formed without matchmaking (``hivemind_ext/kept_groups.py``)."""
 
     def state_download(self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0) -> None:
         """One download attempt ended; ``discarded``: downloads in it that did not match their donor's

@@ -194,6 +194,7 @@ class PeerMetrics:
         bytes_sent: int,
         bytes_received: int,
         seconds: float | None = None,
+        kept: bool = False,
     ) -> None:
         outcome = round_outcome(succeeded, group_size)
         self._rounds.labels(self.run_id, outcome).inc()
