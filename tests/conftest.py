@@ -177,17 +177,15 @@ def write_moe_spec(family_model, tiny_assets, tmp_path_factory) -> Callable[...,
 
 
 @contextlib.contextmanager
-def serving_experts(
-    spec_path: Path, placement: dict[str, str], metrics_ports: dict[str, int] | None = None
-) -> Iterator[LocalSwarm]:
-    """``run-peer --role experts`` servers of the run ``spec_path``, ``placement`` (and ``metrics_ports``) as
-    ``tools/expert_swarm.start_expert_servers`` takes it, serving when this yields; stopped on exit."""
+def serving_experts(spec_path: Path, placement: dict[str, str], **options) -> Iterator[LocalSwarm]:
+    """``run-peer --role experts`` servers of the run ``spec_path``, ``placement`` (and ``options``: ``metrics_ports``,
+    ``entries``) as ``tools/expert_swarm.start_expert_servers`` takes it, serving when this yields; stopped on exit."""
     # imported here: hivemind's MoE client would add 2 s to every session's start
     from potluck.tools.expert_swarm import start_expert_servers
 
     swarm = _TrackedSwarm(spec_path, spec_path.parent / "servers")
     try:
-        start_expert_servers(swarm, placement, metrics_ports=metrics_ports)
+        start_expert_servers(swarm, placement, **options)
         yield swarm
     finally:
         swarm.stop(grace=10)

@@ -54,7 +54,7 @@ def metrics_ports() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def servers(moe_spec, metrics_ports):
-    with serving_experts(moe_spec, PLACEMENT, metrics_ports) as swarm:
+    with serving_experts(moe_spec, PLACEMENT, metrics_ports=metrics_ports) as swarm:
         yield swarm
 
 

@@ -191,13 +191,14 @@ def test_an_activation_above_4_mib_goes_through_a_span_and_back_with_the_unary_p
     torch.testing.assert_close(grad_input, leaf.grad, atol=1e-5, rtol=0)
     assert client.metrics.failures == 0
 
-    # a request over the server's bound is the caller's fault: refused in one line, the server not banned
+    # a request over the server's bound is the caller's fault: with no other server to ask, raised in one line, and
+    # the server, which was right, not left banned
     servicer.limits = ServerLimits(max_stream_bytes=8 * 2**20)
-    with pytest.raises(
-        wire.RemoteError, match=r"backward: stream: tensor 1: .* exceed the 8388608 bytes"
-    ) as error:
-        client.call(hop, "backward", [hidden, grad_output])
+    refused = r"backward: stream: tensor 1: .* exceed the 8388608 bytes .*; no other server is left to ask"
+    with pytest.raises(wire.RemoteError, match=refused) as error:
+        client.backward([(hop, hidden)], grad_output)
     assert error.value.kind == wire.BAD_REQUEST and not client.router.is_banned(hop.peer_id)
+    assert client.metrics.refused == client.metrics.failures == 1
     (again,) = client.call(hop, "forward", [hidden])  # and it keeps serving
     assert torch.equal(again, output)
 
@@ -208,7 +209,7 @@ def test_an_activation_above_4_mib_goes_through_a_span_and_back_with_the_unary_p
     servicer._forward = broken
     with pytest.raises(ServerFailure, match="forward: RuntimeError: out of memory"):
         client.call(hop, "forward", [hidden])
-    assert client.router.is_banned(hop.peer_id) and client.metrics.failures == 1
+    assert client.router.is_banned(hop.peer_id) and client.metrics.failures == 2
 
 
 @pytest.mark.unit

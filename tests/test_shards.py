@@ -112,6 +112,14 @@ def local_model(tiny_assets):
     return AutoModelForCausalLM.from_pretrained(tiny_assets["model"], dtype=torch.float32).eval()
 
 
+def _ask(model: RemoteCausalLM, hop: Hop, tensors: list[torch.Tensor], **metadata) -> list[torch.Tensor]:
+    """What ``hop``'s server answers one forward request (a refusal raised as :class:`wire.RemoteError`), without
+    the client's failover, which would ban it for a refusal and ask a replica (``client/refusals.py``)."""
+    message = wire.request(tensors, start=hop.start, end=hop.end, **metadata)
+    reply = RemoteExpertWorker.run_coroutine(model.client._call_async(hop.peer_id, "forward", message))
+    return wire.unpack_response(reply)
+
+
 def _kill_route_server(swarm, model: RemoteCausalLM, start: int, end: int) -> str:
     """SIGKILL the server the client's router would use for ``start:end`` now; return its peer id."""
     peer_id = model.client.router.route(start, end)[0].peer_id
@@ -203,7 +211,7 @@ def test_a_left_padded_batch_through_two_spans_equals_its_rows_one_by_one(remote
 
     hop = model.client.router.route(0, 1)[0]
     with pytest.raises(wire.RemoteError, match=r"padding: expected a list of 2 integers") as error:
-        model.client.call(hop, "forward", [torch.zeros(2, 4, 128)], padding=[1])
+        _ask(model, hop, [torch.zeros(2, 4, 128)], padding=[1])
     assert error.value.kind == wire.BAD_REQUEST
 
 
@@ -241,16 +249,16 @@ def test_a_prefix_through_two_spans_equals_the_local_model_after_the_same_prefix
         assert torch.equal(batch[1, 4:], tuned.generate(ids[1:, 4:], max_new_tokens=4)[0])
 
     hop = model.client.router.route(0, 1)[0]
-    with pytest.raises(
-        wire.RemoteError, match=r"prefix: shape \(1, 2, 2, 3, 64\), expected \(1, 2, 2, 3, 32\)"
-    ):
-        model.client.call(hop, "forward", [torch.zeros(1, 4, 128), torch.zeros(1, 2, 2, 3, 64)],
-                          position_offset=3, prefix_tokens=3)  # fmt: skip
-    with pytest.raises(
-        wire.RemoteError, match=r"position_offset: 5, but the tokens after a prefix of 3 start there"
-    ):
-        model.client.call(hop, "forward", [torch.zeros(1, 4, 128), torch.zeros(1, 2, 2, 3, 32)],
-                          position_offset=5, prefix_tokens=3)  # fmt: skip
+    for prefix, offset, problem in [
+        (torch.zeros(1, 2, 2, 3, 64), 3, r"prefix: shape \(1, 2, 2, 3, 64\), expected \(1, 2, 2, 3, 32\)"),
+        (
+            torch.zeros(1, 2, 2, 3, 32),
+            5,
+            r"position_offset: 5, but the tokens after a prefix of 3 start there",
+        ),
+    ]:
+        with pytest.raises(wire.RemoteError, match=problem):
+            _ask(model, hop, [torch.zeros(1, 4, 128), prefix], position_offset=offset, prefix_tokens=3)
 
 
 def test_an_activation_above_4_mib_goes_through_the_servers_forward_and_backward(remote, local_model):
@@ -277,10 +285,10 @@ def test_malformed_requests_get_a_clear_error_and_the_server_keeps_serving(remot
     hop = model.client.router.route(0, 1)[0]
     failures_before = model.client.metrics.failures
     with pytest.raises(wire.RemoteError, match=re.escape(field)) as error:
-        model.client.call(hop, "forward", [tensor])
+        _ask(model, hop, [tensor])
     assert error.value.kind == wire.BAD_REQUEST
     with pytest.raises(wire.RemoteError, match="start/end: 0:2 is not within"):
-        model.client.call(Hop(hop.peer_id, 0, 2), "forward", [torch.zeros(1, 2, 128)])
+        _ask(model, Hop(hop.peer_id, 0, 2), [torch.zeros(1, 2, 128)])
     # the same server still serves a good request, and was not banned for the client's mistake
     (output,) = model.client.call(hop, "forward", [torch.randn(1, 4, 128)])
     assert output.shape == (1, 4, 128) and torch.isfinite(output).all()

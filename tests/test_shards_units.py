@@ -15,6 +15,7 @@ from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.keys import peer_id_of_owner
 from potluck.peer.shard import wire
 from potluck.peer.shard.blocks import load_block_span
+from potluck.peer.shard.client.refusals import Refusals
 from potluck.peer.shard.client.routing import ForgedAnnouncement, Hop, NoRouteError, Router
 from potluck.peer.shard.server.announce import choose_span
 from potluck.peer.shard.server.batching import BatchingExecutor, ServerBusy
@@ -237,3 +238,27 @@ def test_read_shards_skips_other_versions_other_runs_and_other_servers_ids_and_c
         assert result.records == {} and result.skipped[reason] == 1, result
     assert announce_shard(dht, own, _announcement(current, 0, 4), ttl=120)
     assert [a.peer_id for a in read_shards(dht, "units").records.values()] == [current]
+
+
+def test_a_refusal_is_raised_only_when_another_server_refuses_the_same_blocks_or_none_is_left():
+    unbanned: list[str] = []
+    refusals = Refusals("forward pass", unbanned.append)
+    refused = wire.RemoteError("forward: hidden: bad", wire.BAD_REQUEST)
+    refusals.note("a", wire.RemoteError("forward: out of memory", wire.INTERNAL), (0, 2))  # not a refusal
+    refusals.note("a", refused, (0, 1))
+    refusals.note("a", refused, (0, 1))  # the same server again: still one server's word
+    refusals.note("b", refused, (1, 2))  # other blocks: another request
+    refusals.none_left(NoRouteError("none"), (2, 4))  # no refusal of those blocks: nothing to raise
+    assert unbanned == []
+    both = (
+        r"forward pass: refused as malformed \(server a on blocks 0:1 answered forward: hidden: bad; server c"
+    )
+    with pytest.raises(wire.RemoteError, match=both) as error:
+        refusals.note("c", refused, (0, 2))
+    assert error.value.kind == wire.BAD_REQUEST and unbanned == ["a", "c"]  # they were right
+
+    alone = Refusals("backward of expert 0.1", unbanned.append)
+    alone.note("d", refused)
+    with pytest.raises(wire.RemoteError, match=r"server d answered .*; no other server is left to ask$"):
+        alone.none_left()
+    assert unbanned[-1] == "d"

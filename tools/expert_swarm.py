@@ -19,23 +19,25 @@ def start_expert_servers(
     placement: dict[str, str],
     timeout: float = 180.0,
     metrics_ports: dict[str, int] | None = None,
+    entries: dict[str, tuple[str, ...]] | None = None,
 ) -> list[PeerProcess]:
     """One ``run-peer --role experts`` per entry of ``placement`` (its name → its ``--experts``), each joining the
     first one's DHT; returns them once every one serves. ``metrics_ports``: by name, where a server serves
-    ``/metrics``. On a loaded 2-core machine imports, loading and the throughput probe take seconds per server:
+    ``/metrics``; ``entries``: by name, a script run instead of run-peer (``LocalSwarm.start_peer``'s ``entry``). On a loaded 2-core machine imports, loading and the throughput probe take seconds per server:
     raise ``timeout`` before suspecting them."""
-    ports = metrics_ports or {}
+    ports, scripts = metrics_ports or {}, entries or {}
 
-    def flags(name: str, experts: str) -> list[str]:
+    def start(name: str, experts: str, **joining) -> PeerProcess:
         metrics = ["--metrics-port", str(ports[name])] if name in ports else []
-        return ["--role", "experts", "--experts", experts, *metrics]
+        entry = {"entry": scripts[name]} if name in scripts else {}
+        return swarm.start_peer(
+            name, ["--role", "experts", "--experts", experts, *metrics], **entry, **joining
+        )
 
     (first_name, first_experts), *others = placement.items()
-    first = swarm.start_peer(first_name, flags(first_name, first_experts))
+    first = start(first_name, first_experts)
     address = swarm.wait_for_address(first, timeout)
-    servers = [first] + [
-        swarm.start_peer(name, flags(name, experts), initial_peers=[address]) for name, experts in others
-    ]
+    servers = [first] + [start(name, experts, initial_peers=[address]) for name, experts in others]
     for server in servers:
         swarm.wait_for_event(server, "serving", timeout)
     return servers

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,7 @@ from potluck.peer.averaging.alone import NothingToAverage
 from potluck.peer.averaging.choose import make_strategy
 from potluck.peer.preflight import check_client_spec
 from potluck.peer.results import PeerResults
-from potluck.peer.roles.trainer import PeerOptions, exit_reason, install_stop_handlers
+from potluck.peer.roles.trainer import Checkpointing, PeerOptions, announce_resume, install_stop_handlers
 from potluck.peer.shard.client.client_checkpoint import load_client_weights, load_strategy_state, save_client
 from potluck.peer.shard.client.expert_calls import ExpertClient
 from potluck.peer.shard.client.remote_experts import RemoteExperts, open_remote_moe_model
@@ -36,6 +37,7 @@ from potluck.peer.training.progress import ProgressDisplay
 from potluck.peer.training.stages import make_stage, stage_context
 from potluck.peer.training.stages.data import stage_data
 from potluck.protocols.runspec import PrefixTuningAdapter, PromptTuningAdapter, RunSpec
+from potluck.runtime.checkpoints import Checkpoint
 
 
 def wait_for_route(model: RemoteCausalLM, timeout: float, stop: threading.Event) -> None:
@@ -137,23 +139,12 @@ def train_through_shards(
             install_stop_handlers(stop, strategy)
             if resumed is not None:
                 load_strategy_state(resumed, strategy)
-                print(
-                    f"run-peer: resuming from {resumed.path} (global step {resumed.global_step})",
-                    file=sys.stderr,
-                )
-                results.resumed(resumed.global_step, resumed.path)
+                announce_resume(resumed, results)
 
-            def save(step: int) -> None:
-                if options.save_dir is not None:
-                    saved = save_client(
-                        options.save_dir, spec.run_id, step, model, strategy, spec.checkpoint.keep
-                    )
-                    results.checkpoint(step, saved.path)
+            def write(save_dir: Path, step: int) -> Checkpoint:
+                return save_client(save_dir, spec.run_id, step, model, strategy, spec.checkpoint.keep)
 
-            def on_global_step(step: int) -> None:
-                results.global_step(step)
-                if step % spec.checkpoint.save_every == 0:
-                    save(step)
+            checkpointing = Checkpointing(options.save_dir, spec.checkpoint.save_every, results, write)
 
             trainer = Trainer(
                 model=model,
@@ -167,18 +158,10 @@ def train_through_shards(
                 stop=stop,
                 max_grad_norm=spec.optimizer.max_grad_norm,
                 max_nonfinite_losses=spec.optimizer.max_nonfinite_losses,
-                on_global_step=on_global_step,
+                on_global_step=checkpointing.on_global_step,
             )
             result = trainer.run()
-            strategy.settle()  # the swarm's last average into the model before the last checkpoint (trainer.py)
-            save(result.global_step)
-            results.trained(
-                result.global_step,
-                result.local_steps,
-                result.samples,
-                result.last_loss,
-                exit_reason(result, options),
-            )
+            checkpointing.finish(result, strategy, options)
             counters = client.metrics.snapshot()
             print(f"run-peer: shard client {counters}", file=sys.stderr)
             results.event("shard_client", **counters)

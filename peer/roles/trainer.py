@@ -23,7 +23,7 @@ from potluck.peer.net.reporter import ReportPublisher
 from potluck.peer.net.run_status import RunStatusWatch
 from potluck.peer.quantization import held_bytes
 from potluck.peer.results import PeerResults
-from potluck.peer.training.checkpoint import latest_checkpoint, save_checkpoint
+from potluck.peer.training.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from potluck.peer.training.data import PeerDataStream, peer_seed
 from potluck.peer.training.loop import Trainer, TrainResult
 from potluck.peer.training.metrics import PeerMetrics
@@ -116,6 +116,46 @@ def exit_reason(result: TrainResult, options: PeerOptions) -> str:
     return "max_steps" if options.max_steps is not None else "finished"
 
 
+def announce_resume(found: Checkpoint, results: PeerResults) -> None:
+    """Say, on stderr and in ``--results``, which checkpoint this peer resumes from."""
+    print(f"run-peer: resuming from {found.path} (global step {found.global_step})", file=sys.stderr)
+    results.resumed(found.global_step, found.path)
+
+
+@dataclass
+class Checkpointing:
+    """A training role's checkpoints (none without ``--save-dir``): every ``checkpoint.save_every`` global steps
+    (:meth:`on_global_step`, the ``Trainer``'s hook) and at the end (:meth:`finish`), each reported in ``--results``.
+    ``write(save_dir, global_step)`` writes one (the trainer's model, or what a shard client trains) and returns it."""
+
+    save_dir: Path | None
+    save_every: int
+    results: PeerResults
+    write: Callable[[Path, int], Checkpoint]
+
+    def save(self, step: int) -> None:
+        if self.save_dir is not None:
+            self.results.checkpoint(step, self.write(self.save_dir, step).path)
+
+    def on_global_step(self, step: int) -> None:
+        self.results.global_step(step)
+        if step % self.save_every == 0:
+            self.save(step)
+
+    def finish(self, result: TrainResult, strategy: AveragingStrategy, options: PeerOptions) -> None:
+        """The swarm's last average into the model before the last checkpoint (``strategy.settle``), then the end of
+        training in ``--results``."""
+        strategy.settle()
+        self.save(result.global_step)
+        self.results.trained(
+            result.global_step,
+            result.local_steps,
+            result.samples,
+            result.last_loss,
+            exit_reason(result, options),
+        )
+
+
 def start_peer_dht(
     options: PeerOptions, run_ids: tuple[str, ...] = (), validators: Callable[[], list] | None = None
 ) -> DHT:
@@ -160,8 +200,7 @@ def run_peer(
     results.summary.model_bytes = held_bytes(model)
     results.mark("model_loaded")
     if resume:
-        print(f"run-peer: resuming from {resume.path} (global step {resume.global_step})", file=sys.stderr)
-        results.resumed(resume.global_step, resume.path)
+        announce_resume(resume, results)
 
     metrics = PeerMetrics(spec.run_id)
     if options.metrics_port is not None:
@@ -216,24 +255,13 @@ def run_peer(
                 results.state_loaded(downloaded, strategy.last_state_donor, strategy.global_step)
             reporter.start()
 
-            def save(step: int) -> None:
-                if options.save_dir is not None:
-                    saved = save_checkpoint(
-                        options.save_dir,
-                        spec.run_id,
-                        step,
-                        model,
-                        tokenizer,
-                        strategy.state_dict(),
-                        spec.checkpoint.keep,
-                    )
-                    results.checkpoint(step, saved.path)
+            def write(save_dir: Path, step: int) -> Checkpoint:
+                state = strategy.state_dict()
+                return save_checkpoint(
+                    save_dir, spec.run_id, step, model, tokenizer, state, spec.checkpoint.keep
+                )
 
-            def on_global_step(step: int) -> None:
-                results.global_step(step)
-                if step % spec.checkpoint.save_every == 0:
-                    save(step)
-
+            checkpointing = Checkpointing(options.save_dir, spec.checkpoint.save_every, results, write)
             trainer = Trainer(
                 model=model,
                 stage=stage,
@@ -246,22 +274,14 @@ def run_peer(
                 stop=stop,
                 max_grad_norm=spec.optimizer.max_grad_norm,
                 max_nonfinite_losses=spec.optimizer.max_nonfinite_losses,
-                on_global_step=on_global_step,
+                on_global_step=checkpointing.on_global_step,
                 on_first_step=results.first_step,
                 gate=None
                 if watch is None
                 else RunGate(spec.run_id, lambda: watch.status, strategy, results, metrics, stop),
             )
             result = trainer.run()
-            strategy.settle()
-            save(result.global_step)
-            results.trained(
-                result.global_step,
-                result.local_steps,
-                result.samples,
-                result.last_loss,
-                exit_reason(result, options),
-            )
+            checkpointing.finish(result, strategy, options)
             if metrics.latest_stage:
                 figures = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.latest_stage.items()))
                 print(f"run-peer: {spec.stage} metrics of the last batch: {figures}", file=sys.stderr)

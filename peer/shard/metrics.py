@@ -109,6 +109,9 @@ class ShardClientMetrics:
 
     requests: int = 0
     failures: int = 0
+    refused: int = 0
+    """Of ``failures``, requests a server refused as malformed (``bad_request``): banned and re-routed like any
+    failure, raised only when a second server refuses the same request (``client/refusals.py``)."""
     replays: int = 0
     route_changes: int = 0
     bans: int = 0
@@ -130,6 +133,9 @@ class ExpertClientMetrics:
 
     requests: int = 0
     failures: int = 0
+    refused: int = 0
+    """Of ``failures``, requests a server refused as malformed (``bad_request``): banned and re-routed like any
+    failure, raised only when a second server refuses the same call (``client/refusals.py``)."""
     bans: int = 0
     rerouted: int = 0
     dropped: int = 0
@@ -146,6 +152,9 @@ class ExpertClientMetrics:
     tokens_by_expert: dict[str, int] = field(default_factory=dict)
     """Tokens sent forward to each expert (``<layer>.<expert>``): how the router balances them."""
     failures_by_expert: dict[str, int] = field(default_factory=dict)
+    """Failed requests for each expert, idle steps included."""
+    refused_by_expert: dict[str, int] = field(default_factory=dict)
+    """Of ``failures_by_expert``, those a server refused as malformed (``bad_request``)."""
 
     def snapshot(self) -> dict:
         return asdict(self)

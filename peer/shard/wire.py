@@ -5,8 +5,9 @@ Request metadata: ``start``/``end`` (the sub-span of the server's blocks to run)
 (absolute position of the first token), ``session`` (inference only), ``padding`` (optional: each
 row's count of left pads, which the row's tokens neither attend to nor count in their positions; an
 inference session keeps its first step's, and every later step must repeat it). A response either carries the
-result tensors or ``{"error": message, "kind": kind}``: ``bad_request`` is the caller's fault (it is
-raised to the user, the server is not banned), ``busy`` and ``internal`` make the client fail over.
+result tensors or ``{"error": message, "kind": kind}``: ``bad_request`` says the request is malformed (the
+caller's fault, by the server's word: a client fails over as for the others, and raises it only when a second server
+refuses the same request too, ``client/refusals.py``), ``busy`` and ``internal`` make the client fail over.
 """
 
 from __future__ import annotations

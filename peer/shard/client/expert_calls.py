@@ -5,7 +5,9 @@ The trainer finds servers in the DHT (``protocols/experts.read_experts``, re-rea
 expert, the tokens routed to it):
 
 1. try the expert's servers in turn, best first: the one that answered this expert last, unless it announces a
-   ``load`` of at least ``BUSY_LOAD``; then by spare throughput (announced throughput × (1 − load)); a server that fails, times out or is busy is banned for ``ban_seconds`` and the next one tried;
+   ``load`` of at least ``BUSY_LOAD``; then by spare throughput (announced throughput × (1 − load)); a server that
+   fails, times out, is busy or refuses the call as malformed (``bad_request``) is banned for ``ban_seconds`` and the
+   next one tried;
    an answer from another server than the one that answered the expert last, because that one failed (in this
    call or, banned, before it), counts as ``rerouted``;
 2. when none answers, the call is ``dropped``: the expert's output is left out for those tokens and their
@@ -23,8 +25,10 @@ any reason (a refusal too: it is a best-effort step, and a server's word on what
 stop training), is counted (``idle_steps_failed``, one failure per request) and its server banned; it is not
 retried on a replica.
 
-A call that the server refuses as malformed (``bad_request``) is the caller's bug: it is raised. Counts are in
-:class:`ExpertClientMetrics`.
+A call refused as malformed (``bad_request``) is the caller's bug only when a second, different server refuses it
+too, or when no other server of the expert is left to ask: then it is raised, naming each refusing server's answer
+(:mod:`.refusals`); one server's word is not enough to stop training. Counts are in :class:`ExpertClientMetrics`
+(refusals also under ``refused`` and ``refused_by_expert``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from hivemind.dht import DHT
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
 from potluck.peer.shard import wire
+from potluck.peer.shard.client.refusals import Refusals, is_refusal
 from potluck.peer.shard.metrics import ExpertClientMetrics
 from potluck.peer.shard.server.expert_service import ExpertServicer
 from potluck.peer.shard.transport import Transport
@@ -96,6 +101,9 @@ class ExpertDirectory:
 
     def ban(self, peer_id: str) -> None:
         self._banned_until[peer_id] = time.monotonic() + self.ban_seconds
+
+    def unban(self, peer_id: str) -> None:
+        self._banned_until.pop(peer_id, None)
 
     def addresses_of(self, peer_id: str) -> list[str]:
         found = self.servers.get(peer_id)
@@ -172,7 +180,7 @@ class ExpertClient:
             # one request: one failure, one ban; each expert in it missed its step
             self.metrics.idle_steps_failed += len(uids)
             for uid in uids:
-                self.metrics.failures_by_expert[uid] = self.metrics.failures_by_expert.get(uid, 0) + 1
+                self._count_expert_failure(uid, e)
             self._failed_request(peer_id, started, f"idle steps of {', '.join(uids)}", e)
         else:
             self.metrics.idle_steps += len(uids)
@@ -185,6 +193,7 @@ class ExpertClient:
         if preferred in candidates:
             candidates.remove(preferred)
             candidates.insert(0, preferred)
+        refusals = Refusals(f"{method} of expert {uid}", self.directory.unban)
         for attempt, peer_id in enumerate(candidates):
             started = time.perf_counter()
             self.metrics.requests += 1
@@ -197,13 +206,9 @@ class ExpertClient:
                     raise wire.RemoteError(
                         f"answered a tensor of shape {tuple(result.shape)} or non-finite", "internal"
                     )
-            except wire.RemoteError as e:
-                if e.kind == wire.BAD_REQUEST:
-                    raise
+            except Exception as e:  # noqa: BLE001 (reset, timed out, refused: all mean the next server)
                 self._failed(uid, peer_id, started, e)
-                continue
-            except Exception as e:  # noqa: BLE001 (connection refused, reset, timeout: all mean the next server)
-                self._failed(uid, peer_id, started, e)
+                refusals.note(peer_id, e)  # raises a second server's refusal as the caller's bug
                 continue
             # re-routed: the server that answered this expert before failed, in this call or in one before it
             self.metrics.rerouted += attempt > 0 or (
@@ -211,14 +216,23 @@ class ExpertClient:
             )
             self.directory.last_good[uid] = peer_id
             return result, peer_id
+        refusals.none_left()
         return None, ""
 
     def _failed(self, uid: str, peer_id: str, started: float, error: BaseException) -> None:
-        self.metrics.failures_by_expert[uid] = self.metrics.failures_by_expert.get(uid, 0) + 1
+        self._count_expert_failure(uid, error)
         self._failed_request(peer_id, started, f"expert {uid}", error)
+
+    def _count_expert_failure(self, uid: str, error: BaseException) -> None:
+        """One failed request for expert ``uid`` (a refusal also under ``refused_by_expert``)."""
+        metrics = self.metrics
+        metrics.failures_by_expert[uid] = metrics.failures_by_expert.get(uid, 0) + 1
+        if is_refusal(error):
+            metrics.refused_by_expert[uid] = metrics.refused_by_expert.get(uid, 0) + 1
 
     def _failed_request(self, peer_id: str, started: float, what: str, error: BaseException) -> None:
         self.metrics.failures += 1
+        self.metrics.refused += is_refusal(error)
         self.metrics.bans += 1
         self.metrics.retry_seconds += time.perf_counter() - started
         self.directory.ban(peer_id)

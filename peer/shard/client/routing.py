@@ -90,6 +90,9 @@ class Router:
         self.banned_until[peer_id] = time.monotonic() + self.ban_seconds
         logger.info(f"banned shard server {peer_id} for {self.ban_seconds:.0f}s")
 
+    def unban(self, peer_id: str) -> None:
+        self.banned_until.pop(peer_id, None)
+
     def is_banned(self, peer_id: str) -> bool:
         return self.banned_until.get(peer_id, 0.0) > time.monotonic()
 

@@ -4,8 +4,11 @@ The client keeps the input it sent to every hop of a route. When a server fails 
 banned for a while, the affected span is re-routed (possibly over several replicas) and the kept
 input is replayed there: mid-forward the pass continues from the failed span; mid-backward the
 span's inputs are recomputed on the replicas and its gradient is taken there; mid-generation the
-replica's attention cache is rebuilt from all the inputs that span received so far. Requests the
-server refuses as malformed (``bad_request``) are the caller's bug: they are raised, not retried.
+replica's attention cache is rebuilt from all the inputs that span received so far. A server that
+refuses a request as malformed (``bad_request``) is banned and failed over in the same way (counted in
+``refused``); the request is the caller's bug, raised naming each refusing server's answer, only when a
+second, different server refuses the same blocks of the same pass too, or no other server is left to ask
+(:mod:`.refusals`): one server's word does not stop a client.
 A request too big for one hivemind unary message goes in chunks to the method's streaming twin
 (:mod:`..streaming`), with the same failover.
 """
@@ -26,7 +29,8 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 
 from potluck.peer.shard import wire
-from potluck.peer.shard.client.routing import ForgedAnnouncement, Hop, Router
+from potluck.peer.shard.client.refusals import Refusals, is_refusal
+from potluck.peer.shard.client.routing import ForgedAnnouncement, Hop, NoRouteError, Router
 from potluck.peer.shard.metrics import ShardClientMetrics
 from potluck.peer.shard.server.service import ShardServicer
 from potluck.peer.shard.transport import Transport
@@ -66,7 +70,15 @@ PLAIN = Pass()
 
 
 class ServerFailure(RuntimeError):
-    """A server failed, timed out or was busy: the client bans it and fails over."""
+    """A server failed, timed out, was busy or refused the request: the client bans it and fails over."""
+
+    def __init__(self, hop: Hop, error: BaseException):
+        super().__init__(f"{hop}: {error}")
+        self.hop, self.error = hop, error
+
+    def note(self, refusals: Refusals) -> None:
+        """Keep this failure in ``refusals`` if it is one (raises there a second server's refusal)."""
+        refusals.note(self.hop.peer_id, self.error, (self.hop.start, self.hop.end))
 
 
 class TooManyFailures(RuntimeError):
@@ -119,8 +131,8 @@ class ShardClient:
         returns: list[torch.Tensor] | None = None,
         **metadata,
     ) -> list[torch.Tensor]:
-        """One request to one server; :class:`ServerFailure` (after banning it) if it did not answer,
-        or answered with anything but tensors shaped like ``returns`` (default: the first one sent)."""
+        """One request to one server; :class:`ServerFailure` (after banning it) if it did not answer, refused
+        the request, or answered with anything but tensors shaped like ``returns`` (default: the first one sent)."""
         started = time.perf_counter()
         self.metrics.requests += 1
         message = wire.request(tensors, start=hop.start, end=hop.end, **metadata)
@@ -128,39 +140,49 @@ class ShardClient:
             reply = RemoteExpertWorker.run_coroutine(self._call_async(hop.peer_id, method, message))
             result = wire.unpack_response(reply)
             _check_result(result, returns or tensors[:1])
-        except wire.RemoteError as e:
-            if e.kind == wire.BAD_REQUEST:
-                raise
-            self._failed(hop, started, e)
-        except Exception as e:  # noqa: BLE001 (connection refused, reset, timeout: all mean failover)
+        except Exception as e:  # noqa: BLE001 (reset, timed out, refused as malformed: all mean failover)
             self._failed(hop, started, e)
         self.router.observe_latency(hop.peer_id, time.perf_counter() - started)
         return result
 
     def _failed(self, hop: Hop, started: float, error: BaseException):
         self.metrics.failures += 1
+        self.metrics.refused += is_refusal(error)
         self.metrics.bans += 1
         self.metrics.retry_seconds += time.perf_counter() - started
         self.router.ban(hop.peer_id)
         logger.warning(f"shard server {hop} failed: {error!r}; failing over")
-        raise ServerFailure(f"{hop}: {error}") from error
+        raise ServerFailure(hop, error) from error
 
-    def _reroute(self, start: int, end: int, attempt: int) -> list[Hop]:
-        if attempt > self.max_failovers:
-            raise TooManyFailures(f"blocks {start}:{end}: gave up after {self.max_failovers} failovers")
-        started = time.perf_counter()
+    def _reroute(self, start: int, end: int, attempt: int, refusals: Refusals) -> list[Hop]:
+        """A new route for blocks ``start:end`` after a failure; where none is left, a refusal of those blocks
+        kept in ``refusals`` is raised as the caller's bug."""
+        try:
+            if attempt > self.max_failovers:
+                raise TooManyFailures(f"blocks {start}:{end}: gave up after {self.max_failovers} failovers")
+            started = time.perf_counter()
+            route = self.router.route(start, end)
+        except (TooManyFailures, NoRouteError) as e:
+            refusals.none_left(e, (start, end))
+            raise
         self.metrics.replays += 1
         self.metrics.route_changes += 1
-        route = self.router.route(start, end)
         self.metrics.retry_seconds += time.perf_counter() - started
         return route
 
     # -- training ----------------------------------------------------------------------------------
     def forward(
-        self, hidden: torch.Tensor, start: int = 0, end: int | None = None, how: Pass = PLAIN
+        self,
+        hidden: torch.Tensor,
+        start: int = 0,
+        end: int | None = None,
+        how: Pass = PLAIN,
+        refusals: Refusals | None = None,
     ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-        """Blocks ``start:end`` on ``hidden``; returns the output and the (hop, input) pairs to keep."""
+        """Blocks ``start:end`` on ``hidden``; returns the output and the (hop, input) pairs to keep.
+        ``refusals``: those of the pass this one is part of (a backward pass recomputing a span's inputs)."""
         end = self.num_blocks if end is None else end
+        refusals = refusals or Refusals("forward pass", self.router.unban)
         kept: list[tuple[Hop, torch.Tensor]] = []
         route, block, attempt = self.router.route(start, end), start, 0
         while block < end:
@@ -168,9 +190,10 @@ class ShardClient:
             extra, metadata = how.for_hop(hop)
             try:
                 output = self.call(hop, "forward", [hidden, *extra], returns=[hidden], **metadata)[0]
-            except ServerFailure:
+            except ServerFailure as failure:
+                failure.note(refusals)
                 attempt += 1
-                route = self._reroute(block, end, attempt)
+                route = self._reroute(block, end, attempt, refusals)
                 continue
             kept.append((hop, hidden))
             hidden, block, route = output, hop.end, route[1:]
@@ -182,9 +205,11 @@ class ShardClient:
         grad_output: torch.Tensor,
         how: Pass = PLAIN,
         attempt: int = 0,
+        refusals: Refusals | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The gradients w.r.t. the first kept input and w.r.t. the pass's prefix (None without one), given
         the gradient w.r.t. the last hop's output."""
+        refusals = refusals or Refusals("backward pass", self.router.unban)
         grad_prefix = (
             torch.zeros(how.prefix.shape, dtype=how.prefix.dtype) if how.prefix is not None else None
         )
@@ -195,13 +220,14 @@ class ShardClient:
                     hop, "backward", [hidden, grad_output, *extra], returns=[hidden, *extra], **metadata
                 )
                 grad_output, hop_prefix = grads[0], (grads[1] if extra else None)
-            except ServerFailure:
-                route = self._reroute(hop.start, hop.end, attempt + 1)
+            except ServerFailure as failure:
+                failure.note(refusals)
+                route = self._reroute(hop.start, hop.end, attempt + 1, refusals)
                 if len(route) == 1:
                     replica = [(route[0], hidden)]
                 else:  # recompute the inputs of the span's inner hops on the replicas
-                    replica = self.forward(hidden, hop.start, hop.end, how)[1]
-                grad_output, replica_prefix = self.backward(replica, grad_output, how, attempt + 1)
+                    replica = self.forward(hidden, hop.start, hop.end, how, refusals)[1]
+                grad_output, replica_prefix = self.backward(replica, grad_output, how, attempt + 1, refusals)
                 hop_prefix = replica_prefix[hop.start : hop.end] if replica_prefix is not None else None
             if grad_prefix is not None:
                 grad_prefix[hop.start : hop.end] += hop_prefix
@@ -276,18 +302,20 @@ class InferenceSession:
         if not self.hops:
             self.hops = [_SessionHop(hop) for hop in self.client.router.route(0, self.client.num_blocks)]
         index, attempt = 0, 0
+        refusals = Refusals(f"inference step at position {self.position}", self.client.router.unban)
         while index < len(self.hops):
             current = self.hops[index]
             try:
                 output = self._send(current, hidden, self.position)
-            except ServerFailure:
+            except ServerFailure as failure:
+                failure.note(refusals)
                 while True:
                     attempt += 1
                     try:
-                        self.hops[index : index + 1] = self._rebuild(current, attempt)
+                        self.hops[index : index + 1] = self._rebuild(current, attempt, refusals)
                         break
-                    except ServerFailure:
-                        continue
+                    except ServerFailure as replica_failure:
+                        replica_failure.note(refusals)
                 continue
             current.history.append(hidden)
             hidden, index = output, index + 1
@@ -304,11 +332,10 @@ class InferenceSession:
             target.hop, "inference", [hidden, *extra], returns=[hidden], session=target.session, **metadata
         )[0]
 
-    def _rebuild(self, failed: _SessionHop, attempt: int) -> list[_SessionHop]:
+    def _rebuild(self, failed: _SessionHop, attempt: int, refusals: Refusals) -> list[_SessionHop]:
         """Replica hops for the failed hop's span, their caches filled with its whole history."""
-        replicas = [
-            _SessionHop(hop) for hop in self.client._reroute(failed.hop.start, failed.hop.end, attempt)
-        ]
+        route = self.client._reroute(failed.hop.start, failed.hop.end, attempt, refusals)
+        replicas = [_SessionHop(hop) for hop in route]
         if failed.history:
             hidden = torch.cat(failed.history, dim=1)
             for replica in replicas:

@@ -28,8 +28,8 @@ from potluck.peer.shard import wire
 from potluck.peer.shard.experts import ExpertFFN
 from potluck.peer.shard.metrics import ExpertServerMetrics
 from potluck.peer.shard.server.announce import Announcer
-from potluck.peer.shard.server.batching import BatchingExecutor, LoadMeter, ServerBusy
-from potluck.peer.shard.server.handling import BadRequest, ForwardBackward, decode_tensors
+from potluck.peer.shard.server.batching import BatchingExecutor, LoadMeter
+from potluck.peer.shard.server.handling import BadRequest, ForwardBackward, decode_tensors, failure_kind
 from potluck.peer.shard.server.service import ServerLimits
 from potluck.peer.shard.server.steps import ServerSteps
 from potluck.protocols.experts import (
@@ -213,14 +213,8 @@ class ExpertServicer(ForwardBackward):
         label, started, kind = expert_uid(*uid), time.perf_counter(), None
         try:
             return await answer
-        except (BadRequest, wire.RemoteError):  # as ``handling.RequestHandling._handle`` counts them
-            kind = wire.BAD_REQUEST
-            raise
-        except ServerBusy:
-            kind = wire.BUSY
-            raise
-        except Exception:
-            kind = wire.INTERNAL
+        except Exception as e:  # as ``handling.RequestHandling._handle`` answers it
+            kind = failure_kind(e)
             raise
         finally:
             self.metrics.expert_seconds.labels(self.run_id, label, method).observe(

@@ -27,6 +27,16 @@ class BadRequest(ValueError):
     """The request is malformed; the message names the field."""
 
 
+def failure_kind(error: Exception) -> str:
+    """The wire's kind of a handler's error: the caller's (``bad_request``), a full queue (``busy``), or the
+    server's own (``internal``)."""
+    if isinstance(error, (BadRequest, wire.RemoteError)):
+        return wire.BAD_REQUEST
+    if isinstance(error, ServerBusy):
+        return wire.BUSY
+    return wire.INTERNAL
+
+
 class RequestHandling(ServicerBase):
     """A servicer's request plumbing. Subclasses set ``run_id``, ``limits`` (``service.ServerLimits``), ``metrics``
     (``metrics.ShardServerMetrics``) and ``_streams = 0``, and define :attr:`_max_elements` and
@@ -47,13 +57,11 @@ class RequestHandling(ServicerBase):
         self.metrics.requests.labels(self.run_id, method).inc()
         try:
             return wire.response(await handler(request))
-        except (BadRequest, wire.RemoteError) as e:
-            kind, message = wire.BAD_REQUEST, str(e)
-        except ServerBusy as e:
-            kind, message = wire.BUSY, str(e)
-        except Exception as e:  # noqa: BLE001 (reported to the client, which fails over)
-            logger.exception(f"{method} failed")
-            kind, message = wire.INTERNAL, f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 (reported to the client: its kind says whose fault it was)
+            kind, message = failure_kind(e), str(e)
+            if kind == wire.INTERNAL:
+                logger.exception(f"{method} failed")
+                message = f"{type(e).__name__}: {e}"
         finally:
             self.metrics.latency.labels(self.run_id, method).observe(time.perf_counter() - started)
         self.metrics.failures.labels(self.run_id, method, kind).inc()
