@@ -11,15 +11,20 @@ What is measured
     received). A catch-up's state download in that window would count too: each trial line says how many
     there were.
 
-    Three modes, in rotated order within each repeat; the first two set a constant of
-    ``peer/averaging/diloco.py`` to another value (what it was before a change, or an experiment) (``--with NAME=VALUE`` in this file run as
-    the peers' entry, so ``run-peer`` has no benchmark-only branch):
+    Modes (``--modes``, all by default), in rotated order within each repeat; each but ``now`` sets constants of
+    ``peer/averaging/diloco.py`` to other values (what they were before a change, or an experiment) (``--with
+    NAME=VALUE`` in this file run as the peers' entry, so ``run-peer`` has no benchmark-only branch):
 
     - ``per-step``: every inner step publishes the peer's progress record (``PROGRESS_REPORT_SECONDS = 0``);
     - ``poll-0.1``: a peer that has taken H reads the swarm's progress every 0.1 s while it waits for the others
-      (``READY_POLL_SECONDS = 0.1``, an experiment) instead of the tracker's refresh period, 0.5 s;
+      (``READY_POLL_SECONDS = 0.1``, an experiment) instead of every 0.5 s;
+    - ``matchmaking``: every round searches for its group (``KEEP_GROUPS`` off) after the ready-wait, and the
+      tracker reads the swarm's progress every 0.5 s by itself (``TRACKER_REFRESH_SECONDS = 0.5``): run-peer
+      before kept groups (2026-12-06);
+    - ``tracker-0.5``: kept groups, with the tracker's own reads every 0.5 s;
     - ``now``: today's ``run-peer``: a record at the start of an outer step, when H are taken, and at most every
-      ``PROGRESS_REPORT_SECONDS`` in between; the others' readiness read every ``READY_POLL_SECONDS``.
+      ``PROGRESS_REPORT_SECONDS`` in between; kept groups; the tracker's own reads every
+      ``TRACKER_REFRESH_SECONDS``, and a ready peer's every ``READY_POLL_SECONDS`` while it waits for the others.
 
 How to read it
     One line per trial (control-plane bytes per peer and outer step, seconds per outer step), then per mode
@@ -44,7 +49,13 @@ from potluck.tools.tiny.assets import build_assets
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
 PORT = 31337
-MODES = {"per-step": ("PROGRESS_REPORT_SECONDS=0",), "poll-0.1": ("READY_POLL_SECONDS=0.1",), "now": ()}
+MODES = {
+    "per-step": ("PROGRESS_REPORT_SECONDS=0",),
+    "poll-0.1": ("READY_POLL_SECONDS=0.1",),
+    "matchmaking": ("KEEP_GROUPS=0", "TRACKER_REFRESH_SECONDS=0.5"),
+    "tracker-0.5": ("TRACKER_REFRESH_SECONDS=0.5",),
+    "now": (),
+}
 """Each mode's constants of ``peer/averaging/diloco.py`` (``--with``); ``now`` changes none."""
 
 
@@ -104,8 +115,8 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
         workdir / "run.yaml", workdir, "bench-control-plane", 64 * args.peers, 64, averaging,
         max_global_steps=args.outer_steps,
     )  # fmt: skip
-    found: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
-    names = list(MODES)
+    names = args.modes
+    found: dict[str, list[dict[str, float]]] = {mode: [] for mode in names}
     for r in range(args.runs):
         for mode in names[r % len(names) :] + names[: r % len(names)]:
             trial = one_trial(spec_path, workdir / f"run{r}-{mode}", mode, args)
@@ -116,18 +127,22 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
                 " downloads in the window (their bytes count as control plane here)",
                 flush=True,
             )
-    for mode in MODES:
+    for mode in names:
         kilobytes = [t["control_per_step"] / 1e3 for t in found[mode]]
         seconds = [t["seconds_per_step"] for t in found[mode]]
         print(
             f"{mode}: {median_min_max('kB_per_peer_step', kilobytes, 1)} {median_min_max('s_per_step', seconds, 2)}"
         )
-    ratio = statistics.median(t["control_per_step"] for t in found["per-step"]) / statistics.median(
-        t["control_per_step"] for t in found["now"]
-    )
+    ratios = ""  # each mode's control-plane bytes ÷ today's (medians)
+    if "now" in found:
+        now = statistics.median(t["control_per_step"] for t in found["now"])
+        ratios = " ".join(
+            f"{mode}_ratio={statistics.median(t['control_per_step'] for t in found[mode]) / now:.2f}"
+            for mode in names
+            if mode != "now"
+        )
     print(
-        f"ratio={ratio:.2f} peers={args.peers} inner_steps={args.inner_steps} outer_steps={args.outer_steps}"
-        f" repeats={args.runs}"
+        f"{ratios} peers={args.peers} inner_steps={args.inner_steps} outer_steps={args.outer_steps} repeats={args.runs}"
     )
     return 0
 
@@ -138,6 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--inner-steps", type=int, default=50, help="H")
     p.add_argument("--outer-steps", type=int, default=5)
     p.add_argument("--matchmaking-time", type=float, default=0.5)
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="which modes to run")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one trial may take")
     return p.parse_args(argv)
 

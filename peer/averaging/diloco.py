@@ -100,6 +100,14 @@ period, so the last one's "ready" reaches the others up to this late. 0.1 s was 
 looked 0.3 s shorter but within the spread, and in 2 of 4 runs of ``tests/test_diloco.py``'s client-mode pair a
 round then split (one peer averaged alone while the other timed out looking for a group), against none in the
 sessions before; not kept. ``bench/control_plane.py --runs 3`` compares it (mode ``poll-0.1``)."""
+KEEP_GROUPS = True
+"""Whether a round asks to re-form the last round's group without matchmaking (``hivemind_ext/kept_groups.py``);
+off, every round searches (``bench/control_plane.py`` compares the two)."""
+TRACKER_REFRESH_SECONDS = 2.0
+"""How often the tracker reads the swarm's progress from the DHT by itself (to see a peer join, leave or move ahead).
+hivemind's tracker reads every 0.5 s once the swarm's samples reach its target, which for DiLoCo is most of every
+outer step: 8 reads per peer and outer step at 4 peers, each answered by every peer with every record. A peer waiting
+for the others' "ready" asks for its own reads, every ``READY_POLL_SECONDS``; a kept group needs none."""
 GROUP_SEARCH_MATCHMAKING_TIMES = 4
 """A round looks for its group for this many ``matchmaking_time``s (hivemind needs more than one)."""
 
@@ -215,7 +223,12 @@ class DiLoCoAveraging(AveragingStrategy):
         )
         self._averager.stopping = self._stop.is_set
         self._tracker = RoundTracker(
-            dht, spec.run_id, self._inner_steps * self._samples_unit, client_mode=dht.client_mode, start=True
+            dht,
+            spec.run_id,
+            self._inner_steps * self._samples_unit,
+            client_mode=dht.client_mode,
+            min_refresh_period=TRACKER_REFRESH_SECONDS,
+            start=True,
         )
 
     # -- AveragingStrategy ------------------------------------------------------------------------
@@ -311,7 +324,11 @@ class DiLoCoAveraging(AveragingStrategy):
     def _keeps_group(self) -> bool:
         """Whether this round asks to re-form the last round's group without matchmaking: that round succeeded
         here, and its group is as many peers as the tracker counts in this round (nobody joined or left)."""
-        return self._kept_for == self._outer_step - 1 and self._kept_size == self._tracker.peers_in_round
+        return (
+            KEEP_GROUPS
+            and self._kept_for == self._outer_step - 1
+            and self._kept_size == self._tracker.peers_in_round
+        )
 
     def _idle_a_slice(self) -> bool:
         """H means H: a peer that may not take another inner step yet idles one slice, counted as time
@@ -597,12 +614,10 @@ class DiLoCoAveraging(AveragingStrategy):
         ]
         return sum(isinstance(e, int) and e < self._outer_step for e in epochs)
 
-    def _refresh_swarm_view(self, period: float | None = None) -> None:
-        """Make the tracker fetch the swarm's progress now rather than at its next refresh (up to 10 s), unless it
-        fetched less than ``period`` seconds ago (default: the tracker's ``min_refresh_period``)."""
-        if time.monotonic() - self._last_refresh < (
-            self._tracker.min_refresh_period if period is None else period
-        ):
+    def _refresh_swarm_view(self, period: float = READY_POLL_SECONDS) -> None:
+        """Make the tracker fetch the swarm's progress now rather than at its next refresh (``TRACKER_REFRESH_SECONDS``
+        or later), unless this asked for one less than ``period`` seconds ago."""
+        if time.monotonic() - self._last_refresh < period:
             return  # one DHT read per refresh period, not one per local step
         self._last_refresh = time.monotonic()
         self._tracker.fetched_global_progress_this_epoch.clear()
