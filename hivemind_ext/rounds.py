@@ -34,7 +34,8 @@ MIN_ROBUST_GROUP = 3
 """The smallest group that averages under a robust rule (``hivemind_ext/aggregators.py``): in a group of 2 one
 malicious peer is half of it."""
 PARTIAL = "potluck:received_fraction"
-"""Key added to a round's gathered data when only this fraction of the average arrived."""
+"""Key added to a round's gathered data when only this fraction of the average arrived: of the averaged parts this
+peer got back, or of the senders' parts that reached what it reduced, whichever is less."""
 
 
 def round_bits(step: int) -> str:
@@ -113,9 +114,20 @@ class CheckedRounds(DecentralizedAverager):
         gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
         running = self._running_groups.get(group_info.group_id)  # hivemind keeps the round's runner here
         runner = running.result() if running is not None and running.done() else None
+        arrived = 1.0
         container = getattr(runner, "tensor_part_container", None)
         if container is not None and container.failed_size:
-            gathered = {**gathered, PARTIAL: 1.0 - container.failed_size / container.total_size}
+            arrived = 1.0 - container.failed_size / container.total_size
+        # What this peer reduced for the group: a sender whose parts never came (a client that had given up on
+        # the round when the leader's go arrived, on a busy machine) is left out of those parts' average, and
+        # hivemind only logs it ("Reducer: received 50.0% of input tensors"). A DiLoCo peer then took the
+        # average of itself alone for the group's, while its partner caught up by download.
+        reducer = getattr(runner, "tensor_part_reducer", None)
+        if reducer is not None and reducer.num_parts and reducer.num_senders:
+            expected = reducer.num_parts * reducer.num_senders
+            arrived = min(arrived, sum(reducer.num_parts_received) / expected)
+        if arrived < 1.0:
+            gathered = {**gathered, PARTIAL: arrived}
         return gathered
 
     def _gathered_by_peer(self, group_info) -> dict:

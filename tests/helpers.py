@@ -109,10 +109,12 @@ class QuietListener:
 
 
 @contextlib.contextmanager
-def loopback_averagers(classes_and_values: Sequence, size: int, prefix: str, **options) -> Iterator[list]:
+def loopback_averagers(
+    classes_and_values: Sequence, size: int, prefix: str, clients: Sequence[int] = (), **options
+) -> Iterator[list]:
     """One real hivemind averager per (class, value) in this process, each on its own DHT node of one loopback
-    DHT, averaging one tensor: the value's, or ``size`` elements filled with it; ``options`` override the
-    averagers' timings. All shut down at the end."""
+    DHT, averaging one tensor: the value's, or ``size`` elements filled with it; those at the indices ``clients``
+    in client mode (as behind NAT); ``options`` override the averagers' timings. All shut down at the end."""
     import torch
 
     from potluck.hivemind_ext.dht import start_dht
@@ -121,9 +123,9 @@ def loopback_averagers(classes_and_values: Sequence, size: int, prefix: str, **o
                 "next_chunk_timeout": 2.0, **options}  # fmt: skip
     dhts, averagers = [], []
     try:
-        for cls, value in classes_and_values:
+        for index, (cls, value) in enumerate(classes_and_values):
             initial = [str(a) for a in dhts[0].get_visible_maddrs()] if dhts else []
-            dhts.append(start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None))
+            dhts.append(start_dht(initial, ["/ip4/127.0.0.1/tcp/0"], [], None, client_mode=index in clients))
             tensor = value if isinstance(value, torch.Tensor) else torch.full((size,), float(value))
             averagers.append(cls([tensor], dhts[-1], prefix=prefix, start=True, **settings))
         yield averagers
