@@ -139,7 +139,7 @@ CASES = [
 class _NullListener:
     """GradientAveraging reports averaging rounds to metrics; the bench does not need them."""
 
-    def averaging_round(self, *args) -> None:
+    def averaging_round(self, *args, **kwargs) -> None:
         pass
 
     def state_download(self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0) -> None:

@@ -216,6 +216,7 @@ def potluck_trial(spec, spec_path: Path, folder: Path, n: int, identities: list[
     final = max(checkpoints(folder / "p0").items())[1]
     return {
         "wall": exited - launched,
+        "phases": round_phase_medians([p.events("averaging_round") for p in peers]),
         **timing_measures([read_lines(p) for p in timings]),
         "bytes": (after - before) / n,
         "beyond": (after - window - payload) / n / max(in_window, 1),
@@ -223,6 +224,27 @@ def potluck_trial(spec, spec_path: Path, folder: Path, n: int, identities: list[
         "payload": payload / n / max(in_window, 1),
         "downloads": sum(e["time"] > window_start for p in peers for e in p.events("state_download")),
     }
+
+
+def round_phase_medians(events_by_peer: list[list[dict]]) -> dict[str, float]:
+    """Potluck's rounds by phase (``averaging_round`` events' ``phases``), medians over the rounds of every peer, and
+    ``formed``: per round, the least ``group`` phase of its peers (the last peer to arrive waited only for the
+    group to form, not for the others), median over rounds; only where every peer's rounds all succeeded."""
+    rounds = [
+        [e["phases"] for e in events if e["outcome"] == "succeeded" and e.get("phases")]
+        for events in events_by_peer
+    ]
+    every = [phases for peer in rounds for phases in peer]
+    if not every:
+        return {}
+    medians = {name: statistics.median(p[name] for p in every) for name in every[0]}
+    if len({len(peer) for peer in rounds}) == 1 and all(
+        len(e) == len(r) for e, r in zip(events_by_peer, rounds, strict=True)
+    ):
+        medians["formed"] = statistics.median(
+            min(p["group"] for p in same) for same in zip(*rounds, strict=True)
+        )
+    return medians
 
 
 def parameter_count(spec) -> int:
@@ -329,6 +351,12 @@ def describe(trial: dict) -> str:
         f"{trial['beyond'] / 1e3:.1f} kB per outer step (payload {trial['payload'] / 1e3:.1f} kB), "
         f"loss {trial['loss']:.4f}"
         + (f", {trial['downloads']} state downloads in the window" if "downloads" in trial else "")
+        + (
+            "; round phases (medians) "
+            + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in trial["phases"].items())
+            if trial.get("phases")
+            else ""
+        )
     )
 
 

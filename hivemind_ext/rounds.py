@@ -13,7 +13,10 @@ skip its all-reduce.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing as mp
+import time
 from concurrent.futures import InvalidStateError
 
 from hivemind.averaging import DecentralizedAverager
@@ -138,3 +141,28 @@ class CheckedRounds(DecentralizedAverager):
                 group_info.peer_ids, map(self.serializer.loads, group_info.gathered), strict=True
             )
         }
+
+
+class TimedRounds(DecentralizedAverager):
+    """Records when the last round's group was formed and when its all-reduce ended, so that the caller can say
+    where a round's time went: finding the group (a kept group's check-ins, or matchmaking) or the all-reduce.
+
+    The times are ``time.monotonic()`` of the averager's process (the machine's monotonic clock, the same in the
+    caller's), written there and read in the caller's after the round's result arrived."""
+
+    def __init__(self, *args, **kwargs):
+        self._round_times = mp.Array(ctypes.c_double, 2)  # grouped, reduced; 0.0: not (yet) in the last round
+        super().__init__(*args, **kwargs)
+
+    def last_round_times(self) -> tuple[float, float]:
+        """When the last round that formed a group got it, and when its all-reduce ended (0.0: did not)."""
+        with self._round_times.get_lock():
+            return self._round_times[0], self._round_times[1]
+
+    async def _aggregate_with_group(self, group_info, *args, **kwargs):
+        with self._round_times.get_lock():
+            self._round_times[0], self._round_times[1] = time.monotonic(), 0.0
+        try:
+            return await super()._aggregate_with_group(group_info, *args, **kwargs)
+        finally:
+            self._round_times[1] = time.monotonic()

@@ -261,13 +261,20 @@ class PeerResults:
         return RecordingListener(metrics, self)
 
     def _averaging_round(
-        self, succeeded: bool, group_size: int, sent: int, received: int, seconds, kept: bool = False
+        self,
+        succeeded: bool,
+        group_size: int,
+        sent: int,
+        received: int,
+        seconds,
+        kept: bool = False,
+        phases=None,
     ) -> None:
         outcome = round_outcome(succeeded, group_size)
         with self._lock:
             self._pending_round = {"outcome": outcome, "group_size": group_size}
         self.event("averaging_round", outcome=outcome, group_size=group_size, bytes_sent=sent,
-                   bytes_received=received, seconds=seconds, kept=kept)  # fmt: skip
+                   bytes_received=received, seconds=seconds, kept=kept, phases=phases)  # fmt: skip
 
     def _state_download(
         self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0
@@ -336,9 +343,14 @@ class RecordingListener:
         bytes_received: int,
         seconds: float | None = None,
         kept: bool = False,
+        phases: dict[str, float] | None = None,
     ) -> None:
-        self._metrics.averaging_round(succeeded, group_size, bytes_sent, bytes_received, seconds, kept)
-        self._results._averaging_round(succeeded, group_size, bytes_sent, bytes_received, seconds, kept)
+        self._metrics.averaging_round(
+            succeeded, group_size, bytes_sent, bytes_received, seconds, kept, phases
+        )
+        self._results._averaging_round(
+            succeeded, group_size, bytes_sent, bytes_received, seconds, kept, phases
+        )
 
     def state_download(self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0) -> None:
         self._metrics.state_download(succeeded, seconds, discarded, unvouched)

@@ -131,8 +131,12 @@ def test_four_peers_hold_the_same_outer_state_at_every_outer_step(make_spec, loc
     # matchmaking (hivemind_ext/kept_groups.py); on a busy machine the first rounds may split or leave a peer
     # to catch up by download, and each change means a search again, so only some kept round is asked for
     for peer in swarm.peers:
-        kept = [e["kept"] for e in peer.events("averaging_round") if e["outcome"] == "succeeded"]
-        assert any(kept), kept
+        succeeded = [e for e in peer.events("averaging_round") if e["outcome"] == "succeeded"]
+        assert any(e["kept"] for e in succeeded), succeeded
+        # and each says where its time went (potluck_averaging_round_phase_seconds)
+        assert all(set(e["phases"]) == {"group", "all_reduce", "handoff", "apply"} for e in succeeded), (
+            succeeded
+        )
 
 
 @pytest.mark.timeout(300)

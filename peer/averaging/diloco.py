@@ -79,11 +79,11 @@ from potluck.hivemind_ext.donors import (
 )
 from potluck.hivemind_ext.kept_groups import KEEP, KeptGroups
 from potluck.hivemind_ext.optimizer import StopRequest
-from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, round_bits
+from potluck.hivemind_ext.rounds import CheckedRounds, TimedRounds, group_of, received_fraction, round_bits
 from potluck.hivemind_ext.tracker import RoundTracker, announce_and_count, own_subkey, published_records
 from potluck.peer.averaging.deadlines import DeadlineWatch
 from potluck.peer.averaging.gradient import COMPRESSIONS, lr_lambda
-from potluck.peer.averaging.strategy import AveragingListener, AveragingStrategy, SwarmProgress
+from potluck.peer.averaging.strategy import AveragingListener, AveragingStrategy, SwarmProgress, round_phases
 from potluck.protocols.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class _OuterAverager(
     StoppableDownloads,
     LimitedDonor,
     KeptGroups,
+    TimedRounds,
     CheckedRounds,
     consistent_allreduce.SameAverages,
     KeepsCtrlC,
@@ -505,10 +506,12 @@ class DiLoCoAveraging(AveragingStrategy):
         share = 2 * self._payload_bytes * (group_size - 1) // group_size
         seconds = time.monotonic() - current.started  # matchmaking included: DiLoCo does not schedule ahead
         kept = self._averager.kept_rounds > current.kept_before
-        self._listener.averaging_round(True, group_size, share, share, seconds, kept=kept)
         self._deadlines.observe(seconds)
         self._kept_for, self._kept_size = current.outer_step, group_size
+        applying = time.monotonic()
         self._apply_outer(average, current.snapshot, current.inner_steps_since)
+        phases = round_phases(current.started, *self._averager.last_round_times(), applying, time.monotonic())
+        self._listener.averaging_round(True, group_size, share, share, seconds, kept=kept, phases=phases)
         how = " (kept group)" if kept else ""
         logger.info(f"outer step {self._outer_step}: averaged pseudo-gradients of {group_size} peers{how}")
         return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Protocol
 
 
@@ -17,6 +18,24 @@ def round_outcome(succeeded: bool, group_size: int) -> str:
     gradients only). A step taken without another peer is not a success of averaging: a swarm whose peers
     keep missing each other trains like separate runs (kept in sync only by state averaging)."""
     return "failed" if not succeeded else "alone" if group_size <= 1 else "succeeded"
+
+
+ROUND_PHASES = ("group", "all_reduce", "handoff", "apply")
+"""Where a round's time goes (:func:`round_phases`)."""
+
+
+def round_phases(
+    started: float, grouped: float, reduced: float, applying: float, applied: float
+) -> dict[str, float] | None:
+    """A round's seconds by phase, from ``time.monotonic()`` readings: ``group`` (from its start until its group
+    was formed: the wait for the others, then a kept group's check-ins or matchmaking), ``all_reduce``,
+    ``handoff`` (until the caller had the result: across the averager's process), ``apply`` (what the caller
+    did with it, e.g. DiLoCo's outer step). None when the readings do not describe one round in that order (the
+    averager recorded no group for it)."""
+    times = (started, grouped, reduced, applying, applied)
+    if not all(0.0 < a <= b for a, b in pairwise(times)):
+        return None
+    return {phase: round(b - a, 6) for phase, (a, b) in zip(ROUND_PHASES, pairwise(times), strict=True)}
 
 
 class AveragingListener(Protocol):
@@ -30,9 +49,11 @@ class AveragingListener(Protocol):
         bytes_received: int,
         seconds: float | None = None,
         kept: bool = False,
+        phases: dict[str, float] | None = None,
     ) -> None:
         """One round ended; ``seconds``: how long it took, for rounds that formed a group; ``kept``: its group was
-        the last round's, re-formed without matchmaking (``hivemind_ext/kept_groups.py``)."""
+        the last round's, re-formed without matchmaking (``hivemind_ext/kept_groups.py``); ``phases``: where its
+        time went, where the strategy measured it (:func:`round_phases`)."""
 
     def state_download(self, succeeded: bool, seconds: float, discarded: int = 0, unvouched: int = 0) -> None:
         """One download attempt ended; ``discarded``: downloads in it that did not match their donor's

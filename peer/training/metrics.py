@@ -76,6 +76,13 @@ class PeerMetrics:
             "Duration of averaging rounds that formed a group (compare with averaging.averaging_timeout)",
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
         )
+        self._phase_seconds = series.histogram(
+            "potluck_averaging_round_phase_seconds",
+            "Where a round's time went: group (waiting for the others and forming the group), all_reduce, handoff "
+            "(to the training process), apply (e.g. DiLoCo's outer step); rounds of strategies that measure it",
+            "phase",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self._wait_seconds = series.counter(
             "potluck_averaging_wait_seconds",
             "Time the training loop was blocked on the swarm (averaging rounds it waited for, state downloads)",
@@ -195,9 +202,12 @@ class PeerMetrics:
         bytes_received: int,
         seconds: float | None = None,
         kept: bool = False,
+        phases: dict[str, float] | None = None,
     ) -> None:
         outcome = round_outcome(succeeded, group_size)
         self._rounds.labels(self.run_id, outcome).inc()
+        for phase, phase_seconds in (phases or {}).items():
+            self._phase_seconds.labels(self.run_id, phase).observe(phase_seconds)
         self.latest[f"averaging_{outcome}"] += 1
         self._sent.labels(self.run_id).inc(bytes_sent)
         self._received.labels(self.run_id).inc(bytes_received)
