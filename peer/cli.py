@@ -156,6 +156,33 @@ class _ShutdownNoiseFilter(logging.Filter):
         return not any(m in record.getMessage() for m in self._MESSAGES)
 
 
+class _FailedRoundFilter(logging.Filter):
+    """Makes hivemind's report of a round that found no group, or whose all-reduce broke, one WARNING line: it
+    logs it as an ERROR with a traceback through its own matchmaking code, while Potluck counts the round as failed
+    and goes on (the strategy logs what it does next). A traceback reads as a crash to a volunteer and said
+    nothing more; ``--verbose`` keeps it."""
+
+    _ONE_LINE = (
+        "AllreduceException",
+        "MatchmakingException",
+    )  # hivemind.averaging's; matched by name, no import
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.name.startswith("hivemind")
+            and record.exc_info
+            and type(record.exc_info[1]).__name__ in self._ONE_LINE
+        ):
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
+def quiet_log_filters() -> list[logging.Filter]:
+    """The filters on ``run-peer``'s log handlers unless ``--verbose``."""
+    return [_ShutdownNoiseFilter(), _FailedRoundFilter()]
+
+
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from hivemind.utils.logging import use_hivemind_log_handler
@@ -164,7 +191,8 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:  # set before the DHT and averagers fork, so their handlers inherit it
         for handler in logging.getLogger().handlers:
-            handler.addFilter(_ShutdownNoiseFilter())
+            for noise in quiet_log_filters():
+                handler.addFilter(noise)
     for noisy in ("transformers", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as transformers_logging
