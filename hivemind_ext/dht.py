@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 from hivemind.dht import DHT
@@ -32,6 +33,8 @@ _NOBODY_ANSWERED = (
 )
 
 UPSTREAM = {
+    "hivemind.dht.dht.DHT.__init__": "27f69e86e6784ef6",  # makes _inner_pipe; start=False leaves the process unstarted
+    "hivemind.dht.dht.DHT.run": "bd3a376f042d386e",  # reads requests with _inner_pipe's fileno, poll and recv
     "hivemind.dht.node.DHTNode.create": "f681de9c85567343",  # raises 'none of the initial_peers responded', matched by text
     "hivemind.p2p.p2p_daemon.P2P.create": "2e4720e954b79b67",  # raises the daemon's 'failed to connect to bootstrap peers', matched by text
 }
@@ -80,6 +83,49 @@ def _after(text: str, marker: str) -> str:
     return text.split(marker, 1)[-1].split("/", 1)[0]
 
 
+class _Requests:
+    """The DHT process's end of its request pipe, which skips a request it cannot read instead of dying of it.
+
+    A request carries the sender's end of a pipe for its answer (hivemind's ``MPFuture``), which the DHT process
+    fetches from the sending process as it reads the request. When that process has exited in between (an averager
+    shut down with a DHT request of its own in flight: a peer leaving), hivemind's read raised ``EOFError`` and
+    the DHT process died with a traceback (seen at a peer's exit in a fresh-clone suite). Nobody waits for that
+    request's answer any more: it is skipped and logged. A pipe closed by every sender still ends the process."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def fileno(self) -> int:
+        return self._pipe.fileno()
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self._pipe.poll(timeout)
+
+    def close(self) -> None:
+        self._pipe.close()
+
+    def recv(self):
+        message = self._pipe.recv_bytes()  # EOFError here: every sender has closed the pipe (as before)
+        try:
+            return ForkingPickler.loads(message)
+        except (EOFError, OSError) as error:
+            logger.info(f"DHT: skipped a request whose sender left before it was read ({error!r})")
+            return ("_skip", [], {})
+
+
+class SturdyDHT(DHT):
+    """hivemind's DHT, whose process outlives a request that cannot be read (:class:`_Requests`)."""
+
+    def __init__(self, *args, start: bool, await_ready: bool = True, **kwargs):
+        super().__init__(*args, start=False, **kwargs)
+        self._inner_pipe = _Requests(self._inner_pipe)
+        if start:
+            self.run_in_background(await_ready=await_ready)
+
+    async def _skip(self) -> None:
+        """The request that :class:`_Requests` could not read: nothing to do."""
+
+
 def start_dht(
     initial_peers: Sequence[str],
     host_maddrs: Sequence[str],
@@ -116,7 +162,7 @@ def start_dht(
         while True:
             attempt += 1
             try:
-                return DHT(
+                return SturdyDHT(
                     start=True,
                     initial_peers=list(initial_peers),
                     host_maddrs=list(host_maddrs),
