@@ -9,7 +9,11 @@ What is measured
     ``averaging_round`` events) is subtracted: what is left is the control plane (DHT records and
     lookups, matchmaking, the libp2p connections' own traffic, the TCP acknowledgements of what the peer
     received). A catch-up's state download in that window would count too: each trial line says how many
-    there were.
+    there were. Each host's sent bytes are also sampled every 0.1 s, which splits the control plane into a rate
+    between rounds (time-driven: DHT records and reads, the connections' upkeep) and bytes per round beyond its
+    payload (the round's own: check-ins or matchmaking, the all-reduce's framing and acknowledgements); a round
+    lasts from its start to the end of its all-reduce (its ``averaging_round`` event's ``seconds`` and
+    ``phases``).
 
     Modes (``--modes``, all by default), in rotated order within each repeat; each but ``now`` sets constants of
     ``peer/averaging/diloco.py`` to other values (what they were before a change, or an experiment) (``--with
@@ -36,8 +40,11 @@ Run: ``.venv/bin/python bench/control_plane.py`` (root; about 1 minute per trial
 from __future__ import annotations
 
 import argparse
+import bisect
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +70,55 @@ def tx_bytes(host) -> int:
     return int(host.run("cat", "/sys/class/net/eth0/statistics/tx_bytes").stdout)
 
 
+SAMPLER = """
+import time
+while True:
+    with open("/sys/class/net/eth0/statistics/tx_bytes") as f:
+        print(f"{time.time():.4f} {f.read().strip()}", flush=True)
+    time.sleep(0.1)
+"""
+"""Prints its host's sent bytes every 0.1 s, with the time (run inside the host)."""
+
+
+class TxSamples:
+    """A host's sent bytes over time (:data:`SAMPLER` in the host), to tell the bytes sent during rounds from those
+    sent between them."""
+
+    def __init__(self, host):
+        self.samples: list[tuple[float, int]] = []
+        self._process = host.popen([sys.executable, "-c", SAMPLER], stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            at, sent = line.split()
+            self.samples.append((float(at), int(sent)))
+
+    def at(self, moment: float) -> float:
+        """Bytes sent by ``moment`` (interpolated between samples)."""
+        times = [t for t, _ in self.samples]
+        i = bisect.bisect_left(times, moment)
+        if i == 0 or i == len(times):
+            return float(self.samples[min(i, len(times) - 1)][1])
+        (t0, b0), (t1, b1) = self.samples[i - 1], self.samples[i]
+        return b0 + (b1 - b0) * (moment - t0) / max(t1 - t0, 1e-9)
+
+
+def split_by_rounds(samples: TxSamples, rounds: list[dict], start: float, end: float) -> tuple[float, float]:
+    """(bytes per second sent between rounds, bytes per round sent during rounds beyond their payload) of one peer
+    from ``start`` to ``end``; a round lasts from its start (``seconds`` before its event, less its ``apply``
+    phase, which came after the all-reduce) to the end of its all-reduce."""
+    during, during_seconds = 0.0, 0.0
+    for e in rounds:
+        apply = (e.get("phases") or {}).get("apply", 0.0)
+        ended = e["time"] - apply
+        began = ended - e["seconds"]
+        during += samples.at(ended) - samples.at(began) - e["bytes_sent"]
+        during_seconds += ended - began
+    between = samples.at(end) - samples.at(start) - during - sum(e["bytes_sent"] for e in rounds)
+    return between / max(end - start - during_seconds, 1e-9), during / max(len(rounds), 1)
+
+
 def one_trial(spec_path: Path, folder: Path, mode: str, args: argparse.Namespace) -> dict[str, float]:
     sys.path.insert(0, str(REPO_ROOT))  # tests/ is not installed; the test bed lives there
     from tests.netbed import NetBed
@@ -80,25 +136,34 @@ def one_trial(spec_path: Path, folder: Path, mode: str, args: argparse.Namespace
             swarm.wait_for_address(peer, timeout=180)
             hosts.append(host)
             peers.append(peer)
+        samplers = [TxSamples(h) for h in hosts]
         wait_for(lambda: all(p.events("global_step") for p in peers), 300, "outer step 1 on every peer")
-        start, started = [tx_bytes(h) for h in hosts], time.monotonic()
+        start, started, window = [tx_bytes(h) for h in hosts], time.monotonic(), time.time()
         codes = swarm.wait_all(timeout=args.timeout)
         seconds = time.monotonic() - started
         end = [tx_bytes(h) for h in hosts]
+        finished = time.time()
         if any(codes):
             failed = next(p for p, code in zip(peers, codes, strict=True) if code)
             raise RuntimeError(f"exit codes {codes}; {failed.name}:\n{failed.log()[-3000:]}")
-    control, downloads = [], 0
-    for peer, before, after in zip(peers, start, end, strict=True):
+    control, downloads, between, during = [], 0, [], []
+    for peer, before, after, samples in zip(peers, start, end, samplers, strict=True):
         first = peer.events("global_step")[0]["time"]
-        payload = sum(e["bytes_sent"] for e in peer.events("averaging_round") if e["time"] > first)
-        control.append(after - before - payload)
+        rounds = [e for e in peer.events("averaging_round") if e["time"] > first]
+        control.append(after - before - sum(e["bytes_sent"] for e in rounds))
         downloads += sum(e["time"] > first for e in peer.events("state_download"))
+        rate, per_round = split_by_rounds(
+            samples, [e for e in rounds if e["outcome"] == "succeeded"], window, finished
+        )
+        between.append(rate)
+        during.append(per_round)
     steps = args.outer_steps - 1
     return {
         "control_per_step": statistics.mean(control) / steps,
         "seconds_per_step": seconds / steps,
         "downloads": downloads,
+        "between_per_second": statistics.mean(between),
+        "during_per_round": statistics.mean(during),
     }
 
 
@@ -124,7 +189,9 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
             print(
                 f"repeat {r + 1} {mode}: control plane {trial['control_per_step'] / 1e3:.1f} kB per peer and"
                 f" outer step, {trial['seconds_per_step']:.2f} s per outer step, {trial['downloads']} state"
-                " downloads in the window (their bytes count as control plane here)",
+                " downloads in the window (their bytes count as control plane here); of it"
+                f" {trial['between_per_second'] / 1e3:.1f} kB/s between rounds and"
+                f" {trial['during_per_round'] / 1e3:.1f} kB per round beyond its payload",
                 flush=True,
             )
     for mode in names:
