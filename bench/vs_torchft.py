@@ -41,6 +41,11 @@ What is measured (each a ratio Potluck ÷ torchft of one repeat; min / median / 
       the fp32 pseudo-gradient per replica and round (tensors are all-reduced one by one).
     - ``loss``: held-out loss (``exact_match.held_out_loss``, the demo's evaluation) of replica 0's final
       weights.
+    - Potluck's round phases (no ratio; torchft has no such record): medians over every peer's successful rounds
+      of their ``averaging_round`` events' ``phases`` (``group``: from the peer's start of the round until its
+      group was formed, mostly waiting for the slowest peer; ``all_reduce``; ``handoff``; ``apply``), and
+      ``formed``: per round the least ``group`` of its peers (the last to arrive waits only for the group to form),
+      median over rounds, where every peer's rounds all succeeded.
 
 How to read it
     One line per trial, then per replica count a table of the ratios (min / median / max) and
