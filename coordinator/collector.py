@@ -14,11 +14,14 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
+from collections.abc import Callable
 
 from hivemind.dht import DHT
 from prometheus_client import CollectorRegistry
 
 from potluck.coordinator.store import HistoryPoint, PeerReportRow, RunRecord, RunStore
+from potluck.hivemind_ext.access import AccessList
+from potluck.protocols.access import access_key, token_checker
 from potluck.protocols.records import (
     REPORT_REFUSALS,
     ReportGate,
@@ -149,7 +152,9 @@ class Collector:
     def _collect_run(self, run_id: str) -> None:
         found = read_reports(self.dht, run_id)
         now = time.time()
-        gate = self._gates.setdefault(run_id, ReportGate())
+        if run_id not in self._gates:
+            self._gates[run_id] = ReportGate(self._access_check(run_id))
+        gate = self._gates[run_id]
         refused_before = Tally(gate.refused)
         admitted = [r for owner, r in found.records.items() if gate.admit(owner, r, now)]
         skipped = found.skipped + (gate.refused - refused_before)
@@ -207,6 +212,13 @@ class Collector:
             self.metrics.peer_throughput.labels(run_id, short).set(r.samples_per_second)
             if r.loss is not None:
                 self.metrics.peer_loss.labels(run_id, short).set(r.loss)
+
+    def _access_check(self, run_id: str) -> Callable[[str], bool] | None:
+        """A private run's check of a reporting peer's token (its reports are refused without one); None: public."""
+        access = self.store.get_run(run_id).spec.get("access") or {}
+        if not access.get("private"):
+            return None
+        return AccessList(access_key(run_id), token_checker(run_id, access["owner_key"]), self.dht).admits
 
     def _forget_run_series(self, run_id: str) -> None:
         m = self.metrics

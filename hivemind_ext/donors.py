@@ -52,6 +52,7 @@ from hivemind.utils.asyncio import aiter_with_timeout
 from hivemind.utils.streaming import combine_from_streaming
 from hivemind.utils.timed_storage import ValueWithExpiration
 
+from potluck.hivemind_ext.access import admitted
 from potluck.hivemind_ext.allreduce import aggregator_in_use
 
 UPSTREAM = {
@@ -316,9 +317,9 @@ class CheckedDownloads(DecentralizedAverager):
                 )
                 future.set_result(None)
                 return
-            donors = [
-                p for p in sorted(peer_priority, key=peer_priority.get, reverse=True) if p != self.peer_id
-            ]
+            donors = await admitted(  # a private run's: peers without a token serve nobody (access.py)
+                [p for p in sorted(peer_priority, key=peer_priority.get, reverse=True) if p != self.peer_id],
+            )
             expected = None  # (step, manifest) the download must match, when vouched for
             if donors and self._vouching():
                 probes = await asyncio.gather(*(self._probe(peer, timeout) for peer in donors))

@@ -26,6 +26,7 @@ from hivemind.optim import Optimizer
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
+from potluck.hivemind_ext.access import GatedAveraging
 from potluck.hivemind_ext.allreduce import SameAverages
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.donors import (
@@ -228,6 +229,7 @@ class _ObservedStateAverager(
     StoppableDownloads,
     _ThrottledDeclaration,
     LimitedDonor,
+    GatedAveraging,
     CheckedRounds,
     SameAverages,
     KeepsCtrlC,
@@ -371,7 +373,7 @@ class _ObservedStateAverager(
 
 
 class _CheckedGradientAverager(
-    GradientAverager, _ThrottledDeclaration, CheckedRounds, SameAverages, KeepsCtrlC
+    GradientAverager, _ThrottledDeclaration, GatedAveraging, CheckedRounds, SameAverages, KeepsCtrlC
 ):
     """hivemind's gradient averager whose rounds say how much of the average arrived, and leave every peer
     with the same averaged gradients to the bit (``allreduce.py``)."""

@@ -27,6 +27,8 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTrack
 from hivemind.utils.logging import get_logger
 from hivemind.utils.timed_storage import get_dht_time
 
+from potluck.hivemind_ext.access import admitted_records
+
 UPSTREAM = {
     "hivemind.optim.progress_tracker.ProgressTracker": "49cf21042bec7978",  # subclassed: _parse_swarm_progress_data, report_local_progress, update_epoch, _progress_reporter, shutdown
 }
@@ -46,6 +48,7 @@ def newest_per_peer(metadata):
     peer (5 peers in a 4-peer swarm, issue 16). Withdrawn (None) and unreadable values pass through."""
     if not isinstance(metadata, dict):
         return metadata
+    metadata = admitted_records(metadata)  # a private run's: only peers with a token (access.py)
     kept, newest = {}, {}  # newest: peer id -> (time, subkey)
     for subkey, entry in metadata.items():
         value = getattr(entry, "value", None)

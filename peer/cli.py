@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="private key file; keeps the peer id (and this peer's data order) across restarts",
     )
     p.add_argument(
+        "--access-token",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a private run's access token for this peer's identity (potluck access grant); read again as it is "
+        "renewed",
+    )
+    p.add_argument(
         "--client-mode",
         action="store_true",
         help="do not accept incoming connections (for peers behind NAT/firewalls)",
@@ -274,7 +282,7 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
             return user_error(f"--save-dir {args.save_dir}: cannot create it ({e.strerror})", results)
     if spec is not None:
         try:  # the models and data on this machine, before any of them loads (peer/preflight.py)
-            check_run_inputs(spec, args.role, args.save_dir)
+            check_run_inputs(spec, args.role, args.save_dir, args.access_token, args.identity_path)
         except INPUT_ERRORS as e:
             return user_error(e, results)
         results.mark("inputs_checked")
@@ -283,7 +291,7 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
     if spec is None and args.coordinator:
         try:
             joined = join_via_coordinator(args.coordinator, args.run, access=coordinator_access)
-            check_run_inputs(joined.spec, args.role, args.save_dir)
+            check_run_inputs(joined.spec, args.role, args.save_dir, args.access_token, args.identity_path)
         except (DiscoveryError, *INPUT_ERRORS) as e:
             return user_error(e, results)
         spec, initial_peers = joined.spec, initial_peers + joined.initial_peers
@@ -307,6 +315,7 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
         min_peers_timeout=args.min_peers_timeout,
         progress_interval=args.progress_interval,
         coordinator_key=coordinator_key,
+        access_token=args.access_token,
     )
     if args.role != "trainer":
         return run_shard_role(args, spec, options, device, results)
@@ -315,7 +324,7 @@ def run_role(args: argparse.Namespace, results: PeerResults) -> int:
             dht = start_peer_dht(options, (args.run,))
             try:
                 spec = find_run_in_dht(dht, args.run, coordinator_key)
-                check_run_inputs(spec, args.role, args.save_dir)
+                check_run_inputs(spec, args.role, args.save_dir, args.access_token, args.identity_path)
             except BaseException:
                 dht.shutdown()
                 raise

@@ -12,7 +12,9 @@ the ``except INPUT_ERRORS`` of ``potluck``) with exit status 2:
 - a trainer's model is of a kind its stage trains, and has the modules its adapter names, from its config alone
   (``training/architecture.py``: an encoder for SFT, a LoRA target that GPT-2 does not have);
 - every line of the data: a JSON object with the stage's columns (``training/stages/data.py``);
-- ``model.quantization``: bitsandbytes is installed where the spec quantises (``quantization.py``).
+- ``model.quantization``: bitsandbytes is installed where the spec quantises (``quantization.py``);
+- a private run's ``--access-token``: signed by the run's owner, for this run and this peer, not expired
+  (``net/access.py``).
 
 The run spec itself is checked as it is read (``protocols/runspec.py``).
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from potluck.hivemind_ext.dht import MultiaddrError, check_multiaddrs
 from potluck.hivemind_ext.keys import IdentityError, read_identity
+from potluck.peer.net.access import AccessTokenError, read_own_token
 from potluck.peer.quantization import QuantizationUnavailableError, check_quantization
 from potluck.peer.shard.experts import serves_experts
 from potluck.peer.training.architecture import UnsupportedModelError, check_architecture
@@ -41,7 +44,7 @@ class ClientRoleError(ValueError):
 
 INPUT_ERRORS = (
     RunSpecError, DatasetFormatError, MultiaddrError, FileNotFoundError, UnsupportedModelError, IdentityError,
-    QuantizationUnavailableError, ClientRoleError,
+    QuantizationUnavailableError, ClientRoleError, AccessTokenError,
 )  # fmt: skip
 """What the checks raise (``FileNotFoundError``: a data file, or a model, ``WeightsNotFoundError``): a command
 reports these as one line and exits with status 2."""
@@ -101,10 +104,18 @@ def check_client_spec(spec: RunSpec) -> None:
         )
 
 
-def check_run_inputs(spec: RunSpec, role: str = "trainer", save_dir: Path | None = None) -> None:
+def check_run_inputs(
+    spec: RunSpec,
+    role: str = "trainer",
+    save_dir: Path | None = None,
+    access_token: Path | None = None,
+    identity_path: Path | None = None,
+) -> None:
     """The models and data that ``role`` reads for ``spec`` are there and well formed. A trainer loads every
     model of its stage (``init_from`` and run ids resolved in ``save_dir``); a shard or expert server or a client
-    loads ``model`` only, and servers read no data."""
+    loads ``model`` only, and servers read no data. A private run's token (``access_token``) must admit this peer
+    (``identity_path``) now."""
+    read_own_token(spec, access_token, identity_path)
     if role == "trainer":
         check_stage_models(spec, save_dir)
         check_architecture(spec)

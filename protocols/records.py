@@ -6,6 +6,7 @@ Key scheme (every key that belongs to a run starts with its run id):
 | --- | --- | --- | --- |
 | ``potluck_runs`` | ``<run_id>`` + the coordinator's ``[owner:<public key>]`` | :class:`RunAnnouncement` | the coordinator |
 | ``<run_id>_reports`` | the peer's ``[owner:<public key>]`` | :class:`PeerReport` | that peer |
+| ``<run_id>_access`` | the peer's ``[owner:<public key>]`` | an access token (``protocols/access.py``) | that peer |
 
 hivemind's own keys (``<run_id>_progress``, ``<run_id>_grad_averager…``, ``<run_id>_state_averager…``)
 are listed in docs/architecture.md.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict  # noqa: UP035 (pydantic v1 schemas for hivemind want typing.Dict)
@@ -34,8 +36,10 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic.v1 import BaseModel, StrictFloat, ValidationError, conint, conlist, constr, validator
 
+from potluck.hivemind_ext.access import access_in_use
 from potluck.hivemind_ext.keys import load_private_key, peer_id_of_owner
 from potluck.hivemind_ext.p2p import node_validators
+from potluck.protocols.access import MAX_TOKEN_CHARS
 
 RUNS_KEY = "potluck_runs"
 MAX_RECORD_BYTES = 64 * 1024
@@ -90,8 +94,11 @@ class _RunsSchema(BaseModel):
     potluck_runs: Dict[BytesWithPublicKey, RunAnnouncement]  # noqa: UP006
 
 
-class _ReportsSchema(BaseModel):
+class _RunKeysSchema(BaseModel):
+    """A run's own keys: ``<run_id>_reports`` and ``<run_id>_access`` (access tokens, ``protocols/access.py``)."""
+
     reports: Dict[BytesWithPublicKey, PeerReport]  # noqa: UP006
+    access: Dict[BytesWithPublicKey, constr(max_length=MAX_TOKEN_CHARS, strict=True)]  # noqa: UP006
 
 
 # -- validators that count what they reject (they run inside the DHT process) ---------------------
@@ -136,13 +143,13 @@ def record_validators(private_key: RSAPrivateKey | None = None, run_ids: tuple[s
     (hivemind keeps the first signature validator and merges later schema validators into ours)."""
     schema = CountingSchemaValidator(_RunsSchema, allow_extra_keys=True)
     for run_id in run_ids:
-        schema.merge_with(SchemaValidator(_ReportsSchema, allow_extra_keys=True, prefix=run_id))
+        schema.merge_with(SchemaValidator(_RunKeysSchema, allow_extra_keys=True, prefix=run_id))
     return [CountingSignatureValidator(private_key), schema, RecordSizeValidator()]
 
 
 def run_schema_validator(run_id: str) -> SchemaValidator:
     """Add to a running DHT (``dht.add_validators``) when it starts serving another run."""
-    return SchemaValidator(_ReportsSchema, allow_extra_keys=True, prefix=run_id)
+    return SchemaValidator(_RunKeysSchema, allow_extra_keys=True, prefix=run_id)
 
 
 async def _rejections_in_node(_dht, node) -> dict[str, int]:
@@ -287,7 +294,12 @@ def read_servers(dht: DHT, key: str, schema: type[BaseModel], run_id: str, versi
             return "malformed"  # filed under another run's key
         if announcement.version != version:
             return "version"
-        return "peer_id_mismatch" if peer_id_of_owner(owner) != announcement.peer_id else None
+        if peer_id_of_owner(owner) != announcement.peer_id:
+            return "peer_id_mismatch"
+        if (access := access_in_use()) is not None and not access.admits(announcement.peer_id):
+            access.refuse("record", announcement.peer_id, once=True)
+            return "no_access_token"  # a private run's server without a token: nobody calls it
+        return None
 
     return read_owned(dht, key, schema, check)
 
@@ -334,13 +346,16 @@ class ReportGate:
       records are signed with its identity's key, ``hivemind_ext/keys.py``): one peer passing itself off as
       another, or a peer that does not sign with its identity (a foreign or outdated client);
     - ``replayed``: older than a report already admitted from the same key (a signed record stored again);
-    - ``from_the_future``: ``reported_at`` more than :data:`MAX_CLOCK_SKEW` ahead of the reader's clock.
+    - ``from_the_future``: ``reported_at`` more than :data:`MAX_CLOCK_SKEW` ahead of the reader's clock;
+    - ``no_access_token``: a private run's report from a peer that holds no valid token (``admits``, given:
+      ``hivemind_ext.access.AccessList.admits``).
 
     A record refused is refused at every read, and counted once (``refused``), however often it is read."""
 
     MAX_REMEMBERED = 100_000
 
-    def __init__(self) -> None:
+    def __init__(self, admits: Callable[[str], bool] | None = None) -> None:
+        self.admits = admits
         self.refused: Counter = Counter()
         self._newest: dict[bytes, float] = {}
         self._seen: set[tuple[bytes, float, str]] = set()
@@ -349,6 +364,8 @@ class ReportGate:
         reason = None
         if peer_id_of_owner(owner) != report.peer_id:
             reason = "peer_id_mismatch"
+        elif self.admits is not None and not self.admits(report.peer_id):
+            reason = "no_access_token"
         elif report.reported_at > now + MAX_CLOCK_SKEW:
             reason = "from_the_future"
         elif report.reported_at < self._newest.get(owner, -math.inf):

@@ -21,6 +21,8 @@ from pydantic import (
     field_validator,
 )
 
+from potluck.protocols.access import owner_public_key
+
 _RUN_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
@@ -335,6 +337,27 @@ class AveragingSpec(_Strict):
         return value
 
 
+class AccessSpec(_Strict):
+    private: bool = False
+    """Only peers holding an access token signed by ``owner_key`` take part: average, serve or download state,
+    call or serve shards, count in the swarm's progress (``protocols/access.py``, docs/security.md)."""
+    owner_key: str | None = Field(None, validate_default=True)
+    """The public half of the key that signs the run's access tokens: the ``.pub`` file of ``potluck access keygen``
+    or of a coordinator (``[owner:ssh-rsa …]``), or an ``ssh-rsa …`` key."""
+
+    @field_validator("owner_key")
+    @classmethod
+    def _an_rsa_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            if info.data.get("private"):
+                raise ValueError(
+                    "required when private is true: the public key that signs the run's access tokens"
+                )
+            return value
+        owner_public_key(value)  # raises ValueError naming what is wrong
+        return value
+
+
 class CheckpointSpec(_Strict):
     save_every: int = Field(50, ge=1)
     """Write a checkpoint to ``--save-dir`` every N global steps (and always at the end)."""
@@ -501,6 +524,8 @@ class RunSpec(_Strict):
     """How expert servers average the replicas of an expert."""
     expert_calls: ExpertCallsSpec = ExpertCallsSpec()
     """How trainers call expert servers: capacity factor, timeout, bans."""
+    access: AccessSpec = Field(AccessSpec(), validate_default=True)
+    """Who may take part: everyone (default), or, with ``private: true``, peers with a token from the run's owner."""
     seed: int = 0
     """Seeds adapter initialisation (identical on every peer) and, with the peer id, each peer's data order."""
 

@@ -11,6 +11,7 @@ from potluck.hivemind_ext.upstream import drifted, pinned_pieces, source_of
 pytestmark = pytest.mark.unit
 
 EXPECTED_MODULES = {
+    "access",
     "allreduce",
     "codecs",
     "dht",

@@ -40,6 +40,17 @@ def test_the_gate_admits_a_peers_own_reports_and_refuses_forged_replayed_and_fut
     assert peer_id_of_owner(b"[owner:not a key]") is None and peer_id_of_owner(b"no tag") is None
 
 
+@pytest.mark.unit
+def test_a_private_runs_gate_refuses_reports_of_peers_without_a_token_and_counts_each_once():
+    member, outsider = public_key_tag(RSAPrivateKey()), public_key_tag(RSAPrivateKey())
+    member_id, outsider_id = peer_id_of_owner(member), peer_id_of_owner(outsider)
+    gate = ReportGate(admits=lambda peer_id: peer_id == member_id)  # the collector's: AccessList.admits
+    assert gate.admit(member, report(member_id, NOW), NOW)
+    for _ in range(3):
+        assert not gate.admit(outsider, report(outsider_id, NOW), NOW)
+    assert gate.refused == {"no_access_token": 1}
+
+
 @pytest.fixture
 def process_key():
     """This test changes the process-wide signing key; the others in this process keep theirs."""

@@ -17,14 +17,18 @@ from pathlib import Path
 
 import pytest
 from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey
 from huggingface_hub import constants
 
 from potluck.peer.cli import main as run_peer_main
 from potluck.peer.results import read_summary
 from potluck.peer.training.data import DatasetFormatError
 from potluck.peer.training.stages.data import check_stage_data
+from potluck.protocols.access import issue_token
+from potluck.protocols.records import public_key_tag
 from potluck.protocols.runspec import RunSpecError, load_run_spec
 from potluck.tools.cli import main as potluck_main
+from tests.helpers import peer_id_of
 
 pytestmark = pytest.mark.unit
 
@@ -191,6 +195,20 @@ def test_an_identity_file_that_cannot_sign_is_named_before_the_model_or_dht_star
     identity.write_bytes(content)
     line = the_one_line(capsys, run_peer("--run-spec", str(spec_of()), "--identity-path", str(identity)))
     assert line.startswith(f"run-peer: {identity}: {problem}"), line
+
+
+def test_a_private_runs_missing_or_foreign_token_is_named_before_the_model_or_dht_starts(
+    spec_of, tmp_path, capsys
+):
+    owner = RSAPrivateKey()
+    spec = spec_of(access={"private": True, "owner_key": public_key_tag(owner).decode()})
+    line = the_one_line(capsys, run_peer("--run-spec", str(spec)))
+    assert line.startswith("run-peer: run 'test-run' is private: give --access-token FILE"), line
+    identity, token = tmp_path / "peer.id", tmp_path / "token"
+    token.write_text(issue_token(owner, "test-run", peer_id_of(tmp_path / "another.id"), ttl=60))
+    peer_id_of(identity)  # made: this peer's own identity, not the one the token names
+    code = run_peer("--run-spec", str(spec), "--identity-path", str(identity), "--access-token", str(token))
+    assert the_one_line(capsys, code).startswith(f"run-peer: --access-token {token}: it is for peer "), token
 
 
 def test_a_bad_coordinator_key_is_named_before_the_model_or_dht_starts(spec_of, capsys):

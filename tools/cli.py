@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         "run", help="publish, list and show runs at a coordinator (potluck run --help)", add_help=False
     )
     commands.add_parser(
+        "access", help="keys and tokens of private runs (potluck access --help)", add_help=False
+    )
+    commands.add_parser(
         "swarm", help="the compose swarm as local processes: potluck swarm up --peers N", add_help=False
     )
     pipe = commands.add_parser(
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         from potluck.tools.chat import main as chat_main
 
         return chat_main(argv[1:])
+    if argv[:1] == ["access"]:
+        from potluck.tools.access_cli import main as access_main
+
+        return access_main(argv[1:])
     if argv[:1] == ["swarm"]:
         from potluck.tools.swarm import main as swarm_main
 

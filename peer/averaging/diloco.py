@@ -69,6 +69,7 @@ from hivemind.dht import DHT
 from hivemind.utils.timed_storage import get_dht_time
 
 from potluck.hivemind_ext import allreduce as consistent_allreduce
+from potluck.hivemind_ext.access import GatedAveraging
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.donors import (
     LimitedDonor,
@@ -120,6 +121,7 @@ class _OuterAverager(
     ServesState,
     StoppableDownloads,
     LimitedDonor,
+    GatedAveraging,
     KeptGroups,
     TimedRounds,
     CheckedRounds,

@@ -10,6 +10,7 @@ import threading
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 
+from potluck.peer.net.access import join_private_run
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.shard_server import joined_as_server, start_server_dht
 from potluck.peer.roles.trainer import PeerOptions, install_stop_handlers
@@ -50,10 +51,11 @@ def serve_experts(
     config, _ = moe_config(model_dir)
     uids = parse_experts(experts, config)
     dht = start_server_dht(spec, options)
-    servicer = announcer = p2p = served = replicas = None
+    servicer = announcer = p2p = served = replicas = access = None
     clean = False
     try:
         key_tag = joined_as_server(dht, spec, results, "expert server")
+        access = join_private_run(dht, key_tag, spec, options.access_token)  # before serving
         device = device or torch.device("cpu")
         loaded = load_experts(model_dir, uids, dtype=getattr(torch, spec.model.dtype))
         served = ServedExperts({uid: expert.to(device) for uid, expert in loaded.items()}, spec)
@@ -99,6 +101,8 @@ def serve_experts(
         if clean and served is not None and options.save_dir is not None:
             saved = save_experts(options.save_dir, spec.run_id, served, spec.checkpoint.keep)
             results.checkpoint(saved.global_step, saved.path)
+        if access is not None:
+            access.stop()
         dht.shutdown()
 
 

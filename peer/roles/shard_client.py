@@ -17,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from hivemind.utils.crypto import RSAPrivateKey
 
 from potluck.hivemind_ext.dht import visible_addresses
 from potluck.peer.averaging.alone import NothingToAverage
 from potluck.peer.averaging.choose import make_strategy
+from potluck.peer.net.access import join_private_run
 from potluck.peer.preflight import check_client_spec
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import Checkpointing, PeerOptions, announce_resume, install_stop_handlers
@@ -36,6 +38,7 @@ from potluck.peer.training.metrics import PeerMetrics
 from potluck.peer.training.progress import ProgressDisplay
 from potluck.peer.training.stages import make_stage, stage_context
 from potluck.peer.training.stages.data import stage_data
+from potluck.protocols.records import public_key_tag
 from potluck.protocols.runspec import PrefixTuningAdapter, PromptTuningAdapter, RunSpec
 from potluck.runtime.checkpoints import Checkpoint
 
@@ -87,7 +90,7 @@ def train_through_shards(
     )
     if serves_experts(spec):
         dht, model, client = open_remote_moe_model(
-            spec, options.initial_peers, options.host_maddrs, options.client_mode
+            spec, options.initial_peers, options.host_maddrs, options.client_mode, options.identity_path
         )
         model.to(device)
     else:
@@ -100,11 +103,13 @@ def train_through_shards(
             host_maddrs=options.host_maddrs,
             client_mode=options.client_mode,
             device=device,
+            identity_path=options.identity_path,
         )
         client = model.client
     metrics = PeerMetrics(spec.run_id)
     if options.metrics_port is not None:
         metrics.serve(options.metrics_port, options.metrics_host)
+    access = join_private_run(dht, public_key_tag(RSAPrivateKey.process_wide()), spec, options.access_token)
     try:
         results.joined(str(dht.peer_id), spec.run_id, visible_addresses(dht))
         if isinstance(client, ExpertClient):
@@ -171,5 +176,7 @@ def train_through_shards(
         finally:
             strategy.shutdown()
     finally:
+        if access is not None:
+            access.stop()
         client.shutdown()
         dht.shutdown()

@@ -11,6 +11,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from potluck.hivemind_ext.allreduce import aggregate_with
 from potluck.hivemind_ext.dht import visible_addresses
+from potluck.peer.net.access import join_private_run
 from potluck.peer.quantization import held_bytes, quantize_linears
 from potluck.peer.results import PeerResults
 from potluck.peer.roles.trainer import PeerOptions, install_stop_handlers, start_peer_dht
@@ -82,10 +83,11 @@ def serve_shard(
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = load_config(model_dir)
     dht = start_server_dht(spec, options)
-    servicer = announcer = p2p = averaging = adapter = None
+    servicer = announcer = p2p = averaging = adapter = access = None
     lora, served = isinstance(spec.adapter, LoraAdapter), False
     try:
         key_tag = joined_as_server(dht, spec, results, "shard server")
+        access = join_private_run(dht, key_tag, spec, options.access_token)  # before serving or averaging
         if blocks is None and lora and options.save_dir is not None:
             blocks = checkpointed_blocks(options.save_dir, spec.run_id)  # a restart serves its span again
         if blocks is None:
@@ -138,6 +140,8 @@ def serve_shard(
                     options.save_dir, spec.run_id, blocks, adapter, spec.checkpoint.keep
                 )
             results.checkpoint(saved.global_step, saved.path)
+        if access is not None:
+            access.stop()
         dht.shutdown()
 
 

@@ -19,6 +19,7 @@ from potluck.hivemind_ext.dht import JOIN_TIMEOUT, RouteKeeper, start_dht, visib
 from potluck.hivemind_ext.keys import sign_records_with_identity
 from potluck.peer.averaging.choose import make_strategy
 from potluck.peer.averaging.strategy import AveragingStrategy
+from potluck.peer.net.access import join_private_run
 from potluck.peer.net.reporter import ReportPublisher
 from potluck.peer.net.run_status import RunStatusWatch
 from potluck.peer.quantization import held_bytes
@@ -61,6 +62,8 @@ class PeerOptions:
     """The coordinator whose signed announcements of the run's status this peer obeys (paused: hold,
     finished: save and leave; ``peer/training/pause.py``); None: no coordinator, the run is active until
     its last step."""
+    access_token: Path | None = None
+    """A private run's access token file (``peer/net/access.py``), read again at every publication."""
 
 
 def install_stop_handlers(stop: threading.Event, strategy: AveragingStrategy | None = None) -> None:
@@ -221,8 +224,10 @@ def run_peer(
             print(
                 f"run-peer: others can join with --initial-peers {addresses[0]}", file=sys.stderr, flush=True
             )
+        key_tag = public_key_tag(RSAPrivateKey.process_wide())
+        access = join_private_run(dht, key_tag, spec, options.access_token)  # before the averagers fork
         strategy = make_strategy(spec, dht, trainable_parameters(model), listener=results.listener(metrics))
-        reporter = ReportPublisher(dht, public_key_tag(RSAPrivateKey.process_wide()), spec.run_id, metrics)
+        reporter = ReportPublisher(dht, key_tag, spec.run_id, metrics)
         results.mark("strategy_ready")
         watch = None
         if options.coordinator_key is not None:
@@ -291,6 +296,8 @@ def run_peer(
                 watch.stop()
             reporter.stop()
             strategy.shutdown()
+            if access is not None:
+                access.stop()
     finally:
         routes.stop()
         dht.shutdown()

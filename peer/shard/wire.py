@@ -20,6 +20,8 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 
 BAD_REQUEST, BUSY, INTERNAL = "bad_request", "busy", "internal"
+FORBIDDEN = "forbidden"
+"""The caller holds no valid access token for the server's private run (``hivemind_ext/access.py``)."""
 
 
 class RemoteError(RuntimeError):

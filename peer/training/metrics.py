@@ -10,6 +10,7 @@ import time
 
 from prometheus_client import start_http_server
 
+from potluck.hivemind_ext.access import REFUSED_KINDS, refused_calls
 from potluck.hivemind_ext.allreduce import refused_parts
 from potluck.peer.averaging.strategy import round_outcome
 from potluck.runtime.metrics import MetricSet
@@ -108,6 +109,14 @@ class PeerMetrics:
             " a finite non-negative number), since start; the peer's log names each sender",
         )
         refused.labels(run_id).set_function(refused_parts)
+        forbidden = series.gauge(
+            "potluck_access_refused",
+            "A private run's refusals of peers without a valid access token, since start, by what they tried (join,"
+            " part, download, group, record: peers whose records were skipped, shard); the peer's log names each peer",
+            "what",
+        )
+        for what in REFUSED_KINDS:
+            forbidden.labels(run_id, what).set_function(lambda what=what: refused_calls()[what])
         self._first_step_at: float | None = None
         self._compute_total = self._pending_wait = 0.0
         self._state_downloads = series.counter(

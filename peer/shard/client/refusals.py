@@ -13,14 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from potluck.peer.shard.wire import BAD_REQUEST, RemoteError
+from potluck.peer.shard.wire import BAD_REQUEST, FORBIDDEN, RemoteError
 
 Blocks = tuple[int, int] | None
 """The blocks a request ran (``start``, ``end``) on a span server; None for an expert call."""
 
 
 def is_refusal(error: BaseException) -> bool:
-    return isinstance(error, RemoteError) and error.kind == BAD_REQUEST
+    """A ``bad_request``, or a private run's ``forbidden`` (this peer holds no valid access token, says the server:
+    taken on its word no more than a ``bad_request``)."""
+    return isinstance(error, RemoteError) and error.kind in (BAD_REQUEST, FORBIDDEN)
 
 
 def _same_request(a: Blocks, b: Blocks) -> bool:
@@ -65,4 +67,8 @@ class Refusals:
             f"server {peer_id}{f' on blocks {blocks[0]}:{blocks[1]}' if blocks else ''} answered {error}"
             for peer_id, blocks, error in answers
         )
-        return RemoteError(f"{self.call}: refused as malformed ({said}){reason}", BAD_REQUEST)
+        kind = FORBIDDEN if all(error.kind == FORBIDDEN for _, _, error in answers) else BAD_REQUEST
+        what = (
+            "refused: this peer holds no valid access token" if kind == FORBIDDEN else "refused as malformed"
+        )
+        return RemoteError(f"{self.call}: {what} ({said}){reason}", kind)

@@ -13,6 +13,7 @@ does; greedy ``generate`` works as on the local model (the attention cache is lo
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from hivemind.dht import DHT
@@ -116,6 +117,7 @@ def open_remote_moe_model(
     initial_peers: list[str],
     host_maddrs: list[str] | None = None,
     client_mode: bool = True,
+    identity_path: Path | None = None,
     **client_options,
 ) -> tuple[DHT, nn.Module, ExpertClient]:
     """Join the swarm (by default as a DHT client) and build the run's MoE model over its expert servers, calling
@@ -125,7 +127,7 @@ def open_remote_moe_model(
     options = {"request_timeout": calls.request_timeout, "ban_seconds": calls.ban_seconds, **client_options}
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = moe_config(model_dir)
-    dht = join_shard_swarm(spec, initial_peers, host_maddrs, client_mode)
+    dht = join_shard_swarm(spec, initial_peers, host_maddrs, client_mode, identity_path)
     try:
         client = ExpertClient(dht, spec.run_id, **options)
         count = num_experts(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from hivemind.dht import DHT
@@ -17,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from potluck.hivemind_ext.dht import start_dht
+from potluck.hivemind_ext.keys import sign_records_with_identity
 from potluck.peer.shard.blocks import ClientParts, load_client_parts, load_config, resolve_model_dir
 from potluck.peer.shard.client.spans import Pass, ShardClient
 from potluck.protocols.runspec import RunSpec
@@ -201,10 +203,16 @@ def left_padding(attention_mask: torch.Tensor | None) -> list[int] | None:
 
 
 def join_shard_swarm(
-    spec: RunSpec, initial_peers: list[str], host_maddrs: list[str] | None = None, client_mode: bool = True
+    spec: RunSpec,
+    initial_peers: list[str],
+    host_maddrs: list[str] | None = None,
+    client_mode: bool = True,
+    identity_path: Path | None = None,
 ) -> DHT:
     """A DHT node of the run's shard swarm for a client or trainer (by default a DHT client: no incoming
-    connections), with the run's shard record schemas."""
+    connections), with the run's shard record schemas. ``identity_path``: the identity this process then signs its
+    records with too (a private run's client: its token names that identity's peer id); call it once per process."""
+    identity = sign_records_with_identity(identity_path) if identity_path is not None else None
     return start_dht(
         initial_peers,
         host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
@@ -212,6 +220,7 @@ def join_shard_swarm(
         None,
         client_mode=client_mode,
         record_validators=shard_record_validators(None, spec.run_id),
+        identity=identity,
     )
 
 
@@ -223,6 +232,7 @@ def open_remote_model(
     client_mode: bool = True,
     prefix_tokens: int = 0,
     device: torch.device | None = None,
+    identity_path: Path | None = None,
     **client_options,
 ) -> tuple[DHT, RemoteCausalLM]:
     """Join the swarm (by default as a DHT client: no incoming connections) and build the run's model
@@ -232,7 +242,7 @@ def open_remote_model(
     model_dir = resolve_model_dir(spec.model.name_or_path, spec.model.revision)
     config, _ = load_config(model_dir)
     parts = load_client_parts(model_dir, dtype=getattr(torch, spec.model.dtype))
-    dht = join_shard_swarm(spec, initial_peers, host_maddrs, client_mode)
+    dht = join_shard_swarm(spec, initial_peers, host_maddrs, client_mode, identity_path)
     client = ShardClient(dht, spec.run_id, config.num_hidden_layers, **client_options)
     model = RemoteCausalLM(
         parts, client, prompt_tokens=prompt_tokens, seed=spec.seed, prefix_tokens=prefix_tokens

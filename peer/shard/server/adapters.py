@@ -34,6 +34,7 @@ from hivemind.dht import DHT
 from hivemind.utils.timed_storage import get_dht_time
 from peft import LoraConfig, inject_adapter_in_model
 
+from potluck.hivemind_ext.access import GatedAveraging
 from potluck.hivemind_ext.allreduce import SameAverages
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.donors import (
@@ -75,7 +76,9 @@ class SpanAdapter(ServerSteps):
             return [p.detach().clone() for p in self.parameters]
 
 
-class _ReplicaAverager(ServesState, StoppableDownloads, LimitedDonor, SameAverages, KeepsCtrlC):
+class _ReplicaAverager(
+    ServesState, StoppableDownloads, LimitedDonor, GatedAveraging, SameAverages, KeepsCtrlC
+):
     """Replicas hold the same average to the bit and refuse NaN parts, as every averager of a peer; the adapter's
     state is served to late replicas, checked, a few at a time."""
 

@@ -135,7 +135,7 @@ class ExpertServicer(ForwardBackward):
     ) -> runtime_pb2.ExpertResponse:
         """A step on a zero gradient for each expert in metadata ``uids``: those of a MoE layer that a trainer's
         backward pass routed no token to (local training's optimizer steps them too, on momentum alone)."""
-        return await self._handle("idle_steps", request, self._idle_steps)
+        return await self._handle("idle_steps", request, self._idle_steps, context)
 
     async def _idle_steps(self, request) -> list[torch.Tensor]:
         uids = wire.metadata_of(request).get("uids")
@@ -157,13 +157,13 @@ class ExpertServicer(ForwardBackward):
     ) -> runtime_pb2.ExpertResponse:
         """An expert's state (``ServedExperts.state``) and its optimizer steps, as a last tensor: now, or as
         snapshot for averaging round ``round`` (metadata; ``busy`` until this server took that snapshot)."""
-        return await self._handle("expert_state", request, self._state)
+        return await self._handle("expert_state", request, self._state, context)
 
     def rpc_expert_state_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """:meth:`rpc_expert_state` for a state above the unary cap: the response comes back in chunks."""
-        return self._streamed("expert_state", requests, self._state)
+        return self._streamed("expert_state", requests, self._state, context)
 
     async def _state(self, request) -> list[torch.Tensor]:
         meta = wire.metadata_of(request)

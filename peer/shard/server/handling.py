@@ -17,6 +17,7 @@ import torch
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
+from potluck.hivemind_ext.access import access_in_use
 from potluck.peer.shard import streaming, wire
 from potluck.peer.shard.server.batching import ServerBusy
 
@@ -27,9 +28,24 @@ class BadRequest(ValueError):
     """The request is malformed; the message names the field."""
 
 
+class Forbidden(PermissionError):
+    """The caller holds no valid access token for this server's private run."""
+
+
+async def admits_caller(context: P2PContext) -> bool:
+    """Whether a private run admits the caller (always, in a public run); a refusal is counted and logged once."""
+    access = access_in_use()
+    if access is None or await access.admits_async(context.remote_id):
+        return True
+    access.refuse("shard", context.remote_id)
+    return False
+
+
 def failure_kind(error: Exception) -> str:
-    """The wire's kind of a handler's error: the caller's (``bad_request``), a full queue (``busy``), or the
-    server's own (``internal``)."""
+    """The wire's kind of a handler's error: the caller's (``bad_request``; ``forbidden`` without a private run's
+    token), a full queue (``busy``), or the server's own (``internal``)."""
+    if isinstance(error, Forbidden):
+        return wire.FORBIDDEN
     if isinstance(error, (BadRequest, wire.RemoteError)):
         return wire.BAD_REQUEST
     if isinstance(error, ServerBusy):
@@ -52,10 +68,14 @@ class RequestHandling(ServicerBase):
         """The most tensor bytes one streamed request may carry."""
         raise NotImplementedError
 
-    async def _handle(self, method: str, request, handler) -> runtime_pb2.ExpertResponse:
+    async def _handle(
+        self, method: str, request, handler, context: P2PContext | None = None
+    ) -> runtime_pb2.ExpertResponse:
         started = time.perf_counter()
         self.metrics.requests.labels(self.run_id, method).inc()
         try:
+            if context is not None and not await admits_caller(context):
+                raise Forbidden(f"private run {self.run_id!r}: this peer holds no valid access token")
             return wire.response(await handler(request))
         except Exception as e:  # noqa: BLE001 (reported to the client: its kind says whose fault it was)
             kind, message = failure_kind(e), str(e)
@@ -73,7 +93,9 @@ class RequestHandling(ServicerBase):
         self.metrics.failures.labels(self.run_id, method, wire.BAD_REQUEST).inc()
         return wire.error_response(f"{method}: {message}", wire.BAD_REQUEST)
 
-    async def _streamed(self, method: str, requests: AsyncIterator, handler) -> AsyncIterator:
+    async def _streamed(
+        self, method: str, requests: AsyncIterator, handler, context: P2PContext | None = None
+    ) -> AsyncIterator:
         """The chunks put together into one request (bounded as they arrive), the same handler, and
         the response sent back in chunks."""
 
@@ -93,7 +115,7 @@ class RequestHandling(ServicerBase):
             finally:
                 self._streams -= 1
 
-        for part in streaming.split(await self._handle(method, requests, combined)):
+        for part in streaming.split(await self._handle(method, requests, combined, context)):
             yield part
         # a refused stream may still be arriving: discard the rest (hivemind's reader waits on us), for a while
         with contextlib.suppress(asyncio.TimeoutError):
@@ -114,22 +136,22 @@ class ForwardBackward(RequestHandling):
     async def rpc_forward(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        return await self._handle("forward", request, self._forward)
+        return await self._handle("forward", request, self._forward, context)
 
     async def rpc_backward(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        return await self._handle("backward", request, self._backward)
+        return await self._handle("backward", request, self._backward, context)
 
     def rpc_forward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return self._streamed("forward", requests, self._forward)
+        return self._streamed("forward", requests, self._forward, context)
 
     def rpc_backward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return self._streamed("backward", requests, self._backward)
+        return self._streamed("backward", requests, self._backward, context)
 
 
 def decode_tensors(request, names: list[str], max_elements: int) -> list[torch.Tensor]:

@@ -128,13 +128,17 @@ class ShardServicer(ForwardBackward):
     async def rpc_inference(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        return await self._handle("inference", request, lambda r: self._inference(r, str(context.remote_id)))
+        return await self._handle(
+            "inference", request, lambda r: self._inference(r, str(context.remote_id)), context
+        )
 
     # the streaming twin, for requests above hivemind's unary message size (forward's and backward's: ForwardBackward)
     def rpc_inference_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        return self._streamed("inference", requests, lambda r: self._inference(r, str(context.remote_id)))
+        return self._streamed(
+            "inference", requests, lambda r: self._inference(r, str(context.remote_id)), context
+        )
 
     async def rpc_close_session(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext

@@ -1,0 +1,298 @@
+"""A private run over real p2p (issue 17): a peer without a valid access token cannot join an averaging group,
+download state, call a shard span or have its shard announcements read; each refusal is counted; a peer whose
+token is no longer renewed (revoked) is out within one token lifetime. Averagers are Potluck's layers over
+hivemind's (``hivemind_ext/access.py``), each on its own DHT; tokens are published as peers publish them."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p.p2p_daemon import P2P
+from hivemind.proto import runtime_pb2
+from hivemind.utils.crypto import RSAPrivateKey
+from safetensors.torch import load_file
+
+from potluck.hivemind_ext import access as gate
+from potluck.hivemind_ext.allreduce import SameAverages
+from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
+from potluck.hivemind_ext.dht import start_dht, visible_addresses
+from potluck.hivemind_ext.donors import CheckedDownloads, LimitedDonor
+from potluck.hivemind_ext.keys import peer_id_of_owner, read_identity
+from potluck.hivemind_ext.rounds import CheckedRounds, received_fraction
+from potluck.peer.shard import wire
+from potluck.peer.shard.blocks import load_block_span
+from potluck.peer.shard.server.service import ServerLimits, ShardServicer, serve_on, stop_serving
+from potluck.protocols.access import access_key, issue_token, token_checker
+from potluck.protocols.records import public_key_tag
+from potluck.protocols.shards import SHARD_PROTOCOL_VERSION, ShardAnnouncement, read_shards, shards_key
+from potluck.tools.access_cli import main as access_main
+from tests.helpers import peer_id_of, start_first, wait_until
+from tests.test_swarm import checkpoint_at
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+RUN = "private"
+OWNER = RSAPrivateKey()
+OWNER_TAG = public_key_tag(OWNER).decode()
+SIZE = 1000
+HIDDEN = 128
+
+
+class _Averager(CheckedDownloads, LimitedDonor, gate.GatedAveraging, CheckedRounds, SameAverages, KeepsCtrlC):
+    """Potluck's layers as the state averager stacks them, serving its tensors."""
+
+    def get_current_state(self):
+        with self.get_tensors() as tensors:
+            state = [t.clone() for t in tensors]
+        return self.with_manifest({"epoch": 1}, state)
+
+
+def publish(dht, peer_id: str, ttl: float) -> float:
+    """Publish a token for ``peer_id`` as its peer does (under its own subkey); returns its expiry."""
+    expires = time.time() + ttl
+    dht.store(access_key(RUN), subkey=peer_id.encode(), value=issue_token(OWNER, RUN, peer_id, ttl),
+              expiration_time=expires)  # fmt: skip
+    return expires
+
+
+@dataclass
+class Swarm:
+    members: list
+    """Two averagers that a test gives tokens."""
+    outsider: object
+    dhts: list
+
+
+@pytest.fixture
+def swarm() -> Iterator[Swarm]:
+    dhts, averagers = [], []
+    try:
+        for _ in range(3):
+            dhts.append(
+                start_dht(visible_addresses(dhts[0]) if dhts else [], ["/ip4/127.0.0.1/tcp/0"], [], None)
+            )
+        gate.admit_with(gate.AccessList(access_key(RUN), token_checker(RUN, OWNER_TAG), dhts[0]))
+        for dht, value in zip(dhts, (1.0, 3.0, 100.0), strict=True):  # forked with the list
+            averagers.append(_Averager([torch.full((SIZE,), value)], dht, prefix=RUN, target_group_size=3,
+                                       min_matchmaking_time=1.0, request_timeout=0.5, allreduce_timeout=10.0,
+                                       next_chunk_timeout=2.0, start=True))  # fmt: skip
+        yield Swarm(averagers[:2], averagers[2], dhts)
+    finally:
+        gate.admit_with(None)
+        for averager in averagers:
+            averager.shutdown()
+        for dht in reversed(dhts):
+            dht.shutdown()
+
+
+def _values(averager) -> torch.Tensor:
+    with averager.get_tensors() as tensors:
+        return tensors[0].clone()
+
+
+def _set(averager, value: float) -> None:
+    with averager.get_tensors() as tensors:
+        tensors[0].fill_(value)
+
+
+def _round(averagers) -> list:
+    """One round of ``averagers`` at once: each one's gathered result, or the exception it ended with."""
+    controls = [a.step(wait=False, timeout=10, allow_retries=False) for a in averagers]
+    outcomes = []
+    for control in controls:
+        try:
+            outcomes.append(control.result(timeout=30))
+        except Exception as e:  # noqa: BLE001 (a peer that found no group: what the test looks at is the values)
+            outcomes.append(e)
+    return outcomes
+
+
+def _averaged(outcome) -> bool:
+    return isinstance(outcome, dict) and received_fraction(outcome) == 1.0
+
+
+def test_only_peers_with_a_token_average_together_and_serve_state(swarm):
+    a, b = swarm.members
+    for member in swarm.members:
+        publish(swarm.dhts[0], str(member.peer_id), ttl=600)
+    before = gate.refused_calls()
+    for _ in range(4):  # a round may miss its group on a busy machine; the outsider must never get in
+        for averager, value in ((a, 1.0), (b, 3.0), (swarm.outsider, 100.0)):
+            _set(averager, value)
+        outcomes = _round([a, b, swarm.outsider])
+        assert torch.equal(_values(swarm.outsider), torch.full((SIZE,), 100.0)), "the outsider averaged"
+        assert not _averaged(outcomes[2]), outcomes[2]
+        if _averaged(outcomes[0]) and _averaged(outcomes[1]):
+            break
+    assert set(outcomes[0]) == set(outcomes[1]) == {a.peer_id, b.peer_id}, outcomes
+    assert torch.equal(_values(a), torch.full((SIZE,), 2.0)) and torch.equal(_values(b), _values(a))
+    refused = {k: v - before[k] for k, v in gate.refused_calls().items()}
+    # the outsider asked the members to take it in, or they saw it lead and did not ask it
+    assert refused["join"] + refused["leader"] > 0, refused
+
+    assert swarm.outsider.load_state_from_peers(timeout=10) is None  # both members turn it away
+    assert gate.refused_calls()["download"] > before["download"]
+    _set(b, 7.0)
+    _, state = a.load_state_from_peers(timeout=10)  # from the other member, never from the outsider
+    assert torch.equal(state[0], torch.full((SIZE,), 7.0))
+
+
+def test_a_peer_whose_token_is_no_longer_renewed_is_out_within_one_token_lifetime(swarm):
+    a, b = swarm.members
+    ttl = 6.0
+    renewing = threading.Event()
+    renewing.set()
+    expiry = [0.0]
+
+    def renew() -> None:  # the owner renews b's token every second, as a peer reads its renewed file
+        while renewing.is_set():
+            expiry[0] = publish(swarm.dhts[0], str(b.peer_id), ttl)
+            time.sleep(1.0)
+
+    publish(swarm.dhts[0], str(a.peer_id), ttl=600)
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        wait_until(lambda: expiry[0] > 0, 10, "b's first short token")
+        for _ in range(4):
+            _set(a, 1.0), _set(b, 3.0)
+            outcomes = _round([a, b])
+            if all(map(_averaged, outcomes)):
+                break
+        assert torch.equal(_values(a), torch.full((SIZE,), 2.0)), outcomes
+    finally:
+        renewing.clear()  # revoked: no more tokens for b
+        renewer.join()
+    revoked_at = time.time()
+    wait_until(lambda: time.time() > expiry[0], ttl + 5, "b's last token to expire")
+    assert (
+        time.time() - revoked_at <= ttl + 1.5
+    )  # its last token lived at most one lifetime past the revocation
+    before = gate.refused_calls()
+    _set(a, 1.0), _set(b, 3.0)
+    outcomes = _round([a, b])
+    assert torch.equal(_values(a), torch.full((SIZE,), 1.0)), f"a averaged with a revoked peer: {outcomes}"
+    assert torch.equal(_values(b), torch.full((SIZE,), 3.0)), f"a revoked peer got the average: {outcomes}"
+    refused = {k: v - before[k] for k, v in gate.refused_calls().items()}
+    assert refused["join"] + refused["leader"] + refused["group"] > 0, refused
+
+
+@pytest.fixture
+def span_server(tiny_assets, tmp_path):
+    server_dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    callers = [start_dht(visible_addresses(server_dht), ["/ip4/127.0.0.1/tcp/0"], [], None) for _ in range(2)]
+    publish(server_dht, str(callers[0].peer_id), ttl=600)  # the second caller holds no token
+    gate.admit_with(gate.AccessList(access_key(RUN), token_checker(RUN, OWNER_TAG), server_dht))
+    servicer = ShardServicer(load_block_span(tiny_assets["model"], 0, 2), RUN, ServerLimits())
+    p2p = RemoteExpertWorker.run_coroutine(server_dht.replicate_p2p())
+    clients = [RemoteExpertWorker.run_coroutine(c.replicate_p2p()) for c in callers]
+    try:
+        RemoteExpertWorker.run_coroutine(serve_on(p2p, servicer))
+        yield servicer, clients, server_dht
+    finally:
+        gate.admit_with(None)
+        RemoteExpertWorker.run_coroutine(stop_serving(p2p, servicer))
+        servicer.shutdown()
+        for replica in (*clients, p2p):
+            RemoteExpertWorker.run_coroutine(replica.shutdown())
+        for dht in (*callers, server_dht):
+            dht.shutdown()
+
+
+def _forward(client: P2P, server, hidden: torch.Tensor) -> dict:
+    request = wire.request([hidden], start=0, end=2, position_offset=0)
+    call = client.call_protobuf_handler(server, f"{ShardServicer.__name__}.rpc_forward", request,
+                                        runtime_pb2.ExpertResponse)  # fmt: skip
+    reply = RemoteExpertWorker.run_coroutine(asyncio.wait_for(call, 30))
+    meta = wire.metadata_of(reply, wire.INTERNAL)
+    return {"meta": meta, "tensors": wire.tensors_of(reply) if "error" not in meta else None}
+
+
+def test_a_shard_span_serves_only_callers_with_a_token(span_server):
+    servicer, (member, outsider), server_dht = span_server
+    hidden = torch.randn(1, 4, HIDDEN)
+    before = gate.refused_calls()["shard"]
+    answered = _forward(member, server_dht.peer_id, hidden)
+    assert "error" not in answered["meta"] and answered["tensors"][0].shape == hidden.shape
+    refused = _forward(outsider, server_dht.peer_id, hidden)
+    assert refused["meta"]["kind"] == wire.FORBIDDEN, refused["meta"]
+    assert "holds no valid access token" in refused["meta"]["error"]
+    assert gate.refused_calls()["shard"] == before + 1
+    failures = {
+        sample.labels["kind"]: sample.value
+        for metric in servicer.metrics.registry.collect()
+        if metric.name == "potluck_shard_request_failures"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+    assert failures.get(wire.FORBIDDEN) == 1, failures
+
+
+def test_shard_announcements_of_servers_without_a_token_are_not_read(tmp_path):
+    dht = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
+    try:
+        listed = gate.AccessList(access_key(RUN), token_checker(RUN, OWNER_TAG), dht)
+        gate.admit_with(listed)
+        for name in ("member", "outsider"):
+            P2P.generate_identity(str(tmp_path / name))
+            tag = public_key_tag(read_identity(tmp_path / name))
+            peer_id = peer_id_of_owner(tag)
+            if name == "member":
+                publish(dht, peer_id, ttl=600)
+            announcement = ShardAnnouncement(run_id=RUN, peer_id=peer_id, throughput=1.0, state="online",
+                                             version=SHARD_PROTOCOL_VERSION, announced_at=time.time(), start=0, end=1)  # fmt: skip
+            dht.store(
+                shards_key(RUN), subkey=tag, value=announcement.dict(), expiration_time=time.time() + 60
+            )
+        before = gate.refused_calls()["record"]
+        read = read_shards(dht, RUN)
+        assert [r.peer_id for r in read.records.values()] == [listed_id for listed_id in listed._expires]
+        assert read.skipped["no_access_token"] == 1
+        assert gate.refused_calls()["record"] == before + 1
+    finally:
+        gate.admit_with(None)
+        dht.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_run_peers_of_a_private_run_train_together_and_leave_out_a_peer_without_a_token(
+    make_spec, local_swarm, tmp_path
+):
+    owner = tmp_path / "owner.key"
+    assert access_main(["keygen", "--out", str(owner)]) == 0
+    steps, run = 6, "private-swarm"
+    private = make_spec(run_id=run, max_global_steps=steps,
+                        access={"private": True, "owner_key": owner.with_suffix(".pub").read_text()})  # fmt: skip
+    members = local_swarm(private)
+    tokens = {}
+    for name in ("a", "b"):
+        tokens[name] = tmp_path / f"{name}.token"
+        assert access_main(["grant", "--owner-key", str(owner), "--run", run, "--peer-id",
+                            peer_id_of(tmp_path / f"{name}.id"), "--out", str(tokens[name])]) == 0  # fmt: skip
+    common = ["--min-peers", "2", "--access-token"]
+    first, address = start_first(members, "a", [*common, str(tokens["a"]), "--save-dir", str(tmp_path / "a")],
+                                 tmp_path)  # fmt: skip
+    members.start_peer("b", [*common, str(tokens["b"]), "--save-dir", str(tmp_path / "b"),
+                             "--identity-path", str(tmp_path / "b.id")], initial_peers=[address])  # fmt: skip
+    # a modified peer that ignores the run's privacy: the same run, public to it
+    outsider = local_swarm(make_spec(run_id=run, max_global_steps=steps))
+    intruder = outsider.start_peer("x", ["--identity-path", str(tmp_path / "x.id")], initial_peers=[address])
+    assert members.wait_all(timeout=300) == [0, 0], first.log()[-3000:]
+    a = load_file(checkpoint_at(tmp_path / "a", steps) / "model.safetensors")
+    b = load_file(checkpoint_at(tmp_path / "b", steps) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = first.log() + members.peers[1].log()
+    outsider_id = peer_id_of(tmp_path / "x.id")
+    assert f"peer {outsider_id}: it holds no valid access token" in logs, logs[-3000:]
+    for peer in (first, members.peers[1]):
+        assert peer.summary().rounds.succeeded > 0, peer.log()[-3000:]
+    outsider.stop(grace=10)  # SIGTERM, then its summary
+    assert intruder.summary() is not None and intruder.summary().rounds.succeeded == 0, intruder.log()[-3000:]
