@@ -56,7 +56,7 @@ REFUSED_KINDS = ("join", "leader", "part", "download", "group", "record", "shard
 download (asked of this peer, or a donor it did not ask), a group this peer left before its all-reduce, a peer whose
 DHT records a reader skipped, a shard server call."""
 REFRESH_SECONDS = 1.0
-"""An unknown peer id makes the list read the DHT again, at most this often."""
+"""An unknown peer id makes the list read the DHT again, at most this often (an unknown caller waits for it)."""
 
 _refused = mp.Array(ctypes.c_int64, len(REFUSED_KINDS))  # counted in the averagers' processes (forked later)
 
@@ -78,7 +78,7 @@ class AccessList:
         """``dht``: the node of the process that makes the list; the averagers it forks read through it too."""
         self._clock = clock
         self._expires: dict[str, float] = {}
-        self._read_at = -float("inf")  # time.monotonic() of the last read
+        self._read_at = -float("inf")  # time.monotonic() at which the last read began
         self._reading: asyncio.Future | None = None
         self._logged: set[tuple[str, str]] = set()
         self.skipped = 0
@@ -89,7 +89,6 @@ class AccessList:
 
     def take(self, found: ValueWithExpiration | None) -> None:
         """Take the tokens of one read of the run's access key (``dht.get(key, latest=True)``)."""
-        self._read_at = time.monotonic()
         records = found.value if found is not None and isinstance(found.value, dict) else {}
         now = self._clock()
         for item in records.values():
@@ -105,30 +104,39 @@ class AccessList:
 
     def read(self) -> None:
         """Read the run's tokens now (blocking; not from inside an event loop)."""
+        self._read_at = time.monotonic()
         self.take(self.dht.get(self.key, latest=True))
 
     def admits(self, peer_id: PeerID | str) -> bool:
-        """Whether ``peer_id`` holds a valid token, reading the DHT again if it is unknown (blocking)."""
-        if not self.holds_token(peer_id) and self._may_read():
+        """Whether ``peer_id`` holds a valid token, reading the DHT again if it is unknown and the last read is
+        :data:`REFRESH_SECONDS` old (blocking: a reader of records, which reads them again later)."""
+        if not self.holds_token(peer_id) and time.monotonic() - self._read_at >= REFRESH_SECONDS:
             self.read()
         return self.holds_token(peer_id)
 
     async def admits_async(self, peer_id: PeerID | str) -> bool:
-        """:meth:`admits` from an event loop (an averager's, a shard server's): concurrent misses share one read."""
-        if not self.holds_token(peer_id) and self._may_read():
+        """:meth:`admits` from an event loop (an averager's, a shard server's). An unknown peer waits for a read of
+        the DHT that began after it was asked about (a peer that has just published its token is admitted at its
+        first call); reads are shared by concurrent misses and at most one per :data:`REFRESH_SECONDS`, however
+        many strangers call."""
+        if self.holds_token(peer_id):
+            return True
+        asked = time.monotonic()
+        while self._read_at < asked:  # no read has begun since: wait for the next one
             if self._reading is None or self._reading.done():
                 self._reading = asyncio.ensure_future(self._read_async())
             try:
                 await asyncio.shield(self._reading)
             except Exception as e:  # noqa: BLE001 (a DHT that failed to answer: the peer stays unknown)
                 logger.debug(f"reading the access tokens under {self.key!r} failed: {e!r}")
+                break
         return self.holds_token(peer_id)
 
     async def _read_async(self) -> None:
+        if (wait := self._read_at + REFRESH_SECONDS - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        self._read_at = time.monotonic()
         self.take(await self.dht.get(self.key, latest=True, return_future=True))
-
-    def _may_read(self) -> bool:
-        return time.monotonic() - self._read_at >= REFRESH_SECONDS
 
     def refuse(self, kind: str, peer_id: PeerID | bytes | str, *, once: bool = False) -> None:
         """Count a refusal of ``peer_id``, logged once per peer and kind; ``once``: counted once too (records,
