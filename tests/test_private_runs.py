@@ -6,6 +6,8 @@ hivemind's (``hivemind_ext/access.py``), each on its own DHT; tokens are publish
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +30,11 @@ from potluck.hivemind_ext.keys import peer_id_of_owner, read_identity
 from potluck.hivemind_ext.rounds import CheckedRounds, received_fraction
 from potluck.peer.shard import wire
 from potluck.peer.shard.blocks import load_block_span
+from potluck.peer.shard.client.generate import generate_text
 from potluck.peer.shard.server.service import ServerLimits, ShardServicer, serve_on, stop_serving
 from potluck.protocols.access import access_key, issue_token, token_checker
 from potluck.protocols.records import public_key_tag
+from potluck.protocols.runspec import AccessSpec, load_run_spec
 from potluck.protocols.shards import SHARD_PROTOCOL_VERSION, ShardAnnouncement, read_shards, shards_key
 from potluck.tools.access_cli import main as access_main
 from tests.helpers import peer_id_of, start_first, wait_until
@@ -296,3 +300,55 @@ def test_run_peers_of_a_private_run_train_together_and_leave_out_a_peer_without_
         assert peer.summary().rounds.succeeded > 0, peer.log()[-3000:]
     outsider.stop(grace=10)  # SIGTERM, then its summary
     assert intruder.summary() is not None and intruder.summary().rounds.succeeded == 0, intruder.log()[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_private_runs_span_server_answers_generate_only_with_a_token(make_spec, local_swarm, tmp_path):
+    owner = tmp_path / "owner.key"
+    assert access_main(["keygen", "--out", str(owner)]) == 0
+    run = "private-spans"
+    spec_path = make_spec(
+        run_id=run, access={"private": True, "owner_key": owner.with_suffix(".pub").read_text()}
+    )
+    tokens = {}
+    for name in ("server", "reader"):
+        tokens[name] = tmp_path / f"{name}.token"
+        assert access_main(["grant", "--owner-key", str(owner), "--run", run, "--peer-id",
+                            peer_id_of(tmp_path / f"{name}.id"), "--out", str(tokens[name])]) == 0  # fmt: skip
+    swarm = local_swarm(spec_path)
+    server = swarm.start_peer("server", ["--role", "shard", "--blocks", "0:2", "--identity-path",
+                                         str(tmp_path / "server.id"), "--access-token", str(tokens["server"])],
+                              initial_peers=[])  # fmt: skip
+    swarm.wait_for_event(server, "serving")
+    spec = load_run_spec(spec_path)
+    local_text = generate_text(spec, "7+5=", max_new_tokens=6).text
+
+    def generate(*flags: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "potluck.tools.cli", "generate", "--run-spec", str(spec_path),
+                   "--prompt", "7+5=", "--max-new-tokens", "6", "--remote",
+                   "--initial-peers", server.join_address(), *flags]  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    granted = generate(
+        "--identity-path", str(tmp_path / "reader.id"), "--access-token", str(tokens["reader"])
+    )
+    assert granted.returncode == 0, granted.stderr[-2000:]
+    assert granted.stdout.rstrip("\n") == local_text
+    refused = generate()  # no token: refused up front, one line
+    assert refused.returncode == 2 and "is private: give --access-token" in refused.stderr, refused.stderr[
+        -2000:
+    ]
+    # a client that skips the check (a stranger's own code) is answered "forbidden" by the server itself
+    stranger = generate_without_token(spec, server.join_address())
+    assert "this peer holds no valid access token" in stranger, stranger
+    assert "refused shard of peer" in server.log(), server.log()[-3000:]
+
+
+def generate_without_token(spec, address: str) -> str:
+    """What a client with no token gets from the server: the error ``generate_text`` raises, as text."""
+    try:
+        generate_text(spec.model_copy(update={"access": AccessSpec()}), "7+5=", 2, [address])
+    except Exception as e:  # noqa: BLE001 (the refusal, whatever the client wraps it in)
+        return str(e)
+    return "answered"

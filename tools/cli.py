@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from potluck.peer.net.access import read_own_token
 from potluck.peer.preflight import INPUT_ERRORS, check_addresses
 from potluck.peer.training.data import user_prompt
 from potluck.peer.training.exact_match import evaluate_spec
@@ -47,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run the blocks (or a mixture of experts' experts) on the run's shard servers",
     )
     gen.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="with --remote")
+    gen.add_argument(
+        "--identity-path", type=Path, default=None, help="with --remote, a private run's: the identity"
+    )
+    gen.add_argument(
+        "--access-token", type=Path, default=None, metavar="FILE", help="with --remote, a private run's token"
+    )
     add_prompt_options(gen)
     commands.add_parser(
         "run", help="publish, list and show runs at a coordinator (potluck run --help)", add_help=False
@@ -114,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             spec = load_spec_checked(args.run_spec)
             check_addresses(args.initial_peers)
             peers = args.initial_peers if args.remote else None
+            if args.remote:  # a private run's servers answer only peers with a token (peer/net/access.py)
+                read_own_token(spec, args.access_token, args.identity_path)
             prompt = user_prompt(args.prompt, args.chat_template)
-            generation = generate_text(spec, prompt, args.max_new_tokens, peers)
+            generation = generate_text(
+                spec, prompt, args.max_new_tokens, peers, args.identity_path, args.access_token
+            )
             if args.show_prompt:
                 show_prompt("potluck generate", generation.prompt)
             print(generation.text)

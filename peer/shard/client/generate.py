@@ -4,6 +4,7 @@ experts of a mixture-of-experts model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -24,11 +25,16 @@ class Generation:
 
 
 def generate_text(
-    spec: RunSpec, prompt: Turn, max_new_tokens: int, initial_peers: list[str] | None = None
+    spec: RunSpec,
+    prompt: Turn,
+    max_new_tokens: int,
+    initial_peers: list[str] | None = None,
+    identity_path: Path | None = None,
+    access_token: Path | None = None,
 ) -> Generation:
     """The prompt's greedy continuation, through shards when ``initial_peers`` are given (expert servers for a
     mixture-of-experts model, else block spans; without, the whole model is loaded here). ``prompt``: text, or a conversation for the chat template; laid out as the stages train
-    (``encode_prompt``: one BOS)."""
+    (``encode_prompt``: one BOS). A private run's servers answer only with this identity's ``access_token``."""
     tokenizer = load_tokenizer(spec.model)
     ids = torch.tensor([encode_prompt(prompt, tokenizer)])
     if initial_peers is None:
@@ -44,7 +50,8 @@ def generate_text(
     elif serves_experts(spec):
         from potluck.peer.shard.client.remote_experts import open_remote_moe_model
 
-        dht, model, client = open_remote_moe_model(spec, initial_peers)
+        dht, model, client = open_remote_moe_model(spec, initial_peers, identity_path=identity_path)
+        access = _join(dht, spec, access_token)
         try:
             with torch.no_grad():
                 tokens = model.eval().generate(
@@ -56,17 +63,32 @@ def generate_text(
                 )
             counters = client.metrics.snapshot()
         finally:
+            if access is not None:
+                access.stop()
             client.shutdown()
             dht.shutdown()
     else:
         from potluck.peer.shard.client.remote_model import open_remote_model
 
-        dht, model = open_remote_model(spec, initial_peers)
+        dht, model = open_remote_model(spec, initial_peers, identity_path=identity_path)
+        access = _join(dht, spec, access_token)
         try:
             tokens = model.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
             counters = model.client.metrics.snapshot()
         finally:
+            if access is not None:
+                access.stop()
             model.client.shutdown()
             dht.shutdown()
     text = tokenizer.decode(tokens[0, ids.shape[1] :], skip_special_tokens=True)
     return Generation(text, tokenizer.decode(ids[0]), counters)
+
+
+def _join(dht, spec: RunSpec, access_token: Path | None):
+    """A private run's token published (the servers read it before they answer); None for a public run."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from potluck.peer.net.access import join_private_run
+    from potluck.protocols.records import public_key_tag
+
+    return join_private_run(dht, public_key_tag(RSAPrivateKey.process_wide()), spec, access_token)
