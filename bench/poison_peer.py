@@ -6,7 +6,10 @@ averaging strategy takes its gradients, it applies ATTACK:
 - ``nan``: its gradients become NaN (its loss still looks fine);
 - ``sign_flip``: its gradients are multiplied by -10;
 - ``random``: its gradients become a random direction at 1000x their norm;
-- ``inflate``: it claims 1000x the samples it computed (hivemind weights a peer's gradients by its claim).
+- ``inflate``: it claims 1000x the samples it computed (hivemind weights a peer's gradients by its claim);
+- ``label_flip``: it trains on wrong labels, every supervised token ``y`` of its batches replaced by
+  ``vocab - 1 - y`` (BTARD's label flipping, for a language model): honest-looking gradients of the wrong task;
+- ``stale``: it sends the gradients it computed ``STALE_STEPS`` local steps earlier (BTARD's delayed gradients).
 
 For ``tests/test_poison.py`` (``LocalSwarm.start_peer(entry=(path of this file, "nan", "2"))``) and
 ``bench/attacks.py``. The attack is injected here, by wrapping ``GradientAveraging.step`` before run-peer's own
@@ -20,8 +23,9 @@ import sys
 
 import torch
 
-ATTACKS = ("nan", "sign_flip", "random", "inflate")
+ATTACKS = ("nan", "sign_flip", "random", "inflate", "label_flip", "stale")
 INFLATION = 1000
+STALE_STEPS = 10
 
 
 def poison(attack: str, grad: torch.Tensor) -> None:
@@ -44,14 +48,23 @@ def main(argv: list[str]) -> int:
         print(f"poison_peer.py: ATTACK is one of {', '.join(ATTACKS)}, not {attack!r}", file=sys.stderr)
         return 2
     original_init, original_step = GradientAveraging.__init__, GradientAveraging.step
+    if attack == "label_flip":
+        flip_labels(every)
 
     def init(self, spec, dht, params, listener):
         original_init(self, spec, dht, params, listener)
-        self.poisoned_params, self.local_steps = list(params), 0
+        self.poisoned_params, self.local_steps, self.past = list(params), 0, []
 
     def step(self, batch_size: int) -> bool:
         self.local_steps += 1
-        if self.local_steps % every == 0:
+        if attack == "stale":  # every step's gradients kept; the ones STALE_STEPS back sent instead
+            self.past.append([p.grad.clone() if p.grad is not None else None for p in self.poisoned_params])
+            old = self.past.pop(0) if len(self.past) > STALE_STEPS else None
+            if old is not None and self.local_steps % every == 0:
+                for p, grad in zip(self.poisoned_params, old, strict=True):
+                    if p.grad is not None and grad is not None:
+                        p.grad.copy_(grad)
+        elif self.local_steps % every == 0:
             if attack == "inflate":
                 return original_step(self, batch_size * INFLATION)
             for p in self.poisoned_params:
@@ -61,6 +74,30 @@ def main(argv: list[str]) -> int:
 
     GradientAveraging.__init__, GradientAveraging.step = init, step
     return cli.main(run_peer_args)
+
+
+def flip_labels(every: int) -> None:
+    """Every ``every``-th batch the trainer's stage computes its loss on is given flipped labels."""
+    from potluck.peer.roles import trainer
+
+    original_make_stage = trainer.make_stage
+
+    def make_stage(name, context):
+        stage = original_make_stage(name, context)
+        original_loss, batches = stage.loss, [0]
+
+        def loss(model, batch):
+            batches[0] += 1
+            labels = batch.get("labels")
+            if labels is not None and batches[0] % every == 0:
+                vocab = model.get_output_embeddings().weight.shape[0]
+                batch = {**batch, "labels": labels.where(labels < 0, vocab - 1 - labels)}
+            return original_loss(model, batch)
+
+        stage.loss = loss
+        return stage
+
+    trainer.make_stage = make_stage
 
 
 if __name__ == "__main__":
