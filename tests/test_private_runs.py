@@ -33,10 +33,11 @@ from potluck.peer.shard.blocks import load_block_span
 from potluck.peer.shard.client.generate import generate_text
 from potluck.peer.shard.server.service import ServerLimits, ShardServicer, serve_on, stop_serving
 from potluck.protocols.access import access_key, issue_token, token_checker
-from potluck.protocols.records import public_key_tag
+from potluck.protocols.records import public_key_tag, record_validators
 from potluck.protocols.runspec import AccessSpec, load_run_spec
 from potluck.protocols.shards import SHARD_PROTOCOL_VERSION, ShardAnnouncement, read_shards, shards_key
 from potluck.tools.access_cli import main as access_main
+from potluck.tools.access_cli import publish_approved
 from tests.helpers import peer_id_of, start_first, wait_until
 from tests.test_swarm import checkpoint_at
 
@@ -352,3 +353,35 @@ def generate_without_token(spec, address: str) -> str:
     except Exception as e:  # noqa: BLE001 (the refusal, whatever the client wraps it in)
         return str(e)
     return "answered"
+
+
+def test_the_owner_renews_approved_peers_tokens_in_the_dht_and_a_removed_peer_is_out_when_its_last_expires(
+    tmp_path, capsys
+):
+    owner_dht = start_dht(
+        [], ["/ip4/127.0.0.1/tcp/0"], [], None, record_validators=record_validators(OWNER, (RUN,))
+    )
+    reader = start_dht(visible_addresses(owner_dht), ["/ip4/127.0.0.1/tcp/0"], [], None,
+                       record_validators=record_validators(None, (RUN,)))  # fmt: skip
+    try:
+        approved = tmp_path / "approved.txt"
+        ids = [peer_id_of(tmp_path / f"{name}.id") for name in ("kept", "revoked")]
+        approved.write_text(f"# the run's volunteers\n{ids[0]}\n{ids[1]}  # until today\nnot-a-peer\n")
+        ttl = 4.0
+        assert publish_approved(owner_dht, OWNER, RUN, approved, ttl) == ids
+        assert "approved.txt:4: 'not-a-peer' is not a peer id" in capsys.readouterr().err
+        listed = gate.AccessList(
+            access_key(RUN), token_checker(RUN, OWNER_TAG), reader
+        )  # a peer's, elsewhere
+        listed.read()
+        assert all(listed.holds_token(i) for i in ids)
+        approved.write_text(f"{ids[0]}\n")  # revoked: no longer renewed
+        revoked_at = time.time()
+        wait_until(lambda: not listed.holds_token(ids[1]), ttl + 3, "the revoked peer's last token to expire")
+        assert time.time() - revoked_at <= ttl + 0.5
+        assert publish_approved(owner_dht, OWNER, RUN, approved, ttl) == ids[:1]
+        listed.read()
+        assert listed.holds_token(ids[0]) and not listed.holds_token(ids[1])
+    finally:
+        reader.shutdown()
+        owner_dht.shutdown()

@@ -2,8 +2,9 @@
 and the run's access list set before anything that serves or averages starts (``hivemind_ext/access.py``).
 
 The token file (``run-peer --access-token FILE``) is read again at every tick: whoever renews the peer's token
-(the run's owner, ``potluck access grant``) overwrites the file, and the peer publishes the new one. A peer whose
-token expired keeps running, and says so once: the others refuse it until a new token arrives.
+(the run's owner, ``potluck access grant``) overwrites the file, and the peer publishes the new one; or the owner
+publishes renewed tokens in the DHT itself (``potluck access serve``). A peer whose token expired with no newer one
+in sight keeps running, and says so once: the others refuse it until a new token arrives.
 """
 
 from __future__ import annotations
@@ -92,19 +93,24 @@ class TokenPublisher:
             token = read_token(text, self._owner)
         except (OSError, TokenError) as e:
             logger.warning(f"--access-token {self.token_path}: {e}; publishing the last good one")
-        else:
-            self._publish(text, token)
+            token = None
         self.access.read()
+        if token is not None:
+            self._publish(text, token)
 
     def _publish(self, text: str, token: AccessToken) -> None:
         now = time.time()
         if not token.valid_at(now):
-            if not self._told_expired:
+            renewed = self.access.holds_token(
+                str(self.dht.peer_id)
+            )  # by the owner in the DHT (potluck access serve)
+            if not renewed and not self._told_expired:
                 logger.warning(
-                    f"private run {self.spec.run_id!r}: this peer's access token expired "
-                    f"{now - token.expires_at:.0f} s ago; the others refuse it until {self.token_path} holds a new one"
+                    f"private run {self.spec.run_id!r}: this peer's access token expired {now - token.expires_at:.0f}"
+                    f" s ago and the owner published no newer one; the others refuse it until {self.token_path} holds"
+                    " a new one"
                 )
-            self._told_expired = True
+            self._told_expired = not renewed
             return
         self._told_expired = False
         self.dht.store(
