@@ -25,7 +25,8 @@ Setup
 
 What is measured (each a ratio Potluck ÷ torchft of one repeat; min / median / max over repeats)
     - ``wall``: from launching the first process (the first ``run-peer``; the lighthouse) to the exit of the last
-      replica, seconds.
+      replica, seconds. Every ``run-peer`` is launched at once, the others with the first one's address, known
+      beforehand from its identity, host and port (as torchft's replicas are launched with the lighthouse's).
     - ``training``: from the start of the earliest first inner step of any replica to the end of the latest last
       outer step, seconds.
     - ``step``: one inner step: the median over replicas and steps of a whole training-loop iteration (batch,
@@ -187,6 +188,9 @@ def potluck_trial(spec, spec_path: Path, folder: Path, n: int, identities: list[
         hosts = [bed.add_host(f"p{i}", seed=i) for i in range(n)]
         timings = [folder / f"p{i}.timings.jsonl" for i in range(n)]
         with resolvable(hosts):
+            # the first peer's address is known before it starts (its identity, host and port), as an operator
+            # who keeps a peer's --identity-path knows it: every replica starts at once, as torchft's do
+            first = f"/ip4/{hosts[0].address}/tcp/{PEER_PORT}/p2p/{peer_id_of(identities[0])}"
             before, launched = sent(hosts), time.time()
             peers = []
             for i, host in enumerate(hosts):
@@ -195,12 +199,10 @@ def potluck_trial(spec, spec_path: Path, folder: Path, n: int, identities: list[
                     "--identity-path", str(identities[i]), "--save-dir", str(folder / host.name),
                 ]  # fmt: skip
                 peer = swarm.start_peer(
-                    host.name, peer_args, command_prefix=named(host, []),
+                    host.name, peer_args, initial_peers=[] if i == 0 else [first], command_prefix=named(host, []),
                     entry=(str(SCRIPT), "--timed-peer", str(timings[i])),
                 )  # fmt: skip
                 peers.append(peer)
-                if i == 0:
-                    swarm.wait_for_address(peer, timeout=180)
             wait_for(
                 lambda: all(p.events("global_step") for p in peers) or any(not p.running for p in peers),
                 args.timeout, "outer step 1",
