@@ -43,6 +43,16 @@ POISON_PEER = Path(__file__).resolve().parent / "poison_peer.py"
 ROBUST = ("trimmed_mean", "median", "centered_clip")
 
 
+def _attacks(text: str) -> list[str]:
+    """Comma-separated attacks; "" for clean runs only (each aggregator's round time)."""
+    attacks = [a for a in text.split(",") if a]
+    if unknown := [a for a in attacks if a not in ATTACKS or a == "nan"]:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown)}: not of {', '.join(a for a in ATTACKS if a != 'nan')}"
+        )
+    return attacks
+
+
 def _robust_kinds(text: str) -> list[str]:
     kinds = text.split(",")
     if unknown := [k for k in kinds if k not in ROBUST]:
@@ -142,7 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--malicious", type=int, default=1, help="of them attackers (default 1; issue 17: 3 of 8)")
     p.add_argument(
         "--attacks",
-        type=lambda text: text.split(","),
+        type=_attacks,
         default=["sign_flip", "random", "inflate"],
         help=f"comma-separated, of {', '.join(a for a in ATTACKS if a != 'nan')}",
     )
