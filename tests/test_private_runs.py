@@ -152,14 +152,14 @@ def test_only_peers_with_a_token_average_together_and_serve_state(swarm):
 def test_a_peer_whose_token_is_no_longer_renewed_is_out_within_one_token_lifetime(swarm):
     a, b = swarm.members
     ttl = 6.0
-    renewing = threading.Event()
-    renewing.set()
+    revoked = threading.Event()
     expiry = [0.0]
 
     def renew() -> None:  # the owner renews b's token every second, as a peer reads its renewed file
-        while renewing.is_set():
+        while True:
             expiry[0] = publish(swarm.dhts[0], str(b.peer_id), ttl)
-            time.sleep(1.0)
+            if revoked.wait(1.0):  # ends the moment the test revokes b
+                return
 
     publish(swarm.dhts[0], str(a.peer_id), ttl=600)
     renewer = threading.Thread(target=renew, daemon=True)
@@ -173,7 +173,7 @@ def test_a_peer_whose_token_is_no_longer_renewed_is_out_within_one_token_lifetim
                 break
         assert torch.equal(_values(a), torch.full((SIZE,), 2.0)), outcomes
     finally:
-        renewing.clear()  # revoked: no more tokens for b
+        revoked.set()  # no more tokens for b
         renewer.join()
     revoked_at = time.time()
     wait_until(lambda: time.time() > expiry[0], ttl + 5, "b's last token to expire")
