@@ -102,7 +102,7 @@ def stage_settings(stage: str, tiny_assets, warm_start) -> tuple[dict, str, str]
                 "optimizer": {"lr": 2e-3, "warmup_steps": 5, "schedule": "cosine"}, "max_global_steps": 75},
                "pairwise_accuracy", "up"),
         "dpo": ({"init_from": warm_start["sft_short"], "data": preferences, "optimizer": {"lr": 1e-3},
-                 "batch": small, "max_global_steps": 20}, "preference_accuracy", "up"),
+                 "batch": small, "max_global_steps": 20}, "preference_margin", "up"),
         "grpo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 1e-4},
                   "batch": small, "max_global_steps": 30}, "answer_probability", "up"),
         "ppo": ({"init_from": warm_start["sft"], "data": prompts, "rl": rl, "optimizer": {"lr": 2e-4},
@@ -142,13 +142,15 @@ def test_two_peer_stage_improves_its_held_out_figure(
     print(f"{stage}: {figure} {before[figure]:.3f} -> {after[figure]:.3f}  (all: {before} -> {after})")
     if direction == "up":
         # Margins vary between runs (peers' data order and averaging timing differ each time); measured ones are
-        # in docs/benchmarks.md. DPO gained +0.012..+0.097: it must improve, by any margin. GRPO and PPO raise
+        # in docs/benchmarks.md. DPO's held-out preference accuracy is a count of 248 pairs that moves only when
+        # a pair flips (-0.004..+0.097, equal before and after in a CI run); the mean log-prob gap it widens moved
+        # +0.65..+0.84 nats in 4 runs of this test: it must widen by at least 0.2. GRPO and PPO raise
         # the expected reward (answer_probability) by +0.024..+0.065 in a test-length run; greedy exact-match
         # moves only when an argmax flips, by +0.000..+0.048 in the same runs, too little to assert.
         # The reward model ended at 0.714 in one run and at 0.629 (from a fresh head's 0.532) in a suite run: the
         # peers' data orders are seeded by their peer ids, new every run, and the rounds' timing varies. It
         # must gain clearly (+0.05) and end clearly above chance (0.6).
-        margin = {"rm": 0.05, "dpo": 0.0, "grpo": 0.01, "ppo": 0.01}[stage]
+        margin = {"rm": 0.05, "dpo": 0.2, "grpo": 0.01, "ppo": 0.01}[stage]
         assert after[figure] > before[figure] + margin, (before, after)
         if stage == "rm":
             assert after[figure] >= 0.6, after  # clearly above chance (0.5), not only above a fresh head

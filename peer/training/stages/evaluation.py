@@ -4,7 +4,7 @@
 | --- | --- |
 | sft | held-out loss, exact-match accuracy (``peer/training/exact_match.py``) |
 | rm | pairwise accuracy of the reward model on held-out pairs |
-| dpo | preference accuracy: share of held-out pairs where the policy gives the chosen answer the higher log-prob |
+| dpo | preference accuracy: share of held-out pairs where the policy gives the chosen answer the higher log-prob; preference margin: the mean of log p(chosen) − log p(rejected) over them, in nats |
 | grpo, ppo | mean reward and exact-match of greedy completions of held-out prompts, KL(policy ‖ reference) on them; with ``exact_answer``, the exact expected reward of a sampled rollout (``answer_probability``) |
 | distill | KL(teacher ‖ student) per completion token on held-out data; exact-match accuracy |
 """
@@ -58,15 +58,18 @@ def reward_model_accuracy(model, tokenizer, spec: RunSpec, rows: list[dict]) -> 
 
 
 @torch.no_grad()
-def preference_accuracy(policy, tokenizer, spec: RunSpec, rows: list[dict]) -> float:
-    """Share of pairs where the policy's summed log-prob of the chosen completion beats the rejected one's."""
+def preference_figures(policy, tokenizer, spec: RunSpec, rows: list[dict]) -> dict[str, float]:
+    """Share of pairs where the policy's summed log-prob of the chosen completion beats the rejected one's
+    (``preference_accuracy``), and the mean gap between the two (``preference_margin``, nats): the count moves
+    only when a pair flips, the gap with every step DPO takes on pairs like these."""
     data = stage_data(spec.model_copy(update={"stage": "dpo"}), tokenizer)
-    correct = 0
+    correct, gap = 0, 0.0
     for chunk in _batches(rows):
         logps, _ = labelled_logprobs(policy, data.collate([data.encode(r) for r in chunk]))
         chosen, rejected = logps.chunk(2)
         correct += int((chosen > rejected).sum())
-    return correct / len(rows)
+        gap += float((chosen - rejected).sum())
+    return {"preference_accuracy": correct / len(rows), "preference_margin": gap / len(rows)}
 
 
 @torch.no_grad()
@@ -173,7 +176,7 @@ def evaluate_stage(spec: RunSpec, weights: str, save_dir: Path | None = None) ->
         return {"pairwise_accuracy": reward_model_accuracy(model, tokenizer, spec, rows)}
     policy = load_frozen_causal_lm(weights, device, spec.model.dtype)
     if spec.stage == "dpo":
-        return {"preference_accuracy": preference_accuracy(policy, tokenizer, spec, rows)}
+        return preference_figures(policy, tokenizer, spec, rows)
     if spec.stage in ("grpo", "ppo"):
         start = spec.reference.path or spec.init_from or spec.model.name_or_path
         reference = load_frozen_causal_lm(resolve_weights(start, save_dir, "reference.path"), device)
