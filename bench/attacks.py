@@ -7,8 +7,9 @@ What is measured
     1`` (every local step: ``sign_flip`` -10x, a ``random`` direction at 1000x the norm, ``inflate`` 1000x the
     claimed samples, ``label_flip`` training on flipped labels, ``stale`` gradients 10 steps old). Each run is done
     once with ``averaging.aggregator.kind: mean`` and once with each of ``--robust`` (default ``trimmed_mean``);
-    the order rotates from attack to attack and run to run. The honest peer ``a``'s last checkpoint is evaluated
-    on the held-out set. Also from the clean runs: the median seconds of an averaging round under each
+    the order rotates from attack to attack and run to run. Each slot keeps its libp2p identity from run to run
+    (``--identity-path``), so it reads the same data order in every run and the runs differ by the attack, the
+    rule and the rounds' timing alone. The honest peer ``a``'s last checkpoint is evaluated on the held-out set. Also from the clean runs: the median seconds of an averaging round under each
     aggregator.
 
 How to read it
@@ -19,7 +20,8 @@ How to read it
     then ``worst_mean_ratio`` (the damage without a robust rule).
 
 Run: ``.venv/bin/python bench/attacks.py`` (about 1.5 minutes per run of 4 peers on 2 CPU cores; 16 runs by
-default). Issue 17's 3 of 8: ``--peers 8 --malicious 3``.
+default). Issue 17's 3 of 8: ``--peers 8 --malicious 3 --trim 0.375`` (the default trim, 0.25, drops 2 of 8
+values per coordinate, which leaves a third attacker in).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def _robust_kinds(text: str) -> list[str]:
     return kinds
 
 
-def write_spec(workdir: Path, aggregator: str, steps: int, peers: int) -> Path:
+def write_spec(workdir: Path, aggregator: str, steps: int, peers: int, trim: float = 0.25) -> Path:
+    rule = {"kind": aggregator, **({"trim": trim} if aggregator == "trimmed_mean" else {})}
     spec = {
         **DEMO_SPEC,
         "run_id": f"bench-attacks-{aggregator.replace('_', '-')}",
@@ -69,7 +72,7 @@ def write_spec(workdir: Path, aggregator: str, steps: int, peers: int) -> Path:
                  "eval_path": str(workdir / "data" / "eval.jsonl")},
         "batch": {"target_batch_size": 64 * peers, "per_peer_batch_size": 64},
         "max_global_steps": steps,
-        "averaging": {**DEMO_SPEC["averaging"], "target_group_size": peers, "aggregator": {"kind": aggregator}},
+        "averaging": {**DEMO_SPEC["averaging"], "target_group_size": peers, "aggregator": rule},
         "checkpoint": {"save_every": steps, "keep": 1},
     }  # fmt: skip
     path = workdir / f"{aggregator}.yaml"
@@ -80,10 +83,13 @@ def write_spec(workdir: Path, aggregator: str, steps: int, peers: int) -> Path:
 def one_run(
     spec_path: Path, folder: Path, attack: str | None, timeout: float, peers: int = 4, malicious: int = 1
 ) -> dict[str, float]:
+    identities = spec_path.parent / "identities"  # one per slot, kept from run to run
+    identities.mkdir(exist_ok=True)
     with LocalSwarm(spec_path, folder / "logs") as swarm:
         for i in range(peers):
             name = "a" if i == 0 else f"p{i}"
-            args = ["--save-dir", str(folder / name), "--min-peers", str(peers)]
+            args = ["--save-dir", str(folder / name), "--min-peers", str(peers),
+                    "--identity-path", str(identities / f"slot{i}.key")]  # fmt: skip
             bad = attack is not None and i >= peers - malicious
             entry = (str(POISON_PEER), attack, "1") if bad else ("-m", "potluck.peer.launch")
             peer = swarm.start_peer(
@@ -103,7 +109,7 @@ def one_run(
 def run(workdir: Path, args: argparse.Namespace) -> int:
     build_assets(workdir, task=DEMO_TASK)
     kinds = ["mean", *args.robust]
-    specs = {kind: write_spec(workdir, kind, args.steps, args.peers) for kind in kinds}
+    specs = {kind: write_spec(workdir, kind, args.steps, args.peers, args.trim) for kind in kinds}
     attacks = ["clean", *args.attacks]
     results: dict[tuple[str, str], list[dict[str, float]]] = {(a, k): [] for a in attacks for k in specs}
     for r in range(args.runs):
@@ -134,6 +140,7 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
             f"worst_{k}_ratio={worst[k]:.3f} round_ratio_{k}={rounds[k] / rounds['mean']:.2f}" for k in worst
         )
         + f" worst_mean_ratio={max(mean, default=float('nan')):.3f} peers={args.peers} malicious={args.malicious}"
+        f" trim={args.trim}"
         f" steps={args.steps} runs={args.runs} attacks={','.join(args.attacks)}"
     )
     return 0
@@ -147,6 +154,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_robust_kinds,
         default=["trimmed_mean"],
         help=f"comma-separated robust aggregators, each against the mean, of {', '.join(ROBUST)}",
+    )
+    p.add_argument(
+        "--trim",
+        type=float,
+        default=0.25,
+        help="trimmed_mean's fraction dropped off each side per coordinate (it drops floor(trim x peers) values,"
+        " so it bounds at most that many attackers: 0.375 for 3 of 8)",
     )
     p.add_argument("--peers", type=int, default=4, help="peers per run (default 4)")
     p.add_argument("--malicious", type=int, default=1, help="of them attackers (default 1; issue 17: 3 of 8)")
