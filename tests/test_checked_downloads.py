@@ -146,3 +146,30 @@ def test_a_donor_that_claims_the_honest_manifest_is_discarded_and_a_pair_that_di
             assert torch.equal(got, want)
     finally:
         aggregate_with(Aggregator())
+
+
+@pytest.mark.timeout(180)
+def test_where_no_two_of_three_donors_vouch_a_newcomer_takes_their_median_state():
+    """Three donors at three different states (honest peers that drifted apart, and an attacker whose state
+    went far off): under a robust rule the newcomer takes the coordinate-wise median of the three, never the
+    attacker's state, however high its priority; under the mean it takes the first donor's, as hivemind does."""
+    honest = [torch.full((4, 8), 1.0), torch.arange(16.0)]
+    drifted = [t + 0.5 for t in honest]
+    forged = [1000 * torch.randn_like(t) for t in honest]
+    for aggregator in ("median", "mean"):
+        aggregate_with(Aggregator(aggregator))
+        try:
+            loaded, discarded, unvouched, donors = _newcomer_loads(forged, honest, drifted)
+        finally:
+            aggregate_with(Aggregator())
+        assert loaded is not None and (discarded, unvouched) == (0, int(aggregator == "median")), aggregator
+        metadata, tensors = loaded
+        if aggregator == "mean":
+            assert metadata["donor"] == donors[0]
+            assert all(torch.equal(got, want) for got, want in zip(tensors, forged, strict=True))
+            continue
+        assert sorted(metadata["donor"].split("+")) == sorted(donors)
+        medians = [torch.stack(ts).median(dim=0).values for ts in zip(forged, honest, drifted, strict=True)]
+        for got, want, low, high in zip(tensors, medians, honest, drifted, strict=True):
+            assert torch.equal(got, want)
+            assert bool(((low <= got) & (got <= high)).all())  # within the honest donors' values, everywhere
