@@ -96,7 +96,8 @@ class PeerSummary:
     state_downloads_discarded: int = 0
     """Downloads that did not match their donor's manifest (cut short, corrupted), thrown away unused."""
     state_downloads_unvouched: int = 0
-    """Downloads taken from the newest donor under a robust aggregator because no two donors vouched for one state."""
+    """Downloads under a robust aggregator where no two donors vouched for one state: three donors' states combined
+    by the rule, or with fewer donors the newest donor's taken."""
     resumed_from: int | None = None
     """The global step of the ``--save-dir`` checkpoint this peer resumed from."""
     checkpoint: str | None = None

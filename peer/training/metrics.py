@@ -122,8 +122,8 @@ class PeerMetrics:
         self._state_downloads = series.counter(
             "potluck_state_downloads",
             "Attempts to download the swarm's state, by outcome (discarded: a download that did not match"
-            " its donor's manifest or held NaN or Inf, thrown away before use; unvouched: one taken, under a robust"
-            " aggregator, from the newest donor because no two donors vouched for one state)",
+            " its donor's manifest or held NaN or Inf, thrown away before use; unvouched: under a robust aggregator, no"
+            " two donors vouched for one state: three donors' states combined by the rule, or the newest donor's)",
             "outcome",
         )
         self._state_download_seconds = series.histogram(
