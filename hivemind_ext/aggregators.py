@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 ROBUST = ("trimmed_mean", "median", "centered_clip")
+MIN_ROBUST_GROUP = 3
+"""The smallest group that averages under a robust rule: in a group of 2 one malicious peer is half of it."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,12 @@ class Aggregator:
     @property
     def robust(self) -> bool:
         return self.kind in ROBUST
+
+    @property
+    def min_group_size(self) -> int:
+        """The fewest peers matchmaking assembles into a group (hivemind's ``min_group_size``): under a robust
+        rule a group of 2 would not average (``hivemind_ext/rounds.py``), so its leader waits for a third."""
+        return MIN_ROBUST_GROUP if self.robust else 2
 
     def combine(self, parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         """The aggregate of ``parts`` (the senders' values of one chunk) under this rule."""

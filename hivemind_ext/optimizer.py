@@ -72,7 +72,7 @@ ALONE_RECHECK_SECONDS = 1.0
 STOP_GRACE_SECONDS = 2.0
 """After a stop request (a signal), how long a round or a background state round may still take to end
 by itself before it is abandoned: a peer leaves within seconds even when a partner has hung."""
-GRADIENT_AVERAGER_OPTS = ("request_timeout", "target_group_size")
+GRADIENT_AVERAGER_OPTS = ("request_timeout", "target_group_size", "min_group_size")
 """The keys of ``averager_opts`` that the gradient averager takes too (hivemind gives them to the state
 averager only)."""
 
@@ -399,6 +399,7 @@ class BoundedOptimizer(Optimizer):
         self._listener = listener
         averager_opts = kwargs.get("averager_opts") or {}
         self._grad_averager_opts = {k: averager_opts[k] for k in GRADIENT_AVERAGER_OPTS if k in averager_opts}
+        self._fewest_others = averager_opts.get("min_group_size", 2) - 1
         self._load_state_attempts = load_state_attempts
         self._wire_bytes = wire_bytes
         self._deadlines = deadlines
@@ -641,7 +642,12 @@ class BoundedOptimizer(Optimizer):
                     and self._alone(started)
                     and control.cancel()
                 ):
-                    logger.info("gradient averaging: every other peer left; stepping alone")
+                    logger.info(
+                        "gradient averaging: every other peer left; stepping alone"
+                        if self._fewest_others == 1
+                        else f"gradient averaging: fewer than {self._fewest_others} other peers are in the run, "
+                        f"too few for a group that averages under the robust rule; stepping alone"
+                    )
                     return None
 
     _alone_checked_at = -math.inf
@@ -650,7 +656,8 @@ class BoundedOptimizer(Optimizer):
     def _alone(self, waiting_since: float) -> bool:
         """Whether the other peers this peer's rounds are for have left: the tracker has seen others,
         and none has a progress record in the DHT any more (they withdrew theirs; the tracker's own view
-        is frozen during a global step). Asked only of a wait that has outlasted ``matchmaking_time``
+        is frozen during a global step); under a robust rule, fewer than the others a group needs
+        (``min_group_size`` - 1), where matchmaking would wait for a group that cannot form. Asked only of a wait that has outlasted ``matchmaking_time``
         (a round of live peers has its group by then), so an ordinary round reads no DHT; the DHT is
         read at most every ``ALONE_RECHECK_SECONDS``. Peers that never had a record (a round started
         before any was published) are not taken for gone."""
@@ -658,7 +665,7 @@ class BoundedOptimizer(Optimizer):
             return False
         if time.monotonic() >= self._alone_checked_at + ALONE_RECHECK_SECONDS:
             self._alone_checked_at = time.monotonic()
-            self._alone_seen = others_with_records(self.tracker, self.dht) == 0
+            self._alone_seen = others_with_records(self.tracker, self.dht) < self._fewest_others
         return self._alone_seen
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):

@@ -21,6 +21,7 @@ from concurrent.futures import InvalidStateError
 
 from hivemind.averaging import DecentralizedAverager
 
+from potluck.hivemind_ext.aggregators import MIN_ROBUST_GROUP
 from potluck.hivemind_ext.allreduce import aggregator_in_use
 
 UPSTREAM = {
@@ -33,9 +34,6 @@ UPSTREAM = {
 
 ROUND_BITS = 16
 """Bits of the step in an averager's group key: rounds 2**16 steps apart could meet."""
-MIN_ROBUST_GROUP = 3
-"""The smallest group that averages under a robust rule (``hivemind_ext/aggregators.py``): in a group of 2 one
-malicious peer is half of it."""
 PARTIAL = "potluck:received_fraction"
 """Key added to a round's gathered data when only this fraction of the average arrived: of the averaged parts this
 peer got back, or of the senders' parts that reached what it reduced, whichever is less."""
