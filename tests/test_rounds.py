@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import AsyncIterator  # noqa: UP035 (hivemind reads the stream type from typing's alias only)
 
 import pytest
@@ -45,8 +46,8 @@ class _DeadReducer(_Averager):
 _DeadReducer.__name__ = _Averager.__name__  # hivemind names its RPC handlers after the averager's class
 
 
-def _averagers(*classes_and_values):
-    return loopback_averagers(classes_and_values, size=SIZE, prefix="rounds-test")
+def _averagers(*classes_and_values, **options):
+    return loopback_averagers(classes_and_values, size=SIZE, prefix="rounds-test", **options)
 
 
 def _outcome(control, timeout: float = 30.0):
@@ -209,3 +210,26 @@ def test_under_a_robust_rule_a_group_of_two_does_not_average():
         aggregate_with(Aggregator())
     assert all(isinstance(o, dict) and received_fraction(o) == 0.0 for o in outcomes), outcomes
     assert [t.unique().tolist() for t in tensors] == [[1.0], [-1000.0]]
+
+
+@pytest.mark.timeout(120)
+def test_under_a_robust_rule_two_early_peers_wait_for_a_third_instead_of_pairing():
+    """Two peers ready together and a third past their matchmaking time: under a robust rule (whose groups of 2
+    do not average) the early two do not assemble a pair at the end of matchmaking but wait, and all three
+    average as one group; the median of 1, 2 and 3 reaches each of them. (With hivemind's minimum of 2 the
+    early two paired, averaged nothing, and the third found no group.)"""
+    rule = Aggregator("median")
+    aggregate_with(rule)
+    try:
+        values = ((_Averager, 1.0), (_Averager, 2.0), (_Averager, 3.0))
+        with _averagers(*values, min_group_size=rule.min_group_size) as averagers:
+            early = [a.step(timeout=20.0, wait=False) for a in averagers[:2]]
+            time.sleep(2.5)  # the early two's matchmaking (1 s) ends twice before the third looks for a group
+            late = averagers[2].step(timeout=20.0, wait=False)
+            outcomes = [_outcome(c) for c in (*early, late)]
+            tensors = [_tensor(a) for a in averagers]
+    finally:
+        aggregate_with(Aggregator())
+    assert all(isinstance(o, dict) and len(group_of(o)) == 3 for o in outcomes), outcomes
+    assert all(received_fraction(o) == 1.0 for o in outcomes), outcomes
+    assert all(torch.equal(t, torch.full_like(t, 2.0)) for t in tensors)
