@@ -25,7 +25,9 @@ newcomer downloads the states of three donors and combines them tensor by tensor
 (:func:`robust_state`; the median of three under every robust kind), so one attacker's state cannot reach it
 whole (measured: honest peers took an attacker's state, 1000x random steps, from the newest donor and
 ended at the attacked mean's loss); with fewer than three donors, the newest donor's state is taken as under
-the mean. Either way the download is logged and counted (:attr:`CheckedDownloads.unvouched_downloads`):
+the mean; where only two of three donors serve (one busy), the one nearer the peer's own state is taken
+(a busy honest donor had left a catching-up peer the attacker's state and the other laggard's). Either way the
+download is logged and counted (:attr:`CheckedDownloads.unvouched_downloads`):
 refusing it left a catching-up peer retrying for good while the others drifted further apart (4 peers,
 ``target_group_size`` 3, ``trimmed_mean``).
 """
@@ -211,6 +213,21 @@ def robust_state(downloads: Sequence[tuple[dict, list[torch.Tensor]]]) -> tuple[
     if all("donor" in d[0] for d in ordered):
         labels["donor"] = "+".join(str(d[0]["donor"]) for d in ordered)
     return labels, combined
+
+
+def nearest(own: Sequence[torch.Tensor], downloads: Sequence[tuple[dict, list[torch.Tensor]]]):
+    """The download whose leading tensors (the parameters: a state and the averaged tensors both start with
+    them) lie nearest ``own`` in L2 distance, compared while the shapes match."""
+
+    def distance(tensors: list[torch.Tensor]) -> float:
+        total = 0.0
+        for mine, theirs in zip(own, tensors, strict=False):
+            if mine.shape != theirs.shape:
+                break
+            total += float((mine.float() - theirs.float()).square().sum())
+        return total
+
+    return min(downloads, key=lambda download: distance(download[1]))
 
 
 def consistent(first: list[torch.Tensor], other: list[torch.Tensor]) -> bool:
@@ -407,7 +424,16 @@ class CheckedDownloads(DecentralizedAverager):
                 except Exception as e:
                     logger.warning(f"Failed to download state from {peer}: {e!r}")
             if taken and not future.done():
-                future.set_result(robust_state(taken) if len(taken) == wanted > 1 else taken[0])
+                if len(taken) == wanted > 1:
+                    chosen = robust_state(taken)
+                elif wanted > 1 and len(taken) > 1:  # a donor of three did not serve (busy): no majority
+                    with self.get_tensors() as own:
+                        chosen = nearest(own, taken)
+                    logger.info(f"state download: {len(taken)} of {wanted} donors served; taking the state "
+                                f"nearest this peer's own")  # fmt: skip
+                else:
+                    chosen = taken[0]
+                future.set_result(chosen)
         finally:
             if not future.done():
                 future.set_result(None)

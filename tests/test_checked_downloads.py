@@ -25,7 +25,7 @@ from tests.helpers import wait_until
 
 class _Donor(CheckedDownloads, KeepsCtrlC):
     """Serves its averaged tensors; ``tamper`` spoils the stream after the manifest was made, or (``lie``)
-    serves ``lie_with``'s manifest with its own tensors."""
+    serves ``lie_with``'s manifest with its own tensors, or (``busy``) answers only the probe for its manifest."""
 
     def __init__(self, tensors, dht, *, tamper: str | None = None, lie_with=None, **kwargs):
         self.tamper, self.lie_with = tamper, lie_with
@@ -44,6 +44,9 @@ class _Donor(CheckedDownloads, KeepsCtrlC):
     async def rpc_download_state(
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.tamper == "busy" and self.calls > 1:  # answers the probe for its manifest, then has no slot
+            return
         messages = [message async for message in super().rpc_download_state(request, context)]
         if self.tamper == "cut":  # the stream ends at a tensor boundary: hivemind saw nothing wrong
             messages = messages[:-1]
@@ -63,9 +66,9 @@ class _Loaded(NamedTuple):
     """The donors' peer ids, in the order given."""
 
 
-def _newcomer_loads(*donor_states, tampers=None, lie_with=None) -> _Loaded:
+def _newcomer_loads(*donor_states, tampers=None, lie_with=None, own=None) -> _Loaded:
     """A newcomer's download from real donors on a loopback DHT holding ``donor_states`` (the first asked
-    first; ``tampers``: each one's, see :class:`_Donor`)."""
+    first; ``tampers``: each one's, see :class:`_Donor`); the newcomer's own tensors are ``own`` (zeros)."""
     tampers = tampers or [None] * len(donor_states)
     first = start_dht([], ["/ip4/127.0.0.1/tcp/0"], [], None)
     initial = [str(a) for a in first.get_visible_maddrs()]
@@ -75,7 +78,7 @@ def _newcomer_loads(*donor_states, tampers=None, lie_with=None) -> _Loaded:
         _Donor(state, dht, tamper=tamper, lie_with=lie_with, **common)
         for dht, state, tamper in zip(dhts, donor_states, tampers, strict=False)
     ]
-    newcomer = _Donor([torch.zeros_like(t) for t in donor_states[0]], dhts[-1], **common)
+    newcomer = _Donor(own or [torch.zeros_like(t) for t in donor_states[0]], dhts[-1], **common)
     try:
         for priority, donor in enumerate(reversed(donors), start=1):
             donor.state_sharing_priority = priority
@@ -173,3 +176,24 @@ def test_where_no_two_of_three_donors_vouch_a_newcomer_takes_their_median_state(
         for got, want, low, high in zip(tensors, medians, honest, drifted, strict=True):
             assert torch.equal(got, want)
             assert bool(((low <= got) & (got <= high)).all())  # within the honest donors' values, everywhere
+
+
+@pytest.mark.timeout(180)
+def test_where_one_of_three_unvouched_donors_is_busy_a_peer_takes_the_state_nearest_its_own():
+    """A peer catching up, its own state near the honest ones; of three donors that vouch for nothing the
+    honest one asked last has no slot left: of the two states it got, it takes the one nearer its own,
+    not the first donor's (the attacker's)."""
+    honest = [torch.full((4, 8), 1.0), torch.arange(16.0)]
+    behind = [t - 0.1 for t in honest]
+    drifted = [t + 0.5 for t in honest]
+    forged = [-10 * t for t in honest]
+    aggregate_with(Aggregator("trimmed_mean"))
+    try:
+        loaded, discarded, unvouched, donors = _newcomer_loads(
+            forged, drifted, honest, tampers=[None, None, "busy"], own=behind
+        )
+    finally:
+        aggregate_with(Aggregator())
+    assert loaded is not None and (discarded, unvouched) == (0, 1)
+    assert loaded[0]["donor"] == donors[1]
+    assert all(torch.equal(got, want) for got, want in zip(loaded[1], drifted, strict=True))
