@@ -194,7 +194,9 @@ class AggregatorSpec(_Strict):
     docs/security.md), at some cost in how fast honest peers learn. Every averaged tensor uses it: gradients,
     parameters and optimizer statistics, DiLoCo's pseudo-gradients, a span's LoRA replicas."""
     trim: float = Field(0.25, ge=0, lt=0.5)
-    """(trimmed_mean) Fraction of the largest and of the smallest values dropped per coordinate."""
+    """(trimmed_mean) Fraction of the largest and of the smallest values dropped per coordinate: a group of n
+    drops floor(trim × n) at each end (at least 1), so it bounds that many attackers in the group (3 of 8 need
+    0.375)."""
     clip_radius: float | None = Field(None, gt=0)
     """(centered_clip) L2 radius a sender's difference from the centre is clipped to, per chunk; unset: the
     median distance of the senders from their median, each round."""
