@@ -9,8 +9,8 @@ What is measured
     once with ``averaging.aggregator.kind: mean`` and once with each of ``--robust`` (default ``trimmed_mean``);
     the order rotates from attack to attack and run to run. Each slot keeps its libp2p identity from run to run
     (``--identity-path``), so it reads the same data order in every run and the runs differ by the attack, the
-    rule and the rounds' timing alone. The honest peer ``a``'s last checkpoint is evaluated on the held-out set. Also from the clean runs: the median seconds of an averaging round under each
-    aggregator.
+    rule and the rounds' timing alone. The honest peer ``a``'s last checkpoint is evaluated on the held-out set.
+    Also from the clean runs: the median seconds of an averaging round under each aggregator.
 
 How to read it
     One line per run: attack, aggregator, held-out loss, median round seconds.

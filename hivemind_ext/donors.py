@@ -200,8 +200,9 @@ UNVOUCHED_DONORS = 3
 
 def robust_state(downloads: Sequence[tuple[dict, list[torch.Tensor]]]) -> tuple[dict, list[torch.Tensor]]:
     """The donors' states combined tensor by tensor by the run's robust rule (equal votes), labelled with the
-    middle global step of theirs (and every donor, ``a+b+c``); a tensor that is not floating point (a counter) is the middle donor's. Every
-    download has the first one's tensor count, shapes and dtypes (:func:`consistent`)."""
+    middle global step of theirs (and every donor, ``a+b+c``); a tensor that is not floating point (a counter)
+    is the middle donor's. Every download has the first one's tensor count, shapes and dtypes
+    (:func:`consistent`)."""
     ordered = sorted(downloads, key=lambda d: d[0].get("epoch") if isinstance(d[0].get("epoch"), int) else -1)
     metadata, middle = ordered[len(ordered) // 2]
     rule = aggregator_in_use()

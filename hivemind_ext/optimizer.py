@@ -657,10 +657,10 @@ class BoundedOptimizer(Optimizer):
         """Whether the other peers this peer's rounds are for have left: the tracker has seen others,
         and none has a progress record in the DHT any more (they withdrew theirs; the tracker's own view
         is frozen during a global step); under a robust rule, fewer than the others a group needs
-        (``min_group_size`` - 1), where matchmaking would wait for a group that cannot form. Asked only of a wait that has outlasted ``matchmaking_time``
-        (a round of live peers has its group by then), so an ordinary round reads no DHT; the DHT is
-        read at most every ``ALONE_RECHECK_SECONDS``. Peers that never had a record (a round started
-        before any was published) are not taken for gone."""
+        (``min_group_size`` - 1), where matchmaking would wait for a group that cannot form. Asked only of a
+        wait that has outlasted ``matchmaking_time`` (a round of live peers has its group by then), so an
+        ordinary round reads no DHT; the DHT is read at most every ``ALONE_RECHECK_SECONDS``. Peers that never
+        had a record (a round started before any was published) are not taken for gone."""
         if not self.tracker.saw_others or time.monotonic() - waiting_since < self.matchmaking_time:
             return False
         if time.monotonic() >= self._alone_checked_at + ALONE_RECHECK_SECONDS:
