@@ -66,6 +66,8 @@ UPSTREAM = {
     "hivemind.averaging.averager.DecentralizedAverager._load_state_from_peers": "fe7b419d01ced5fe",  # copied: checks each download; an empty stream is 'next donor'
     "hivemind.averaging.averager._background_thread_fetch_current_state": "0bef353cf74912ec",  # calls get_current_state, the bound method of the class
     "hivemind.p2p.p2p_daemon.P2P._iterate_protobuf_stream_handler": "132d50ef5ecd4e13",  # a probe closes the stream after its first message (aclose closes the writer)
+    "hivemind.averaging.averager.DecentralizedAverager.load_state_from_peers": "973fae40a3d1e16f",  # copied (StoppableDownloads): passes the choice of donors on
+    "hivemind.averaging.averager.DecentralizedAverager._run_internal": "8f85686e1ccd3eb0",  # runs the coroutine a pipe message names (_probe_donors)
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
 
@@ -156,6 +158,10 @@ def download_with_retries(
 
 MANIFEST_KEY = "manifest"
 """The key of the tensor manifest in a state's metadata (a dict, as every averager here sends)."""
+FINAL_KEY = "final"
+"""The key, in a served state's metadata, of the global step at which its peer's run ended (``agreement.py``)."""
+UNREACHABLE = "unreachable"
+"""What :meth:`CheckedDownloads.probe_donors` says of a donor that could not be reached (busy: None)."""
 
 
 def tensor_manifest(tensors: Sequence[torch.Tensor], exact: bool) -> list[list]:
@@ -285,8 +291,11 @@ class StoppableDownloads(DecentralizedAverager):
     stopping: Callable[[], bool] = staticmethod(lambda: False)
     """Whether this peer was asked to leave (set by the averager's owner)."""
 
-    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None):
-        future = super().load_state_from_peers(wait=False, timeout=timeout)
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None, **choice):
+        # hivemind's two lines (pinned above), with ``choice`` passed on: the donors to ask and the state
+        # they must serve (CheckedDownloads._load_state_from_peers)
+        future = MPFuture()
+        self._outer_pipe.send(("_load_state_from_peers", [], dict(timeout=timeout, future=future, **choice)))
         if not wait:
             return future
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -308,6 +317,10 @@ class CheckedDownloads(DecentralizedAverager):
     one that does not match, or holds NaN or Inf, is discarded (counted in :attr:`discarded_downloads`)
     and the next donor is tried, as for a donor that failed. A state sent compressed (``state_compression``) is checked for
     dtypes and shapes only."""
+
+    final_step: int | None = None
+    """The global step at which this peer's run ended, once it did (set in the process that created the
+    averager, where the served state is made): every state served from then on says so (``FINAL_KEY``)."""
 
     def __init__(self, *args, **kwargs):
         self._discarded = mp.Value(ctypes.c_int64, 0)  # counted in the averager's process, read in ours
@@ -343,37 +356,68 @@ class CheckedDownloads(DecentralizedAverager):
         if isinstance(metadata, dict):
             exact = isinstance(self.state_compression, NoCompression)
             metadata = {**metadata, MANIFEST_KEY: tensor_manifest(tensors, exact)}
+            if self.final_step is not None:
+                metadata[FINAL_KEY] = self.final_step
         return metadata, tensors, infos
 
-    async def _load_state_from_peers(self, future: MPFuture, timeout: float | None = None):
+    def probe_donors(self, timeout: float) -> dict[str, object]:
+        """Every other donor's state metadata, with its manifest, by peer id (:meth:`_probe`): a dict, None
+        (it served nothing: busy, or not sharing) or :data:`UNREACHABLE`."""
+        future = MPFuture()
+        self._outer_pipe.send(("_probe_donors", [], dict(timeout=timeout, future=future)))
+        return future.result(timeout=2 * timeout + 5)  # (reading the donors' records comes first)
+
+    async def _probe_donors(self, future: MPFuture, timeout: float) -> None:
+        try:
+            donors = await self._donors()
+            probes = await asyncio.gather(
+                *(self._probe(peer, timeout, failed=UNREACHABLE) for peer in donors)
+            )
+            future.set_result({str(peer): probe for peer, probe in zip(donors, probes, strict=True)})
+        except BaseException as e:
+            if not future.done():
+                future.set_exception(e)
+
+    async def _donors(self) -> list[PeerID]:
+        """The other peers that declared themselves donors of this state, the highest priority first (ties in
+        random order), those a private run does not admit left out."""
+        key_manager = self._matchmaking.group_key_manager
+        peer_priority, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
+        peer_priority = {
+            PeerID(peer_id): (float(info.value), random.random())  # using randomness as a tie breaker
+            for peer_id, info in peer_priority.items()
+            if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))
+        } if isinstance(peer_priority, dict) else {}  # fmt: skip
+        return await admitted(  # a private run's: peers without a token serve nobody (access.py)
+            [p for p in sorted(peer_priority, key=peer_priority.get, reverse=True) if p != self.peer_id],
+        )
+
+    async def _load_state_from_peers(
+        self,
+        future: MPFuture,
+        timeout: float | None = None,
+        only: Sequence[str] | None = None,
+        expected: tuple[int | None, list] | None = None,
+    ):
         # NOTE: hivemind 1.1.12's loop (pinned above), with four changes: a download is checked against
         # its donor's manifest before it is returned, a donor past take_steps_up_to is skipped, each
         # donor's metadata starts empty (hivemind keeps the previous donor's, so a donor that failed after
         # its metadata, followed by one that sent nothing, returned the first one's metadata with no
         # tensors), and under a robust aggregator a state two donors vouch for is preferred, or else three
-        # donors' states are combined.
+        # donors' states are combined. ``only`` (peer ids) and ``expected`` ((global step, manifest)): ask
+        # only these donors, for this very state (the end's agreement, ``agreement.py``).
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
-            key_manager = self._matchmaking.group_key_manager
-            peer_priority, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
-            peer_priority = {
-                PeerID(peer_id): (float(info.value), random.random())  # using randomness as a tie breaker
-                for peer_id, info in peer_priority.items()
-                if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))
-            }
-            if not isinstance(peer_priority, dict) or len(peer_priority) == 0:
-                logger.info(
-                    f"Averager could not load state from peers: peer dict empty or corrupted {peer_priority}"
-                )
+            donors = await self._donors()
+            if only is not None:
+                donors = [p for p in donors if str(p) in only]
+            if not donors:
+                logger.info("Averager could not load state from peers: no other donor")
                 future.set_result(None)
                 return
-            donors = await admitted(  # a private run's: peers without a token serve nobody (access.py)
-                [p for p in sorted(peer_priority, key=peer_priority.get, reverse=True) if p != self.peer_id],
-            )
-            expected = None  # (step, manifest) the download must match, when vouched for
             wanted = 1  # downloads to take: UNVOUCHED_DONORS, combined, where no two donors vouch for one
-            if donors and self._vouching():
+            if expected is None and self._vouching():
                 probes = await asyncio.gather(*(self._probe(peer, timeout) for peer in donors))
                 vouched = vouched_donors(dict(zip(donors, probes, strict=True)), self._newest_step.value)
                 if vouched is None:
@@ -456,9 +500,9 @@ class CheckedDownloads(DecentralizedAverager):
             metadata = {MANIFEST_KEY: manifest}
         return manifest_mismatch(metadata, tensors) or nonfinite(tensors)
 
-    async def _probe(self, peer: PeerID, timeout: float | None):
+    async def _probe(self, peer: PeerID, timeout: float | None, failed=None):
         """``peer``'s state metadata (with its manifest) from the first message of its download stream,
-        the stream then closed; None if it sent none (busy, not sharing) or failed."""
+        the stream then closed; None if it sent none (busy, not sharing), ``failed`` if it failed."""
         try:
             stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
@@ -469,6 +513,7 @@ class CheckedDownloads(DecentralizedAverager):
                 await stream.aclose()
         except Exception as e:
             logger.info(f"state download: {peer} did not answer for its manifest: {e!r}")
+            return failed
         return None
 
     async def _download_from(self, peer: PeerID, timeout: float | None, future: MPFuture):

@@ -27,9 +27,11 @@ from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
 from potluck.hivemind_ext.access import GatedAveraging
-from potluck.hivemind_ext.allreduce import SameAverages
+from potluck.hivemind_ext.agreement import Agreement, agree_on_final_state
+from potluck.hivemind_ext.allreduce import SameAverages, aggregator_in_use
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.donors import (
+    MANIFEST_KEY,
     CheckedDownloads,
     LimitedDonor,
     StoppableDownloads,
@@ -564,12 +566,44 @@ class BoundedOptimizer(Optimizer):
         self.last_state_download_ok = self.state_averager.last_download_ok
         self.last_state_download_epoch = self.state_averager.last_download_epoch
         self.last_state_download_donor = self.state_averager.last_download_donor
+        self._report_download(started, counted)
+
+    def _report_download(self, started: float, counted: tuple[int, int]) -> None:
+        """Report the state download that began at ``started`` (``perf_counter``), when the averager's
+        ``download_counts()`` were ``counted``."""
         discarded, unvouched = (
             after - before
             for after, before in zip(self.state_averager.download_counts(), counted, strict=True)
         )
         seconds = time.perf_counter() - started
-        self._listener.state_download(self.last_state_download_ok, seconds, discarded, unvouched)
+        self._listener.state_download(self.state_averager.last_download_ok, seconds, discarded, unvouched)
+
+    def agree_on_final_state(self) -> Agreement:
+        """After the run's last step (and its last state round): agree with the peers that ended the run with
+        this one on one state (``agreement.py``), within ``averaging_timeout``. A state taken is reported as a
+        state download."""
+
+        def take(donors: list[str], metadata: dict) -> bool:
+            started, counted = time.perf_counter(), self.state_averager.download_counts()
+            self.state_averager.load_state_from_peers(
+                timeout=self.load_state_timeout,
+                only=donors,
+                expected=(metadata.get("epoch"), metadata[MANIFEST_KEY]),
+            )
+            self._report_download(started, counted)
+            return self.state_averager.last_download_ok
+
+        averager = self.state_averager
+        return agree_on_final_state(
+            averager,
+            self.local_epoch,
+            take=take,
+            wait=self.averaging_timeout,
+            probe_timeout=averager.next_chunk_timeout or averager.request_timeout,
+            robust=aggregator_in_use().robust,
+            serving=not self.client_mode,
+            stopping=self.stop.is_set,
+        )
 
     def release_scheduled_rounds(self) -> None:
         """This peer takes no step for a while, or none again (its run is paused or finished): ``hold``, and

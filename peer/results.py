@@ -17,6 +17,10 @@ a signal, an error. Event kinds (all roles: ``joined`` and ``summary``):
   ``group_size`` of the last averaging round since the previous global step; null if a state download
   came after it or there was none, i.e. the step was not taken by averaging)
 - ``checkpoint``: ``global_step``, ``path``
+- ``final_state``: ``outcome`` (``agreed``: the other peers that ended the run with this one held its state;
+  ``took``: it downloaded the state they chose; ``apart``: they still differed at the deadline; ``alone``;
+  ``skipped``: states travel compressed), ``peers`` (those that ended it, this one included), ``holding`` (of
+  them, those that held this one's last state): gradient mode, before the last checkpoint
 - ``startup``: ``phases`` (seconds from the process's start to the end of each phase, in order: ``imports``,
   ``inputs_checked``, ``model_loaded``, ``dht_joined``, ``strategy_ready``, ``peers_found`` (``--min-peers``),
   ``state_loaded`` (a download from the swarm, or the attempt to find one), ``first_step``), written once, after
@@ -246,6 +250,10 @@ class PeerResults:
         s = self.summary
         self.event("global_step", global_step=global_step, local_steps=s.local_steps, samples=s.samples,
                    loss=s.last_loss, round=last_round)  # fmt: skip
+
+    def final_state(self, agreement: Any) -> None:
+        """How the peers that ended the run with this one agreed on its last state (``hivemind_ext/agreement.py``)."""
+        self.event("final_state", outcome=agreement.outcome, peers=agreement.peers, holding=agreement.holding)
 
     def trained(
         self, global_step: int, local_steps: int, samples: int, last_loss: float, exit_reason: str

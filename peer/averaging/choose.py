@@ -9,6 +9,7 @@ import torch
 from hivemind.dht import DHT
 
 from potluck.hivemind_ext import codecs
+from potluck.hivemind_ext.agreement import Agreement
 from potluck.hivemind_ext.allreduce import aggregate_with
 from potluck.peer.averaging.deadlines import check_deadline_fits
 from potluck.peer.averaging.diloco import DiLoCoAveraging
@@ -82,8 +83,8 @@ class _Accounted(AveragingStrategy):
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state)
 
-    def settle(self) -> None:
-        self.inner.settle()
+    def settle(self) -> Agreement | None:
+        return self.inner.settle()
 
     def shutdown(self) -> None:
         self.inner.shutdown()

@@ -19,6 +19,7 @@ from hivemind.compression import (
 )
 from hivemind.dht import DHT
 
+from potluck.hivemind_ext.agreement import Agreement
 from potluck.hivemind_ext.optimizer import (
     BoundedOptimizer,
     LeftTheRound,
@@ -210,7 +211,7 @@ class GradientAveraging(AveragingStrategy):
     def state_dict(self) -> dict:
         return self._optimizer.state_dict()
 
-    def settle(self) -> None:
+    def settle(self) -> Agreement | None:
         # The step's state round runs in the background and reaches the model's parameters at the next
         # step. After the last step the peers' checkpoints held their parameters from before the swarm's
         # last average while their optimizer statistics were after it: two peers ended 3e-3 apart.
@@ -218,6 +219,9 @@ class GradientAveraging(AveragingStrategy):
         # donor serves a newcomer at that step.)
         self._optimizer.wait_for_released_rounds()  # (a finished run's: leaving, it waits seconds)
         self._optimizer.state_averager.step(wait_for_delayed_updates=True)
+        if self._optimizer.stop.is_set():
+            return None  # (a peer asked to leave does not wait for the others)
+        return self._optimizer.agree_on_final_state()
 
     def load_state_dict(self, state: dict) -> None:
         self._optimizer.load_state_dict(state)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Protocol
 
+from potluck.hivemind_ext.agreement import Agreement
+
 
 def round_outcome(succeeded: bool, group_size: int) -> str:
     """``succeeded``, ``failed`` (the round broke) or ``alone`` (no other peer known or in the group: local
@@ -132,9 +134,10 @@ class AveragingStrategy(ABC):
     def load_state_dict(self, state: dict) -> None: ...
 
     @abstractmethod
-    def settle(self) -> None:
+    def settle(self) -> Agreement | None:
         """Finish averaging that still runs in the background and bring its result into the model
-        (before the last checkpoint: there is no next step that would)."""
+        (before the last checkpoint: there is no next step that would). Where the strategy checks that the
+        peers that ended the run together hold one state, how they agreed on it (``hivemind_ext/agreement.py``)."""
 
     @abstractmethod
     def shutdown(self) -> None: ...

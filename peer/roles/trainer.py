@@ -148,7 +148,8 @@ class Checkpointing:
     def finish(self, result: TrainResult, strategy: AveragingStrategy, options: PeerOptions) -> None:
         """The swarm's last average into the model before the last checkpoint (``strategy.settle``), then the end of
         training in ``--results``."""
-        strategy.settle()
+        if (agreement := strategy.settle()) is not None:
+            self.results.final_state(agreement)
         self.save(result.global_step)
         self.results.trained(
             result.global_step,
