@@ -19,11 +19,18 @@ one sender can do to a part:
 Before a robust rule runs, a part whose L2 norm exceeds ``outlier_norm`` times the median norm of the part's
 senders is left out and reported (:func:`outliers`), so the reducer can name its sender. Every rule is
 deterministic: the reducer computes each part once and sends the same bytes to every peer.
+
+Under the mean a sender's claimed weight counts for at most ``weight_cap`` times the median of the other
+senders' (:meth:`Aggregator.capped`): a peer that claims 1000x the samples it computed (BTARD's inflation
+attack) counts for at most ``weight_cap`` honest peers. Weighting honest peers' gradients differently does not
+bias their average (each is an estimate of the same gradient), so a peer that really computed more (a faster
+GPU) loses only some of its weight, never the direction of the step.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +50,9 @@ class Aggregator:
     clip_radius: float | None = None
     iterations: int = 10
     outlier_norm: float = 5.0
+    weight_cap: float | None = 4.0
+    """(mean) The most a sender's weight counts for, as a multiple of the median of the other senders'; None:
+    what it claims (hivemind's)."""
 
     @property
     def robust(self) -> bool:
@@ -70,6 +80,20 @@ class Aggregator:
         else:
             result = _centered_clip(stacked, self.clip_radius, self.iterations)
         return result.to(parts[0].dtype)
+
+    def capped(self, weights: list[float]) -> tuple[list[float], list[int]]:
+        """(mean) ``weights`` with each positive one capped at ``weight_cap`` x the median of the other senders'
+        positive weights, and the indices of those capped. Robust rules ignore the claimed weights: unchanged."""
+        if self.robust or self.weight_cap is None:
+            return list(weights), []
+        positive = [(i, w) for i, w in enumerate(weights) if w > 0]
+        result, capped = list(weights), []
+        for i, weight in positive:
+            others = [w for j, w in positive if j != i]
+            if others and weight > (bound := self.weight_cap * statistics.median(others)):
+                result[i] = bound
+                capped.append(i)
+        return result, capped
 
     def outliers(self, parts: list[torch.Tensor], weights: list[float]) -> list[int]:
         """Indices of the voting parts (weight > 0) whose norm exceeds ``outlier_norm`` x their median norm

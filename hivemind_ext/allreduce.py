@@ -22,7 +22,9 @@ a reducer that failed. Each refusal is logged with the peer id and counted (:fun
 A run may choose a robust rule instead of the weighted mean (``hivemind_ext/aggregators.py``,
 :func:`aggregate_with`): the reducer then keeps every sender's part of the current chunk (``_Collected``, in
 place of hivemind's running sum) and combines them when the last one arrives; a part it leaves out as an
-outlier is refused like a NaN one, named by its sender.
+outlier is refused like a NaN one, named by its sender. Under the mean with a ``weight_cap`` (the default) it
+collects them too, to cap each sender's claimed weight against the others' (``Aggregator.capped``); a capped
+sender is logged with its peer id and counted once per round (:func:`capped_weights`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ UPSTREAM = {
 
 logger = logging.getLogger(__name__)
 _refused = mp.Value(ctypes.c_int64, 0)  # counted in the averagers' processes (forked after this import)
+_capped = mp.Value(ctypes.c_int64, 0)
 _aggregator = Aggregator()
 
 
@@ -80,6 +83,12 @@ def refused_parts() -> int:
     """Parts that this process's averagers refused, since start: other peers' parts to reduce
     (:func:`refusal`) and averages from other peers' reducers that held NaN or Inf."""
     return _refused.value
+
+
+def capped_weights() -> int:
+    """Senders whose claimed weight this process's reducers capped (``Aggregator.weight_cap``), since start:
+    once per sender and round."""
+    return _capped.value
 
 
 def refusal(tensor_part: torch.Tensor, weight: float, shape: torch.Size | None) -> str | None:
@@ -143,13 +152,30 @@ class _Collected:
             return torch.full(self.reducer.part_shapes[self.reducer.current_part_index], math.nan)
         left_out = set(rule.outliers(self.parts, self.weights))
         for i in sorted(left_out):
-            sender = self.reducer.sender_peer_ids[self.senders[i]] if self.senders[i] >= 0 else "?"
             _count_refusal(
-                f"part {self.reducer.current_part_index} from peer {sender}",
+                f"part {self.reducer.current_part_index} from peer {self._sender(i)}",
                 f"its norm is over {rule.outlier_norm:g}x the median of the group's",
             )
         kept = [i for i in range(len(self.parts)) if i not in left_out]
-        return rule.combine([self.parts[i] for i in kept], [self.weights[i] for i in kept])
+        weights, capped = rule.capped([self.weights[i] for i in kept])
+        for i in capped:
+            self._note_capped(kept[i], weights[i])
+        return rule.combine([self.parts[i] for i in kept], weights)
+
+    def _sender(self, i: int):
+        return self.reducer.sender_peer_ids[self.senders[i]] if self.senders[i] >= 0 else "?"
+
+    def _note_capped(self, i: int, bound: float) -> None:
+        """Log and count a sender's capped weight, once per round (its weight is the same in every part)."""
+        if self.senders[i] in self.reducer.capped_senders:
+            return
+        self.reducer.capped_senders.add(self.senders[i])
+        with _capped.get_lock():
+            _capped.value += 1
+        logger.warning(
+            f"averaging: capped the weight of peer {self._sender(i)}: it claimed {self.weights[i]:g}, over "
+            f"{self.reducer.aggregator.weight_cap:g}x the median of the other senders' ({bound:g} counted)"
+        )
 
 
 class _EncodingReducer(TensorPartReducer):
@@ -163,20 +189,28 @@ class _EncodingReducer(TensorPartReducer):
     sender_peer_ids: list
     sender_of: dict[int, int]
     """``id`` of a part being accumulated -> its sender's index, for :class:`_Collected` to name outliers."""
+    capped_senders: set[int]
+    """Senders whose weight was capped in this round (each logged once)."""
+
+    @property
+    def collects(self) -> bool:
+        """Whether the senders' parts are collected and combined at once (a robust rule, or capped weights),
+        not summed as they arrive (hivemind's)."""
+        return self.aggregator.robust or self.aggregator.weight_cap is not None
 
     def reset_accumulators(self):
         super().reset_accumulators()
-        self.collect_if_robust()
+        self.collect_if_needed()
 
-    def collect_if_robust(self) -> None:
-        """Under a robust rule, the current part's parts are collected (:class:`_Collected`), not summed."""
-        if self.aggregator.robust and not self.finished.is_set():
+    def collect_if_needed(self) -> None:
+        """Where :attr:`collects`, the current part's parts are collected (:class:`_Collected`), not summed."""
+        if self.collects and not self.finished.is_set():
             self.accumulator = _Collected(self)
 
     async def accumulate_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
     ) -> torch.Tensor:
-        if not self.aggregator.robust:  # the mean names no sender: no bookkeeping on hivemind's path
+        if not self.collects:  # the plain sum names no sender: no bookkeeping on hivemind's path
             average = await super().accumulate_part(sender_index, part_index, tensor_part, weight)
         else:
             self.sender_of[id(tensor_part)] = sender_index
@@ -243,7 +277,8 @@ class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
         reducer.__class__ = _EncodingReducer
         reducer.codec, reducer.encoded, reducer.decoded = container.compression, {}, {}
         reducer.aggregator, reducer.sender_peer_ids, reducer.sender_of = _aggregator, self.sender_peer_ids, {}
-        reducer.collect_if_robust()  # hivemind's __init__ made the first part's running sum
+        reducer.capped_senders = set()
+        reducer.collect_if_needed()  # hivemind's __init__ made the first part's running sum
 
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int

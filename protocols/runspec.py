@@ -205,8 +205,14 @@ class AggregatorSpec(_Strict):
     outlier_norm: float = Field(5.0, gt=1)
     """(robust kinds) A sender whose chunk's L2 norm is over this many times the group's median is left out
     of that chunk, logged with its peer id and counted (``potluck_refused_averaging_parts``)."""
+    weight_cap: float | None = Field(4.0, gt=1)
+    """(mean) A sender's claimed weight (its samples) counts for at most this many times the median of the other
+    senders' in a round, so a peer that inflates its sample count counts for a few honest peers, not for the
+    swarm; a capped sender is logged with its peer id and counted (``potluck_capped_averaging_weights``). Honest
+    peers' gradients are estimates of the same gradient: weighting them differently does not bias the step.
+    null: each sender counts for what it claims (hivemind's)."""
 
-    @field_validator("trim", "clip_radius", "iterations", "outlier_norm")
+    @field_validator("trim", "clip_radius", "iterations", "outlier_norm", "weight_cap")
     @classmethod
     def _only_for_its_kind(cls, value: Any, info: ValidationInfo) -> Any:
         kind = info.data.get("kind")
@@ -214,6 +220,7 @@ class AggregatorSpec(_Strict):
             "trim": ("trimmed_mean",),
             "clip_radius": ("centered_clip",),
             "iterations": ("centered_clip",),
+            "weight_cap": ("mean",),
         }
         kinds = used_by.get(info.field_name, ("trimmed_mean", "median", "centered_clip"))
         if kind is not None and kind not in kinds and value != cls.model_fields[info.field_name].default:

@@ -53,3 +53,21 @@ def test_centered_clip_moves_at_most_its_radius_per_sender_and_iteration():
     parts = [torch.zeros(100)] * 3 + [torch.full((100,), 1e6)]
     result = Aggregator("centered_clip", clip_radius=1.0, iterations=10).combine(parts, [1.0] * 4)
     assert result.norm() <= 10 * 1.0 / 4 + 1e-4
+
+
+def test_under_the_mean_a_claimed_weight_counts_for_at_most_weight_cap_times_the_others_median():
+    rule = Aggregator("mean", weight_cap=4.0)
+    assert rule.capped([64.0, 60.0, 64_000.0, 0.0]) == ([64.0, 60.0, 4 * 62.0, 0.0], [2])
+    assert rule.capped([64.0, 64_000.0]) == ([64.0, 256.0], [1])  # a pair: against the other one
+    assert rule.capped([64.0, 200.0, 70.0]) == (
+        [64.0, 200.0, 70.0],
+        [],
+    )  # a faster honest peer, within the cap
+    assert rule.capped([5.0]) == ([5.0], [])  # alone: nothing to compare with
+    assert Aggregator("mean", weight_cap=None).capped([1.0, 1e6]) == ([1.0, 1e6], [])
+    assert Aggregator("median").capped([1.0, 1e6]) == (
+        [1.0, 1e6],
+        [],
+    )  # robust rules ignore the weights anyway
+    parts = [torch.ones(3), torch.full((3,), -1000.0)]
+    torch.testing.assert_close(rule.combine(parts, rule.capped([1.0, 1000.0])[0]), torch.full((3,), -799.8))

@@ -14,7 +14,7 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
 from potluck.hivemind_ext.aggregators import Aggregator
-from potluck.hivemind_ext.allreduce import SameAverages, aggregate_with, refused_parts
+from potluck.hivemind_ext.allreduce import SameAverages, aggregate_with, capped_weights, refused_parts
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
 from tests.helpers import loopback_averagers
@@ -172,13 +172,14 @@ def test_a_peer_sending_nan_is_refused_and_the_others_average_without_it():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["mean", "median"])
+@pytest.mark.parametrize("kind", ["uncapped mean", "mean", "median"])
 def test_a_robust_rule_keeps_a_sign_flipping_peer_with_a_huge_weight_from_the_average(kind):
-    """Issue 17: one peer sends its values sign-flipped at 1000x and claims 1000x the samples. The mean goes
-    wherever it says; with a robust rule the reducers leave its part out (its norm is far past the group's)
-    and take the median of the rest, whatever weight it claims, and count the refusal."""
-    refused_before = refused_parts()
-    aggregate_with(Aggregator(kind))
+    """Issue 17: one peer sends its values sign-flipped at 1000x and claims 1000x the samples. hivemind's mean
+    goes wherever it says; the mean counts its weight for at most 4 honest peers' (``weight_cap``), so it moves
+    the average less but still far; with a robust rule the reducers leave its part out (its norm is far past
+    the group's) and take the median of the rest, whatever weight it claims, and count the refusal."""
+    refused_before, capped_before = refused_parts(), capped_weights()
+    aggregate_with(Aggregator("mean", weight_cap=None) if kind == "uncapped mean" else Aggregator(kind))
     try:
         with _averagers((_Exact, 1.0), (_Exact, 2.0), (_Exact, 3.0), (_Exact, -1000.0)) as averagers:
             weights = (1.0, 1.0, 1.0, 1000.0)
@@ -190,11 +191,17 @@ def test_a_robust_rule_keeps_a_sign_flipping_peer_with_a_huge_weight_from_the_av
     finally:
         aggregate_with(Aggregator())
     assert all(isinstance(o, dict) and len(group_of(o)) == 4 for o in outcomes), outcomes
-    expected = 2.0 if kind == "median" else (1.0 + 2.0 + 3.0 - 1000.0 * 1000.0) / 1003.0
+    expected = {
+        "median": 2.0,
+        "mean": (1.0 + 2.0 + 3.0 - 4 * 1000.0) / 7,  # its weight counted as 4x the others' median, 1
+        "uncapped mean": (1.0 + 2.0 + 3.0 - 1000.0 * 1000.0) / 1003.0,
+    }[kind]
     for tensor in tensors:
         torch.testing.assert_close(tensor, torch.full_like(tensor, expected))
     refused = refused_parts() - refused_before
     assert refused >= 2 if kind == "median" else refused == 0  # each reducer left the flipped part out
+    capped = capped_weights() - capped_before
+    assert 1 <= capped <= 4 if kind == "mean" else capped == 0  # once in the round by each reducer of a part
 
 
 @pytest.mark.timeout(120)

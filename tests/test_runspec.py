@@ -198,6 +198,12 @@ def test_bad_diloco_settings_are_named(averaging, named, says):
         ({"kind": "trimmed_mean", "trim": 0.5}, "averaging.aggregator.trim", "less than 0.5"),
         ({"clip_radius": 2.0}, "averaging.aggregator.clip_radius", "only used with kind 'centered_clip'"),
         ({"outlier_norm": 3.0}, "averaging.aggregator.outlier_norm", "(kind is 'mean')"),
+        (
+            {"kind": "median", "weight_cap": 2.0},
+            "averaging.aggregator.weight_cap",
+            "only used with kind 'mean'",
+        ),
+        ({"weight_cap": 1.0}, "averaging.aggregator.weight_cap", "greater than 1"),
     ],
 )
 def test_bad_aggregator_settings_are_named(aggregator, named, says):

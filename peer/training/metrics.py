@@ -11,7 +11,7 @@ import time
 from prometheus_client import start_http_server
 
 from potluck.hivemind_ext.access import REFUSED_KINDS, refused_calls
-from potluck.hivemind_ext.allreduce import refused_parts
+from potluck.hivemind_ext.allreduce import capped_weights, refused_parts
 from potluck.peer.averaging.strategy import round_outcome
 from potluck.runtime.metrics import MetricSet
 
@@ -109,6 +109,12 @@ class PeerMetrics:
             " a finite non-negative number), since start; the peer's log names each sender",
         )
         refused.labels(run_id).set_function(refused_parts)
+        capped = series.gauge(
+            "potluck_capped_averaging_weights",
+            "Senders whose claimed weight this peer's reducers capped at averaging.aggregator.weight_cap x the other"
+            " senders' median, once per sender and round, since start; the peer's log names each sender",
+        )
+        capped.labels(run_id).set_function(capped_weights)
         forbidden = series.gauge(
             "potluck_access_refused",
             "A private run's refusals of peers without a valid access token, since start, by what they tried (join,"
