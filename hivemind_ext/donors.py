@@ -502,7 +502,8 @@ class CheckedDownloads(DecentralizedAverager):
 
     async def _probe(self, peer: PeerID, timeout: float | None, failed=None):
         """``peer``'s state metadata (with its manifest) from the first message of its download stream,
-        the stream then closed; None if it sent none (busy, not sharing), ``failed`` if it failed."""
+        the stream then closed; None if it sent none (busy, not sharing) or not within ``timeout`` (a loaded
+        peer), ``failed`` if it failed (unreachable)."""
         try:
             stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
@@ -511,6 +512,8 @@ class CheckedDownloads(DecentralizedAverager):
                     return self.serializer.loads(message.metadata) if message.metadata else None
             finally:
                 await stream.aclose()
+        except TimeoutError:
+            logger.info(f"state download: {peer} did not answer for its manifest within {timeout} s")
         except Exception as e:
             logger.info(f"state download: {peer} did not answer for its manifest: {e!r}")
             return failed
