@@ -5,8 +5,11 @@ differently on each side (a gradient round whose parts arrived on one side only,
 missed), and no later round evens it out: in CI the two peers of a pair ended with different adapters
 (tests/test_families.py, four pairs on two cores). At the end each peer marks the state it serves as final
 (``CheckedDownloads.final_step``), reads every other donor's manifest (:meth:`CheckedDownloads.probe_donors`)
-and, where the final states differ, every peer picks the same one (:func:`chosen`): the state most peers hold,
-ties broken by its digests, so each side makes the same choice from the same manifests. A peer that holds
+and, where the final states differ, every peer picks the same one (:func:`chosen`): the state most final peers
+hold, ties broken by its digests, so each side makes the same choice from the same manifests. Peers that left
+still count with the state they held, and each final peer serves how many holders of its state it saw
+(``SUPPORT_KEY``), so a laggard that arrives after most of the majority left still picks the majority's state
+(under load one of four peers reached the end 15 s after the others; the last two then tied). A peer that holds
 another downloads it from a peer that holds it, checked against that manifest. Under a robust aggregator a
 state is taken only from a majority of at least two (one attacker's state never wins a tie). A peer leaves once
 every other final peer holds its state, or after ``wait`` seconds. A peer in client mode serves nothing: it
@@ -20,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from potluck.hivemind_ext.donors import FINAL_KEY, MANIFEST_KEY, UNREACHABLE, CheckedDownloads
+from potluck.hivemind_ext.donors import FINAL_KEY, MANIFEST_KEY, SUPPORT_KEY, UNREACHABLE, CheckedDownloads
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +61,25 @@ def state_key(metadata) -> tuple | None:
     return (step if isinstance(step, int) else -1, tuple(entries))
 
 
+def support(states: dict[str, dict], holders: list[str], robust: bool) -> int:
+    """How many final peers hold the state of ``holders``: those here, or more where one of them says it saw
+    more (``SUPPORT_KEY``; peers that saw them have left). Under a ``robust`` rule only those here count (an
+    attacker would claim any number)."""
+    claimed = [states[p].get(SUPPORT_KEY) for p in holders] if not robust else []
+    return max([len(holders), *(n for n in claimed if isinstance(n, int) and not isinstance(n, bool))])
+
+
 def chosen(states: dict[str, dict], robust: bool) -> list[str] | None:
     """The peers (ids, sorted) that hold the state every final peer takes, from each one's served metadata:
-    the state most of them hold, ties broken by the larger step and digests. Under a ``robust`` rule only a
-    majority of at least two; None when no state may be taken (or none has digests)."""
+    the state most final peers hold (:func:`support`), ties broken by the larger step and digests. Under a
+    ``robust`` rule only a majority of at least two; None when no state may be taken (or none has digests)."""
     groups: dict[tuple, list[str]] = {}
     for peer, metadata in states.items():
         if (key := state_key(metadata)) is not None:
             groups.setdefault(key, []).append(peer)
     if not groups:
         return None
-    members = groups[max(groups, key=lambda key: (len(groups[key]), key))]
+    members = groups[max(groups, key=lambda key: (support(states, groups[key], robust), key))]
     if robust and (len(members) < 2 or 2 * len(members) <= len(states)):
         return None
     return sorted(members)
@@ -104,15 +115,21 @@ def agree_on_final_state(
     own_id = str(averager.peer_id)
     deadline = time.monotonic() + wait
     took = False
+    seen: dict[str, dict] = {}  # every final peer's last state, those that left since included
     while True:
         own = averager.get_current_state()[0]
         if state_key(own) is None:
             return Agreement("skipped", 1, 1)
         probes = averager.probe_donors(probe_timeout)
         final = {peer: p for peer, p in probes.items() if isinstance(p, dict) and p.get(FINAL_KEY) == step}
+        seen.update(final)
         waiting = sum(_may_still_end_here(p, step) for peer, p in probes.items() if peer not in final)
-        states = {own_id: own, **final} if serving else final
+        # the choice counts the peers that left too: the last two of four must not pick the laggard's state
+        # in a tie once the others, who held the majority's, have gone
+        states = {own_id: own, **seen} if serving else dict(seen)
         members = chosen(states, robust)
+        holders = [p for p, m in states.items() if state_key(m) == state_key(own)]
+        averager.final_support = support(states, holders, robust) if holders else 1
         holding = 1 + sum(state_key(p) == state_key(own) for p in final.values())
         out_of_time = time.monotonic() >= deadline or stopping()
         if not final and not waiting:

@@ -160,6 +160,8 @@ MANIFEST_KEY = "manifest"
 """The key of the tensor manifest in a state's metadata (a dict, as every averager here sends)."""
 FINAL_KEY = "final"
 """The key, in a served state's metadata, of the global step at which its peer's run ended (``agreement.py``)."""
+SUPPORT_KEY = "support"
+"""The key, beside ``FINAL_KEY``, of how many final peers its peer has seen hold that state (itself included)."""
 UNREACHABLE = "unreachable"
 """What :meth:`CheckedDownloads.probe_donors` says of a donor that could not be reached (busy: None)."""
 
@@ -321,6 +323,8 @@ class CheckedDownloads(DecentralizedAverager):
     final_step: int | None = None
     """The global step at which this peer's run ended, once it did (set in the process that created the
     averager, where the served state is made): every state served from then on says so (``FINAL_KEY``)."""
+    final_support: int = 1
+    """How many final peers this peer has seen hold its state (served as ``SUPPORT_KEY``)."""
 
     def __init__(self, *args, **kwargs):
         self._discarded = mp.Value(ctypes.c_int64, 0)  # counted in the averager's process, read in ours
@@ -357,7 +361,7 @@ class CheckedDownloads(DecentralizedAverager):
             exact = isinstance(self.state_compression, NoCompression)
             metadata = {**metadata, MANIFEST_KEY: tensor_manifest(tensors, exact)}
             if self.final_step is not None:
-                metadata[FINAL_KEY] = self.final_step
+                metadata[FINAL_KEY], metadata[SUPPORT_KEY] = self.final_step, self.final_support
         return metadata, tensors, infos
 
     def probe_donors(self, timeout: float) -> dict[str, object]:

@@ -278,9 +278,12 @@ class _ObservedStateAverager(
             self._wait_for_pending_unless_alone()
             super().step(wait_for_delayed_updates=True)
         # leaving (settle, shutdown): a round whose partner hung would hold the exit for up to
-        # averaging_timeout; the swarm's next state round evens out whatever this peer misses
-        leaving = kwargs.get("wait_for_delayed_updates") and self.stop.is_set() and self.pending_updates
-        if leaving and not self._wait_for_pending_unless_alone():
+        # averaging_timeout; the swarm's next state round evens out whatever this peer misses. At the end of a
+        # run (settle) the last step's round of a peer that took it alone looked for the others, who had
+        # finished, for its whole averaging_timeout: cancelled once they have all left (the end's agreement
+        # then gives this peer their state, hivemind_ext/agreement.py)
+        waiting = kwargs.get("wait_for_delayed_updates") and self.pending_updates
+        if waiting and not self._wait_for_pending_unless_alone() and self.stop.is_set():
             logger.info("leaving without the result of the last state round (it had not ended)")
             return None
         return super().step(*args, optimizer_step=optimizer_step, **kwargs)
@@ -580,7 +583,7 @@ class BoundedOptimizer(Optimizer):
 
     def agree_on_final_state(self) -> Agreement:
         """After the run's last step (and its last state round): agree with the peers that ended the run with
-        this one on one state (``agreement.py``), within ``averaging_timeout``. A state taken is reported as a
+        this one on one state (``agreement.py``), within twice ``averaging_timeout``. A state taken is reported as a
         state download."""
 
         def take(donors: list[str], metadata: dict) -> bool:
@@ -603,7 +606,9 @@ class BoundedOptimizer(Optimizer):
             averager,
             self.local_epoch,
             take=take,
-            wait=self.averaging_timeout,
+            # (a peer a step behind still takes its last step and its state round, each ended within
+            # matchmaking_time once the others have left, then comes here)
+            wait=2 * self.averaging_timeout,
             probe_timeout=averager.next_chunk_timeout or averager.request_timeout,
             robust=aggregator_in_use().robust,
             serving=not self.client_mode,

@@ -134,3 +134,13 @@ def test_under_a_robust_rule_peers_without_a_majority_leave_apart_without_waitin
     agreements, ended = _end_together(A, B, C, robust=True, wait=60.0)
     assert [a.outcome for a in agreements] == ["apart"] * 3
     assert [_equal(e, s) for e, s in zip(ended, (A, B, C), strict=True)] == [True] * 3
+
+
+@pytest.mark.unit
+def test_peers_that_left_count_through_the_holders_they_were_seen_by():
+    """The last two of four: the laggard's state and one peer of the majority, which saw three hold its state
+    before two of them left. The majority's state is chosen, not the tie's digest order (under a robust rule only
+    the peers here count: an attacker would claim any support)."""
+    last_two = {"p": _served(A, support=3), "q": _served(B, support=1)}
+    assert chosen(last_two, robust=False) == ["p"]
+    assert chosen({"p": _served(A, support=1), "q": _served(B, support=3)}, robust=False) == ["q"]
