@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from potluck.hivemind_ext.donors import FINAL_KEY, MANIFEST_KEY, SUPPORT_KEY, UNREACHABLE, CheckedDownloads
+from potluck.hivemind_ext.donors import FINAL_KEY, SUPPORT_KEY, UNREACHABLE, CheckedDownloads, state_key
 
 logger = logging.getLogger(__name__)
 
@@ -41,24 +41,6 @@ class Agreement:
     """Final peers seen at the end, this one included."""
     holding: int
     """Of those, the peers that held the state this one ended with."""
-
-
-def state_key(metadata) -> tuple | None:
-    """What two peers' states must share to be the same state: the global step and every tensor's dtype, shape
-    and digest. None for a state without digests (sent compressed) or a malformed one."""
-    manifest = metadata.get(MANIFEST_KEY) if isinstance(metadata, dict) else None
-    if not isinstance(manifest, list) or not manifest:
-        return None
-    entries = []
-    for entry in manifest:
-        if not (
-            isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[2], bytes) and entry[2]
-        ):
-            return None
-        dtype, shape, digest = entry
-        entries.append((str(dtype), tuple(int(n) for n in shape), digest))
-    step = metadata.get("epoch")
-    return (step if isinstance(step, int) else -1, tuple(entries))
 
 
 def support(states: dict[str, dict], holders: list[str], robust: bool) -> int:
@@ -79,7 +61,12 @@ def chosen(states: dict[str, dict], robust: bool) -> list[str] | None:
             groups.setdefault(key, []).append(peer)
     if not groups:
         return None
-    members = groups[max(groups, key=lambda key: (support(states, groups[key], robust), key))]
+    members = groups[
+        max(
+            groups,
+            key=lambda key: (support(states, groups[key], robust), -1 if key[0] is None else key[0], key[1]),
+        )
+    ]
     if robust and (len(members) < 2 or 2 * len(members) <= len(states)):
         return None
     return sorted(members)
@@ -116,9 +103,9 @@ def agree_on_final_state(
     deadline = time.monotonic() + wait
     took = False
     seen: dict[str, dict] = {}  # every final peer's last state, those that left since included
+    own = averager.get_current_state()[0]  # (a copy of the whole state, digested: again only after a take)
     while True:
-        own = averager.get_current_state()[0]
-        if state_key(own) is None:
+        if (own_key := state_key(own)) is None:
             return Agreement("skipped", 1, 1)
         probes = averager.probe_donors(probe_timeout)
         final = {peer: p for peer, p in probes.items() if isinstance(p, dict) and p.get(FINAL_KEY) == step}
@@ -128,16 +115,16 @@ def agree_on_final_state(
         # in a tie once the others, who held the majority's, have gone
         states = {own_id: own, **seen} if serving else dict(seen)
         members = chosen(states, robust)
-        holders = [p for p, m in states.items() if state_key(m) == state_key(own)]
+        holders = [p for p, m in states.items() if state_key(m) == own_key]
         averager.final_support = support(states, holders, robust) if holders else 1
-        holding = 1 + sum(state_key(p) == state_key(own) for p in final.values())
+        holding = 1 + sum(state_key(p) == own_key for p in final.values())
         out_of_time = time.monotonic() >= deadline or stopping()
         if not final and not waiting:
             return Agreement("alone", 1, 1)
         if members is None:
             if not waiting:
                 out_of_time = True  # (no majority, and nobody left to make one)
-        elif own_id in members or state_key(own) == state_key(states[members[0]]):
+        elif own_id in members or own_key == state_key(states[members[0]]):
             if not waiting and holding == 1 + len(final):
                 return Agreement("took" if took else "agreed", 1 + len(final), holding)
         elif not waiting or out_of_time:
@@ -147,6 +134,7 @@ def agree_on_final_state(
             )
             if take(members, states[members[0]]):
                 took = True
+                own = averager.get_current_state()[0]
                 continue
         if out_of_time:
             logger.warning(

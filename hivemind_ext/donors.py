@@ -246,6 +246,22 @@ def consistent(first: list[torch.Tensor], other: list[torch.Tensor]) -> bool:
     )
 
 
+def state_key(metadata) -> tuple | None:
+    """What two donors' states must share to be one state: ``(global step or None, ((dtype, shape, digest), ...))``
+    from a served state's ``metadata``; None where it sent nothing (busy) or a manifest without digests (a state
+    sent compressed): nothing to compare with."""
+    manifest = metadata.get(MANIFEST_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(manifest, list) or not all(
+        isinstance(e, (list, tuple)) and len(e) == 3 and e[2] for e in manifest
+    ):
+        return None
+    step = metadata.get("epoch")
+    return (
+        step if isinstance(step, int) and not isinstance(step, bool) else None,
+        tuple((str(d), tuple(shape), bytes(digest)) for d, shape, digest in manifest),
+    )
+
+
 def vouched_donors(manifests: dict[T, object], newest: int = -1) -> tuple[list[T], int | None, list] | None:
     """The donors whose state at least two of them vouch for, from each donor's probed ``metadata``
     (None: it sent nothing): ``(donors, global step, manifest)`` of the largest group of donors whose
@@ -257,18 +273,12 @@ def vouched_donors(manifests: dict[T, object], newest: int = -1) -> tuple[list[T
     groups: dict[tuple, list[T]] = {}
     manifest_of: dict[tuple, list] = {}
     for donor, metadata in manifests.items():
-        manifest = metadata.get(MANIFEST_KEY) if isinstance(metadata, dict) else None
-        if not isinstance(manifest, list) or not all(
-            isinstance(e, (list, tuple)) and len(e) == 3 and e[2] for e in manifest
-        ):
+        if (key := state_key(metadata)) is None:
             continue  # sent nothing (busy), or a manifest without digests: nothing to vouch with
-        step = metadata.get("epoch")
-        step = step if isinstance(step, int) else None
-        if newest >= 0 and step is not None and step > newest:
+        if newest >= 0 and key[0] is not None and key[0] > newest:
             continue
-        key = (step, tuple((str(d), tuple(shape), bytes(digest)) for d, shape, digest in manifest))
         groups.setdefault(key, []).append(donor)
-        manifest_of[key] = manifest
+        manifest_of[key] = metadata[MANIFEST_KEY]
     if not groups:
         return None
     key = max(groups, key=lambda k: (len(groups[k]), -1 if k[0] is None else k[0]))

@@ -106,8 +106,14 @@ class _AnnouncedLeave(ProgressTracker):
     until the leaver's record expired a minute later
     (``tests/test_swarm.py::test_a_peer_that_leaves_with_ctrl_c_does_not_stall_the_other``)."""
 
+    _withdrawn = False
+
     def shutdown(self, timeout: float | None = None) -> None:
-        # NOTE: hivemind's own shutdown, except that the withdrawal is waited for
+        # NOTE: hivemind's own shutdown, except that the withdrawal is waited for, once (a peer that ended its
+        # run withdraws at the end's agreement, then the optimizer's shutdown calls this again)
+        if self._withdrawn:
+            return
+        self._withdrawn = True
         self.shutdown_triggered.set()
         self.should_report_progress.set()
         self.global_state_updated.set()

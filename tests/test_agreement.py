@@ -8,10 +8,16 @@ import threading
 import pytest
 import torch
 
-from potluck.hivemind_ext.agreement import Agreement, agree_on_final_state, chosen, state_key
+from potluck.hivemind_ext.agreement import Agreement, agree_on_final_state, chosen
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht
-from potluck.hivemind_ext.donors import CheckedDownloads, StoppableDownloads, other_donors, tensor_manifest
+from potluck.hivemind_ext.donors import (
+    CheckedDownloads,
+    StoppableDownloads,
+    other_donors,
+    state_key,
+    tensor_manifest,
+)
 from tests.helpers import wait_until
 
 STEP = 7
