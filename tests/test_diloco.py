@@ -104,6 +104,25 @@ def test_two_peers_share_global_weights_and_loss_falls(make_spec, local_swarm, t
     assert after.loss < before.loss * 0.8, (before, after)
 
 
+@pytest.mark.timeout(240)
+def test_two_peers_under_a_robust_rule_step_alone_instead_of_retrying_a_round_that_cannot_average(
+    make_spec, local_swarm, tmp_path
+):
+    # a robust rule cannot tell which of two senders is honest, so a pair does not average
+    # (hivemind_ext/rounds.py); DiLoCo peers retried such a round for ever and never took an outer step
+    steps, averaging = 2, {**DILOCO, "inner_steps": 3, "aggregator": {"kind": "trimmed_mean"}}
+    swarm = local_swarm(make_spec(max_global_steps=steps, averaging=averaging))
+    first, address = start_first(swarm, "a", ["--min-peers", "2"], tmp_path)
+    second = swarm.start_peer("b", ["--min-peers", "2"], initial_peers=[address])
+    assert swarm.wait_all(timeout=180) == [0, 0], first.log()[-3000:] + second.log()[-3000:]
+    # each outer step taken alone, or caught up by download from the peer ahead; none averaged
+    rounds = {peer.name: [e["outcome"] for e in peer.events("averaging_round")] for peer in (first, second)}
+    assert set(rounds["a"] + rounds["b"]) == {"alone"}, rounds
+    for peer in (first, second):
+        assert peer.summary().rounds.alone == len(rounds[peer.name]) and peer.summary().global_step == steps
+        assert not rounds[peer.name] or "fewer than 3 peers in the run" in peer.log()
+
+
 @pytest.mark.timeout(300)
 def test_four_peers_hold_the_same_outer_state_at_every_outer_step(make_spec, local_swarm, tmp_path):
     # with a short matchmaking time on 2 loaded cores, 4 peers at one outer step sometimes met as 2 + 2:

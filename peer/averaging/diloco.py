@@ -169,6 +169,10 @@ class DiLoCoAveraging(AveragingStrategy):
         )
         """Seconds after which a background round that has not ended is abandoned."""
         self._matchmaking_time = averaging.matchmaking_time
+        self._min_group = averaging.aggregator.rule().min_group_size
+        """The fewest peers an outer round averages (3 under a robust rule, hivemind_ext/rounds.py): with fewer in
+        the run a peer applies its own pseudo-gradient. A pair under a robust rule had retried its round, which
+        averages nothing, for ever: neither peer took an outer step."""
         self._load_state_timeout = averaging.load_state_timeout
         self._load_state_attempts = averaging.load_state_attempts
         self._final_global_step = final_global_step or spec.max_global_steps
@@ -233,6 +237,7 @@ class DiLoCoAveraging(AveragingStrategy):
             initial_group_bits=round_bits(0),
             min_matchmaking_time=averaging.matchmaking_time,
             target_group_size=averaging.target_group_size,
+            min_group_size=self._min_group,  # a leader waits for a group that can average under the rule
             request_timeout=request_timeout,
             allreduce_timeout=averaging.averaging_timeout,
             next_chunk_timeout=averaging.download_chunk_timeout,
@@ -301,7 +306,9 @@ class DiLoCoAveraging(AveragingStrategy):
                 return self._catch_up()
             if decision == "alone":
                 self._apply_outer([g - p.detach().to("cpu", torch.float32) for g, p in self._local_pairs()])
-                logger.info(f"outer step {self._outer_step}: alone, applied this peer's pseudo-gradient")
+                why = "alone" if self._min_group <= 2 else f"fewer than {self._min_group} peers in the run"
+                logger.info(f"outer step {self._outer_step}: {why}, applied this peer's pseudo-gradient")
+                self._listener.averaging_round(True, 1, 0, 0)  # counted as a step taken alone
                 return True
             if decision == "wait":
                 return False
@@ -318,7 +325,7 @@ class DiLoCoAveraging(AveragingStrategy):
     def _next_move(self) -> str:
         """What a peer with no round in flight does now: ``catch up`` (the swarm is at a later outer step),
         ``train`` (fewer than H inner steps), ``wait`` (the others not ready yet), ``alone`` (nobody else in
-        the run) or ``start`` (a round: everyone is ready, or ``averaging_timeout`` passed waiting)."""
+        the run, or fewer peers than a round under the run's rule averages) or ``start`` (a round: everyone is ready, or ``averaging_timeout`` passed waiting)."""
         if self._tracker.global_epoch > self._outer_step:
             return "catch up"
         if self._inner_in_round < self._inner_steps:
@@ -332,7 +339,7 @@ class DiLoCoAveraging(AveragingStrategy):
         if not self._tracker.fetched_global_progress_this_epoch.is_set():
             return "wait"  # decide on a view of the swarm fetched after this peer became ready
         glob = self._tracker.global_progress
-        if glob.num_peers <= 1:
+        if glob.num_peers < self._min_group:
             return "alone"
         in_round = max(self._tracker.peers_in_round, 1)
         everyone_ready = glob.samples_accumulated >= in_round * self._inner_steps * self._samples_unit
