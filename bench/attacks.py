@@ -6,7 +6,8 @@ What is measured
     every peer). In an attacked run the last ``--malicious`` (default 1) of them are ``bench/poison_peer.py ATTACK
     1`` (every local step: ``sign_flip`` -10x, a ``random`` direction at 1000x the norm, ``inflate`` 1000x the
     claimed samples, ``label_flip`` training on flipped labels, ``stale`` gradients 10 steps old). Each run is done
-    once with ``averaging.aggregator.kind: mean`` and once with each of ``--robust`` (default ``trimmed_mean``);
+    once with ``averaging.aggregator.kind: mean`` (its default ``weight_cap``; ``--uncapped`` adds hivemind's
+    uncapped weighting) and once with each of ``--robust`` (default ``trimmed_mean``);
     the order rotates from attack to attack and run to run. Each slot keeps its libp2p identity from run to run
     (``--identity-path``), so it reads the same data order in every run and the runs differ by the attack, the
     rule and the rounds' timing alone. The honest peer ``a``'s last checkpoint is evaluated on the held-out set.
@@ -16,7 +17,8 @@ How to read it
     One line per run: attack, aggregator, held-out loss, median round seconds.
     ``--runs`` repeats the whole set; then min / median / max of each ratio to the clean run with the mean. Last
     line: per robust aggregator ``worst_K_ratio`` (its worst median ratio over the attacks; issue 17: within 1.05
-    of the clean run) and ``round_ratio_K`` (its clean rounds' median seconds ÷ the mean's; goal at most 1.2),
+    of the clean run) and ``round_ratio_K`` (its clean rounds' median seconds ÷ the mean's; goal at most 1.2; the
+    per-run ratios' min / median / max are printed above it),
     then ``worst_mean_ratio`` (the damage without a robust rule).
 
 Run: ``.venv/bin/python bench/attacks.py`` (about 1.5 minutes per run of 4 peers on 2 CPU cores; 16 runs by
@@ -62,8 +64,16 @@ def _robust_kinds(text: str) -> list[str]:
     return kinds
 
 
+UNCAPPED = "mean_uncapped"
+"""hivemind's own weighting: the mean with ``weight_cap: null`` (each part weighted by its sender's claim)."""
+
+
 def write_spec(workdir: Path, aggregator: str, steps: int, peers: int, trim: float = 0.25) -> Path:
-    rule = {"kind": aggregator, **({"trim": trim} if aggregator == "trimmed_mean" else {})}
+    rule = (
+        {"kind": "mean", "weight_cap": None}
+        if aggregator == UNCAPPED
+        else {"kind": aggregator, **({"trim": trim} if aggregator == "trimmed_mean" else {})}
+    )
     spec = {
         **DEMO_SPEC,
         "run_id": f"bench-attacks-{aggregator.replace('_', '-')}",
@@ -108,7 +118,7 @@ def one_run(
 
 def run(workdir: Path, args: argparse.Namespace) -> int:
     build_assets(workdir, task=DEMO_TASK)
-    kinds = ["mean", *args.robust]
+    kinds = ["mean", *([UNCAPPED] if args.uncapped else []), *args.robust]
     specs = {kind: write_spec(workdir, kind, args.steps, args.peers, args.trim) for kind in kinds}
     attacks = ["clean", *args.attacks]
     results: dict[tuple[str, str], list[dict[str, float]]] = {(a, k): [] for a in attacks for k in specs}
@@ -133,12 +143,18 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
     for key, values in ratios.items():
         print(f"{key[0]:>10} {key[1]:>14}: {median_min_max('ratio', values)}")
     rounds = {k: statistics.median(f["round_s"] for f in results["clean", k]) for k in specs}
+    print("\nclean runs' median round seconds / the mean's in the same run (median over runs, min, max):")
+    for k in kinds[1:]:
+        pairs = zip(results["clean", k], results["clean", "mean"], strict=True)
+        per_run = [f["round_s"] / m["round_s"] for f, m in pairs]
+        print(f"{k:>14}: {median_min_max('round_ratio', per_run, digits=2)}")
     worst = {k: max(statistics.median(ratios[a, k]) for a in attacks) for k in args.robust}
     mean = [statistics.median(ratios[a, "mean"]) for a in args.attacks]
     print(
         " ".join(
             f"worst_{k}_ratio={worst[k]:.3f} round_ratio_{k}={rounds[k] / rounds['mean']:.2f}" for k in worst
         )
+        + (f" round_ratio_{UNCAPPED}={rounds[UNCAPPED] / rounds['mean']:.2f}" if args.uncapped else "")
         + f" worst_mean_ratio={max(mean, default=float('nan')):.3f} peers={args.peers} malicious={args.malicious}"
         f" trim={args.trim}"
         f" steps={args.steps} runs={args.runs} attacks={','.join(args.attacks)}"
@@ -169,6 +185,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_attacks,
         default=["sign_flip", "random", "inflate"],
         help=f"comma-separated, of {', '.join(a for a in ATTACKS if a != 'nan')}",
+    )
+    p.add_argument(
+        "--uncapped",
+        action="store_true",
+        help=f"also run {UNCAPPED}: the mean as hivemind weights it (weight_cap null), a baseline of round time",
     )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take")
     return p.parse_args(argv)
