@@ -325,7 +325,8 @@ class DiLoCoAveraging(AveragingStrategy):
     def _next_move(self) -> str:
         """What a peer with no round in flight does now: ``catch up`` (the swarm is at a later outer step),
         ``train`` (fewer than H inner steps), ``wait`` (the others not ready yet), ``alone`` (nobody else in
-        the run, or fewer peers than a round under the run's rule averages) or ``start`` (a round: everyone is ready, or ``averaging_timeout`` passed waiting)."""
+        the run, or fewer peers than a round under the run's rule averages) or ``start`` (a round: everyone is
+        ready, or ``averaging_timeout`` passed waiting)."""
         if self._tracker.global_epoch > self._outer_step:
             return "catch up"
         if self._inner_in_round < self._inner_steps:
