@@ -53,7 +53,9 @@ class LocalCoordinator:
                 command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + timeout
-        while "dashboard on" not in self.log():
+        # the last line run-coordinator prints once it serves (the web server's own "dashboard on" log line comes
+        # before the TLS and token lines: a test that read those right after it failed when the CLI was slower)
+        while "run-coordinator: runs are signed by" not in self.log():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"run-coordinator did not start:\n{self.log()[-3000:]}")
