@@ -23,7 +23,8 @@ How to read it
 
 Run: ``.venv/bin/python bench/attacks.py`` (about 1.5 minutes per run of 4 peers on 2 CPU cores; 16 runs by
 default). Issue 17's 3 of 8: ``--peers 8 --malicious 3 --trim 0.375`` (the default trim, 0.25, drops 2 of 8
-values per coordinate, which leaves a third attacker in).
+values per coordinate, which leaves a third attacker in). The robust rules' spec says ``attackers`` as many as
+``--malicious`` unless ``--attackers`` says otherwise: groups too small to outvote that many do not average.
 """
 
 from __future__ import annotations
@@ -68,12 +69,17 @@ UNCAPPED = "mean_uncapped"
 """hivemind's own weighting: the mean with ``weight_cap: null`` (each part weighted by its sender's claim)."""
 
 
-def write_spec(workdir: Path, aggregator: str, steps: int, peers: int, trim: float = 0.25) -> Path:
-    rule = (
-        {"kind": "mean", "weight_cap": None}
-        if aggregator == UNCAPPED
-        else {"kind": aggregator, **({"trim": trim} if aggregator == "trimmed_mean" else {})}
-    )
+def write_spec(
+    workdir: Path, aggregator: str, steps: int, peers: int, trim: float = 0.25, attackers: int = 1
+) -> Path:
+    if aggregator in (UNCAPPED, "mean"):
+        rule = {"kind": "mean", **({"weight_cap": None} if aggregator == UNCAPPED else {})}
+    else:
+        rule = {
+            "kind": aggregator,
+            "attackers": attackers,
+            **({"trim": trim} if aggregator == "trimmed_mean" else {}),
+        }
     spec = {
         **DEMO_SPEC,
         "run_id": f"bench-attacks-{aggregator.replace('_', '-')}",
@@ -119,7 +125,10 @@ def one_run(
 def run(workdir: Path, args: argparse.Namespace) -> int:
     build_assets(workdir, task=DEMO_TASK)
     kinds = ["mean", *([UNCAPPED] if args.uncapped else []), *args.robust]
-    specs = {kind: write_spec(workdir, kind, args.steps, args.peers, args.trim) for kind in kinds}
+    specs = {
+        kind: write_spec(workdir, kind, args.steps, args.peers, args.trim, args.attackers or args.malicious)
+        for kind in kinds
+    }
     attacks = ["clean", *args.attacks]
     results: dict[tuple[str, str], list[dict[str, float]]] = {(a, k): [] for a in attacks for k in specs}
     for r in range(args.runs):
@@ -159,7 +168,7 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
         " ".join(f"worst_{k}_ratio={v:.3f}" for k, v in worst.items())
         + "".join(f" round_ratio_{k}={statistics.median(v):.2f}" for k, v in round_ratios.items())
         + f" worst_mean_ratio={max(mean, default=float('nan')):.3f} peers={args.peers} malicious={args.malicious}"
-        f" trim={args.trim}"
+        f" trim={args.trim} attackers={args.attackers or args.malicious}"
         f" steps={args.steps} runs={args.runs} attacks={','.join(args.attacks)}"
     )
     return 0
@@ -183,6 +192,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--peers", type=int, default=4, help="peers per run (default 4)")
     p.add_argument("--malicious", type=int, default=1, help="of them attackers (default 1; issue 17: 3 of 8)")
+    p.add_argument(
+        "--attackers",
+        type=int,
+        default=None,
+        help="the robust rules' averaging.aggregator.attackers, the attackers one group must outvote (default: as"
+        " many as --malicious; 1 is the spec's default, under which groups of 3 average)",
+    )
     p.add_argument(
         "--attacks",
         type=_attacks,

@@ -21,7 +21,6 @@ from concurrent.futures import InvalidStateError
 
 from hivemind.averaging import DecentralizedAverager
 
-from potluck.hivemind_ext.aggregators import MIN_ROBUST_GROUP
 from potluck.hivemind_ext.allreduce import aggregator_in_use
 
 UPSTREAM = {
@@ -98,10 +97,15 @@ class CheckedRounds(DecentralizedAverager):
                 raise
 
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
-        if aggregator_in_use().robust and len(group_info.peer_ids) < MIN_ROBUST_GROUP:
-            # a robust rule cannot tell an honest sender from a malicious one in a group of 2 (measured: a
-            # sign-flipping peer paired with one honest peer sent the run's loss from 2.0 to 7.9): nobody
-            # averages, each keeps its own tensors, and the round says none of the average arrived
+        rule = aggregator_in_use()
+        if len(group_info.peer_ids) < rule.min_group_size:
+            # a robust rule cannot outvote f attackers in a group of 2f or fewer (measured: a sign-flipping peer
+            # paired with one honest peer sent the run's loss from 2.0 to 7.9): nobody averages, each keeps its
+            # own tensors, and the round says none of the average arrived
+            logger.info(
+                f"{type(self).__name__}: a group of {len(group_info.peer_ids)} cannot outvote {rule.attackers}"
+                f" attacker(s) under {rule.kind} (it needs {rule.min_group_size}): not averaged"
+            )
             self._running_groups[group_info.group_id].cancel()  # no runner: nobody sends parts
             return {**self._gathered_by_peer(group_info), PARTIAL: 0.0}
         if self.same_step_only:

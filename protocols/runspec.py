@@ -212,7 +212,15 @@ class AggregatorSpec(_Strict):
     peers' gradients are estimates of the same gradient: weighting them differently does not bias the step.
     null: each sender counts for what it claims (hivemind's)."""
 
-    @field_validator("trim", "clip_radius", "iterations", "outlier_norm", "weight_cap")
+    attackers: int = Field(1, ge=1, le=64)
+    """(robust kinds) How many malicious peers one averaging group must outvote. Groups smaller than the rule
+    needs for that many do not average, and matchmaking waits for one that large (``min_group_size``): 2f + 1
+    for ``median`` and ``centered_clip``, and under ``trimmed_mean`` also floor(trim × n) ≥ f (3 of 8 with
+    ``trim`` 0.375: groups of 8). A rule applies per group, and groups are drawn from the swarm, so count every
+    attacker the run may hold: with the default 1, three attackers meeting in a group of 3–5 were not bounded
+    (docs/security.md). Peers of a run smaller than that group step alone."""
+
+    @field_validator("trim", "clip_radius", "iterations", "outlier_norm", "weight_cap", "attackers")
     @classmethod
     def _only_for_its_kind(cls, value: Any, info: ValidationInfo) -> Any:
         kind = info.data.get("kind")
@@ -288,14 +296,17 @@ class AveragingSpec(_Strict):
     aggregator: AggregatorSpec = AggregatorSpec()
     """How reducers combine the group's values: the weighted ``mean`` (default), or a rule robust to a
     malicious peer (``kind: trimmed_mean``, ``median`` or ``centered_clip``). Under a robust rule only groups
-    of 3 or more average (in a group of 2 a malicious peer is half of it): a swarm of 2 never averages."""
+    that outvote ``attackers`` average (3 or more for one: in a group of 2 a malicious peer is half of it): a
+    swarm of 2 never averages."""
 
     @field_validator("aggregator")
     @classmethod
     def _groups_that_can_vote(cls, value: AggregatorSpec, info: ValidationInfo) -> AggregatorSpec:
-        if value.kind != "mean" and info.data.get("target_group_size") == 2:
+        target, fewest = info.data.get("target_group_size"), value.rule().min_group_size
+        if value.kind != "mean" and target is not None and target < fewest:
             raise ValueError(
-                f"kind {value.kind!r} averages only groups of 3 or more, and target_group_size is 2"
+                f"kind {value.kind!r} with attackers {value.attackers} averages only groups of {fewest} or more,"
+                f" and target_group_size is {target}"
             )
         return value
 

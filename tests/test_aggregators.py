@@ -30,6 +30,27 @@ def test_one_sign_flipping_sender_among_three_or_four_cannot_turn_the_average_ar
     assert 0.7 < result.mean() < 1.3, result.mean()
 
 
+@pytest.mark.parametrize(
+    ("kind", "trim", "attackers", "group"),
+    [("mean", 0.25, 1, 2), ("median", 0.25, 1, 3), ("trimmed_mean", 0.25, 1, 3), ("centered_clip", 0.25, 1, 3),
+     ("median", 0.25, 3, 7), ("centered_clip", 0.25, 3, 7), ("trimmed_mean", 0.375, 3, 8),
+     ("trimmed_mean", 0.25, 3, 12), ("trimmed_mean", 0.25, 2, 8)],
+)  # fmt: skip
+def test_the_smallest_group_that_averages_outvotes_the_attackers_it_assumes(kind, trim, attackers, group):
+    rule = Aggregator(kind, trim=trim, attackers=attackers)
+    assert rule.min_group_size == group
+    if not rule.robust:
+        return
+    # that many attackers, all in the smallest group, flipping their sign x10: the result stays with the honest
+    parts = honest(group - attackers)
+    flipped = [-10 * torch.stack(parts).mean(dim=0)] * attackers
+    result = rule.combine([*parts, *flipped], [1.0] * group)
+    assert 0.7 < result.mean() < 1.3, result.mean()
+    # one peer fewer, and nothing holds them (which is why such a group does not average)
+    fewer = rule.combine([*parts[1:], *flipped], [1.0] * (group - 1))
+    assert fewer.mean() < 0.7, fewer.mean()
+
+
 def test_a_chunk_far_past_the_groups_norm_is_named_and_weight_zero_parts_never_vote():
     parts = [*honest(3), torch.full((1000,), 1e3)]
     rule = Aggregator("median")

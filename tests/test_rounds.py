@@ -205,18 +205,27 @@ def test_a_robust_rule_keeps_a_sign_flipping_peer_with_a_huge_weight_from_the_av
 
 
 @pytest.mark.timeout(120)
-def test_under_a_robust_rule_a_group_of_two_does_not_average():
+@pytest.mark.parametrize(
+    ("rule", "values"),
+    [
+        (Aggregator("median"), (1.0, -1000.0)),
+        (Aggregator("median", attackers=2), (1.0, 2.0, -1000.0, -1000.0)),
+    ],
+    ids=["one attacker, a pair", "two attackers, a group of 4"],
+)
+def test_under_a_robust_rule_a_group_too_small_to_outvote_the_attackers_does_not_average(rule, values):
     """One honest and one malicious peer: no rule can tell which is which, so neither averages (the round
-    says none of the average arrived) and each keeps its own values."""
-    aggregate_with(Aggregator("median"))
+    says none of the average arrived) and each keeps its own values; likewise 4 peers where the run assumes 2
+    attackers (the median of 1, 2 and two attackers' -1000 would be -499.5)."""
+    aggregate_with(rule)
     try:
-        with _averagers((_Exact, 1.0), (_Exact, -1000.0)) as averagers:
+        with _averagers(*((_Exact, v) for v in values)) as averagers:
             outcomes = [_outcome(c) for c in [a.step(timeout=30.0, wait=False) for a in averagers]]
             tensors = [_tensor(a) for a in averagers]
     finally:
         aggregate_with(Aggregator())
     assert all(isinstance(o, dict) and received_fraction(o) == 0.0 for o in outcomes), outcomes
-    assert [t.unique().tolist() for t in tensors] == [[1.0], [-1000.0]]
+    assert [t.unique().tolist() for t in tensors] == [[v] for v in values]
 
 
 @pytest.mark.timeout(120)

@@ -204,11 +204,21 @@ def test_bad_diloco_settings_are_named(averaging, named, says):
             "only used with kind 'mean'",
         ),
         ({"weight_cap": 1.0}, "averaging.aggregator.weight_cap", "greater than 1"),
+        ({"attackers": 2}, "averaging.aggregator.attackers", "(kind is 'mean')"),
+        ({"kind": "median", "attackers": 0}, "averaging.aggregator.attackers", "greater than or equal to 1"),
     ],
 )
 def test_bad_aggregator_settings_are_named(aggregator, named, says):
     message = problems_of(with_changes(averaging={"aggregator": aggregator}))
     assert f"{named}:" in message and says in message, message
+
+
+def test_a_group_target_too_small_to_outvote_the_attackers_is_named():
+    # groups of 3 drop one value at each end; 3 attackers of 8 need all 8 at trim 0.375
+    aggregator = {"kind": "trimmed_mean", "trim": 0.375, "attackers": 3}
+    message = problems_of(with_changes(averaging={"target_group_size": 7, "aggregator": aggregator}))
+    assert "averaging.aggregator:" in message and "groups of 8 or more" in message, message
+    assert parse_run_spec(with_changes(averaging={"target_group_size": 8, "aggregator": aggregator}))
 
 
 @pytest.mark.parametrize(
