@@ -15,17 +15,18 @@ or forged tensor) is discarded, counted, and the next donor is tried.
 Under a robust aggregator (``averaging.aggregator`` other than ``mean``: the run expects malicious
 peers) one donor is not trusted with a newcomer's whole state: a peer that downloads first asks every
 donor for its manifest alone (the first message of its stream), and takes the state that the most
-donors, at least two, vouch for, i.e. whose manifests list the same global step and the same digests
-(:func:`vouched_donors`). The state is then downloaded from a member of that group and checked against
+donors, at least f + 1 (``averaging.aggregator.attackers`` f, 1 by default: two), vouch for, i.e. whose
+manifests list the same global step and the same digests (:func:`vouched_donors`), so f colluding attackers
+cannot vouch for a state among themselves. The state is then downloaded from a member of that group and checked against
 the group's manifest, so a donor that lies about its own is discarded like a truncated download. Honest
 peers that took the same global steps together hold bit-equal states, so they vouch for each other; a
-lone attacker vouches for nobody. Where no two donors agree (honest peers that drifted apart: a round
+lone attacker vouches for nobody. Where too few donors agree (honest peers that drifted apart: a round
 that only partly arrived, a group too small to average robustly; or donors at different steps) the
-newcomer downloads the states of three donors and combines them tensor by tensor with the run's rule
-(:func:`robust_state`; the median of three under every robust kind), so one attacker's state cannot reach it
+newcomer downloads the states of 2f + 1 donors (three by default) and combines them tensor by tensor with the
+run's rule (:func:`robust_state`; their median under every robust kind), so f attackers' states cannot reach it
 whole (measured: honest peers took an attacker's state, 1000x random steps, from the newest donor and
-ended at the attacked mean's loss); with fewer than three donors, the newest donor's state is taken as under
-the mean; where only two of three donors serve (one busy), the one nearer the peer's own state is taken
+ended at the attacked mean's loss); with fewer than 2f + 1 donors, the newest donor's state is taken as under
+the mean; where only some of them serve (others busy), the one nearest the peer's own state is taken
 (a busy honest donor had left a catching-up peer the attacker's state and the other laggard's). Either way the
 download is logged and counted (:attr:`CheckedDownloads.unvouched_downloads`):
 refusing it left a catching-up peer retrying for good while the others drifted further apart (4 peers,
@@ -202,8 +203,9 @@ def manifest_mismatch(metadata, tensors: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
-UNVOUCHED_DONORS = 3
-"""States combined where no two donors vouch for one (the fewest a median can outvote one attacker in)."""
+def unvouched_donors(attackers: int) -> int:
+    """States combined where too few donors vouch for one: 2f + 1, the fewest a median outvotes f attackers in."""
+    return 2 * attackers + 1
 
 
 def robust_state(downloads: Sequence[tuple[dict, list[torch.Tensor]]]) -> tuple[dict, list[torch.Tensor]]:
@@ -262,11 +264,14 @@ def state_key(metadata) -> tuple | None:
     )
 
 
-def vouched_donors(manifests: dict[T, object], newest: int = -1) -> tuple[list[T], int | None, list] | None:
-    """The donors whose state at least two of them vouch for, from each donor's probed ``metadata``
+def vouched_donors(
+    manifests: dict[T, object], newest: int = -1, attackers: int = 1
+) -> tuple[list[T], int | None, list] | None:
+    """The donors whose state at least ``attackers`` + 1 of them vouch for (so at least one honest donor, where
+    the run holds at most ``attackers`` colluding ones), from each donor's probed ``metadata``
     (None: it sent nothing): ``(donors, global step, manifest)`` of the largest group of donors whose
-    manifests list the same step and the same digests (ties: the newest step), or None when no two
-    agree. Donors past ``newest`` (>= 0) are left out. Only the one donor there is vouches for itself:
+    manifests list the same step and the same digests (ties: the newest step), or None when no group that
+    large agrees. Donors past ``newest`` (>= 0) are left out. Only the one donor there is vouches for itself:
     with nobody to compare it with there is no majority to lose (a robust run averages in groups of 3
     or more anyway); one that alone answered while others were busy does not.
     """
@@ -282,7 +287,7 @@ def vouched_donors(manifests: dict[T, object], newest: int = -1) -> tuple[list[T
     if not groups:
         return None
     key = max(groups, key=lambda k: (len(groups[k]), -1 if k[0] is None else k[0]))
-    if len(groups[key]) < 2 and len(manifests) > 1:
+    if len(groups[key]) < attackers + 1 and len(manifests) > 1:
         return None
     return groups[key], key[0], manifest_of[key]
 
@@ -430,20 +435,24 @@ class CheckedDownloads(DecentralizedAverager):
                 logger.info("Averager could not load state from peers: no other donor")
                 future.set_result(None)
                 return
-            wanted = 1  # downloads to take: UNVOUCHED_DONORS, combined, where no two donors vouch for one
+            wanted = 1  # downloads to take: unvouched_donors(f), combined, where too few donors vouch for one
             if expected is None and self._vouching():
+                attackers = aggregator_in_use().attackers
                 probes = await asyncio.gather(*(self._probe(peer, timeout) for peer in donors))
-                vouched = vouched_donors(dict(zip(donors, probes, strict=True)), self._newest_step.value)
+                vouched = vouched_donors(
+                    dict(zip(donors, probes, strict=True)), self._newest_step.value, attackers
+                )
                 if vouched is None:
                     steps = [p.get("epoch") if isinstance(p, dict) else None for p in probes]
-                    wanted = UNVOUCHED_DONORS if len(donors) >= UNVOUCHED_DONORS else 1
+                    unvouched = unvouched_donors(attackers)
+                    wanted = unvouched if len(donors) >= unvouched else 1
                     taking = (
                         f"combining {wanted} donors' states by the run's rule"
                         if wanted > 1
                         else "taking the newest donor's, as under the mean"
                     )
                     logger.warning(
-                        f"state download: no two of {len(donors)} donors vouch for one state (their global "
+                        f"state download: no {attackers + 1} of {len(donors)} donors vouch for one state (their global "
                         f"steps: {steps}); {taking}, unvouched"
                     )
                     with self._unvouched.get_lock():

@@ -106,6 +106,10 @@ def test_the_largest_group_of_donors_that_agree_vouches_for_a_state():
     pairs = {"a": _probe(forged, 9), "b": _probe(forged, 9), "c": _probe(honest, 8), "d": _probe(honest, 8)}
     assert vouched_donors(pairs)[0] == ["a", "b"]
     assert vouched_donors(pairs, newest=8)[0] == ["c", "d"]
+    # where the run assumes 2 colluding attackers, a pair vouches for nothing; three honest donors do
+    assert vouched_donors(pairs, attackers=2) is None
+    three = {**pairs, "e": _probe(honest, 8)}
+    assert vouched_donors(three, attackers=2)[0] == ["c", "d", "e"]
 
 
 def test_no_two_donors_agreeing_vouches_for_nothing_unless_there_is_one_donor():

@@ -44,6 +44,7 @@ from potluck.hivemind_ext.donors import (
     download_with_retries,
     other_donors,
 )
+from potluck.hivemind_ext.rounds import CheckedRounds, received_fraction
 from potluck.peer.shard.blocks import BlockSpan
 from potluck.peer.shard.server.steps import ServerSteps, StateMismatch
 from potluck.protocols.runspec import LoraAdapter, RunSpec
@@ -77,10 +78,11 @@ class SpanAdapter(ServerSteps):
 
 
 class _ReplicaAverager(
-    ServesState, StoppableDownloads, LimitedDonor, GatedAveraging, SameAverages, KeepsCtrlC
+    ServesState, StoppableDownloads, LimitedDonor, GatedAveraging, CheckedRounds, SameAverages, KeepsCtrlC
 ):
-    """Replicas hold the same average to the bit and refuse NaN parts, as every averager of a peer; the adapter's
-    state is served to late replicas, checked, a few at a time."""
+    """Replicas hold the same average to the bit and refuse NaN parts, as every averager of a peer, and a group too
+    small to outvote the run's attackers does not average (``rounds.CheckedRounds``); the adapter's state is served
+    to late replicas, checked, a few at a time."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class ReplicaAveraging:
             prefix=f"{spec.run_id}_span{span[0]}-{span[1]}_lora",
             min_matchmaking_time=averaging.matchmaking_time,
             target_group_size=averaging.target_group_size,
+            min_group_size=averaging.aggregator.rule().min_group_size,  # a group that averages under the rule
             request_timeout=averaging.request_timeout,
             allreduce_timeout=self.timeout,
             next_chunk_timeout=averaging.download_chunk_timeout,
@@ -197,8 +200,8 @@ class ReplicaAveraging:
         except Exception as e:  # noqa: BLE001 (a failed round leaves the adapter as it was)
             logger.info(f"span adapter averaging failed: {e!r}")
             return False
-        if result is None:
-            return False
+        if result is None or received_fraction(result) == 0.0:
+            return False  # (none of the average arrived: a group too small for a robust rule, or parts lost)
         with self.adapter.lock, self.averager.get_tensors() as shared:
             self.adapter.move_to(list(shared), sent, sent_at)
         self.rounds += 1
