@@ -98,7 +98,7 @@ class CheckedRounds(DecentralizedAverager):
 
     async def _aggregate_with_group(self, group_info, *args, **kwargs):
         rule = aggregator_in_use()
-        if len(group_info.peer_ids) < rule.min_group_size:
+        if rule.robust and len(group_info.peer_ids) < rule.min_group_size:
             # a robust rule cannot outvote f attackers in a group of 2f or fewer (measured: a sign-flipping peer
             # paired with one honest peer sent the run's loss from 2.0 to 7.9): nobody averages, each keeps its
             # own tensors, and the round says none of the average arrived
