@@ -126,8 +126,7 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
     build_assets(workdir, task=DEMO_TASK)
     kinds = ["mean", *([UNCAPPED] if args.uncapped else []), *args.robust]
     specs = {
-        kind: write_spec(workdir, kind, args.steps, args.peers, args.trim, args.attackers or args.malicious)
-        for kind in kinds
+        kind: write_spec(workdir, kind, args.steps, args.peers, args.trim, args.attackers) for kind in kinds
     }
     attacks = ["clean", *args.attacks]
     results: dict[tuple[str, str], list[dict[str, float]]] = {(a, k): [] for a in attacks for k in specs}
@@ -168,7 +167,7 @@ def run(workdir: Path, args: argparse.Namespace) -> int:
         " ".join(f"worst_{k}_ratio={v:.3f}" for k, v in worst.items())
         + "".join(f" round_ratio_{k}={statistics.median(v):.2f}" for k, v in round_ratios.items())
         + f" worst_mean_ratio={max(mean, default=float('nan')):.3f} peers={args.peers} malicious={args.malicious}"
-        f" trim={args.trim} attackers={args.attackers or args.malicious}"
+        f" trim={args.trim} attackers={args.attackers}"
         f" steps={args.steps} runs={args.runs} attacks={','.join(args.attacks)}"
     )
     return 0
@@ -211,7 +210,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"also run {UNCAPPED}: the mean as hivemind weights it (weight_cap null), a baseline of round time",
     )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.attackers is None:
+        args.attackers = args.malicious
+    return args
 
 
 if __name__ == "__main__":

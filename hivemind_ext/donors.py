@@ -22,10 +22,11 @@ the group's manifest, so a donor that lies about its own is discarded like a tru
 peers that took the same global steps together hold bit-equal states, so they vouch for each other; a
 lone attacker vouches for nobody. Where too few donors agree (honest peers that drifted apart: a round
 that only partly arrived, a group too small to average robustly; or donors at different steps) the
-newcomer downloads the states of 2f + 1 donors (three by default) and combines them tensor by tensor with the
-run's rule (:func:`robust_state`; their median under every robust kind), so f attackers' states cannot reach it
-whole (measured: honest peers took an attacker's state, 1000x random steps, from the newest donor and
-ended at the attacked mean's loss); with fewer than 2f + 1 donors, the newest donor's state is taken as under
+newcomer downloads the states of as many donors as the rule's smallest group that outvotes f
+(``Aggregator.min_group_size``: three by default) and combines them tensor by tensor with the run's rule
+(:func:`robust_state`; the median of three by default), so f attackers' states cannot reach it whole
+(measured: honest peers took an attacker's state, 1000x random steps, from the newest donor and
+ended at the attacked mean's loss); with fewer donors than that, the newest donor's state is taken as under
 the mean; where only some of them serve (others busy), the one nearest the peer's own state is taken
 (a busy honest donor had left a catching-up peer the attacker's state and the other laggard's). Either way the
 download is logged and counted (:attr:`CheckedDownloads.unvouched_downloads`):
@@ -201,11 +202,6 @@ def manifest_mismatch(metadata, tensors: Sequence[torch.Tensor]) -> str | None:
         if digest and digest != _digest(tensor):
             return f"tensor {i} differs from what its donor sent (digest)"
     return None
-
-
-def unvouched_donors(attackers: int) -> int:
-    """States combined where too few donors vouch for one: 2f + 1, the fewest a median outvotes f attackers in."""
-    return 2 * attackers + 1
 
 
 def robust_state(downloads: Sequence[tuple[dict, list[torch.Tensor]]]) -> tuple[dict, list[torch.Tensor]]:
@@ -435,17 +431,17 @@ class CheckedDownloads(DecentralizedAverager):
                 logger.info("Averager could not load state from peers: no other donor")
                 future.set_result(None)
                 return
-            wanted = 1  # downloads to take: unvouched_donors(f), combined, where too few donors vouch for one
+            wanted = 1  # downloads to take: the rule's smallest group, combined, where too few donors vouch for one
             if expected is None and self._vouching():
-                attackers = aggregator_in_use().attackers
+                rule = aggregator_in_use()
+                attackers = rule.attackers
                 probes = await asyncio.gather(*(self._probe(peer, timeout) for peer in donors))
                 vouched = vouched_donors(
                     dict(zip(donors, probes, strict=True)), self._newest_step.value, attackers
                 )
                 if vouched is None:
                     steps = [p.get("epoch") if isinstance(p, dict) else None for p in probes]
-                    unvouched = unvouched_donors(attackers)
-                    wanted = unvouched if len(donors) >= unvouched else 1
+                    wanted = rule.min_group_size if len(donors) >= rule.min_group_size else 1
                     taking = (
                         f"combining {wanted} donors' states by the run's rule"
                         if wanted > 1
