@@ -38,7 +38,14 @@ from potluck.hivemind_ext.donors import (
     download_with_retries,
     other_donors,
 )
-from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, steps_gathered
+from potluck.hivemind_ext.rounds import (
+    CheckedRounds,
+    gradient_round_data,
+    group_of,
+    public_step,
+    received_fraction,
+    steps_gathered,
+)
 from potluck.hivemind_ext.tracker import SwarmAwareTracker, others_with_records
 
 UPSTREAM = {
@@ -62,6 +69,8 @@ UPSTREAM = {
     "hivemind.averaging.averager.DecentralizedAverager.load_state_from_peers": "973fae40a3d1e16f",  # wrapped
     "hivemind.optim.state_averager.TrainingStateAverager.load_state_from_peers": "e4d647a9ea78cde8",  # applies what the wrapper lets through, in dump_optimizer_state's order; refuses a state older than local_epoch
     "hivemind.optim.state_averager.dump_optimizer_state": "b79c35110b89e6b1",  # called: the order of the statistics
+    "hivemind.optim.grad_averager.GradientAverager.schedule_step": "ff580482bac40508",  # extended: gathers the round's step
+    "hivemind.optim.grad_averager.GradientAverager.step": "9d556a76d4a889cf",  # schedules every round it begins through it
 }
 """The upstream pieces this module depends on, pinned (see ``upstream.py``)."""
 
@@ -108,7 +117,7 @@ class _StepsSeen(DecentralizedAverager):
     A peer whose tracker still showed the swarm a step ahead (its view is up to seconds old) kept
     stepping one step at a time, hivemind's catch-up, while the others went on: on the home-like bed
     a healed peer stood 2-4 steps behind for half a minute (its state rounds with the others are not
-    averaged: ``CheckedRounds.same_step_only``). A round that shows another peer two or more steps ahead
+    averaged: ``CheckedRounds.step_spread``). A round that shows another peer two or more steps ahead
     says so at once. A peer can also stay exactly one step behind for good: it steps in the same rounds as the
     others, and hivemind's once-per-step check of the swarm's step looks right after the step, when the
     others' records still hold their previous step, the one this peer has just reached (in CI a healed
@@ -243,10 +252,10 @@ class _ObservedStateAverager(
     runs of tests/test_faults.py), yet a round of step 11 meets one of step 12 on a loaded machine: the
     all-reduce then mixed parameters a whole update apart, and in 2 of 3 runs of the 2-peer swarm test
     beside two busy loops the peers ended 3e-3 apart although every gradient round had succeeded. Such a
-    group skips its all-reduce (``same_step_only``); what it gathered still shows a peer behind
+    group skips its all-reduce (``step_spread``); what it gathered still shows a peer behind
     (``_StepsSeen``)."""
 
-    same_step_only = True
+    step_spread = 0
 
     applied_epoch: int | None = None
     """The global step whose optimizer update the parameters hold; None: as ``local_epoch`` says
@@ -381,7 +390,24 @@ class _CheckedGradientAverager(
     GradientAverager, _ThrottledDeclaration, GatedAveraging, CheckedRounds, SameAverages, KeepsCtrlC
 ):
     """hivemind's gradient averager whose rounds say how much of the average arrived, and leave every peer
-    with the same averaged gradients to the bit (``allreduce.py``)."""
+    with the same averaged gradients to the bit (``allreduce.py``).
+
+    Each peer gathers the global step its gradients are for (``round_data``, set by the optimizer). hivemind
+    lets a peer a step behind join the round of the next step (it has just missed the others' transition);
+    a group whose peers are further apart does not average (gradients of parameters that far apart do not
+    add up), and each steps on its own gradients. On the home-like bed a NAT peer averaged at global step 10
+    with a healed peer still at step 5, stepped ahead of the swarm by the healed peer's round, and stayed two
+    steps ahead for good (tests/test_faults.py, after the kill)."""
+
+    step_spread = 1
+    skipped_is_partial = True
+    round_data: Callable[[], dict] | None = None
+
+    def schedule_step(self, scheduled_time=None, **kwargs):
+        # every gradient round passes here, pre-scheduled or begun at the step (hivemind's step() calls it)
+        if self.round_data is not None:
+            kwargs.setdefault("gather", self.round_data())
+        return super().schedule_step(scheduled_time, **kwargs)
 
 
 class BoundedOptimizer(Optimizer):
@@ -421,6 +447,8 @@ class BoundedOptimizer(Optimizer):
         for it (15 s in tests/test_run_status.py), then stepped alone, a step apart from the swarm. Called
         off, both hold at the same step with the same parameters."""
         super().__init__(**kwargs)
+        if self.grad_averager is not None:
+            self.grad_averager.round_data = lambda: gradient_round_data(self.local_epoch, self.client_mode)
         self.state_averager.record_applied_epochs()
         self.state_averager.alone = self._alone
         self.state_averager.stop = self.stop
@@ -761,7 +789,7 @@ class BoundedOptimizer(Optimizer):
             if averaged and group_size > 1:
                 self._deadlines.observe(seconds)
                 # a group always holds a public peer (clients host no part), which takes this step too
-                self.tracker.stepping_with_public_peers()
+                self.tracker.stepping_with_public_peers(public_step(gathered))
 
 
 def restore_learning_rate(optimizer: BoundedOptimizer) -> None:

@@ -7,8 +7,8 @@ an outer step 0.074 away from the others' (tests/test_diloco.py). :class:`Checke
 that arrived to the round's result (:func:`received_fraction`), so callers can count such a round as
 failed. Matchmaking does not look at the step a round is for either: a group key that carries the step
 (:func:`round_bits`, DiLoCo's outer rounds) keeps rounds of different steps apart; where the key must
-stay fixed (the state rounds), ``same_step_only`` makes a group whose peers gathered different steps
-skip its all-reduce.
+stay fixed (the state and gradient rounds), ``step_spread`` makes a group whose peers gathered steps too far
+apart skip its all-reduce.
 """
 
 from __future__ import annotations
@@ -55,22 +55,47 @@ def group_of(gathered) -> dict:
 logger = logging.getLogger(__name__)
 
 
+def step_of(data) -> int | None:
+    """The step a peer gathered for its round: the data itself (state rounds) or its ``"step"`` (gradient
+    rounds, :func:`gradient_round_data`); None when it gathered none."""
+    if isinstance(data, dict):
+        data = data.get("step")
+    return data if isinstance(data, int) and not isinstance(data, bool) else None
+
+
 def steps_gathered(gathered) -> set[int]:
     """The distinct steps that a round's peers gathered (peers that gathered no step are left out)."""
-    return {
-        data for data in group_of(gathered).values() if isinstance(data, int) and not isinstance(data, bool)
-    }
+    return {step for data in group_of(gathered).values() if (step := step_of(data)) is not None}
+
+
+def gradient_round_data(step: int, client_mode: bool) -> dict:
+    """What a peer gathers for a gradient round: the global step its gradients are for, and whether it is
+    behind NAT (a client-mode peer's step is not the swarm's: :func:`public_step`)."""
+    return {"step": step, "client": client_mode}
+
+
+def public_step(gathered) -> int | None:
+    """The newest step that a public peer (one that accepts connections) of a gradient round gathered."""
+    steps = [
+        step
+        for data in group_of(gathered).values()
+        if isinstance(data, dict) and not data.get("client") and (step := step_of(data)) is not None
+    ]
+    return max(steps, default=None)
 
 
 class CheckedRounds(DecentralizedAverager):
     """Adds :data:`PARTIAL` to a round's result when some of the average never arrived.
 
-    With ``same_step_only``, a group whose peers gathered different steps (each gathers the step its
-    round is for) skips the all-reduce: every member sees the same gathered data, so all of them skip,
+    With ``step_spread``, a group whose peers gathered steps further apart than that (each gathers the step
+    its round is for) skips the all-reduce: every member sees the same gathered data, so all of them skip,
     and each keeps its own tensors. The round still returns what was gathered, so the caller sees the
-    other peers' steps."""
+    other peers' steps; a gradient round (``skipped_is_partial``) also says that none of the average
+    arrived."""
 
-    same_step_only = False
+    step_spread: int | None = None
+    """The most steps a group's peers may be apart and average (0: the same step only); None: not checked."""
+    skipped_is_partial = False
 
     async def _shutdown(self, timeout: float | None) -> None:
         # NOTE: hivemind's own, except for the running groups: upstream calls finalize() on the future
@@ -108,14 +133,14 @@ class CheckedRounds(DecentralizedAverager):
             )
             self._running_groups[group_info.group_id].cancel()  # no runner: nobody sends parts
             return {**self._gathered_by_peer(group_info), PARTIAL: 0.0}
-        if self.same_step_only:
+        if self.step_spread is not None:
             gathered = self._gathered_by_peer(group_info)
-            if len(steps := steps_gathered(gathered)) > 1:
+            if (steps := steps_gathered(gathered)) and max(steps) - min(steps) > self.step_spread:
                 logger.info(
                     f"{type(self).__name__}: a round met peers at steps {sorted(steps)}; each keeps its own tensors"
                 )
                 self._running_groups[group_info.group_id].cancel()  # no runner: nobody sends parts
-                return gathered
+                return {**gathered, PARTIAL: 0.0} if self.skipped_is_partial else gathered
         gathered = await super()._aggregate_with_group(group_info, *args, **kwargs)
         running = self._running_groups.get(group_info.group_id)  # hivemind keeps the round's runner here
         runner = running.result() if running is not None and running.done() else None

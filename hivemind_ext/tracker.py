@@ -357,11 +357,16 @@ class SwarmAwareTracker(_AnnouncedLeave):
         recent = min(max(3.0, 5 * self._last_step_seconds), self.active_within)
         return [record for record in self._others if self._fetched_at - record.time <= recent]
 
-    def stepping_with_public_peers(self) -> None:
+    def stepping_with_public_peers(self, public_step: int | None = None) -> None:
         """This peer's gradient round for the step it is taking succeeded with others, a public peer
-        among them: they take the step too. Until the next fetch says so, a client would otherwise
-        hold back as if it had stepped alone, and miss their next round."""
-        self._stepped_with_public_peers_to = self.local_progress.epoch + 1
+        among them: they take their next step too. Until the next fetch says so, a client would otherwise
+        hold back as if it had stepped alone, and miss their next round. ``public_step``: the newest step
+        the round's public peers gathered (None: this peer's own). Taken as this peer's own, a client whose
+        round met public peers steps behind it counted itself level with them for good: a NAT peer stayed
+        two steps ahead of the swarm, whose public peers could not catch up (it serves no state) and whose
+        state rounds never met it at one step (tests/test_faults.py, peers 5e-2 apart after the kill)."""
+        step = self.local_progress.epoch if public_step is None else public_step
+        self._stepped_with_public_peers_to = step + 1
 
     def follow_public_peers(self) -> None:
         """After a client-mode peer took the public peers' state: the swarm's global step is theirs

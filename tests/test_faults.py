@@ -126,6 +126,18 @@ def alignment(mine: Path, theirs: Path, last: int = 6) -> str:
     return "\n".join(lines)
 
 
+def recent_steps(peer, last: int = 8) -> str:
+    """A failure's detail: a peer's last global steps, each with its round (outcome, group) or how it was
+    reached (a state download: no round), and its state downloads."""
+    events = [e for e in peer.events() if e["event"] in ("global_step", "state_download")][-last:]
+    return f"{peer.name}'s last steps: " + "; ".join(
+        f"{e['global_step']} {(e['round'] or {}).get('outcome', 'no round')}/{(e['round'] or {}).get('group_size')}"
+        if e["event"] == "global_step"
+        else f"download {e['outcome']}"
+        for e in events
+    )
+
+
 def latest(save_dir: Path) -> int:
     return max(steps(save_dir), default=-1)
 
@@ -231,7 +243,12 @@ def test_home_swarm_survives_nat_a_partition_a_kill_and_a_restart(netbed, make_s
         newest = max(common_steps(dir_a, dir_c), default=-1)
         return newest if newest > reached and all_equal(newest, dir_a, dir_c) else None
 
-    settled = wait_until(survivors_equal, 120, "a and c to hold equal parameters again after the kill")
+    try:
+        settled = wait_until(survivors_equal, 120, "a and c to hold equal parameters again after the kill")
+    except TimeoutError as timeout:
+        raise TimeoutError(
+            f"{timeout}\n{alignment(dir_c, dir_a)}\n{recent_steps(peer_a)}\n{recent_steps(peer_c)}"
+        ) from None
     print(f"kill -9 → a and c equal again at global step {settled}: {time.monotonic() - killed_at:.1f} s")
 
     # 3. b restarts with the same identity and address and loads the swarm's state before its first

@@ -16,7 +16,16 @@ from hivemind.proto import averaging_pb2
 from potluck.hivemind_ext.aggregators import Aggregator
 from potluck.hivemind_ext.allreduce import SameAverages, aggregate_with, capped_weights, refused_parts
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
-from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
+from potluck.hivemind_ext.rounds import (
+    PARTIAL,
+    CheckedRounds,
+    gradient_round_data,
+    group_of,
+    public_step,
+    received_fraction,
+    step_of,
+    steps_gathered,
+)
 from tests.helpers import loopback_averagers
 
 SIZE = 300_000
@@ -29,7 +38,7 @@ class _Averager(CheckedRounds, KeepsCtrlC):
 
 
 class _SameStep(CheckedRounds, KeepsCtrlC):
-    same_step_only = True
+    step_spread = 0
 
 
 class _DeadReducer(_Averager):
@@ -126,6 +135,45 @@ def test_a_same_step_round_averages_only_peers_at_one_step():
             outcomes
         )
         assert all(torch.allclose(_tensor(a), torch.full((SIZE,), 2.0)) for a in averagers)
+
+
+class _GradientRounds(CheckedRounds, KeepsCtrlC):
+    step_spread = 1
+    skipped_is_partial = True
+
+
+@pytest.mark.timeout(120)
+def test_a_gradient_round_averages_peers_at_most_a_step_apart():
+    """hivemind lets a peer that has just missed the others' step join their next round; a NAT peer also averaged
+    with a healed peer five steps behind it, and counted that as stepping with the swarm (tests/test_faults.py)."""
+    with _averagers((_GradientRounds, 1.0), (_GradientRounds, 3.0)) as averagers:
+        rounds = [
+            a.step(gather=gradient_round_data(step, client_mode=False), timeout=15.0, wait=False)
+            for a, step in zip(averagers, (10, 12), strict=True)
+        ]
+        for outcome in (_outcome(control) for control in rounds):
+            assert isinstance(outcome, dict) and received_fraction(outcome) == 0.0, outcome  # a failed round
+            assert steps_gathered(outcome) == {10, 12}
+        assert [_tensor(a)[0].item() for a in averagers] == [1.0, 3.0]
+
+        rounds = [
+            a.step(gather=gradient_round_data(step, client_mode=False), timeout=15.0, wait=False)
+            for a, step in zip(averagers, (11, 12), strict=True)
+        ]
+        for outcome in (_outcome(control) for control in rounds):
+            assert isinstance(outcome, dict) and received_fraction(outcome) == 1.0, outcome
+        assert all(torch.allclose(_tensor(a), torch.full((SIZE,), 2.0)) for a in averagers)
+
+
+def test_the_swarms_step_in_a_gradient_round_is_its_public_peers():
+    gathered = {
+        "public": gradient_round_data(7, client_mode=False),
+        "nat": gradient_round_data(9, client_mode=True),
+        PARTIAL: 1.0,
+    }
+    assert public_step(gathered) == 7 and steps_gathered(gathered) == {7, 9}
+    assert public_step({"nat": gradient_round_data(9, client_mode=True)}) is None
+    assert step_of(12) == 12 and step_of(True) is None and step_of({"outer_step": 3}) is None
 
 
 class _Exact(CheckedRounds, SameAverages, KeepsCtrlC):

@@ -219,6 +219,20 @@ def test_a_client_mode_peer_that_stepped_with_public_peers_does_not_wait_for_the
     assert client.steps_ahead_of_public_peers == 0 and client.ready_to_update_epoch
 
 
+def test_a_client_mode_peer_whose_round_met_public_peers_behind_it_does_not_count_itself_level(client):
+    """A NAT peer at step 9 averaged with public peers at step 7 (one of them healed from a partition): counted
+    as level with them, it stayed two steps ahead for good, which nobody could catch up with (it serves no
+    state) and at which no state round met it (tests/test_faults.py)."""
+    see_peer(client, epoch=7, samples=0, reported_ago=0.0)
+    client.report_local_progress(9, TARGET)
+    client.stepping_with_public_peers(7)  # its round of step 9 succeeded with public peers of step 7
+    with client.pause_updates():
+        client.update_epoch(10)
+    client.report_local_progress(10, 0)
+    assert client.steps_ahead_of_public_peers == 2  # they reach step 8: the optimizer takes their state
+    assert not client.ready_to_update_epoch
+
+
 def test_a_public_peer_catches_up_with_the_step_a_client_mode_peer_has_begun(tracker):
     """Otherwise a client one step ahead stays one step ahead: every round of the two mixes steps."""
     see_peer(tracker, epoch=6, samples=0, reported_ago=0.0, client_mode=True)
