@@ -100,6 +100,22 @@ def global_step_losses(peers) -> list[float]:
     return [sum(step) / len(step) for step in zip(*per_peer, strict=True)]
 
 
+def swarm_story(peers) -> str:
+    """What each peer's events say of its run, for a failure message: its summary (steps, rounds, state loads),
+    the loss every 5th global step and where a round did not succeed."""
+    lines = []
+    for peer in peers:
+        steps = peer.events("global_step")
+        losses = " ".join(f"{e['global_step']}:{e['loss']:.3f}" for e in steps if e["global_step"] % 5 == 0)
+        missed = [(e["global_step"], (e.get("round") or {}).get("outcome")) for e in steps
+                  if (e.get("round") or {}).get("outcome") != "succeeded"]  # fmt: skip
+        summary = {
+            k: v for k, v in (peer.events("summary") or [{}])[-1].items() if k not in ("time", "event")
+        }
+        lines.append(f"{peer.name}: losses {losses}; rounds not succeeded {missed}; summary {summary}")
+    return "\n".join(lines)
+
+
 class QuietListener:
     """An averaging listener that records nothing (tests that read the models instead of the metrics)."""
 

@@ -67,8 +67,13 @@ def test_a_kept_group_reforms_without_matchmaking_and_any_change_goes_back_to_it
         min_matchmaking_time=MATCHMAKING_TIME,
         kept_group_wait=KEPT_GROUP_WAIT,
     ) as averagers:
-        # round 0: nothing to keep, so matchmaking (which takes at least its matchmaking time)
-        outcomes = _round(averagers, 0, [True] * 3)
+        # round 0: nothing to keep, so matchmaking (which takes at least its matchmaking time). It only sets up the
+        # group the next round keeps; on a loaded machine its matchmaking may close without a member (a fresh-clone
+        # suite: round 0 not fully averaged), so it is tried up to 3 times (a round of the same step keeps nothing)
+        for _ in range(3):
+            outcomes = _round(averagers, 0, [True] * 3)
+            if _all_averaged(outcomes, 3):
+                break
         assert _all_averaged(outcomes, 3), outcomes
         assert [a.kept_rounds for a in averagers] == [0, 0, 0]
 

@@ -34,7 +34,7 @@ from potluck.peer.training.stages import make_stage, stage_context
 from potluck.peer.training.stages.data import stage_data
 from potluck.peer.training.stages.evaluation import evaluate_stage
 from potluck.protocols.runspec import RunSpec, load_run_spec
-from tests.helpers import start_first
+from tests.helpers import start_first, swarm_story
 
 # generous: the module fixture trains two models, and 2-core CI machines are often shared
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -203,7 +203,7 @@ def test_two_peer_stage_improves_its_held_out_figure(
         # peers' data orders are seeded by their peer ids, new every run, and the rounds' timing varies. It
         # must gain clearly (+0.05) and end clearly above chance (0.6).
         margin = {"rm": 0.05, "dpo": 0.2, "grpo": 0.02, "ppo": 0.05}[stage]
-        assert after[figure] > before[figure] + margin, (before, after)
+        assert after[figure] > before[figure] + margin, f"{before} -> {after}\n{swarm_story(swarm.peers)}"
         if stage == "rm":
             assert after[figure] >= 0.6, after  # clearly above chance (0.5), not only above a fresh head
     else:
