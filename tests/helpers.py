@@ -100,20 +100,31 @@ def global_step_losses(peers) -> list[float]:
     return [sum(step) / len(step) for step in zip(*per_peer, strict=True)]
 
 
+def recent_steps(peer, last: int = 8) -> str:
+    """A failure's detail: a peer's last global steps, each with its round (outcome, group) or how it was
+    reached (a state download: no round), and its state downloads."""
+    events = [e for e in peer.events() if e["event"] in ("global_step", "state_download")][-last:]
+    return f"{peer.name}'s last steps: " + "; ".join(
+        f"{e['global_step']} {(e['round'] or {}).get('outcome', 'no round')}/{(e['round'] or {}).get('group_size')}"
+        if e["event"] == "global_step"
+        else f"download {e['outcome']}"
+        for e in events
+    )
+
+
 def swarm_story(peers) -> str:
-    """What each peer's events say of its run, for a failure message: its summary (steps, rounds, state loads),
-    the loss every 5th global step and where a round did not succeed."""
-    lines = []
-    for peer in peers:
-        steps = peer.events("global_step")
-        losses = " ".join(f"{e['global_step']}:{e['loss']:.3f}" for e in steps if e["global_step"] % 5 == 0)
-        missed = [(e["global_step"], (e.get("round") or {}).get("outcome")) for e in steps
-                  if (e.get("round") or {}).get("outcome") != "succeeded"]  # fmt: skip
-        summary = {
-            k: v for k, v in (peer.events("summary") or [{}])[-1].items() if k not in ("time", "event")
-        }
-        lines.append(f"{peer.name}: losses {losses}; rounds not succeeded {missed}; summary {summary}")
-    return "\n".join(lines)
+    """A failure's detail for a swarm that should have learned: each peer's loss every 5th global step, its last
+    steps (:func:`recent_steps`) and its summary (rounds by outcome, state loads, local steps, samples)."""
+    return "\n".join(
+        f"{peer.name}: losses "
+        + " ".join(
+            f"{e['global_step']}:{e['loss']:.3f}"
+            for e in peer.events("global_step")
+            if e["global_step"] % 5 == 0
+        )
+        + f"\n{recent_steps(peer, last=12)}\n{peer.name}'s summary: {peer.summary()}"
+        for peer in peers
+    )
 
 
 class QuietListener:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from potluck.peer.training.checkpoint import list_checkpoints
-from tests.helpers import metric, peer_id_of, wait_until
+from tests.helpers import metric, peer_id_of, recent_steps, wait_until
 from tests.netbed import Host, Link
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -124,18 +124,6 @@ def alignment(mine: Path, theirs: Path, last: int = 6) -> str:
         ]
         lines.append(f"  {mine.name}{step}  " + ("  ".join(near) or "none of its steps"))
     return "\n".join(lines)
-
-
-def recent_steps(peer, last: int = 8) -> str:
-    """A failure's detail: a peer's last global steps, each with its round (outcome, group) or how it was
-    reached (a state download: no round), and its state downloads."""
-    events = [e for e in peer.events() if e["event"] in ("global_step", "state_download")][-last:]
-    return f"{peer.name}'s last steps: " + "; ".join(
-        f"{e['global_step']} {(e['round'] or {}).get('outcome', 'no round')}/{(e['round'] or {}).get('group_size')}"
-        if e["event"] == "global_step"
-        else f"download {e['outcome']}"
-        for e in events
-    )
 
 
 def latest(save_dir: Path) -> int:
