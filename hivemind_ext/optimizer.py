@@ -26,10 +26,8 @@ from hivemind.optim import Optimizer
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
-from potluck.hivemind_ext.access import GatedAveraging
 from potluck.hivemind_ext.agreement import Agreement, agree_on_final_state
-from potluck.hivemind_ext.allreduce import SameAverages, aggregator_in_use
-from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
+from potluck.hivemind_ext.allreduce import aggregator_in_use
 from potluck.hivemind_ext.donors import (
     MANIFEST_KEY,
     CheckedDownloads,
@@ -38,8 +36,8 @@ from potluck.hivemind_ext.donors import (
     download_with_retries,
     other_donors,
 )
+from potluck.hivemind_ext.layers import PeerRounds
 from potluck.hivemind_ext.rounds import (
-    CheckedRounds,
     gradient_round_data,
     group_of,
     public_step,
@@ -240,10 +238,7 @@ class _ObservedStateAverager(
     StoppableDownloads,
     _ThrottledDeclaration,
     LimitedDonor,
-    GatedAveraging,
-    CheckedRounds,
-    SameAverages,
-    KeepsCtrlC,
+    PeerRounds,
 ):
     """MRO: TrainingStateAverager's ``super().load_state_from_peers`` lands in the recorder.
 
@@ -387,7 +382,9 @@ class _ObservedStateAverager(
 
 
 class _CheckedGradientAverager(
-    GradientAverager, _ThrottledDeclaration, GatedAveraging, CheckedRounds, SameAverages, KeepsCtrlC
+    GradientAverager,
+    _ThrottledDeclaration,
+    PeerRounds,
 ):
     """hivemind's gradient averager whose rounds say how much of the average arrived, and leave every peer
     with the same averaged gradients to the bit (``allreduce.py``).

@@ -35,6 +35,7 @@ from potluck.hivemind_ext.allreduce import SameAverages, aggregate_with, refused
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.donors import MANIFEST_KEY, CheckedDownloads, LimitedDonor
+from potluck.hivemind_ext.followers import PatientFollowers
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of
 from tests.fuzzing import ANSWER_WITHIN, Raw, fuzz_settings
 from tests.helpers import wait_until
@@ -67,7 +68,7 @@ def _how() -> str | None:
     return MALFORMS[_malform.value] if _malform.value >= 0 else None
 
 
-class _Averager(CheckedDownloads, LimitedDonor, CheckedRounds, SameAverages, KeepsCtrlC):
+class _Averager(CheckedDownloads, LimitedDonor, PatientFollowers, CheckedRounds, SameAverages, KeepsCtrlC):
     """Potluck's layers over hivemind's averager, as the state averager stacks them (``hivemind_ext/optimizer.py``),
     serving its tensors with their manifest."""
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
+from potluck.hivemind_ext.followers import PatientFollowers
 from potluck.hivemind_ext.kept_groups import KEEP, KeptGroups
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, round_bits
 from tests.helpers import loopback_averagers
@@ -17,7 +18,7 @@ MATCHMAKING_TIME = 1.0
 KEPT_GROUP_WAIT = 3.0
 
 
-class _Kept(KeptGroups, CheckedRounds, KeepsCtrlC):
+class _Kept(PatientFollowers, KeptGroups, CheckedRounds, KeepsCtrlC):
     pass
 
 

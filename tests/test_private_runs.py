@@ -26,6 +26,7 @@ from potluck.hivemind_ext.allreduce import SameAverages
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht, visible_addresses
 from potluck.hivemind_ext.donors import CheckedDownloads, LimitedDonor
+from potluck.hivemind_ext.followers import PatientFollowers
 from potluck.hivemind_ext.keys import peer_id_of_owner, read_identity
 from potluck.hivemind_ext.rounds import CheckedRounds, received_fraction
 from potluck.peer.shard import wire
@@ -50,7 +51,15 @@ SIZE = 1000
 HIDDEN = 128
 
 
-class _Averager(CheckedDownloads, LimitedDonor, gate.GatedAveraging, CheckedRounds, SameAverages, KeepsCtrlC):
+class _Averager(
+    CheckedDownloads,
+    LimitedDonor,
+    PatientFollowers,
+    gate.GatedAveraging,
+    CheckedRounds,
+    SameAverages,
+    KeepsCtrlC,
+):
     """Potluck's layers as the state averager stacks them, serving its tensors."""
 
     def get_current_state(self):

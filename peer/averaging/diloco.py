@@ -78,6 +78,7 @@ from potluck.hivemind_ext.donors import (
     download_with_retries,
     other_donors,
 )
+from potluck.hivemind_ext.followers import PatientFollowers
 from potluck.hivemind_ext.kept_groups import KEEP, KeptGroups
 from potluck.hivemind_ext.optimizer import StopRequest
 from potluck.hivemind_ext.rounds import CheckedRounds, TimedRounds, group_of, received_fraction, round_bits
@@ -121,6 +122,7 @@ class _OuterAverager(
     ServesState,
     StoppableDownloads,
     LimitedDonor,
+    PatientFollowers,
     GatedAveraging,
     KeptGroups,
     TimedRounds,

@@ -34,9 +34,6 @@ from hivemind.dht import DHT
 from hivemind.utils.timed_storage import get_dht_time
 from peft import LoraConfig, inject_adapter_in_model
 
-from potluck.hivemind_ext.access import GatedAveraging
-from potluck.hivemind_ext.allreduce import SameAverages
-from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.donors import (
     LimitedDonor,
     ServesState,
@@ -44,7 +41,8 @@ from potluck.hivemind_ext.donors import (
     download_with_retries,
     other_donors,
 )
-from potluck.hivemind_ext.rounds import CheckedRounds, received_fraction
+from potluck.hivemind_ext.layers import PeerRounds
+from potluck.hivemind_ext.rounds import received_fraction
 from potluck.peer.shard.blocks import BlockSpan
 from potluck.peer.shard.server.steps import ServerSteps, StateMismatch
 from potluck.protocols.runspec import LoraAdapter, RunSpec
@@ -78,7 +76,10 @@ class SpanAdapter(ServerSteps):
 
 
 class _ReplicaAverager(
-    ServesState, StoppableDownloads, LimitedDonor, GatedAveraging, CheckedRounds, SameAverages, KeepsCtrlC
+    ServesState,
+    StoppableDownloads,
+    LimitedDonor,
+    PeerRounds,
 ):
     """Replicas hold the same average to the bit and refuse NaN parts, as every averager of a peer, and a group too
     small to outvote the run's attackers does not average (``rounds.CheckedRounds``); the adapter's state is served
