@@ -81,7 +81,7 @@ def _complete(outcomes) -> bool:
 
 @pytest.mark.timeout(240)
 def test_a_follower_waits_out_a_late_leader_and_both_average():
-    for outcomes, held in _rounds(_Patient, 3):
+    for outcomes, held in _rounds(_Patient, 2):
         assert _complete(outcomes), outcomes
         assert held == [2.0, 2.0], held
 
