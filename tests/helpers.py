@@ -135,6 +135,18 @@ class QuietListener:
     def state_download(self, *args) -> None: ...
 
 
+def outcomes_of(controls, timeout: float) -> list:
+    """What each averaging round of ``controls`` (``averager.step(wait=False)``, started together) ended with: its
+    gathered data, or the exception it raised (no group found, or the round failed)."""
+    outcomes = []
+    for control in controls:
+        try:
+            outcomes.append(control.result(timeout=timeout))
+        except Exception as e:  # noqa: BLE001 (how a round ended is what the tests look at)
+            outcomes.append(e)
+    return outcomes
+
+
 @contextlib.contextmanager
 def loopback_averagers(
     classes_and_values: Sequence, size: int, prefix: str, clients: Sequence[int] = (), **options

@@ -31,14 +31,13 @@ from hypothesis import strategies as st
 
 from potluck.hivemind_ext import allreduce
 from potluck.hivemind_ext.aggregators import Aggregator
-from potluck.hivemind_ext.allreduce import SameAverages, aggregate_with, refused_parts
-from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
+from potluck.hivemind_ext.allreduce import aggregate_with, refused_parts
 from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.donors import MANIFEST_KEY, CheckedDownloads, LimitedDonor
-from potluck.hivemind_ext.followers import PatientFollowers
-from potluck.hivemind_ext.rounds import CheckedRounds, group_of
+from potluck.hivemind_ext.layers import PeerRounds
+from potluck.hivemind_ext.rounds import group_of
 from tests.fuzzing import ANSWER_WITHIN, Raw, fuzz_settings
-from tests.helpers import wait_until
+from tests.helpers import outcomes_of, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -68,7 +67,7 @@ def _how() -> str | None:
     return MALFORMS[_malform.value] if _malform.value >= 0 else None
 
 
-class _Averager(CheckedDownloads, LimitedDonor, PatientFollowers, CheckedRounds, SameAverages, KeepsCtrlC):
+class _Averager(CheckedDownloads, LimitedDonor, PeerRounds):
     """Potluck's layers over hivemind's averager, as the state averager stacks them (``hivemind_ext/optimizer.py``),
     serving its tensors with their manifest."""
 
@@ -344,14 +343,8 @@ def _round_of_three(averagers) -> list:
         # time (a fresh-clone suite: a group of two, then "could not find a group"): run it again
         for averager, value in zip(averagers, (1.0, 3.0, 2.0), strict=True):
             _set(averager, value)
-        rounds = [a.step(timeout=30.0, wait=False) for a in averagers]
-        results = []
-        for control in rounds:
-            try:
-                results.append(control.result(timeout=40))
-            except Exception as error:  # the malformed peer's round may end either way
-                results.append(error)
-        outcomes = results[:2]
+        # the malformed peer's round may end either way: only the honest two are looked at
+        outcomes = outcomes_of([a.step(timeout=30.0, wait=False) for a in averagers], 40)[:2]
         if all(isinstance(o, dict) and len(group_of(o)) == 3 for o in outcomes):
             break
         if attempt == 5 and (errors := [o for o in outcomes if isinstance(o, Exception)]):

@@ -12,7 +12,7 @@ import pytest
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.followers import PatientFollowers
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction
-from tests.helpers import loopback_averagers
+from tests.helpers import loopback_averagers, outcomes_of
 
 REQUEST_TIMEOUT, LEADER_DELAY, SENDER_TIMEOUT = 0.25, 2.0, 5.0
 
@@ -26,6 +26,7 @@ class _LateLeader(CheckedRounds):
             assemble = matchmaking.leader_assemble_group
 
             async def late_assembly():
+                # the fault under test is this fixed lateness (a busy leader), not a wait for a condition
                 await asyncio.sleep(LEADER_DELAY)
                 return await assemble()
 
@@ -58,13 +59,9 @@ def _rounds(cls, count: int) -> list:
             for averager, value in zip(averagers, (1.0, 3.0), strict=True):
                 with averager.get_tensors() as (tensor,):
                     tensor.fill_(value)
-            controls = [a.step(timeout=10, allow_retries=False, wait=False) for a in averagers]
-            outcomes = []
-            for control in controls:
-                try:
-                    outcomes.append(control.result(timeout=60))
-                except Exception as e:  # noqa: BLE001 (no group found, or the round failed)
-                    outcomes.append(e)
+            outcomes = outcomes_of(
+                [a.step(timeout=10, allow_retries=False, wait=False) for a in averagers], 60
+            )
             held = []
             for averager in averagers:
                 with averager.get_tensors() as (tensor,):

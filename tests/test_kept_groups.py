@@ -12,7 +12,7 @@ from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.followers import PatientFollowers
 from potluck.hivemind_ext.kept_groups import KEEP, KeptGroups
 from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, round_bits
-from tests.helpers import loopback_averagers
+from tests.helpers import loopback_averagers, outcomes_of
 
 MATCHMAKING_TIME = 1.0
 KEPT_GROUP_WAIT = 3.0
@@ -38,13 +38,7 @@ def _round(averagers, step: int, keep: list[bool]) -> list:
         )
         for averager, asks in zip(averagers, keep, strict=True)
     ]
-    outcomes = []
-    for control in controls:
-        try:
-            outcomes.append(control.result(timeout=60))
-        except Exception as e:  # noqa: BLE001 (a round that found nobody, or failed)
-            outcomes.append(e)
-    return outcomes
+    return outcomes_of(controls, 60)
 
 
 def _averaged(averager) -> float:

@@ -22,13 +22,11 @@ from hivemind.utils.crypto import RSAPrivateKey
 from safetensors.torch import load_file
 
 from potluck.hivemind_ext import access as gate
-from potluck.hivemind_ext.allreduce import SameAverages
-from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht, visible_addresses
 from potluck.hivemind_ext.donors import CheckedDownloads, LimitedDonor
-from potluck.hivemind_ext.followers import PatientFollowers
 from potluck.hivemind_ext.keys import peer_id_of_owner, read_identity
-from potluck.hivemind_ext.rounds import CheckedRounds, received_fraction
+from potluck.hivemind_ext.layers import PeerRounds
+from potluck.hivemind_ext.rounds import received_fraction
 from potluck.peer.shard import wire
 from potluck.peer.shard.blocks import load_block_span
 from potluck.peer.shard.client.generate import generate_text
@@ -39,7 +37,7 @@ from potluck.protocols.runspec import AccessSpec, load_run_spec
 from potluck.protocols.shards import SHARD_PROTOCOL_VERSION, ShardAnnouncement, read_shards, shards_key
 from potluck.tools.access_cli import main as access_main
 from potluck.tools.access_cli import publish_approved
-from tests.helpers import peer_id_of, start_first, wait_until
+from tests.helpers import outcomes_of, peer_id_of, start_first, wait_until
 from tests.test_swarm import checkpoint_at
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -51,15 +49,7 @@ SIZE = 1000
 HIDDEN = 128
 
 
-class _Averager(
-    CheckedDownloads,
-    LimitedDonor,
-    PatientFollowers,
-    gate.GatedAveraging,
-    CheckedRounds,
-    SameAverages,
-    KeepsCtrlC,
-):
+class _Averager(CheckedDownloads, LimitedDonor, PeerRounds):
     """Potluck's layers as the state averager stacks them, serving its tensors."""
 
     def get_current_state(self):
@@ -118,14 +108,7 @@ def _set(averager, value: float) -> None:
 
 def _round(averagers) -> list:
     """One round of ``averagers`` at once: each one's gathered result, or the exception it ended with."""
-    controls = [a.step(wait=False, timeout=10, allow_retries=False) for a in averagers]
-    outcomes = []
-    for control in controls:
-        try:
-            outcomes.append(control.result(timeout=30))
-        except Exception as e:  # noqa: BLE001 (a peer that found no group: what the test looks at is the values)
-            outcomes.append(e)
-    return outcomes
+    return outcomes_of([a.step(wait=False, timeout=10, allow_retries=False) for a in averagers], 30)
 
 
 def _averaged(outcome) -> bool:
