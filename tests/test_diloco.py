@@ -82,6 +82,10 @@ def test_two_peers_share_global_weights_and_loss_falls(make_spec, local_swarm, t
             (step, step * inner) for step in range(1, steps + 1)
         ], peer.log()[-3000:]
         assert all(e["round"] == averaged_by(2) for e in taken), taken
+    # the NAT'd peer serves nobody: it leaves once its last step is saved, also when the public peer left
+    # first (it had waited a minute on that peer's stale record, "serving" a state it cannot serve)
+    (left,) = second.events("summary")
+    assert left["time"] - second.events("global_step")[-1]["time"] < 15, second.log()[-2000:]
     assert first.summary().compute_utilisation < second.summary().compute_utilisation
     for step in range(1, steps + 1):
         a, b = (outer_state(checkpoint_at(tmp_path / name, step)) for name in ("a", "b"))
