@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from potluck.runtime.leaving import saving
+
 logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 """A trainer's checkpoints."""
@@ -67,17 +69,19 @@ def write_checkpoint(
 ) -> Checkpoint:
     """Write ``<prefix><global_step>/`` atomically: ``write(folder)`` fills a staging folder, then
     ``trainer_state.json`` (run id, step, time and ``state``) marks it complete and it is renamed into place;
-    checkpoints of the run beyond the newest ``keep`` (0: all) are removed."""
+    checkpoints of the run beyond the newest ``keep`` (0: all) are removed. A leave's deadline waits for it
+    (``runtime/leaving.py``)."""
     save_dir.mkdir(parents=True, exist_ok=True)
     final = save_dir / f"{prefix}{global_step:07d}"
     staging = save_dir / f".staging-{final.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    write(staging)
-    fields = {"run_id": run_id, "global_step": global_step, "saved_at": time.time(), **state}
-    (staging / "trainer_state.json").write_text(json.dumps(fields))
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
+    with saving():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        write(staging)
+        fields = {"run_id": run_id, "global_step": global_step, "saved_at": time.time(), **state}
+        (staging / "trainer_state.json").write_text(json.dumps(fields))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
     if keep > 0:
         for old in list_checkpoints(save_dir, run_id, prefix)[:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -66,6 +67,34 @@ def test_kill_9_leaves_no_helper_processes_and_the_peer_restarts_in_place(make_s
         "the restarted peer to load the swarm's state",
     )
     assert first.running, first.log()[-3000:]
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for ``signum`` (the kernel's view: ``SigCgt`` in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(caught & (1 << (signum - 1)))
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_whole_process_group_ends_a_waiting_peer_within_10_s(make_spec, local_swarm, tmp_path):
+    """``kill -TERM -- -PGID`` (systemd's way of stopping a service) also ends libp2p's daemon: a lone peer
+    waiting for its partners then waited forever on a DHT call, 15 minutes after the signal. Now its leave
+    has a deadline (``runtime/leaving.py``) and it says where it was stuck."""
+    swarm = local_swarm(make_spec(max_global_steps=100000))
+    waiting = swarm.start_peer("waiting", ["--min-peers", "2"])
+    # its stop handlers are in place once its strategy is: it then waits for a partner that will not come
+    wait_until(lambda: catches(waiting.process.pid, signal.SIGTERM), 180, "the peer's SIGTERM handler")
+    helpers = descendants(waiting.process.pid)
+    assert any("p2pd" in " ".join(p.cmdline()) for p in helpers)
+    os.killpg(waiting.process.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    code = waiting.process.wait(timeout=60)
+    assert time.monotonic() - signalled < 10, f"left {time.monotonic() - signalled:.1f} s after SIGTERM"
+    assert code in (0, 128 + signal.SIGTERM), waiting.log()[-3000:]
+    if code != 0:  # the leave in order did not finish: one line says where it stopped
+        assert "could not leave in order within" in waiting.log().splitlines()[-1], waiting.log()[-3000:]
+    wait_until(lambda: not alive(helpers), 15, "the peer's helpers to exit")
 
 
 def test_watchdog_kills_what_the_parent_death_signal_cannot_reach(tmp_path):

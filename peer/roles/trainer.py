@@ -35,6 +35,7 @@ from potluck.peer.training.stages import make_stage, stage_context
 from potluck.peer.training.stages.data import stage_data
 from potluck.protocols.records import public_key_tag, record_validators, run_schema_validator
 from potluck.protocols.runspec import RunSpec
+from potluck.runtime.leaving import LEAVE_SECONDS, leave_within
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class PeerOptions:
 
 def install_stop_handlers(stop: threading.Event, strategy: AveragingStrategy | None = None) -> None:
     """SIGINT/SIGTERM ask the loop to finish its step and leave, and the strategy to cut short what
-    it waits for on the swarm; a second signal exits at once.
+    it waits for on the swarm; a second signal exits at once, and so does a leave still running
+    ``LEAVE_SECONDS`` later (``runtime/leaving.py``).
 
     Installed once the strategy exists (a stop request cuts short what it waits for); until then, Ctrl-C
     ends the starting peer at once (``peer/launch.py``).
@@ -82,6 +84,8 @@ def install_stop_handlers(stop: threading.Event, strategy: AveragingStrategy | N
             file=sys.stderr,
         )
         stop.set()
+        # the leave in order needs the peer's helpers, which a signal to the whole process group ends too
+        leave_within(LEAVE_SECONDS, 128 + signum, "run-peer")
         if strategy is not None:
             strategy.request_stop()
 
