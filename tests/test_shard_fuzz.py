@@ -373,6 +373,11 @@ def test_broken_streams_get_an_error_or_a_hang_up(served, servicer, data):
         # hivemind's reader failed on bytes that are no protobuf, and said so
         assert garbage and "DecodeError" in str(e), e
         return
+    except ConnectionResetError:
+        # hivemind's reader hung up on bytes that are no protobuf, and the daemon reset the stream rather than
+        # closing it (it resets on any error copying it: 1 example in a suite run)
+        assert garbage
+        return
     if garbage and not answers:
         return  # hivemind's reader hung up on bytes that are no protobuf
     assert len(answers) == 1, answers
