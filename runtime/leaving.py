@@ -55,10 +55,10 @@ def leave_within(seconds: float, code: int, what: str) -> None:
     threading.Thread(target=expire, name="potluck-leave-deadline", daemon=True).start()
 
 
-def stuck_at(thread_id: int | None) -> str:
+def stuck_at(thread_id: int) -> str:
     """Where a thread is now: the innermost call of this package's code, and the library call it made there
     (``announce_and_count (hivemind_ext/tracker.py:485) calling store (hivemind/dht/dht.py)``)."""
-    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+    frame = sys._current_frames().get(thread_id)
     if frame is None:
         return "?"
     stack = traceback.extract_stack(frame)

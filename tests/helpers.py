@@ -135,6 +135,14 @@ class QuietListener:
     def state_download(self, *args) -> None: ...
 
 
+def in_signal_set(pid: int, field: str, signum: int) -> bool:
+    """Whether ``signum`` is in the process's ``field`` set of /proc/PID/status, the kernel's view of it: ``SigIgn``
+    (ignored) or ``SigCgt`` (caught by a handler)."""
+    with open(f"/proc/{pid}/status") as status:
+        mask = next(int(line.split()[1], 16) for line in status if line.startswith(f"{field}:"))
+    return bool(mask & (1 << (signum - 1)))
+
+
 def outcomes_of(controls, timeout: float) -> list:
     """What each averaging round of ``controls`` (``averager.step(wait=False)``, started together) ended with: its
     gathered data, or the exception it raised (no group found, or the round failed)."""

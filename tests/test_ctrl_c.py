@@ -13,6 +13,7 @@ from hivemind.averaging import DecentralizedAverager
 
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht
+from tests.helpers import in_signal_set
 
 CHILD_HANDLES_CTRL_C = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
 """A Python started with SIGINT ignored keeps it ignored: Ctrl-C does not raise KeyboardInterrupt there."""
@@ -20,9 +21,7 @@ CHILD_HANDLES_CTRL_C = "import signal; print(signal.getsignal(signal.SIGINT) is 
 
 def ignores_sigint(pid: int) -> bool:
     """From the kernel's view of the process (``SigIgn`` in /proc), not from its Python."""
-    with open(f"/proc/{pid}/status") as status:
-        ignored = next(int(line.split()[1], 16) for line in status if line.startswith("SigIgn:"))
-    return bool(ignored & (1 << (signal.SIGINT - 1)))
+    return in_signal_set(pid, "SigIgn", signal.SIGINT)
 
 
 @pytest.mark.timeout(60)

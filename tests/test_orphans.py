@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from potluck.tools.coordinator_process import free_port
-from tests.helpers import start_first, wait_until
+from tests.helpers import in_signal_set, start_first, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -69,13 +69,6 @@ def test_kill_9_leaves_no_helper_processes_and_the_peer_restarts_in_place(make_s
     assert first.running, first.log()[-3000:]
 
 
-def catches(pid: int, signum: int) -> bool:
-    """Whether the process has a handler for ``signum`` (the kernel's view: ``SigCgt`` in /proc)."""
-    with open(f"/proc/{pid}/status") as status:
-        caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
-    return bool(caught & (1 << (signum - 1)))
-
-
 @pytest.mark.timeout(300)
 def test_sigterm_to_the_whole_process_group_ends_a_waiting_peer_within_10_s(make_spec, local_swarm, tmp_path):
     """``kill -TERM -- -PGID`` (systemd's way of stopping a service) also ends libp2p's daemon: a lone peer
@@ -84,7 +77,11 @@ def test_sigterm_to_the_whole_process_group_ends_a_waiting_peer_within_10_s(make
     swarm = local_swarm(make_spec(max_global_steps=100000))
     waiting = swarm.start_peer("waiting", ["--min-peers", "2"])
     # its stop handlers are in place once its strategy is: it then waits for a partner that will not come
-    wait_until(lambda: catches(waiting.process.pid, signal.SIGTERM), 180, "the peer's SIGTERM handler")
+    wait_until(
+        lambda: in_signal_set(waiting.process.pid, "SigCgt", signal.SIGTERM),
+        180,
+        "the peer's SIGTERM handler",
+    )
     helpers = descendants(waiting.process.pid)
     assert any("p2pd" in " ".join(p.cmdline()) for p in helpers)
     os.killpg(waiting.process.pid, signal.SIGTERM)
