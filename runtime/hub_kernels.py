@@ -1,6 +1,6 @@
 """Keep bitsandbytes from fetching code from the Hugging Face hub when it is imported.
 
-On CPUs with AVX512-BF16, importing bitsandbytes (peft imports it in every process where it is installed: the
+On CPUs with AVX512-BF16, importing bitsandbytes (peft imports it where it is installed, when it wraps a model: the
 ``quant`` extra) asks the hub for a CPU 4-bit kernel (``kernels-community/quantization-bitsandbytes``) and runs it
 if it gets it; it falls back to its own kernel when it cannot. That is a download at run time, and code a volunteer
 never chose to run (the reasons of ``peer/training/model.py``'s ``NO_HUB_KERNELS``); where the hub is unreachable

@@ -1,4 +1,6 @@
-"""No peer fetches bitsandbytes' CPU kernel from the Hugging Face hub when it imports peft (``runtime/hub_kernels.py``).
+"""No peer fetches bitsandbytes' CPU kernel from the Hugging Face hub when it imports bitsandbytes
+(``runtime/hub_kernels.py``): peft imports it where it is installed, at ``import peft`` before 0.22 and when it wraps a
+model from 0.22 on.
 
 In a child process, the hub client bitsandbytes asks (``kernels.get_kernel``) records every request instead of
 downloading; a peer's imports must make none."""
@@ -36,9 +38,9 @@ def _kernel_requests(tmp_path, imports: str) -> list[str]:
     return requests.read_text().split() if requests.exists() else []
 
 
-def test_a_peer_imports_peft_without_asking_the_hub_for_a_kernel(tmp_path):
-    assert _kernel_requests(tmp_path, "import potluck.peer, peft") == []
-    assert _kernel_requests(tmp_path, "import potluck.tools, peft") == []
+def test_a_peer_imports_bitsandbytes_without_asking_the_hub_for_a_kernel(tmp_path):
+    assert _kernel_requests(tmp_path, "import potluck.peer, peft, bitsandbytes") == []
+    assert _kernel_requests(tmp_path, "import potluck.tools, peft, bitsandbytes") == []
 
 
 def test_without_the_guard_bitsandbytes_asks_the_hub_on_this_cpu(tmp_path):
@@ -47,4 +49,6 @@ def test_without_the_guard_bitsandbytes_asks_the_hub_on_this_cpu(tmp_path):
 
     if not has_avx512bf16():
         pytest.skip("bitsandbytes asks the hub for a kernel only on CPUs with AVX512-BF16")
-    assert _kernel_requests(tmp_path, "import peft") == ["kernels-community/quantization-bitsandbytes"]
+    assert _kernel_requests(tmp_path, "import bitsandbytes") == [
+        "kernels-community/quantization-bitsandbytes"
+    ]

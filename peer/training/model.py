@@ -11,7 +11,8 @@ Every adapter kind trains, checkpoints, resumes, evaluates and generates the sam
 - Prompt tuning and P-tuning put their virtual tokens in front of the input, so the model's logits and hidden
   states have that many extra leading positions; ``adapt_prompt_learning`` drops them, so that position ``t`` of
   every output belongs to input token ``t`` whatever the adapter (prefix tuning's tokens are past keys and values
-  and add no positions), and works around peft's generation under transformers 5.
+  and add no positions). Their ``generate`` uses the trained tokens under transformers 5 from peft 0.22 on (peft
+  0.21 looked for the generation cache under its old name: ``pyproject.toml`` requires 0.22).
 """
 
 from __future__ import annotations
@@ -226,14 +227,12 @@ def adapt_prompt_learning(model: torch.nn.Module) -> torch.nn.Module:
     - Its logits and hidden states lose the virtual tokens' positions (module docstring): peft leaves them in (it
       drops them only from the labels of the loss it computes), and every stage and evaluation reads outputs
       position by position against ``input_ids``. ``generate`` runs the base model, not this forward.
-    - Its ``generate`` uses the trained virtual tokens (:func:`_generate_with_the_cache_peft_expects`).
     """
     if not is_prompt_learning(model):
         return model
     count = virtual_positions(model)
     if count:
         model.register_forward_hook(partial(_drop_leading_positions, count))
-    _generate_with_the_cache_peft_expects(model)
     return model
 
 
@@ -242,31 +241,6 @@ def _drop_leading_positions(count: int, module, args, output):
     if output.get("hidden_states") is not None:
         output.hidden_states = tuple(h[:, count:] for h in output.hidden_states)
     return output
-
-
-PEFT_UPSTREAM = {
-    "peft.peft_model.PeftModelForCausalLM.prepare_inputs_for_generation": "2e06741efe257d11",
-}
-"""What :func:`_generate_with_the_cache_peft_expects` works around, pinned by the digest of its source
-(``hivemind_ext/upstream.py``'s scheme; ``tests/test_model.py`` fails naming it when peft changes it)."""
-
-
-def _generate_with_the_cache_peft_expects(model: torch.nn.Module) -> None:
-    """NOTE: peft (0.21) looks for the generation cache under ``past_key_values``; transformers 5 passes it as
-    ``cache``. peft then finds none at every new token, so it feeds prompt tuning's and P-tuning's virtual tokens
-    again before each one, and gives prefix tuning's prefix as ``past_key_values``, which the model ignores when
-    ``cache`` is set: every prompt-learning model generated as if it had not been trained. Renaming the cache back
-    before peft reads it restores what training computes (``tests/test_model.py`` compares ``generate`` with
-    greedy decoding by forward passes). TODO: drop when peft reads ``cache`` (its pinned source changes)."""
-    base_prepare = model.base_model_prepare_inputs_for_generation
-
-    def prepare(*args, **kwargs):
-        inputs = base_prepare(*args, **kwargs)
-        if "cache" in inputs:
-            inputs["past_key_values"] = inputs.pop("cache")
-        return inputs
-
-    model.base_model_prepare_inputs_for_generation = prepare
 
 
 def save_weights(model: torch.nn.Module, folder: Path) -> None:
