@@ -22,6 +22,7 @@ from potluck.tools.tiny.assets import build_assets, write_conversations
 from potluck.tools.tiny.encoder import build_tiny_encoder
 from potluck.tools.tiny.model import TinyModelConfig, build_tiny_model
 from potluck.tools.tiny.task import ALPHABET, ArithmeticTask
+from potluck.tools.warm_peers import WarmLauncher
 from tests.netbed.fixture import netbed  # noqa: F401  (the `netbed` fixture: hosts in network namespaces)
 
 _STARTED_GROUPS: set[int] = set()
@@ -268,13 +269,20 @@ def make_spec(tiny_assets, tmp_path) -> Callable[..., Path]:
     return write
 
 
+WARM_PEERS = WarmLauncher()
+"""Forks the suite's peers from one template that imported the peer once (``tools/warm_peers.py``): 4-6 s of CPU
+less per peer, about 140 peers a suite."""
+
+
 @pytest.fixture
-def local_swarm(tmp_path) -> Iterator[Callable[[Path], LocalSwarm]]:
-    """Create local swarms for a spec; every peer process (and its children) is stopped after the test."""
+def local_swarm(tmp_path, request) -> Iterator[Callable[[Path], LocalSwarm]]:
+    """Create local swarms for a spec; every peer process (and its children) is stopped after the test. Peers are
+    forked from ``WARM_PEERS`` where they can be, unless the test is marked ``cold_peers``."""
     swarms: list[LocalSwarm] = []
+    warm = None if request.node.get_closest_marker("cold_peers") else WARM_PEERS
 
     def create(spec_path: Path) -> LocalSwarm:
-        swarm = _TrackedSwarm(spec_path, tmp_path / f"swarm{len(swarms)}")
+        swarm = _TrackedSwarm(spec_path, tmp_path / f"swarm{len(swarms)}", warm=warm)
         swarms.append(swarm)
         return swarm
 

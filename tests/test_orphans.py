@@ -15,7 +15,7 @@ import pytest
 from potluck.tools.coordinator_process import free_port
 from tests.helpers import in_signal_set, start_first, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cold_peers]  # counts its helpers by their command lines
 
 
 def descendants(pid: int) -> list[psutil.Process]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from potluck.peer.results import PeerSummary, read_events, read_summary
+from potluck.tools.warm_peers import WarmLauncher, WarmProcess
 
 JOIN_ADDRESS = re.compile(r"--initial-peers (\S+)")
 RUN_PEER = ("-m", "potluck.peer.launch")
@@ -24,7 +25,7 @@ RUN_PEER = ("-m", "potluck.peer.launch")
 @dataclass
 class PeerProcess:
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen | WarmProcess
     log_path: Path
     results_path: Path | None = None
     """Its ``--results`` file (JSON Lines, see ``peer/results.py``)."""
@@ -67,6 +68,8 @@ class LocalSwarm:
     extra_args: list[str] = field(default_factory=list)
     threads_per_peer: int = 1
     peers: list[PeerProcess] = field(default_factory=list)
+    warm: WarmLauncher | None = None
+    """Fork the peers it can from a template that has imported the peer (``tools/warm_peers.py``; the test suite)."""
 
     def start_peer(
         self,
@@ -86,8 +89,7 @@ class LocalSwarm:
         if initial_peers is None:
             initial_peers = [a for a in (p.join_address() for p in self.peers if p.running) if a][:1]
         results_path = self.workdir / f"{name}.events.jsonl"
-        command = [
-            *command_prefix, sys.executable, *entry,
+        argv = [
             *(["--run-spec", str(self.spec_path)] if use_spec else []),
             "--results", str(results_path),
             "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
@@ -98,11 +100,20 @@ class LocalSwarm:
         log_path = self.workdir / f"{name}.log"
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads_per_peer), PYTHONUNBUFFERED="1")
         with log_path.open("w") as log:
-            # own session: a signal to the demo's terminal does not hit peers twice, and stop() can
-            # reach the peer's children (DHT, averagers, p2pd) through the process group
-            process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+            if (
+                self.warm is not None
+                and not command_prefix
+                and entry == RUN_PEER
+                and self.warm.can_start(argv)
+            ):
+                process = self.warm.start(argv, log_path, env)
+            else:
+                # own session: a signal to the demo's terminal does not hit peers twice, and stop() can
+                # reach the peer's children (DHT, averagers, p2pd) through the process group
+                process = subprocess.Popen(
+                    [*command_prefix, sys.executable, *entry, *argv],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                )  # fmt: skip
         peer = PeerProcess(name, process, log_path, results_path)
         self.peers.append(peer)
         return peer
