@@ -274,8 +274,14 @@ def test_settle_brings_the_background_state_round_into_the_model(make_spec):
             peer._optimizer.state_averager.step(
                 averaging_round=True, delay_averaging=True, averaging_opts={"timeout": 30.0}
             )
+        # as each run-peer does before its last checkpoint, at the same time: settling ends with an agreement on
+        # the final state, which waits for the other peer (settled one after the other: 30 s)
+        settling = [threading.Thread(target=peer.settle) for peer in peers]
+        for thread in settling:
+            thread.start()
+        for thread in settling:
+            thread.join(timeout=60)
         for peer in peers:
-            peer.settle()  # as run-peer does before its last checkpoint
             for p in peer._optimizer.state_averager.main_parameters:
                 torch.testing.assert_close(p, torch.full_like(p, 2.0))
 
