@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -293,7 +294,13 @@ def local_swarm(tmp_path, request) -> Iterator[Callable[[Path], LocalSwarm]]:
         swarm.stop(grace=3)
 
 
+@dataclasses.dataclass
 class _TrackedSwarm(LocalSwarm):
+    """The suite's swarms: peers forked from ``WARM_PEERS`` where they can be, each peer's process group killed at
+    the end of the session if anything of it is left."""
+
+    warm: WarmLauncher | None = WARM_PEERS
+
     def start_peer(self, *args, **kwargs):
         peer = super().start_peer(*args, **kwargs)
         _STARTED_GROUPS.add(peer.process.pid)  # each peer leads its own process group
