@@ -87,7 +87,7 @@ class HomeSwarm:
             *args,
         ]  # fmt: skip
         return self.swarm.start_peer(
-            name or host.name, peer_args, initial_peers=initial_peers, command_prefix=host.command([])
+            name or host.name, peer_args, initial_peers=initial_peers, netns=host.namespace
         )
 
 

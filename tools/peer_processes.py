@@ -79,11 +79,13 @@ class LocalSwarm:
         use_spec: bool = True,
         command_prefix: list[str] = (),
         entry: tuple[str, ...] = RUN_PEER,
+        netns: str | None = None,
     ) -> PeerProcess:
         """Start ``run-peer``; ``initial_peers`` defaults to the first running peer's address.
         ``use_spec=False`` leaves out ``--run-spec`` (the peer finds its run through ``args``).
         ``command_prefix`` runs it through another command, e.g. ``ip netns exec HOST`` (tests/netbed);
         ``entry`` replaces ``-m potluck.peer.launch`` with another script taking run-peer's flags (bench/slow_peer.py).
+        ``netns`` runs it in that network namespace (``ip netns exec NETNS`` unless it is forked: tests/netbed).
         Its events and summary go to ``<workdir>/<name>.events.jsonl`` (``PeerProcess.events``/``summary``)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if initial_peers is None:
@@ -106,12 +108,13 @@ class LocalSwarm:
                 and entry == RUN_PEER
                 and self.warm.can_start(argv)
             ):
-                process = self.warm.start(argv, log_path, env)
+                process = self.warm.start(argv, log_path, env, netns=netns)
             else:
+                in_netns = ["ip", "netns", "exec", netns] if netns else []
                 # own session: a signal to the demo's terminal does not hit peers twice, and stop() can
                 # reach the peer's children (DHT, averagers, p2pd) through the process group
                 process = subprocess.Popen(
-                    [*command_prefix, sys.executable, *entry, *argv],
+                    [*in_netns, *command_prefix, sys.executable, *entry, *argv],
                     stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                 )  # fmt: skip
         peer = PeerProcess(name, process, log_path, results_path)

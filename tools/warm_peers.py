@@ -8,7 +8,7 @@ environment and exit code, started in a fraction of a second. :class:`WarmProces
 ``subprocess.Popen``.
 
 What a forked peer does not cover, so ``LocalSwarm`` starts it the usual way: the imports themselves (and a
-Ctrl-C during them: ``tests/test_cli.py``), a peer in another network namespace (``command_prefix``), another entry
+Ctrl-C during them: ``tests/test_cli.py``), a peer run through another command (``command_prefix``), another entry
 script, and a run whose spec may quantise (the template leaves bitsandbytes out, as ``run-peer`` does for a run
 that quantises nothing: ``peer/unused_libraries.py``). Its helper processes (DHT, averagers) are forks of it, so
 their command lines are the template's (``tests/test_orphans.py`` starts its peers the usual way).
@@ -17,6 +17,7 @@ their command lines are the template's (``tests/test_orphans.py`` starts its pee
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -28,6 +29,7 @@ from pathlib import Path
 FRESH_START_METHOD = multiprocessing.get_all_start_methods()[0]
 """The ``multiprocessing`` start method of a fresh interpreter here (``fork`` on Linux before Python 3.14)."""
 TEMPLATE = "potluck.tools.peer_template"
+CLONE_NEWNET = 0x40000000  # <linux/sched.h>
 """What the template process imports before it forks a peer."""
 
 
@@ -80,10 +82,15 @@ class WarmLauncher:
 
         return quantises_nothing(argv)
 
-    def start(self, argv: Sequence[str], log_path: Path, env: dict[str, str]) -> WarmProcess:
-        """``run-peer argv`` with ``env`` as its whole environment, its output appended to ``log_path``."""
+    def start(
+        self, argv: Sequence[str], log_path: Path, env: dict[str, str], netns: str | None = None
+    ) -> WarmProcess:
+        """``run-peer argv`` with ``env`` as its whole environment, its output appended to ``log_path``; in the
+        network namespace ``netns`` (as ``ip netns exec`` names it) if given."""
         process = self.context.Process(
-            target=_run_peer, args=(list(argv), str(log_path), dict(env)), name=f"run-peer {log_path.stem}"
+            target=_run_peer,
+            args=(list(argv), str(log_path), dict(env), netns),
+            name=f"run-peer {log_path.stem}",
         )
         process.start()
         return WarmProcess(process, [sys.executable, "-m", "potluck.peer.launch", *argv])
@@ -100,8 +107,21 @@ def fresh_random_state() -> None:
     numpy.random.seed()
 
 
-def _run_peer(argv: list[str], log_path: str, env: dict[str, str]) -> None:
+def enter_network_namespace(name: str) -> None:
+    """Move this process, which must have one thread, into the network namespace ``ip netns`` calls ``name``: its
+    sockets and every process it starts from now on are there (the network part of ``ip netns exec``)."""
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name!r}")
+    finally:
+        os.close(fd)
+
+
+def _run_peer(argv: list[str], log_path: str, env: dict[str, str], netns: str | None) -> None:
     """In the forked peer: become what ``subprocess.Popen(start_new_session=True)`` would have started."""
+    if netns is not None:
+        enter_network_namespace(netns)
     os.setsid()
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(log, 1)
