@@ -97,14 +97,16 @@ class WarmLauncher:
 
 
 def fresh_random_state() -> None:
-    """Seed ``random`` and numpy's global generator from the OS, as a fresh interpreter does: forks of one template
-    would all draw the same numbers. (torch's default generator starts from a fixed seed in every process.)"""
+    """Seed ``random``, numpy's and torch's global generators from the OS, as a fresh interpreter does: forks of one
+    template would all draw the same numbers."""
     import random
 
     import numpy
+    import torch
 
     random.seed()
     numpy.random.seed()
+    torch.seed()
 
 
 def enter_network_namespace(name: str) -> None:
@@ -136,8 +138,9 @@ def _run_peer(argv: list[str], log_path: str, env: dict[str, str], netns: str | 
     multiprocessing.set_start_method(FRESH_START_METHOD, force=True)
     import torch
 
-    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
-    sys.argv = [sys.executable, *argv]
-    from potluck.peer.launch import main
+    from potluck.peer import launch
 
-    main(argv)  # ends the process itself (launch.exit_now)
+    if "OMP_NUM_THREADS" in env:  # read by the template's torch when it loaded, not by the fork
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.argv = [launch.__file__, *argv]  # as ``python -m potluck.peer.launch`` sets it
+    launch.main(argv)  # ends the process itself (launch.exit_now)
