@@ -22,8 +22,10 @@ Rounds and consistency
       has taken H inner steps asks its group's keeper to re-form it without matchmaking (the others'
       check-ins are then the wait for them; ``hivemind_ext/kept_groups.py``). Otherwise, as below.
     - A peer that has taken H inner steps waits until every peer the tracker knows of has taken H, or
-      ``averaging_timeout`` passes; then the round starts. Slow peers therefore bound the round. The
-      wait is idle: every peer takes exactly H inner steps per outer step, as the spec says, unless
+      ``averaging_timeout`` passes; then the round starts. Slow peers therefore bound the round. Its
+      group search declares a window a ready-poll longer than ``matchmaking_time`` (the others see the last
+      peer's "ready" up to a poll late) and ends as soon as every peer the tracker counts has joined
+      (``hivemind_ext/expected_groups.py``). The wait is idle: every peer takes exactly H inner steps per outer step, as the spec says, unless
       ``averaging.compute_while_waiting`` lets fast peers keep stepping meanwhile (then they take more,
       each peer a different number, and the run is no longer the DiLoCo of the spec).
     - Only a successful round advances the outer step, and only a round whose group holds a strict
@@ -78,6 +80,7 @@ from potluck.hivemind_ext.donors import (
     download_with_retries,
     other_donors,
 )
+from potluck.hivemind_ext.expected_groups import EXPECT, ExpectedGroups
 from potluck.hivemind_ext.followers import PatientFollowers
 from potluck.hivemind_ext.kept_groups import KEEP, KeptGroups
 from potluck.hivemind_ext.optimizer import StopRequest
@@ -125,6 +128,7 @@ class _OuterAverager(
     PatientFollowers,
     GatedAveraging,
     KeptGroups,
+    ExpectedGroups,
     TimedRounds,
     CheckedRounds,
     consistent_allreduce.SameAverages,
@@ -501,13 +505,20 @@ class DiLoCoAveraging(AveragingStrategy):
                 torch.sub(g, p.detach().to("cpu", torch.float32), out=buffer)
         snapshot = [p.detach().clone() for p in self._params] if self._overlap else None
         keep, kept_before = self._keeps_group(), self._averager.kept_rounds
+        gather = {"outer_step": self._outer_step, KEEP: keep}
+        # A search: the round starts when the tracker shows everyone ready, and the others see the last one's
+        # "ready" up to a poll later (READY_POLL_SECONDS): the leader's window covers that spread, and ends as
+        # soon as everyone the tracker counts has joined (hivemind_ext/expected_groups.py). A kept group's
+        # members wait for each other at their keeper instead, up to averaging_timeout, and search only if one
+        # does not come.
+        window = 0.0 if keep else READY_POLL_SECONDS
+        if not keep:
+            gather[EXPECT] = self._tracker.peers_in_round
         started = time.monotonic()
         control = self._averager.step(
-            gather={"outer_step": self._outer_step, KEEP: keep},
-            # finding the group: the round starts when the tracker shows everyone ready, so the others come
-            # within about a matchmaking time (and the DHT's refresh) or not at all; a kept group's members
-            # wait for each other first, up to averaging_timeout, and search only if one does not come
-            timeout=(self._averaging_timeout if keep else 0.0)
+            gather=gather,
+            scheduled_time=get_dht_time() + window + self._matchmaking_time,
+            timeout=(self._averaging_timeout if keep else window)
             + GROUP_SEARCH_MATCHMAKING_TIMES * self._matchmaking_time,
             # One attempt: hivemind would retry a failed all-reduce on the buffer it had already changed in
             # part. A failed round is retried here, on a fresh pseudo-gradient, once the swarm is ready.
