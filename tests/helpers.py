@@ -155,6 +155,15 @@ def outcomes_of(controls, timeout: float) -> list:
     return outcomes
 
 
+def all_averaged(outcomes, size: int) -> bool:
+    """Whether every round of ``outcomes`` (``outcomes_of``) averaged in one group of ``size`` and got all of it."""
+    from potluck.hivemind_ext.rounds import group_of, received_fraction
+
+    return all(
+        isinstance(o, dict) and len(group_of(o)) == size and received_fraction(o) == 1.0 for o in outcomes
+    )
+
+
 @contextlib.contextmanager
 def loopback_averagers(
     classes_and_values: Sequence, size: int, prefix: str, clients: Sequence[int] = (), **options

@@ -12,8 +12,8 @@ from hivemind.utils.timed_storage import get_dht_time
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.expected_groups import EXPECT, ExpectedGroups
 from potluck.hivemind_ext.followers import PatientFollowers
-from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, round_bits
-from tests.helpers import loopback_averagers, outcomes_of
+from potluck.hivemind_ext.rounds import CheckedRounds, round_bits
+from tests.helpers import all_averaged, loopback_averagers, outcomes_of
 
 MATCHMAKING_TIME = 0.5
 LATE = 1.0
@@ -52,12 +52,6 @@ def _staggered_round(averagers, step: int, expect: bool) -> tuple[list, float]:
     return outcomes, time.monotonic() - started
 
 
-def _one_group(outcomes, size: int) -> bool:
-    return all(
-        isinstance(o, dict) and len(group_of(o)) == size and received_fraction(o) == 1.0 for o in outcomes
-    )
-
-
 @pytest.mark.timeout(180)
 def test_late_searchers_meet_in_the_window_and_an_expected_group_does_not_wait_it_out():
     with loopback_averagers(
@@ -68,10 +62,10 @@ def test_late_searchers_meet_in_the_window_and_an_expected_group_does_not_wait_i
     ) as averagers:
         # expecting all three: one group, formed once the late ones joined, well before the window ends
         outcomes, seconds = _staggered_round(averagers, 0, expect=True)
-        assert _one_group(outcomes, 3), outcomes
+        assert all_averaged(outcomes, 3), outcomes
         assert seconds < WINDOW, seconds
 
         # expecting nobody in particular: one group too, but the leader holds it open to the end of its window
         outcomes, seconds = _staggered_round(averagers, 1, expect=False)
-        assert _one_group(outcomes, 3), outcomes
+        assert all_averaged(outcomes, 3), outcomes
         assert seconds >= WINDOW - 0.1, seconds

@@ -11,8 +11,8 @@ import torch
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.followers import PatientFollowers
 from potluck.hivemind_ext.kept_groups import KEEP, KeptGroups
-from potluck.hivemind_ext.rounds import CheckedRounds, group_of, received_fraction, round_bits
-from tests.helpers import loopback_averagers, outcomes_of
+from potluck.hivemind_ext.rounds import CheckedRounds, round_bits
+from tests.helpers import all_averaged, loopback_averagers, outcomes_of
 
 MATCHMAKING_TIME = 1.0
 KEPT_GROUP_WAIT = 3.0
@@ -47,12 +47,6 @@ def _averaged(averager) -> float:
         return tensor[0].item()
 
 
-def _all_averaged(outcomes, size: int) -> bool:
-    return all(
-        isinstance(o, dict) and len(group_of(o)) == size and received_fraction(o) == 1.0 for o in outcomes
-    )
-
-
 @pytest.mark.timeout(240)
 def test_a_kept_group_reforms_without_matchmaking_and_any_change_goes_back_to_it():
     with loopback_averagers(
@@ -67,16 +61,16 @@ def test_a_kept_group_reforms_without_matchmaking_and_any_change_goes_back_to_it
         # suite: round 0 not fully averaged), so it is tried up to 3 times (a round of the same step keeps nothing)
         for _ in range(3):
             outcomes = _round(averagers, 0, [True] * 3)
-            if _all_averaged(outcomes, 3):
+            if all_averaged(outcomes, 3):
                 break
-        assert _all_averaged(outcomes, 3), outcomes
+        assert all_averaged(outcomes, 3), outcomes
         assert [a.kept_rounds for a in averagers] == [0, 0, 0]
 
         # round 1: every member asks to keep the group: formed by the check-ins, well within a matchmaking time
         started = time.monotonic()
         outcomes = _round(averagers, 1, [True] * 3)
         kept_seconds = time.monotonic() - started
-        assert _all_averaged(outcomes, 3), outcomes
+        assert all_averaged(outcomes, 3), outcomes
         assert [a.kept_rounds for a in averagers] == [1, 1, 1]
         assert [_averaged(a) for a in averagers] == [2.0, 2.0, 2.0]
         assert kept_seconds < MATCHMAKING_TIME, kept_seconds
@@ -85,12 +79,12 @@ def test_a_kept_group_reforms_without_matchmaking_and_any_change_goes_back_to_it
         started = time.monotonic()
         outcomes = _round(averagers, 2, [True, False, True])
         assert time.monotonic() - started < KEPT_GROUP_WAIT + 4 * MATCHMAKING_TIME
-        assert _all_averaged(outcomes, 3), outcomes
+        assert all_averaged(outcomes, 3), outcomes
         assert [a.kept_rounds for a in averagers] == [1, 1, 1]
 
         # round 4 after 3: a round that skips a step (a peer back from a download) keeps nothing
         outcomes = _round(averagers, 4, [True] * 3)
-        assert _all_averaged(outcomes, 3), outcomes
+        assert all_averaged(outcomes, 3), outcomes
         assert [a.kept_rounds for a in averagers] == [1, 1, 1]
         outcomes = _round(averagers, 5, [True] * 3)
         assert [a.kept_rounds for a in averagers] == [2, 2, 2]
@@ -98,10 +92,10 @@ def test_a_kept_group_reforms_without_matchmaking_and_any_change_goes_back_to_it
         # round 6: a member is gone (whether it was the keeper or not): the others search once it did not come
         averagers[-1].shutdown()
         outcomes = _round(averagers[:2], 6, [True, True])
-        assert _all_averaged(outcomes, 2), outcomes
+        assert all_averaged(outcomes, 2), outcomes
         assert [a.kept_rounds for a in averagers[:2]] == [2, 2]
         assert [_averaged(a) for a in averagers[:2]] == [1.5, 1.5]
         # and the two of them keep their new group
         outcomes = _round(averagers[:2], 7, [True, True])
-        assert _all_averaged(outcomes, 2), outcomes
+        assert all_averaged(outcomes, 2), outcomes
         assert [a.kept_rounds for a in averagers[:2]] == [3, 3]
