@@ -15,10 +15,13 @@ window ends, as before.
 
 from __future__ import annotations
 
+import contextlib
+
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import StepControl
 
 UPSTREAM = {
+    "hivemind.averaging.matchmaking.Matchmaking.looking_for_group": "a7f0ac4565e90cc9",  # wrapped: holds the search lock
     "hivemind.averaging.matchmaking.Matchmaking.rpc_join_group": "0d6120e412849439",  # assembles at target_group_size
     "hivemind.averaging.matchmaking.Matchmaking._check_reasons_to_reject": "c694e8194862154f",  # refuses past it
 }
@@ -36,19 +39,23 @@ class ExpectedGroups(DecentralizedAverager):
     async def _step(self, *, step: StepControl, future_for_init):
         if not self._expecting:
             self._expecting = True
-            matchmaking, search = self._matchmaking, self._matchmaking.look_for_group
-            own_target = matchmaking.target_group_size
+            matchmaking = self._matchmaking
+            own_target, holding = matchmaking.target_group_size, matchmaking.looking_for_group
 
-            async def look_for_group(step: StepControl):
-                expected = self._expected(step.data_for_gather)
-                if expected is not None and (own_target is None or expected < own_target):
-                    matchmaking.target_group_size = expected
-                try:
-                    return await search(step)
-                finally:
-                    matchmaking.target_group_size = own_target
+            @contextlib.asynccontextmanager
+            async def looking_for_group(step: StepControl):
+                # inside hivemind's lock for one search at a time: a search queued behind a running one (a
+                # round that outlived its cancel) must not change the running one's target
+                async with holding(step):
+                    expected = self._expected(step.data_for_gather)
+                    if expected is not None and (own_target is None or expected < own_target):
+                        matchmaking.target_group_size = expected
+                    try:
+                        yield
+                    finally:
+                        matchmaking.target_group_size = own_target
 
-            matchmaking.look_for_group = look_for_group
+            matchmaking.looking_for_group = looking_for_group
         return await super()._step(step=step, future_for_init=future_for_init)
 
     def _expected(self, data_for_gather: bytes) -> int | None:
