@@ -36,9 +36,11 @@ system-packages:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "make: tests that need$$missing will skip (install them, or run as root)"; fi; fi
 
-# Everything but the `compose` tests (tests/conftest.py leaves them out unless -m names them).
+# Everything but the `compose` tests (tests/conftest.py leaves them out unless -m names them), on two workers
+# (pytest-xdist, a file at a time): much of the suite waits on peers' clocks, and a second worker fills that time.
+TEST_WORKERS ?= 2
 test: $(STAMP) system-packages
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The images docker-compose.yml runs, built without a container registry (deploy/images.sh says how):
 # potluck:$(VARIANT) and potluck-prometheus:bookworm. VARIANT=cuda for NVIDIA GPUs; BASE_IMAGE=

@@ -35,10 +35,19 @@ def pytest_collection_modifyitems(config, items) -> None:
     module marked ``unit`` is integration (``make test-fast`` selects ``unit and not integration``).
 
     ``compose`` tests (the compose swarm in containers, minutes; ``make test-compose``) run only when
-    ``-m`` names them: a plain ``pytest`` or ``make test`` deselects them and says so in its summary."""
+    ``-m`` names them: a plain ``pytest`` or ``make test`` deselects them and says so in its summary.
+
+    Files with a ``slow`` test run first, then the other integration files, then the unit ones, each file's tests
+    together and in their order: ``make test``'s two workers (pytest-xdist, a file at a time) then start the
+    minutes-long files early and end on short ones, instead of one worker finishing a swarm file alone."""
     for item in items:
         if not is_unit(item):
             item.add_marker(pytest.mark.integration)
+    tier: dict = {}
+    for item in items:
+        rank = 0 if item.get_closest_marker("slow") else 1 if not is_unit(item) else 2
+        tier[item.path] = min(tier.get(item.path, 2), rank)
+    items.sort(key=lambda item: tier[item.path])  # stable: files stay whole and in order within a tier
     if "compose" not in (config.getoption("markexpr") or ""):
         deselected = [item for item in items if item.get_closest_marker("compose") is not None]
         if deselected:

@@ -35,7 +35,7 @@ from potluck.hivemind_ext.allreduce import aggregate_with, refused_parts
 from potluck.hivemind_ext.dht import start_dht
 from potluck.hivemind_ext.donors import MANIFEST_KEY, CheckedDownloads, LimitedDonor
 from potluck.hivemind_ext.layers import PeerRounds
-from potluck.hivemind_ext.rounds import group_of
+from potluck.hivemind_ext.rounds import group_of, received_fraction
 from tests.fuzzing import ANSWER_WITHIN, Raw, fuzz_settings
 from tests.helpers import outcomes_of, wait_until
 
@@ -345,7 +345,12 @@ def _round_of_three(averagers) -> list:
             _set(averager, value)
         # the malformed peer's round may end either way: only the honest two are looked at
         outcomes = outcomes_of([a.step(timeout=30.0, wait=False) for a in averagers], 40)[:2]
-        if all(isinstance(o, dict) and len(group_of(o)) == 3 for o in outcomes):
+        # and a chunk between the honest two may time out on a loaded machine (a two-worker suite: one got 56 %
+        # of the average, the other more), leaving them different parts averaged: that round says nothing of
+        # the malformed peer's, so it runs again too
+        if all(isinstance(o, dict) and len(group_of(o)) == 3 for o in outcomes) and (
+            received_fraction(outcomes[0]) == received_fraction(outcomes[1])
+        ):
             break
         if attempt == 5 and (errors := [o for o in outcomes if isinstance(o, Exception)]):
             raise errors[0]

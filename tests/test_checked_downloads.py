@@ -83,6 +83,9 @@ def _newcomer_loads(*donor_states, tampers=None, lie_with=None, own=None) -> _Lo
         for priority, donor in enumerate(reversed(donors), start=1):
             donor.state_sharing_priority = priority
         wait_until(lambda: other_donors(dhts[-1], newcomer) >= len(donors), 30, "the donors' records")
+        # and their priorities: each was first published as 0, and a newcomer that read those asked the donors
+        # in random order (a two-worker suite: the honest donor before a tampering one, 2 downloads discarded)
+        wait_until(lambda: _priorities_published(dhts[-1], donors), 30, "the donors' priorities")
         loaded = newcomer.load_state_from_peers(timeout=30)
         ids = [str(dht.peer_id) for dht in dhts[: len(donors)]]
         return _Loaded(loaded, newcomer.discarded_downloads, newcomer.unvouched_downloads, ids)
@@ -91,6 +94,15 @@ def _newcomer_loads(*donor_states, tampers=None, lie_with=None, own=None) -> _Lo
             averager.shutdown()
         for dht in dhts:
             dht.shutdown()
+
+
+def _priorities_published(dht, donors) -> bool:
+    """Whether the DHT holds each donor's record with its ``state_sharing_priority`` (what a newcomer orders by)."""
+    found = dht.get("vouched.all_averagers", latest=True)
+    records = found.value if found is not None and isinstance(found.value, dict) else {}
+    return all(
+        getattr(records.get(d.peer_id.to_bytes()), "value", None) == d.state_sharing_priority for d in donors
+    )
 
 
 @pytest.mark.timeout(120)
