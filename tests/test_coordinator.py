@@ -51,8 +51,9 @@ def test_peers_join_through_the_coordinator_and_it_survives_a_restart(
     make_spec, local_swarm, coordinator, tmp_path
 ):
     coord = coordinator()
-    run_id = publish(coord, make_spec(max_global_steps=100000))
-    swarm = local_swarm(tmp_path / "unused.yaml")
+    spec_path = make_spec(max_global_steps=100000)
+    run_id = publish(coord, spec_path)
+    swarm = local_swarm(spec_path)  # published: the peers fetch it from the coordinator
     ports = [free_port(), free_port()]
     for name, port in zip(("a", "b"), ports, strict=True):
         swarm.start_peer(

@@ -36,8 +36,9 @@ def test_training_goes_on_when_the_coordinator_dies_during_a_stall_and_a_kill(
     tmp_path,
 ):
     coord = coordinator()
-    publish(coord, make_spec(max_global_steps=100000))
-    swarm = local_swarm(tmp_path / "unused.yaml")
+    spec_path = make_spec(max_global_steps=100000)
+    publish(coord, spec_path)
+    swarm = local_swarm(spec_path)  # published: the peers fetch it from the coordinator
     ports = {name: free_port() for name in ("a", "b", "c")}
     peers = {
         name: swarm.start_peer(

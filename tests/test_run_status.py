@@ -32,8 +32,9 @@ def test_a_swarm_pauses_resumes_and_finishes_from_the_coordinator(
 ):
     coord = coordinator()
     with CoordinatorClient(coord.address) as client:
-        run_id = client.publish(make_spec(max_global_steps=100000).read_text()).run_id
-    swarm = local_swarm(tmp_path / "unused.yaml")
+        spec_path = make_spec(max_global_steps=100000)
+        run_id = client.publish(spec_path.read_text()).run_id
+    swarm = local_swarm(spec_path)  # published: the peers fetch it from the coordinator
     peers = [
         swarm.start_peer(
             name,

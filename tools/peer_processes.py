@@ -82,7 +82,8 @@ class LocalSwarm:
         netns: str | None = None,
     ) -> PeerProcess:
         """Start ``run-peer``; ``initial_peers`` defaults to the first running peer's address.
-        ``use_spec=False`` leaves out ``--run-spec`` (the peer finds its run through ``args``).
+        ``use_spec=False`` leaves out ``--run-spec`` (the peer finds its run through ``args``, e.g. a coordinator that
+        published the swarm's spec: that file still says whether the peer may be forked from ``warm``).
         ``command_prefix`` runs it through another command, e.g. ``ip netns exec HOST`` (tests/netbed);
         ``entry`` replaces ``-m potluck.peer.launch`` with another script taking run-peer's flags (bench/slow_peer.py).
         ``netns`` runs it in that network namespace (``ip netns exec NETNS`` unless it is forked: tests/netbed).
@@ -106,7 +107,9 @@ class LocalSwarm:
                 self.warm is not None
                 and not command_prefix
                 and entry == RUN_PEER
-                and self.warm.can_start(argv)
+                and self.warm.can_start(
+                    argv if use_spec or "--run-spec" in argv else [*argv, "--run-spec", str(self.spec_path)]
+                )
             ):
                 process = self.warm.start(argv, log_path, env, netns=netns)
             else:
