@@ -25,7 +25,8 @@ Rounds and consistency
       ``averaging_timeout`` passes; then the round starts. Slow peers therefore bound the round. Its
       group search declares a window a ready-poll longer than ``matchmaking_time`` (the others see the last
       peer's "ready" up to a poll late) and ends as soon as every peer the tracker counts has joined
-      (``hivemind_ext/expected_groups.py``). The wait is idle: every peer takes exactly H inner steps per outer step, as the spec says, unless
+      (``hivemind_ext/expected_groups.py``). The wait is idle: every peer takes exactly H inner steps per
+      outer step, as the spec says, unless
       ``averaging.compute_while_waiting`` lets fast peers keep stepping meanwhile (then they take more,
       each peer a different number, and the run is no longer the DiLoCo of the spec).
     - Only a successful round advances the outer step, and only a round whose group holds a strict
