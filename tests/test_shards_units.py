@@ -100,6 +100,28 @@ def test_router_prefers_measured_latency_and_throughput(dht):
     assert [h.peer_id for h in router.route(0, 4)] == ["all-but-far"]
 
 
+def test_a_server_measured_slow_once_is_probed_again_once_its_measure_is_stale(dht):
+    answers = {"replica-a": 0.001, "replica-b": 5.0}  # b's first probe lands on a busy moment
+    probed = []
+
+    def probe(peer_id: str, announcement) -> float:
+        probed.append(peer_id)
+        return answers[peer_id]
+
+    router = Router(dht, "units", refresh_seconds=1e9, probe=probe, spread=4.0, reprobe_seconds=3600)
+    router._refreshed_at = time.monotonic()  # use the servers below, not the DHT's
+    router.servers = {a.peer_id: a for a in [
+        _announcement("replica-a", 0, 4, 1e6), _announcement("replica-b", 0, 4, 1e6),
+    ]}  # fmt: skip
+    assert {h.peer_id for _ in range(50) for h in router.route(0, 4)} == {"replica-a"}
+    assert sorted(probed) == ["replica-a", "replica-b"]  # each probed once while its measure is fresh
+
+    answers["replica-b"] = 0.001  # b is as quick as a now
+    router.reprobe_seconds = 0.0
+    chosen = {h.peer_id for _ in range(50) for h in router.route(0, 4)}
+    assert chosen == {"replica-a", "replica-b"}, chosen  # probed again, it takes its share
+
+
 def test_batching_merges_waiting_requests_and_refuses_when_full():
     executor = BatchingExecutor(max_batch_tokens=1000, max_queue=3)
     batches = []

@@ -56,6 +56,7 @@ class Router:
         default_latency: float = 0.05,
         tokens_hint: int = 256,
         spread: float = 0.0,
+        reprobe_seconds: float = 30.0,
     ):
         self.dht, self.run_id = dht, run_id
         self.ban_seconds, self.refresh_seconds = ban_seconds, refresh_seconds
@@ -65,8 +66,13 @@ class Router:
         self.spread = spread
         """Each hop's cost is multiplied by a random factor in [1, 1 + spread]: > 0 spreads clients over
         replicas of similar speed (load balancing), 0 always takes the cheapest."""
+        self.reprobe_seconds = reprobe_seconds
+        """A server whose latency was last measured this long ago is probed again before a route is chosen: its
+        calls measure only the servers a route takes, and one slow probe (a busy moment on a loaded machine) left
+        a replica unused for the client's whole life (its cost stayed above the others' even with ``spread``)."""
         self.servers: dict[str, ShardAnnouncement] = {}
         self.latency: dict[str, float] = {}
+        self.measured_at: dict[str, float] = {}
         self.forged: set[tuple[str, int, int]] = set()
         """(peer id, start, end) claims the named server contradicted: ignored from now on."""
         self.skipped: collections.Counter[str] = collections.Counter()
@@ -99,6 +105,7 @@ class Router:
     def observe_latency(self, peer_id: str, seconds: float, alpha: float = 0.2) -> None:
         previous = self.latency.get(peer_id)
         self.latency[peer_id] = seconds if previous is None else (1 - alpha) * previous + alpha * seconds
+        self.measured_at[peer_id] = time.monotonic()
 
     def address_of(self, peer_id: str) -> list[str]:
         announcement = self.servers.get(peer_id)
@@ -109,9 +116,11 @@ class Router:
         for peer_id, announcement in self.servers.items():
             if self.is_banned(peer_id):
                 continue
-            if peer_id not in self.latency and self.probe is not None:
+            stale = time.monotonic() - self.measured_at.get(peer_id, -float("inf")) > self.reprobe_seconds
+            if (peer_id not in self.latency or stale) and self.probe is not None:
                 try:
-                    self.observe_latency(peer_id, self.probe(peer_id, announcement))
+                    # a fresh probe replaces a stale measure (alpha 1): it says how the server answers now
+                    self.observe_latency(peer_id, self.probe(peer_id, announcement), alpha=1.0)
                 except ForgedAnnouncement as e:
                     # a forged claim must not get the real server banned: drop the claim; the next
                     # forced refresh then finds the server's genuine announcement
