@@ -78,7 +78,10 @@ class Aggregator:
     def combine(self, parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         """The aggregate of ``parts`` (the senders' values of one chunk) under this rule."""
         if not self.robust:
-            total = sum(weights)
+            if (
+                total := sum(weights)
+            ) == 0:  # no sender claims anything (replicas that took no step): one each
+                weights, total = [1.0] * len(parts), len(parts)
             return (
                 sum((p * w for p, w in zip(parts, weights, strict=True)), torch.zeros_like(parts[0])) / total
             )

@@ -19,12 +19,13 @@ peer refuses an average from a reducer that holds NaN or Inf, or is of another s
 (hivemind broadcast a one-value average over the whole part), and keeps its own values for that part, as for
 a reducer that failed. Each refusal is logged with the peer id and counted (:func:`refused_parts`).
 
-A run may choose a robust rule instead of the weighted mean (``hivemind_ext/aggregators.py``,
-:func:`aggregate_with`): the reducer then keeps every sender's part of the current chunk (``_Collected``, in
-place of hivemind's running sum) and combines them when the last one arrives; a part it leaves out as an
-outlier is refused like a NaN one, named by its sender. Under the mean with a ``weight_cap`` (the default) it
-collects them too, to cap each sender's claimed weight against the others' (``Aggregator.capped``); a capped
-sender is logged with its peer id and counted once per round (:func:`capped_weights`).
+A reducer keeps every sender's part of the current chunk (``_Collected``, in place of hivemind's running sum)
+and combines them with the run's rule (``hivemind_ext/aggregators.py``, :func:`aggregate_with`) when the last
+one arrives: the weighted mean, or a robust rule, which may leave a part out as an outlier (refused like a NaN
+one, named by its sender). Under the mean with a ``weight_cap`` (the default) each sender's claimed weight is
+capped against the others' (``Aggregator.capped``); a capped sender is logged with its peer id and counted once
+per round (:func:`capped_weights`). Where every sender's weight is 0 (span replicas that took no step since
+their last round) the mean counts each once, where hivemind's running sum divided 0 by 0.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _count_refusal(what: str, why: str) -> None:
 
 
 class _Collected:
-    """What a reducer with a robust rule keeps of the current part in place of hivemind's running sum
+    """What a reducer keeps of the current part in place of hivemind's running sum
     (``TensorPartReducer.accumulator``): every sender's part and weight (``add_``); ``div_``, hivemind's last
     step of a part, returns the rule's aggregate (outliers left out and refused by sender) instead of
     ``sum / total weight``."""
@@ -192,32 +193,23 @@ class _EncodingReducer(TensorPartReducer):
     capped_senders: set[int]
     """Senders whose weight was capped in this round (each logged once)."""
 
-    @property
-    def collects(self) -> bool:
-        """Whether the senders' parts are collected and combined at once (a robust rule, or capped weights),
-        not summed as they arrive (hivemind's)."""
-        return self.aggregator.robust or self.aggregator.weight_cap is not None
-
     def reset_accumulators(self):
         super().reset_accumulators()
-        self.collect_if_needed()
+        self.collect_parts()
 
-    def collect_if_needed(self) -> None:
-        """Where :attr:`collects`, the current part's parts are collected (:class:`_Collected`), not summed."""
-        if self.collects and not self.finished.is_set():
+    def collect_parts(self) -> None:
+        """The current part's parts are collected (:class:`_Collected`), not summed as they arrive (hivemind's)."""
+        if not self.finished.is_set():
             self.accumulator = _Collected(self)
 
     async def accumulate_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
     ) -> torch.Tensor:
-        if not self.collects:  # the plain sum names no sender: no bookkeeping on hivemind's path
+        self.sender_of[id(tensor_part)] = sender_index
+        try:
             average = await super().accumulate_part(sender_index, part_index, tensor_part, weight)
-        else:
-            self.sender_of[id(tensor_part)] = sender_index
-            try:
-                average = await super().accumulate_part(sender_index, part_index, tensor_part, weight)
-            finally:
-                self.sender_of.pop(id(tensor_part), None)  # a banned sender's part never reached add_
+        finally:
+            self.sender_of.pop(id(tensor_part), None)  # a banned sender's part never reached add_
         if part_index not in self.encoded:  # the first sender to get here encodes; no await in between
             self.encoded[part_index] = self.codec.compress(average, CompressionInfo.from_tensor(average))
             self.decoded[part_index] = deserialize_torch_tensor(self.encoded[part_index])
@@ -278,7 +270,7 @@ class SameAverageAllReduceRunner(hivemind_allreduce.AllReduceRunner):
         reducer.codec, reducer.encoded, reducer.decoded = container.compression, {}, {}
         reducer.aggregator, reducer.sender_peer_ids, reducer.sender_of = _aggregator, self.sender_peer_ids, {}
         reducer.capped_senders = set()
-        reducer.collect_if_needed()  # hivemind's __init__ made the first part's running sum
+        reducer.collect_parts()  # hivemind's __init__ made the first part's running sum
 
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int

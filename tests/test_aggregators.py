@@ -92,3 +92,13 @@ def test_under_the_mean_a_claimed_weight_counts_for_at_most_weight_cap_times_the
     )  # robust rules ignore the weights anyway
     parts = [torch.ones(3), torch.full((3,), -1000.0)]
     torch.testing.assert_close(rule.combine(parts, rule.capped([1.0, 1000.0])[0]), torch.full((3,), -799.8))
+
+
+@pytest.mark.parametrize("weight_cap", [4.0, None])
+def test_under_the_mean_a_zero_weight_takes_the_others_and_all_zero_weights_count_one_each(weight_cap):
+    # span replicas weigh in with the steps they took since their last round: an idle one claims 0
+    rule = Aggregator("mean", weight_cap=weight_cap)
+    trained, idle = torch.tensor([0.3, -0.7]), torch.zeros(2)
+    assert torch.equal(rule.combine([trained, idle], rule.capped([8.0, 0.0])[0]), trained)
+    # all idle: the plain mean (0 / 0 before: NaN in every replica's adapter)
+    torch.testing.assert_close(rule.combine([trained, idle], rule.capped([0.0, 0.0])[0]), trained / 2)
