@@ -400,7 +400,8 @@ class SpanAdapterSpec(_Strict):
     """Seconds of the swarm's clock (DHT time) between averaging rounds of a span's replicas: every replica
     starts a round at each multiple of it, so replicas that started at different moments meet in the same
     round (trainers meet at each global step). Each round averages the adapter and its AdamW statistics, as a
-    trainers' state round does. Lower it if replicas' adapters drift apart between rounds (clients see other
+    trainers' state round does, each replica weighted by the span steps it took since its last round (under a
+    robust aggregator: one vote each). Lower it if replicas' adapters drift apart between rounds (clients see other
     losses on each replica); raise it to spend less bandwidth. Each round is bounded by
     ``averaging.averaging_timeout``."""
 
