@@ -270,6 +270,7 @@ def test_replicas_of_an_expert_hold_equal_weights_after_averaging(servers, remot
         model(batch, labels=batch).loss.backward()
     trained = {"0.1", "1.1"}
     assert client.metrics.rerouted == 0 and client.metrics.failures == 0  # a served them
+    on_a = {uid: client.expert_state(peer_of["a"], uid) for uid in sorted(trained)}
 
     checkpoint = load_experts(family_model("mixtral"), [parse_uid(u) for u in trained])
     for uid in sorted(trained):
@@ -278,6 +279,9 @@ def test_replicas_of_an_expert_hold_equal_weights_after_averaging(servers, remot
         weights, _ = client.expert_state(peer_of["c"], uid)
         original = checkpoint[parse_uid(uid)]
         assert not torch.equal(weights[0], original.gate.weight), uid  # c's copy took a's training
+        # each replica weighs in with the steps it took since its last round: c, which took none, takes a's
+        # expert, and a's does not move back towards c's untrained copy (equal weights: halfway)
+        assert all(torch.allclose(w, t, atol=1e-6) for w, t in zip(weights, on_a[uid][0], strict=True)), uid
 
 
 def test_training_goes_on_when_an_expert_server_is_killed(servers, remote, batch):

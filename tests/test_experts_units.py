@@ -17,7 +17,7 @@ from potluck.peer.shard.client.expert_calls import BUSY_LOAD, ExpertDirectory
 from potluck.peer.shard.client.remote_experts import renormalised
 from potluck.peer.shard.experts import load_experts, load_without_experts, moe_config, parse_experts
 from potluck.peer.shard.server.expert_checkpoint import resume_experts, save_experts
-from potluck.peer.shard.server.expert_replicas import Refused, checked_state, mean_in_order
+from potluck.peer.shard.server.expert_replicas import Refused, checked_count, checked_state, mean_in_order
 from potluck.peer.shard.server.expert_service import ExpertServicer, ServedExperts
 from potluck.peer.shard.server.service import ServerLimits
 from potluck.protocols.experts import ExpertAnnouncement
@@ -198,7 +198,9 @@ def test_replicas_that_average_the_same_parts_hold_the_same_expert_to_the_bit(fa
     uid = (0, 1)
     a.backward(uid, torch.randn(3, 128), torch.randn(3, 128))  # a trained, c did not: they differ
     sent = {"peer-a": a.state(uid), "peer-c": c.state(uid)}
-    parts = {peer: tensors for peer, (tensors, _) in sent.items()}
+    # as weights, the steps each took since they last averaged: only a's step counts, and c takes a's expert
+    parts = {peer: (tensors, steps) for peer, (tensors, steps) in sent.items()}
+    assert [steps for _, steps in parts.values()] == [1, 0]
     for served, peer in ((a, "peer-a"), (c, "peer-c")):
         mean = mean_in_order(
             dict(reversed(parts.items())) if peer == "peer-c" else parts
@@ -207,7 +209,14 @@ def test_replicas_that_average_the_same_parts_hold_the_same_expert_to_the_bit(fa
             served.steps[uid].move_to(mean, *sent[peer])
     for x, y in zip(a.state(uid)[0], c.state(uid)[0], strict=True):
         assert torch.equal(x, y)
-    assert not torch.equal(a.state(uid)[0][0], sent["peer-a"][0][0])  # a moved towards c
+    for x, y in zip(a.state(uid)[0], sent["peer-a"][0], strict=True):
+        assert torch.equal(x, y)  # a did not move back towards c's untrained copy
+    # equal weights (both trained as much, or neither): each counts one
+    one, two = [torch.ones(2)], [torch.full((2,), 3.0)]
+    for weights in ((2, 2), (0, 0)):
+        assert torch.equal(
+            mean_in_order({"a": (one, weights[0]), "c": (two, weights[1])})[0], torch.full((2,), 2.0)
+        )
 
     # a step taken during the round is kept on top of the average
     tensors, steps = c.state(uid)
@@ -232,6 +241,9 @@ def test_a_replicas_state_that_is_malformed_or_not_finite_is_refused(family_mode
         checked_state(tensors[:3], torch.tensor(count), steps, "the state from c")
     with pytest.raises(Refused, match="no step count"):
         checked_state(tensors, torch.tensor(-1), steps, "the state from c")
+    with pytest.raises(Refused, match="no weight"):  # a round's weight: at most the steps it counts from
+        checked_count(torch.tensor(count + 1), "the state from c has no weight", count)
+    assert checked_count(torch.tensor(count), "the state from c has no weight", count) == count
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,10 @@ peers share) every server snapshots each of its experts that another online serv
 those replicas' snapshots of the same round (``rpc_expert_state`` with ``round``; a replica that has not taken
 its snapshot yet answers ``busy`` and is asked again) until ``min(averaging.averaging_timeout, average_every / 2)``
 has passed, and moves its expert to the mean of its own and the snapshots it got (weights and AdamW statistics),
-summed in peer-id order. So replicas that got each other's snapshots hold the same expert to the bit when no
+summed in peer-id order, each weighted by the optimizer steps its replica took since its last round (or its
+download, or its start; a snapshot carries it): trainers stick to the server that answered an expert last, so one
+replica may take every step while another idles, and equal weights pulled the trained expert halfway back to the
+idle copy at every round. An idle replica (weight 0) takes the others' expert; where all are idle, each counts one. So replicas that got each other's snapshots hold the same expert to the bit when no
 backward request landed during the round (``ServerSteps.move_to``); one that landed is kept on top. A replica
 whose snapshot does not arrive is left out of that round (``partial``; the next round brings them together); a
 snapshot of other shapes or with NaN or Inf is refused and counted. Snapshots are kept until the round's end.
@@ -84,7 +87,10 @@ class ExpertReplicas:
         self.download_timeout = spec.averaging.load_state_timeout
         self._announced: dict[str, ExpertAnnouncement] = {}
         self.transport = Transport(p2p, ExpertServicer, self._addresses_of)
-        self._snapshots: dict[Uid, tuple[int, list[torch.Tensor], int]] = {}
+        self._snapshots: dict[Uid, tuple[int, list[torch.Tensor], int, int]] = {}
+        """By expert: the round, the state, its step count and its weight (steps since :attr:`_synced_at`)."""
+        self._synced_at = {uid: steps.steps for uid, steps in served.steps.items()}
+        """By expert: its step count when it last took its replicas' average or a downloaded state (or started)."""
         self._snapshots_lock = threading.Lock()
         self._periodic = Periodic(
             self.average_once, self.every, "expert-replica-averaging", aligned_to=get_dht_time
@@ -155,7 +161,7 @@ class ExpertReplicas:
     def _take(self, uid: Uid, peer: str) -> Downloaded | None:
         text = expert_uid(*uid)
         try:
-            ((tensors, steps),) = self._run(self._fetch(uid, peer, None, self.download_timeout))
+            ((tensors, steps, _),) = self._run(self._fetch(uid, peer, None, self.download_timeout))
         except Exception as e:  # noqa: BLE001 (a replica that fails or sends a malformed state: the next one)
             logger.warning(f"expert {text}: the state from {peer} was not usable: {e}")
             return None
@@ -164,6 +170,7 @@ class ExpertReplicas:
             if steps < served.steps:
                 return Downloaded(text, peer, steps, adopted=False)
             served.adopt(tensors, steps, f"expert {text}'s state from {peer}")
+            self._synced_at[uid] = steps
         return Downloaded(text, peer, steps, adopted=True)
 
     # -- averaging rounds ----------------------------------------------------------------------------
@@ -171,15 +178,16 @@ class ExpertReplicas:
         self._periodic.start()
         return self
 
-    def round_state(self, uid: Uid, round_: int) -> tuple[list[torch.Tensor], int]:
-        """This server's snapshot of ``uid`` for round ``round_`` (the servicer's ``expert_state``)."""
+    def round_state(self, uid: Uid, round_: int) -> tuple[list[torch.Tensor], int, int]:
+        """This server's snapshot of ``uid`` for round ``round_`` (the servicer's ``expert_state``): the state,
+        its step count and its weight in the round."""
         with self._snapshots_lock:
             taken = self._snapshots.get(uid)
         if taken is None or taken[0] < round_:
             raise ServerBusy(f"round {round_}: not snapshot yet")
         if taken[0] > round_:  # not busy: the asker stops asking
             raise BadRequest(f"round: {round_} is over here (this server is at round {taken[0]})")
-        return taken[1], taken[2]
+        return taken[1], taken[2], taken[3]
 
     def average_once(self) -> dict[Uid, str]:
         """One round for every replicated expert: its outcome by expert."""
@@ -194,7 +202,7 @@ class ExpertReplicas:
             with steps.lock:
                 sent[uid] = steps.snapshot()
             with self._snapshots_lock:
-                self._snapshots[uid] = (round_, *sent[uid])
+                self._snapshots[uid] = (round_, *sent[uid], sent[uid][1] - self._synced_at[uid])
         calls = [
             self._fetch_in_round(uid, peer, round_, deadline)
             for uid, peers in replicas.items()
@@ -203,7 +211,7 @@ class ExpertReplicas:
         answers = iter(self._run(*calls)) if calls else iter(())
         outcomes = {}
         for uid, peers in replicas.items():
-            parts = {self.peer_id: sent[uid][0]}
+            parts = {self.peer_id: (sent[uid][0], sent[uid][1] - self._synced_at[uid])}
             refused = False
             for peer in peers:
                 answer = next(answers)
@@ -211,7 +219,7 @@ class ExpertReplicas:
                     logger.warning(str(answer))
                     refused = True
                 elif not isinstance(answer, BaseException):
-                    parts[peer] = answer[0]
+                    parts[peer] = (answer[0], answer[2])
             outcomes[uid] = self._blend(uid, parts, sent[uid], len(peers) + 1, refused)
         if self._periodic.stopping.wait(max(deadline - time.monotonic(), 0)):
             return outcomes
@@ -239,6 +247,9 @@ class ExpertReplicas:
             steps = self.served.steps[uid]
             with steps.lock:
                 steps.move_to(mean_in_order(parts), sent[0], sent[1])
+            self._synced_at[uid] = sent[
+                1
+            ]  # steps taken during the round are this replica's own until the next
         if self.metrics is not None:
             self.metrics.replica_rounds.labels(self.run_id, outcome).inc()
         if outcome != "averaged":
@@ -260,15 +271,23 @@ class ExpertReplicas:
 
     async def _fetch(
         self, uid: Uid, peer: str, round_: int | None, timeout: float
-    ) -> tuple[list[torch.Tensor], int]:
+    ) -> tuple[list[torch.Tensor], int, int]:
+        """The replica's state of ``uid``, its step count and (a round's snapshot; else 0) its weight."""
         text = expert_uid(*uid)
         message = wire.request([], uid=text) if round_ is None else wire.request([], uid=text, round=round_)
         reply = await self.transport.call(
             peer, "expert_state", message, timeout, response_bytes=self.served.state_bytes(uid) + 1024
         )
-        *tensors, steps = wire.unpack_response(reply)
-        return checked_state(
-            tensors, steps, self.served.steps[uid], f"the state of expert {text} from {peer}"
+        source = f"the state of expert {text} from {peer}"
+        unpacked = wire.unpack_response(reply)
+        weight = unpacked.pop() if round_ is not None and unpacked else None
+        tensors, steps = checked_state(
+            unpacked[:-1], unpacked[-1] if unpacked else None, self.served.steps[uid], source
+        )
+        return (
+            tensors,
+            steps,
+            0 if round_ is None else checked_count(weight, f"{source} has no weight", steps),
         )
 
     def _run(self, *calls):
@@ -285,19 +304,24 @@ class ExpertReplicas:
         self._periodic.stop()
 
 
-def mean_in_order(parts: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
-    """The mean of each tensor over the replicas' states ``parts`` (by peer id), summed in peer-id order (in
-    float32 at least), so every replica that has the same parts computes the same mean to the bit."""
+def mean_in_order(parts: dict[str, tuple[list[torch.Tensor], int]]) -> list[torch.Tensor]:
+    """The mean of each tensor over the replicas' states ``parts`` (by peer id: the state and its weight), weighted
+    (all weights 0: one each) and summed in peer-id order (in float32 at least), so every replica that has the same
+    parts computes the same mean to the bit."""
     ordered = [parts[peer] for peer in sorted(parts)]
+    weights = [float(weight) for _, weight in ordered]
+    if (total := sum(weights)) == 0:
+        weights, total = [1.0] * len(ordered), float(len(ordered))
     return [
-        torch.stack(column).to(torch.promote_types(column[0].dtype, torch.float32)).sum(0).div_(len(ordered))
-        .to(column[0].dtype)
-        for column in zip(*ordered, strict=True)
+        sum((t.to(torch.promote_types(t.dtype, torch.float32)) * w for t, w in zip(column, weights, strict=True)),
+            torch.zeros((), dtype=torch.promote_types(column[0].dtype, torch.float32)))
+        .div_(total).to(column[0].dtype)
+        for column in zip(*(state for state, _ in ordered), strict=True)
     ]  # fmt: skip
 
 
 def checked_state(
-    tensors: list[torch.Tensor], steps: torch.Tensor, own: ServerSteps, source: str
+    tensors: list[torch.Tensor], steps: torch.Tensor | None, own: ServerSteps, source: str
 ) -> tuple[list[torch.Tensor], int]:
     """A replica's expert state, in this server's dtype, and its step count; :class:`Refused` naming ``source``
     when its tensors are not of this expert's shapes, hold NaN or Inf, or it carries no step count."""
@@ -307,7 +331,16 @@ def checked_state(
         raise Refused(str(e)) from None
     if not all(bool(torch.isfinite(t).all()) for t in tensors):
         raise Refused(f"{source} holds NaN or Inf")
-    if steps.numel() != 1 or steps.is_floating_point() or int(steps) < 0:
-        raise Refused(f"{source} has no step count")
+    count = checked_count(steps, f"{source} has no step count")
     dtype = own.state_tensors()[0].dtype
-    return [t.to(dtype) for t in tensors], int(steps)
+    return [t.to(dtype) for t in tensors], count
+
+
+def checked_count(value: torch.Tensor | None, refusal: str, most: int | None = None) -> int:
+    """``value`` as a count: one integer, at least 0 and at most ``most``; else :class:`Refused` (``refusal``)."""
+    if value is None or value.numel() != 1 or value.is_floating_point() or value.is_complex():
+        raise Refused(refusal)
+    count = int(value)
+    if count < 0 or (most is not None and count > most):
+        raise Refused(refusal)
+    return count

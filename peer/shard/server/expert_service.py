@@ -105,7 +105,7 @@ class ExpertServicer(ForwardBackward):
         hidden_size: int,
         limits: ServerLimits,
         metrics: ExpertServerMetrics | None = None,
-        round_state: Callable[[Uid, int], tuple[list[torch.Tensor], int]] | None = None,
+        round_state: Callable[[Uid, int], tuple[list[torch.Tensor], int, int]] | None = None,
     ):
         self.served, self.run_id, self.hidden_size, self.limits = experts, run_id, hidden_size, limits
         first = next(iter(experts.experts.values())).down.weight
@@ -156,7 +156,8 @@ class ExpertServicer(ForwardBackward):
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
         """An expert's state (``ServedExperts.state``) and its optimizer steps, as a last tensor: now, or as
-        snapshot for averaging round ``round`` (metadata; ``busy`` until this server took that snapshot)."""
+        snapshot for averaging round ``round`` (metadata; ``busy`` until this server took that snapshot), then
+        followed by its weight in the round (steps since this replica's last round)."""
         return await self._handle("expert_state", request, self._state, context)
 
     def rpc_expert_state_stream(
@@ -173,7 +174,8 @@ class ExpertServicer(ForwardBackward):
         elif type(round_) is not int or self.round_state is None:
             raise BadRequest(f"round: {round_!r} is not an averaging round of this server")
         else:
-            tensors, steps = self.round_state(uid, round_)
+            tensors, steps, weight = self.round_state(uid, round_)
+            return [*tensors, torch.tensor(steps), torch.tensor(weight)]
         return [*tensors, torch.tensor(steps)]
 
     # -- computations ------------------------------------------------------------------------------
