@@ -104,16 +104,22 @@ class LimitedDonor(DecentralizedAverager):
             self._serving -= 1
 
 
+def donor_priorities(dht: DHT, prefix: str) -> dict[bytes, float]:
+    """The donors of the averagers under ``prefix`` as hivemind records them (``<prefix>.all_averagers``): each
+    donor's peer id (bytes) and its ``state_sharing_priority``; records that are not a number are left out."""
+    found = dht.get(f"{prefix}.all_averagers", latest=True)
+    records = found.value if found is not None and isinstance(found.value, dict) else {}
+    return {
+        peer: record.value
+        for peer, record in records.items()
+        if isinstance(getattr(record, "value", None), (int, float))
+    }
+
+
 def other_donors(dht: DHT, averager: DecentralizedAverager) -> int:
     """How many peers besides this one currently offer ``averager``'s state (hivemind's donor records)."""
-    found = dht.get(f"{averager.prefix}.all_averagers", latest=True)
-    records = found.value if found is not None and isinstance(found.value, dict) else {}
     me = dht.peer_id.to_bytes()
-    return sum(
-        1
-        for peer, record in records.items()
-        if peer != me and isinstance(getattr(record, "value", None), (int, float))
-    )
+    return sum(1 for peer in donor_priorities(dht, averager.prefix) if peer != me)
 
 
 def wait_before_retrying() -> None:

@@ -19,7 +19,7 @@ from potluck.hivemind_ext.aggregators import Aggregator
 from potluck.hivemind_ext.allreduce import aggregate_with
 from potluck.hivemind_ext.ctrl_c import KeepsCtrlC
 from potluck.hivemind_ext.dht import start_dht
-from potluck.hivemind_ext.donors import CheckedDownloads, other_donors
+from potluck.hivemind_ext.donors import CheckedDownloads, donor_priorities, other_donors
 from tests.helpers import wait_until
 
 
@@ -98,11 +98,8 @@ def _newcomer_loads(*donor_states, tampers=None, lie_with=None, own=None) -> _Lo
 
 def _priorities_published(dht, donors) -> bool:
     """Whether the DHT holds each donor's record with its ``state_sharing_priority`` (what a newcomer orders by)."""
-    found = dht.get("vouched.all_averagers", latest=True)
-    records = found.value if found is not None and isinstance(found.value, dict) else {}
-    return all(
-        getattr(records.get(d.peer_id.to_bytes()), "value", None) == d.state_sharing_priority for d in donors
-    )
+    priorities = donor_priorities(dht, "vouched")
+    return all(priorities.get(d.peer_id.to_bytes()) == d.state_sharing_priority for d in donors)
 
 
 @pytest.mark.timeout(120)
