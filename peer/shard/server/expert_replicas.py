@@ -13,9 +13,10 @@ those replicas' snapshots of the same round (``rpc_expert_state`` with ``round``
 its snapshot yet answers ``busy`` and is asked again) until ``min(averaging.averaging_timeout, average_every / 2)``
 has passed, and moves its expert to the mean of its own and the snapshots it got (weights and AdamW statistics),
 summed in peer-id order, each weighted by the optimizer steps its replica took since its last round (or its
-download, or its start; a snapshot carries it): trainers stick to the server that answered an expert last, so one
-replica may take every step while another idles, and equal weights pulled the trained expert halfway back to the
-idle copy at every round. An idle replica (weight 0) takes the others' expert; where all are idle, each counts one. So replicas that got each other's snapshots hold the same expert to the bit when no
+download, or its start; a snapshot carries it): trainers stick to the server that answered an expert last, so
+one replica may take every step while another idles, and equal weights pulled the trained expert halfway back
+to the idle copy at every round. An idle replica (weight 0) takes the others' expert; where all are idle, each
+counts one. So replicas that got each other's snapshots hold the same expert to the bit when no
 backward request landed during the round (``ServerSteps.move_to``); one that landed is kept on top. A replica
 whose snapshot does not arrive is left out of that round (``partial``; the next round brings them together); a
 snapshot of other shapes or with NaN or Inf is refused and counted. Snapshots are kept until the round's end.
@@ -247,9 +248,8 @@ class ExpertReplicas:
             steps = self.served.steps[uid]
             with steps.lock:
                 steps.move_to(mean_in_order(parts), sent[0], sent[1])
-            self._synced_at[uid] = sent[
-                1
-            ]  # steps taken during the round are this replica's own until the next
+            # steps taken during the round are this replica's own until the next
+            self._synced_at[uid] = sent[1]
         if self.metrics is not None:
             self.metrics.replica_rounds.labels(self.run_id, outcome).inc()
         if outcome != "averaged":
