@@ -390,7 +390,7 @@ class CheckedDownloads(DecentralizedAverager):
 
     async def _probe_donors(self, future: MPFuture, timeout: float) -> None:
         try:
-            donors = await self._donors(timeout)
+            donors = await self._donors()
             probes = await asyncio.gather(
                 *(self._probe(peer, timeout, failed=UNREACHABLE) for peer in donors)
             )
@@ -399,19 +399,11 @@ class CheckedDownloads(DecentralizedAverager):
             if not future.done():
                 future.set_exception(e)
 
-    async def _donors(self, timeout: float | None) -> list[PeerID]:
+    async def _donors(self) -> list[PeerID]:
         """The other peers that declared themselves donors of this state, the highest priority first (ties in
-        random order), those a private run does not admit left out; none if the DHT does not answer within
-        ``timeout``. hivemind reads them with a blocking call inside the averager's event loop, which serves
-        nothing meanwhile (other peers' downloads and rounds included); this read is awaited, and bounded."""
+        random order), those a private run does not admit left out."""
         key_manager = self._matchmaking.group_key_manager
-        read = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True, return_future=True)
-        try:
-            found = await asyncio.wait_for(read, timeout)
-        except TimeoutError:
-            logger.info(f"state download: the DHT did not list the donors within {timeout} s")
-            return []
-        peer_priority, _ = found or ({}, None)
+        peer_priority, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or ({}, None)
         peer_priority = {
             PeerID(peer_id): (float(info.value), random.random())  # using randomness as a tie breaker
             for peer_id, info in peer_priority.items()
@@ -438,7 +430,7 @@ class CheckedDownloads(DecentralizedAverager):
         if timeout is not None:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
-            donors = await self._donors(timeout)
+            donors = await self._donors()
             if only is not None:
                 donors = [p for p in donors if str(p) in only]
             if not donors:
@@ -553,8 +545,7 @@ class CheckedDownloads(DecentralizedAverager):
 
     async def _open_download(self, peer: PeerID, timeout: float | None):
         """``peer``'s download stream, opened within ``timeout`` (``TimeoutError`` otherwise). hivemind bounds each
-        message of the stream but not its opening, nor the DHT read of the donors (:meth:`_donors`): a peer's
-        first attempt at step 0 once waited the whole ``load_state_timeout`` (60 s) before its probes had
+        message of the stream but not its opening: a peer's first attempt at step 0 once waited the whole ``load_state_timeout`` (60 s) before its probes had
         answered, without a line in its log, while the other three peers of a ``bench/attacks.py`` run trained
         all 40 steps without it (1 of 218 downloads in 14 runs)."""
         stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
