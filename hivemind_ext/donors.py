@@ -544,10 +544,11 @@ class CheckedDownloads(DecentralizedAverager):
         return None
 
     async def _open_download(self, peer: PeerID, timeout: float | None):
-        """``peer``'s download stream, opened within ``timeout`` (``TimeoutError`` otherwise). hivemind bounds each
-        message of the stream but not its opening: a peer's first attempt at step 0 once waited the whole ``load_state_timeout`` (60 s) before its probes had
-        answered, without a line in its log, while the other three peers of a ``bench/attacks.py`` run trained
-        all 40 steps without it (1 of 218 downloads in 14 runs)."""
+        """``peer``'s download stream, opened within ``timeout`` (``TimeoutError`` otherwise): hivemind bounds each
+        message of the stream but not its opening, and a donor that does not open one is skipped like one that sends
+        nothing. (A peer's first attempt at step 0 once waited its whole ``load_state_timeout``, 60 s, before its
+        probes had answered, without a line in its log: 1 of 218 downloads in 14 ``bench/attacks.py`` runs; where it
+        waited is not known.)"""
         stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
         return await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
 
