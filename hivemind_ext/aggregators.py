@@ -78,9 +78,8 @@ class Aggregator:
     def combine(self, parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         """The aggregate of ``parts`` (the senders' values of one chunk) under this rule."""
         if not self.robust:
-            if (
-                total := sum(weights)
-            ) == 0:  # no sender claims anything (replicas that took no step): one each
+            # no sender claims anything (replicas that took no step since their last round): one each
+            if (total := sum(weights)) == 0:
                 weights, total = [1.0] * len(parts), len(parts)
             return (
                 sum((p * w for p, w in zip(parts, weights, strict=True)), torch.zeros_like(parts[0])) / total
