@@ -78,12 +78,7 @@ class Aggregator:
     def combine(self, parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         """The aggregate of ``parts`` (the senders' values of one chunk) under this rule."""
         if not self.robust:
-            # no sender claims anything (replicas that took no step since their last round): one each
-            if (total := sum(weights)) == 0:
-                weights, total = [1.0] * len(parts), len(parts)
-            return (
-                sum((p * w for p, w in zip(parts, weights, strict=True)), torch.zeros_like(parts[0])) / total
-            )
+            return weighted_mean(parts, weights)
         voting = [p for p, w in zip(parts, weights, strict=True) if w > 0] or parts
         stacked = torch.stack([p.float() for p in voting])
         if self.kind == "median":
@@ -117,6 +112,14 @@ class Aggregator:
         norms = torch.stack([parts[i].float().norm() for i in voting])
         bound = self.outlier_norm * float(_median(norms[:, None])[0])
         return [i for i, norm in zip(voting, norms.tolist(), strict=True) if norm > bound and bound > 0]
+
+
+def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The mean of ``parts`` weighted by ``weights``, summed in the order given; where every weight is 0 (replicas
+    that took no step since their last round) each part counts once."""
+    if (total := sum(weights)) == 0:
+        weights, total = [1.0] * len(parts), len(parts)
+    return sum((p * w for p, w in zip(parts, weights, strict=True)), torch.zeros_like(parts[0])) / total
 
 
 def _median(stacked: torch.Tensor) -> torch.Tensor:

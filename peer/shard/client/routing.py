@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -116,8 +117,9 @@ class Router:
         for peer_id, announcement in self.servers.items():
             if self.is_banned(peer_id):
                 continue
-            stale = time.monotonic() - self.measured_at.get(peer_id, -float("inf")) > self.reprobe_seconds
-            if (peer_id not in self.latency or stale) and self.probe is not None:
+            # never measured, or measured too long ago
+            stale = time.monotonic() - self.measured_at.get(peer_id, -math.inf) > self.reprobe_seconds
+            if stale and self.probe is not None:
                 try:
                     # a fresh probe replaces a stale measure (alpha 1): it says how the server answers now
                     self.observe_latency(peer_id, self.probe(peer_id, announcement), alpha=1.0)

@@ -41,6 +41,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
+from potluck.hivemind_ext.aggregators import weighted_mean
 from potluck.peer.shard import wire
 from potluck.peer.shard.server.batching import ServerBusy
 from potluck.peer.shard.server.expert_service import ExpertServicer, ServedExperts, Uid
@@ -310,14 +311,12 @@ def mean_in_order(parts: dict[str, tuple[list[torch.Tensor], int]]) -> list[torc
     parts computes the same mean to the bit."""
     ordered = [parts[peer] for peer in sorted(parts)]
     weights = [float(weight) for _, weight in ordered]
-    if (total := sum(weights)) == 0:
-        weights, total = [1.0] * len(ordered), float(len(ordered))
     return [
-        sum((t.to(torch.promote_types(t.dtype, torch.float32)) * w for t, w in zip(column, weights, strict=True)),
-            torch.zeros((), dtype=torch.promote_types(column[0].dtype, torch.float32)))
-        .div_(total).to(column[0].dtype)
+        weighted_mean([t.to(torch.promote_types(t.dtype, torch.float32)) for t in column], weights).to(
+            column[0].dtype
+        )
         for column in zip(*(state for state, _ in ordered), strict=True)
-    ]  # fmt: skip
+    ]
 
 
 def checked_state(
