@@ -61,6 +61,12 @@ REFRESH_SECONDS = 1.0
 _refused = mp.Array(ctypes.c_int64, len(REFUSED_KINDS))  # counted in the averagers' processes (forked later)
 
 
+def renew_counters() -> None:
+    """Counters of this process's own, shared with the averagers it forks from now on (``forks.py``)."""
+    global _refused
+    _refused = mp.Array(ctypes.c_int64, len(REFUSED_KINDS))
+
+
 def refused_calls() -> dict[str, int]:
     """Refusals of peers without a valid token by this process and its averagers, since start, by kind."""
     return dict(zip(REFUSED_KINDS, _refused[:], strict=True))

@@ -65,6 +65,12 @@ _capped = mp.Value(ctypes.c_int64, 0)
 _aggregator = Aggregator()
 
 
+def renew_counters() -> None:
+    """Counters of this process's own, shared with the averagers it forks from now on (``forks.py``)."""
+    global _refused, _capped
+    _refused, _capped = mp.Value(ctypes.c_int64, 0), mp.Value(ctypes.c_int64, 0)
+
+
 def aggregator_in_use() -> Aggregator:
     """The rule this process's averagers reduce with (:func:`aggregate_with`)."""
     return _aggregator

@@ -16,6 +16,7 @@ EXPECTED_MODULES = {
     "codecs",
     "dht",
     "donors",
+    "forks",
     "keys",
     "optimizer",
     "kept_groups",

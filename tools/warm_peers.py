@@ -5,7 +5,9 @@ and the suite starts about 140 peers on 2 cores. :class:`WarmLauncher` keeps one
 (``multiprocessing``'s fork server, which imports :mod:`potluck.tools.peer_template` once) and forks each peer
 from it: the same ``potluck.peer.launch.main`` with the same arguments, in its own session, with its own log,
 environment and exit code, started in a fraction of a second. :class:`WarmProcess` answers what tests ask of a
-``subprocess.Popen``.
+``subprocess.Popen``. A fork draws its own random numbers (:func:`fresh_random_state`) and makes its own
+cross-process locks and counters (``hivemind_ext/forks.py``), as a fresh interpreter would: shared with the template's
+other forks, a peer killed while holding one left every later peer of the suite's worker waiting on it.
 
 What a forked peer does not cover, so ``LocalSwarm`` starts it the usual way: the imports themselves (and a
 Ctrl-C during them: ``tests/test_cli.py``), a peer run through another command (``command_prefix``), another entry
@@ -138,7 +140,10 @@ def _run_peer(argv: list[str], log_path: str, env: dict[str, str], netns: str | 
     multiprocessing.set_start_method(FRESH_START_METHOD, force=True)
     import torch
 
+    from potluck.hivemind_ext.forks import start_own_family
     from potluck.peer import launch
+
+    start_own_family()  # the template's cross-process locks are every fork's: a peer killed holding one hung the rest
 
     if "OMP_NUM_THREADS" in env:  # read by the template's torch when it loaded, not by the fork
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
