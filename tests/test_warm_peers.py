@@ -34,11 +34,16 @@ def test_a_forked_peer_reports_a_bad_flag_as_run_peer_does(tmp_path):
     assert "unrecognized arguments: --no-such-flag" in log.read_text() and log.read_text() == launched.stderr
 
 
-def test_a_forked_peer_leads_its_own_session_and_ends_by_a_signal(tmp_path, make_spec):
-    results = tmp_path / "lone.events.jsonl"
-    argv = ["--run-spec", str(make_spec()), "--min-peers", "2", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+def _start_lone_peer(tmp_path, spec_path, name: str):
+    """A forked peer that waits for a second one, once it joined (the test kills it), and its results file."""
+    results = tmp_path / f"{name}.events.jsonl"
+    argv = ["--run-spec", str(spec_path), "--min-peers", "2", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
             "--results", str(results)]  # fmt: skip
-    peer = WARM_PEERS.start(argv, tmp_path / "lone.log", _env())
+    return WARM_PEERS.start(argv, tmp_path / f"{name}.log", _env()), results
+
+
+def test_a_forked_peer_leads_its_own_session_and_ends_by_a_signal(tmp_path, make_spec):
+    peer, results = _start_lone_peer(tmp_path, make_spec(), "lone")
     try:
         wait_until(lambda: read_events(results), 120, "the lone peer to join")
         assert os.getpgid(peer.pid) == peer.pid != os.getpgid(0)
@@ -83,10 +88,7 @@ def test_a_fork_that_dies_holding_hiveminds_locks_leaves_later_peers_starting(tm
     holder.start()
     holder.join(60)
     assert holder.exitcode == -signal.SIGKILL
-    results = tmp_path / "next.events.jsonl"
-    argv = ["--run-spec", str(make_spec()), "--min-peers", "2", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-            "--results", str(results)]  # fmt: skip
-    peer = WARM_PEERS.start(argv, tmp_path / "next.log", _env())
+    peer, results = _start_lone_peer(tmp_path, make_spec(), "next")
     try:
         wait_until(lambda: read_events(results), 120, "the next forked peer to join")
     finally:
