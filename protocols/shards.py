@@ -32,9 +32,10 @@ from potluck.protocols.records import (
     store_owned,
 )
 
-SHARD_PROTOCOL_VERSION = "potluck-shard/2"
+SHARD_PROTOCOL_VERSION = "potluck-shard/3"
 """Servers and clients with another version do not talk: the client skips such servers. 2: requests may carry
-``padding`` (a server of version 1 would ignore it and answer wrongly)."""
+``padding`` (a server of version 1 would ignore it and answer wrongly). 3: a streamed answer ends with an empty
+message and the client hangs up (``peer/shard/streaming.py``; a client of version 2 refused that message)."""
 MAX_BLOCKS = 4096
 MAX_PREFIX_TOKENS = 256
 """A client's prefix (prefix tuning) a server takes by default, per request."""

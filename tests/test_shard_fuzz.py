@@ -78,7 +78,8 @@ class Served:
 
     def stream(self, servicer: str, method: str, messages: list, stall: bool = False) -> list:
         """The responses to ``messages`` sent on ``method``'s streaming twin (``stall``: the stream then stays
-        open), read until the server ends the stream or, when stalled, sends its first answer."""
+        open), read until the server's empty message ends its answer, or it ends the stream, or, when stalled,
+        sends its first answer; then this side hangs up, as ``streaming.call`` does."""
         name = f"{servicer}.rpc_{method}_stream"
 
         async def sent() -> AsyncIterator:
@@ -94,6 +95,8 @@ class Served:
             answers = []
             try:
                 async for response in responses:
+                    if answers and response == runtime_pb2.ExpertResponse():
+                        break  # the answer's end
                     answers.append(response)
                     if stall:
                         break

@@ -6,6 +6,7 @@ in-process DHTs)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Iterable
 
@@ -45,6 +46,29 @@ def test_a_message_split_in_chunks_is_put_back_together_unchanged():
     assert wire.metadata_of(combined) == {"start": 0, "end": 2}
     assert all(map(torch.equal, wire.tensors_of(combined), tensors))
     assert not streaming.needs_streaming(wire.request(tensors))
+
+
+@pytest.mark.unit
+def test_an_answer_ends_with_an_empty_message_and_the_reader_stops_there():
+    """The caller hangs up once the answer's end arrives, before the server closes: a server that closed first lost
+    the answer's last chunks now and then (p2pd reset the stream; streaming.py)."""
+    response = wire.response([torch.randn(3, 1000, 100)])  # 1.2 MB: 2 chunks
+    parts = list(streaming.answer(response))
+    assert parts[-1] == runtime_pb2.ExpertResponse() and parts[:-1] == list(streaming.split(response))
+
+    async def read(parts):
+        async def stream():  # the server's stream stays open after its answer
+            for part in parts:
+                yield part
+            await asyncio.Event().wait()
+
+        return await asyncio.wait_for(streaming.combine(stream(), 2**22, wire.INTERNAL), 60)
+
+    (read_back,) = wire.unpack_response(asyncio.run(read(parts)))
+    assert torch.equal(read_back, wire.unpack_response(response)[0])
+    cut = [*parts[:-2], parts[-1]]  # the end where a chunk is due
+    with pytest.raises(wire.RemoteError, match="tensor 0: 1 of 2 chunks arrived"):
+        asyncio.run(read(cut))
 
 
 def _declaring(chunks: int, chunk_bytes: int = 1024) -> list:
@@ -123,11 +147,22 @@ def test_a_stream_declaring_more_than_the_servers_bound_is_refused_before_it_is_
         responses = servicer.rpc_forward_stream(sender.__aiter__(), None)
         answer = await anext(responses)
         read_when_refused = sender.read
-        async for _ in responses:  # the server reads the rest of the stream and discards it
-            pass
-        return answer, read_when_refused
+        end = await anext(responses)
+        # until the caller hangs up, the server reads the rest of the stream and discards it
+        hanging_up = asyncio.ensure_future(anext(responses))
 
-    answer, read_when_refused = asyncio.run(first_answer())
+        async def all_read():
+            while sender.read < len(sender.parts) and not hanging_up.done():
+                await asyncio.sleep(0.01)  # the poll period of a wait bounded below
+
+        await asyncio.wait_for(all_read(), 60)
+        hanging_up.cancel()  # the caller hangs up: hivemind cancels the handler
+        with contextlib.suppress(asyncio.CancelledError):
+            await hanging_up
+        return answer, read_when_refused, end
+
+    answer, read_when_refused, end = asyncio.run(first_answer())
+    assert end == runtime_pb2.ExpertResponse()
     with pytest.raises(wire.RemoteError, match=re.escape(f"forward: stream: {problem}")) as error:
         wire.unpack_response(answer)
     assert error.value.kind == wire.BAD_REQUEST

@@ -115,11 +115,13 @@ class RequestHandling(ServicerBase):
             finally:
                 self._streams -= 1
 
-        for part in streaming.split(await self._handle(method, requests, combined, context)):
+        for part in streaming.answer(await self._handle(method, requests, combined, context)):
             yield part
         # a refused stream may still be arriving: discard the rest (hivemind's reader waits on us), for a while
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(_drain(requests), self.limits.stream_timeout)
+        # then the caller hangs up (hivemind cancels this): closing first could lose the answer's end (streaming.py)
+        await asyncio.sleep(streaming.HANG_UP_WITHIN)
 
 
 class ForwardBackward(RequestHandling):
