@@ -24,8 +24,8 @@ from potluck.protocols.records import ReadResult, ServerAnnouncement, read_serve
 EXPERT_PROTOCOL_VERSION = "potluck-experts/5"
 """Servers and trainers of another version do not talk: the trainer skips such servers. /2: ``expert_state``
 carries AdamW's statistics and answers averaging rounds; ``info`` each expert's steps. /3: announcements carry
-the server's ``load``. /4: a round's ``expert_state`` is followed by the snapshot's weight in the round. /5: a streamed answer ends with an
-empty message and the trainer hangs up (``peer/shard/streaming.py``)."""
+the server's ``load``. /4: a round's ``expert_state`` is followed by the snapshot's weight in the round. /5: a
+streamed answer ends with an empty message and the trainer hangs up (``peer/shard/streaming.py``)."""
 MAX_EXPERTS_PER_SERVER = 4096
 UID_PATTERN = r"^[0-9]{1,4}\.[0-9]{1,4}$"
 

@@ -95,8 +95,8 @@ class Served:
             answers = []
             try:
                 async for response in responses:
-                    if answers and response == runtime_pb2.ExpertResponse():
-                        break  # the answer's end
+                    if answers and streaming.ends(response):
+                        break
                     answers.append(response)
                     if stall:
                         break

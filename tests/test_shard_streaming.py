@@ -54,7 +54,7 @@ def test_an_answer_ends_with_an_empty_message_and_the_reader_stops_there():
     the answer's last chunks now and then (p2pd reset the stream; streaming.py)."""
     response = wire.response([torch.randn(3, 1000, 100)])  # 1.2 MB: 2 chunks
     parts = list(streaming.answer(response))
-    assert parts[-1] == runtime_pb2.ExpertResponse() and parts[:-1] == list(streaming.split(response))
+    assert streaming.ends(parts[-1]) and parts[:-1] == list(streaming.split(response))
 
     async def read(parts):
         async def stream():  # the server's stream stays open after its answer
@@ -109,11 +109,13 @@ class _Sender:
 
     def __init__(self, parts: list):
         self.parts, self.read = parts, 0
+        self.all_read = asyncio.Event()
 
     async def __aiter__(self) -> AsyncIterator:
         for part in self.parts:
             self.read += 1
             yield part
+        self.all_read.set()
 
 
 @pytest.fixture(scope="module")
@@ -150,19 +152,14 @@ def test_a_stream_declaring_more_than_the_servers_bound_is_refused_before_it_is_
         end = await anext(responses)
         # until the caller hangs up, the server reads the rest of the stream and discards it
         hanging_up = asyncio.ensure_future(anext(responses))
-
-        async def all_read():
-            while sender.read < len(sender.parts) and not hanging_up.done():
-                await asyncio.sleep(0.01)  # the poll period of a wait bounded below
-
-        await asyncio.wait_for(all_read(), 60)
+        await asyncio.wait_for(sender.all_read.wait(), 60)
         hanging_up.cancel()  # the caller hangs up: hivemind cancels the handler
         with contextlib.suppress(asyncio.CancelledError):
             await hanging_up
         return answer, read_when_refused, end
 
     answer, read_when_refused, end = asyncio.run(first_answer())
-    assert end == runtime_pb2.ExpertResponse()
+    assert streaming.ends(end)
     with pytest.raises(wire.RemoteError, match=re.escape(f"forward: stream: {problem}")) as error:
         wire.unpack_response(answer)
     assert error.value.kind == wire.BAD_REQUEST

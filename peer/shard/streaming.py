@@ -58,6 +58,11 @@ def split(message: Message, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Message]
         yield type(message)(tensors=[part])
 
 
+def ends(message: Message) -> bool:
+    """Whether ``message``, after a stream's first, is the empty message that ends it."""
+    return not message.metadata and not message.tensors
+
+
 def answer(message: runtime_pb2.ExpertResponse) -> Iterator[runtime_pb2.ExpertResponse]:
     """A server's ``message`` as a stream: :func:`split`, then the empty message that ends it."""
     yield from split(message)
@@ -112,11 +117,11 @@ class _Assembly:
         """Take the stream's next message; True when the message is complete without further ones."""
         if self.first is None:
             self.first = message
-        elif message.metadata:
-            self._refuse("metadata: only the first chunk may carry it")
-        elif not message.tensors:  # the sender's end: the message must be complete
+        elif ends(message):  # the message must be complete
             self._check_complete()
             return True
+        elif message.metadata:
+            self._refuse("metadata: only the first chunk may carry it")
         for part in message.tensors:
             if part.dtype:  # a tensor's first chunk
                 self._check_complete()
