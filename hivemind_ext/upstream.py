@@ -29,7 +29,7 @@ def source_of(dotted: str) -> str:
         except ImportError:
             continue
         text = inspect.getsource(module)
-        scope: list[ast.stmt] = _parse(text).body
+        scope: list[ast.stmt] = parse_python(text).body
         found: list[ast.stmt] = []
         for name in parts[cut:]:
             found = [
@@ -47,7 +47,7 @@ def source_of(dotted: str) -> str:
     raise ImportError(f"cannot import any prefix of {dotted!r}")
 
 
-def _parse(text: str) -> ast.Module:
+def parse_python(text: str) -> ast.Module:
     """``ast.parse`` with the garbage collector held off: CPython 3.11 raises ``SystemError: AST constructor
     recursion depth mismatch`` when a collection that runs finalizers (here: of coroutines and streams left by
     failed p2p calls) lands inside the AST's construction."""

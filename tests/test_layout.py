@@ -9,6 +9,8 @@ from pathlib import Path
 import hivemind
 import pytest
 
+from potluck.hivemind_ext.upstream import parse_python
+
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +54,7 @@ def product_modules() -> dict[str, Path]:
 def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
     """The Potluck modules a file imports, at module level or inside functions."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse_python(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("potluck"):
             for alias in node.names:
                 full = f"{node.module}.{alias.name}"
@@ -121,7 +123,7 @@ def defined_private_names(paths) -> set[str]:
     """Private names that files define: functions, classes, variables and ``self.``/``cls.`` attributes."""
     names = set()
     for path in paths:
-        for node in ast.walk(ast.parse(Path(path).read_text())):
+        for node in ast.walk(parse_python(Path(path).read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(node.name)
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
@@ -141,7 +143,7 @@ def defined_private_names(paths) -> set[str]:
 def private_hivemind_uses(source: str, hivemind_private: set[str], ours: set[str]) -> list[str]:
     """Where ``source`` imports a private hivemind name, reads one as an attribute, or overrides one in
     a subclass of a hivemind class (``line: what``)."""
-    tree = ast.parse(source)
+    tree = parse_python(source)
     uses, from_hivemind = [], set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "hivemind":
